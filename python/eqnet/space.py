@@ -1,0 +1,364 @@
+"""The elastic quantization space and subnet configurations.
+
+An `ElasticSpace` lists what every elastic layer may take: weight and activation bit widths,
+weight granularities, weight and activation symmetries, and whether weights are nested
+(vertical layering: one top-width scale, lower widths drop low bits; symmetric only).
+
+A `SubnetConfig` holds one `LayerChoice` per quantized layer of a converted model, in the
+model's module order. Layers are found through a small protocol so this module knows no layer
+class: a module is a quantized layer when it has `is_elastic_layer = True`; its attribute
+`fixed_choice` is a `LayerChoice` for fixed-width layers (e.g. first/last at 8 bits) and
+`None` for elastic ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+GRANULARITIES = ("tensor", "channel")
+SYMMETRIES = ("sym", "asym")
+BITS_RANGE = range(1, 9)
+
+
+def _tuple_of(name, values, allowed=None, kind=None):
+    if isinstance(values, (str, int)):
+        values = (values,)
+    values = tuple(values)
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name}={values}: duplicate entries")
+    for v in values:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v not in BITS_RANGE):
+            raise ValueError(f"{name}={values}: every entry must be an int in 1..8")
+        if allowed is not None and v not in allowed:
+            raise ValueError(f"{name}={values}: accepted values are {', '.join(allowed)}")
+    return tuple(sorted(values)) if kind is int else values
+
+
+@dataclass(frozen=True)
+class ElasticSpace:
+    """Candidate quantization forms of every elastic layer."""
+
+    w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    a_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    w_granularities: tuple[str, ...] = ("channel",)
+    w_symmetries: tuple[str, ...] = ("sym",)
+    a_symmetries: tuple[str, ...] = ("asym",)
+    nested: bool = False
+    fixed_bits: int = 8  # width of first/last layers under keep_first_last="8bit"
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "w_bits", _tuple_of("w_bits", self.w_bits, kind=int))
+        set_(self, "a_bits", _tuple_of("a_bits", self.a_bits, kind=int))
+        set_(
+            self,
+            "w_granularities",
+            _tuple_of("w_granularities", self.w_granularities, GRANULARITIES),
+        )
+        set_(self, "w_symmetries", _tuple_of("w_symmetries", self.w_symmetries, SYMMETRIES))
+        set_(self, "a_symmetries", _tuple_of("a_symmetries", self.a_symmetries, SYMMETRIES))
+        if not isinstance(self.nested, bool):
+            raise ValueError(f"nested={self.nested!r}: must be True or False")
+        if self.nested and "asym" in self.w_symmetries:
+            raise ValueError(
+                "nested=True takes symmetric weights only (w_symmetries=('sym',)): the nested "
+                "quantizer drops low bits of one symmetric top-width code"
+            )
+        if self.fixed_bits not in BITS_RANGE:
+            raise ValueError(f"fixed_bits={self.fixed_bits}: must be an int in 1..8")
+
+    @property
+    def top_bits(self) -> int:
+        """The widest weight width (the stored width of nested weights)."""
+        return max(self.w_bits)
+
+    def to_dict(self) -> dict:
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ElasticSpace:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"ElasticSpace: unknown keys {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The quantization form of one layer."""
+
+    w_bits: int
+    a_bits: int
+    w_granularity: str = "channel"
+    w_symmetry: str = "sym"
+    a_symmetry: str = "asym"
+
+    def __post_init__(self):
+        for name in ("w_bits", "a_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v not in BITS_RANGE:
+                raise ValueError(f"{name}={v!r}: must be an int in 1..8")
+        if self.w_granularity not in GRANULARITIES:
+            raise ValueError(
+                f"w_granularity={self.w_granularity!r}: accepted values are tensor, channel"
+            )
+        for name in ("w_symmetry", "a_symmetry"):
+            if getattr(self, name) not in SYMMETRIES:
+                raise ValueError(f"{name}={getattr(self, name)!r}: accepted values are sym, asym")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_specs(model: torch.nn.Module) -> OrderedDict[str, LayerChoice | None]:
+    """name -> fixed choice (or None if elastic) for every quantized layer, in module order."""
+    specs: OrderedDict[str, LayerChoice | None] = OrderedDict()
+    for name, module in model.named_modules():
+        if getattr(module, "is_elastic_layer", False):
+            specs[name] = getattr(module, "fixed_choice", None)
+    if not specs:
+        raise ValueError("the model has no quantized layers: convert it with eqnet.convert first")
+    return specs
+
+
+def check_choice(space: ElasticSpace, layer: str, choice: LayerChoice) -> None:
+    """Raise ValueError naming `layer` and the allowed values when `choice` is outside `space`."""
+    allowed = {
+        "w_bits": space.w_bits,
+        "a_bits": space.a_bits,
+        "w_granularity": space.w_granularities,
+        "w_symmetry": space.w_symmetries,
+        "a_symmetry": space.a_symmetries,
+    }
+    for key, values in allowed.items():
+        if getattr(choice, key) not in values:
+            raise ValueError(
+                f"layer {layer!r}: {key}={getattr(choice, key)!r} is outside the space; "
+                f"allowed values are {list(values)}"
+            )
+
+
+class SubnetConfig:
+    """One LayerChoice per quantized layer, ordered as the model's modules."""
+
+    def __init__(self, layers: Mapping[str, LayerChoice] | Iterable[tuple[str, LayerChoice]]):
+        items = list(layers.items()) if isinstance(layers, Mapping) else list(layers)
+        self.layers: OrderedDict[str, LayerChoice] = OrderedDict()
+        for name, choice in items:
+            if isinstance(choice, Mapping):
+                choice = LayerChoice(**choice)
+            if not isinstance(choice, LayerChoice):
+                raise ValueError(
+                    f"layer {name!r}: expected a LayerChoice, got {type(choice).__name__}"
+                )
+            if name in self.layers:
+                raise ValueError(f"layer {name!r} appears twice")
+            self.layers[name] = choice
+
+    # -- container protocol -------------------------------------------------------------
+    def __len__(self):
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers.items())
+
+    def __getitem__(self, name: str) -> LayerChoice:
+        return self.layers[name]
+
+    def __eq__(self, other):
+        return isinstance(other, SubnetConfig) and list(self.layers.items()) == list(
+            other.layers.items()
+        )
+
+    def __hash__(self):
+        return hash(tuple(self.layers.items()))
+
+    def __repr__(self):
+        return f"SubnetConfig({self.summary()})"
+
+    def summary(self) -> str:
+        wb = [c.w_bits for c in self.layers.values()]
+        ab = [c.a_bits for c in self.layers.values()]
+        return f"{len(self)} layers, W {min(wb)}-{max(wb)} (mean {self.mean_w_bits():.2f}), A {min(ab)}-{max(ab)}"
+
+    def mean_w_bits(self) -> float:
+        return sum(c.w_bits for c in self.layers.values()) / len(self)
+
+    def mean_a_bits(self) -> float:
+        return sum(c.a_bits for c in self.layers.values()) / len(self)
+
+    def mean_bits(self) -> float:
+        """Unweighted mean of weight and activation widths (ordering subnets in GPG)."""
+        return 0.5 * (self.mean_w_bits() + self.mean_a_bits())
+
+    # -- JSON ---------------------------------------------------------------------------
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(
+            {
+                "format": "eqnet.SubnetConfig",
+                "version": 1,
+                "layers": {n: c.to_dict() for n, c in self.layers.items()},
+            },
+            indent=indent,
+        )
+
+    @classmethod
+    def from_json(cls, s: str) -> SubnetConfig:
+        try:
+            data = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"SubnetConfig.from_json: not JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != "eqnet.SubnetConfig":
+            raise ValueError("SubnetConfig.from_json: missing format 'eqnet.SubnetConfig'")
+        if data.get("version") != 1:
+            raise ValueError(f"SubnetConfig.from_json: unsupported version {data.get('version')!r}")
+        layers = data.get("layers")
+        if not isinstance(layers, dict):
+            raise ValueError("SubnetConfig.from_json: 'layers' must be an object")
+        try:
+            return cls((n, LayerChoice(**c)) for n, c in layers.items())
+        except TypeError as exc:
+            raise ValueError(f"SubnetConfig.from_json: bad layer entry ({exc})") from None
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self, space: ElasticSpace, model: torch.nn.Module) -> SubnetConfig:
+        """Check the config against the space and the model; returns self."""
+        specs = layer_specs(model)
+        unknown = [n for n in self.layers if n not in specs]
+        if unknown:
+            raise ValueError(
+                f"unknown layer {unknown[0]!r}; the model's quantized layers are {list(specs)}"
+            )
+        missing = [n for n in specs if n not in self.layers]
+        if missing or len(self) != len(specs):
+            raise ValueError(
+                f"config has {len(self)} layers, the model has {len(specs)}; missing {missing}"
+            )
+        for name, fixed in specs.items():
+            choice = self.layers[name]
+            if fixed is not None:
+                if choice != fixed:
+                    raise ValueError(f"layer {name!r} is fixed at {fixed}; got {choice}")
+            else:
+                check_choice(space, name, choice)
+        return self
+
+    # -- constructors -------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls,
+        space,
+        model,
+        w_bits,
+        a_bits,
+        w_granularity="channel",
+        w_symmetry="sym",
+        a_symmetry="asym",
+    ) -> SubnetConfig:
+        choice = LayerChoice(w_bits, a_bits, w_granularity, w_symmetry, a_symmetry)
+        layers = []
+        for name, fixed in layer_specs(model).items():
+            if fixed is None:
+                check_choice(space, name, choice)
+            layers.append((name, fixed or choice))
+        return cls(layers)
+
+    @classmethod
+    def lowest(cls, space, model) -> SubnetConfig:
+        return cls.uniform(
+            space,
+            model,
+            min(space.w_bits),
+            min(space.a_bits),
+            _prefer(space.w_granularities, "channel"),
+            _prefer(space.w_symmetries, "sym"),
+            _prefer(space.a_symmetries, "asym"),
+        )
+
+    @classmethod
+    def highest(cls, space, model) -> SubnetConfig:
+        return cls.uniform(
+            space,
+            model,
+            max(space.w_bits),
+            max(space.a_bits),
+            _prefer(space.w_granularities, "channel"),
+            _prefer(space.w_symmetries, "sym"),
+            _prefer(space.a_symmetries, "asym"),
+        )
+
+    @classmethod
+    def random(
+        cls, space, model, generator: torch.Generator | None = None, *, forms: bool = True
+    ) -> SubnetConfig:
+        """Each elastic layer draws its widths uniformly; with forms=True also its
+        granularity and symmetries (with forms=False the lowest/highest defaults)."""
+
+        def pick(values):
+            i = int(torch.randint(len(values), (1,), generator=generator).item())
+            return values[i]
+
+        layers = []
+        for name, fixed in layer_specs(model).items():
+            if fixed is not None:
+                layers.append((name, fixed))
+                continue
+            if forms:
+                choice = LayerChoice(
+                    pick(space.w_bits),
+                    pick(space.a_bits),
+                    pick(space.w_granularities),
+                    pick(space.w_symmetries),
+                    pick(space.a_symmetries),
+                )
+            else:
+                choice = LayerChoice(
+                    pick(space.w_bits),
+                    pick(space.a_bits),
+                    _prefer(space.w_granularities, "channel"),
+                    _prefer(space.w_symmetries, "sym"),
+                    _prefer(space.a_symmetries, "asym"),
+                )
+            layers.append((name, choice))
+        return cls(layers)
+
+    # -- numeric encoding ---------------------------------------------------------------
+    def encode(self) -> torch.Tensor:
+        """Fixed-length float encoding, 5 numbers per layer: w_bits/8, a_bits/8,
+        per-channel flag, asymmetric-weight flag, asymmetric-activation flag."""
+        rows = [
+            (
+                c.w_bits / 8.0,
+                c.a_bits / 8.0,
+                float(c.w_granularity == "channel"),
+                float(c.w_symmetry == "asym"),
+                float(c.a_symmetry == "asym"),
+            )
+            for c in self.layers.values()
+        ]
+        return torch.tensor(rows, dtype=torch.float32).flatten()
+
+    def replace(self, name: str, **changes) -> SubnetConfig:
+        """A copy with layer `name` changed."""
+        if name not in self.layers:
+            raise ValueError(f"unknown layer {name!r}; layers are {list(self.layers)}")
+        layers = OrderedDict(self.layers)
+        layers[name] = LayerChoice(**{**layers[name].to_dict(), **changes})
+        return SubnetConfig(layers)
+
+
+ENCODING_WIDTH = 5  # numbers per layer in SubnetConfig.encode()
+
+
+def _prefer(values, preferred):
+    return preferred if preferred in values else values[0]

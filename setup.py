@@ -1,0 +1,130 @@
+"""Build and install the `eqkernels` and `eqnet` packages.
+
+`eqkernels._C` is built with torch.utils.cpp_extension (ninja):
+  * the C++ CPU sources under csrc/ always;
+  * the CUDA sources (`*_cuda.cu` plus their `*_cuda.cpp` host wrappers) when nvcc and a CUDA
+    build of torch are found. `EQK_BUILD_CUDA=0` skips them, `EQK_BUILD_CUDA=1` requires them.
+    `EQK_CUDA_ARCHS` is the arch list ("8.0;9.0+PTX" by default: sm_80 and sm_90 SASS, PTX for
+    the newest). CI builds one arch to keep compile time down.
+`EQK_OPS=fake_quant,bitplanes` restricts the build to some op directories (a development aid:
+each op registers its pybind11 functions itself, see csrc/common/registry.h). `EQK_BUILD_EXT=0`
+installs the pure-Python packages only (the torch reference backend still works).
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name):
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name}={value!r}: accepted values are 0, 1 or auto")
+
+
+def _op_dirs():
+    wanted = os.environ.get("EQK_OPS", "").strip()
+    dirs = sorted(
+        d
+        for d in glob.glob(os.path.join("csrc", "*"))
+        if os.path.isdir(d) and os.path.basename(d) != "common"
+    )
+    if wanted:
+        names = {n.strip() for n in wanted.split(",") if n.strip()}
+        unknown = names - {os.path.basename(d) for d in dirs}
+        if unknown:
+            raise SystemExit(f"EQK_OPS: unknown op directories {sorted(unknown)}")
+        dirs = [d for d in dirs if os.path.basename(d) in names]
+    return dirs
+
+
+def _cuda_wanted():
+    flag = _env_flag("EQK_BUILD_CUDA")
+    if flag is False:
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and (shutil.which("nvcc") or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    )
+    if flag is True and not found:
+        raise SystemExit("EQK_BUILD_CUDA=1 but nvcc or a CUDA build of torch was not found")
+    return bool(found)
+
+
+def _extensions():
+    if _env_flag("EQK_BUILD_EXT") is False:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = _cuda_wanted()
+    sources = ["csrc/bindings.cpp"]
+    for d in _op_dirs():
+        for path in sorted(
+            glob.glob(os.path.join(d, "*.cpp")) + glob.glob(os.path.join(d, "*.cu"))
+        ):
+            is_cuda = path.endswith(".cu") or path.endswith("_cuda.cpp")
+            if is_cuda and not with_cuda:
+                continue
+            sources.append(path)
+
+    # -O3 and OpenMP: at::parallel_for runs on one thread without -fopenmp. No -march: ISA
+    # specific kernels use function target attributes and are chosen at run time (cpu_features.h).
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-fvisibility=hidden"]
+    define = [("EQK_WITH_CUDA", "1")] if with_cuda else []
+    include = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        archs = os.environ.get("EQK_CUDA_ARCHS", "8.0;9.0+PTX")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        ext = CUDAExtension(
+            "eqkernels._C",
+            sources,
+            include_dirs=include,
+            define_macros=define,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "eqkernels._C",
+            sources,
+            include_dirs=include,
+            define_macros=define,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="eqkernels",
+    version="0.1.0",
+    description="Kernel-accelerated elastic quantization: train once, deploy at every bit width",
+    packages=find_packages(include=["eqkernels", "eqkernels.*"])
+    + find_packages("python", include=["eqnet", "eqnet.*"]),
+    package_dir={"eqnet": "python/eqnet"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch", "numpy"],
+    extras_require={
+        "eqnet": ["torchvision", "scipy", "tqdm", "matplotlib", "scikit-learn"],
+        "onnx": ["onnx", "onnxruntime"],
+    },
+    entry_points={"console_scripts": ["eqnet=eqnet.cli:main"]},
+    zip_safe=False,
+)
