@@ -1,0 +1,1 @@
+"""Subcommands of the eqnet CLI (see eqnet.cli)."""
