@@ -1,11 +1,46 @@
 """eqkernels: kernels for elastic quantization.
 
-Importing this package touches no device and builds nothing; the compiled extension
-`eqkernels._C` is loaded on first use by the ops that need it.
+Importing this package touches no device and builds nothing. The ops are imported lazily
+(PEP 562), which also registers their torch.library schemas under `torch.ops.eqk`; the compiled
+extension `eqkernels._C` is loaded on first use by the backends that need it.
 """
 
-from ._ext import ExtensionUnavailable
-from .backend import BACKENDS, BackendUnavailable
+import importlib
 
-__all__ = ["BACKENDS", "BackendUnavailable", "ExtensionUnavailable"]
+from ._ext import ExtensionUnavailable as ExtensionUnavailable
+from .backend import BACKENDS as BACKENDS
+from .backend import BackendUnavailable as BackendUnavailable
+
 __version__ = "0.1.0"
+
+_OPS = {
+    "qrange": "eqkernels.ops.fake_quant",
+    "fake_quant": "eqkernels.ops.fake_quant",
+    "fake_quant_ref": "eqkernels.ops.fake_quant",
+    "fake_quant_layered": "eqkernels.ops.fake_quant",
+    "fake_quant_layered_ref": "eqkernels.ops.fake_quant",
+    "pack_bitplanes": "eqkernels.ops.bitplanes",
+    "pack_bitplanes_ref": "eqkernels.ops.bitplanes",
+    "unpack_bitplanes": "eqkernels.ops.bitplanes",
+    "unpack_bitplanes_ref": "eqkernels.ops.bitplanes",
+    "lowbit_linear": "eqkernels.ops.lowbit_gemm",
+    "lowbit_linear_ref": "eqkernels.ops.lowbit_gemm",
+    "lowbit_conv2d": "eqkernels.ops.lowbit_gemm",
+    "lowbit_conv2d_ref": "eqkernels.ops.lowbit_gemm",
+    "EqkFormatError": "eqkernels.format",
+}
+
+__all__ = sorted(["BACKENDS", "BackendUnavailable", "ExtensionUnavailable", *_OPS])
+
+
+def __getattr__(name):
+    module = _OPS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'eqkernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

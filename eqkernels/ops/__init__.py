@@ -1,0 +1,1 @@
+"""One module per op family: schema, fake impl, dispatch, autograd and the `_ref`."""

@@ -1,0 +1,1 @@
+"""Triton kernels and their host launchers (run on CPU tensors under TRITON_INTERPRET=1)."""
