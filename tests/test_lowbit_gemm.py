@@ -1,0 +1,322 @@
+"""lowbit_linear / lowbit_conv2d against float64 oracles written from DESIGN.md's equations:
+the weight is `(floor(q_n / 2^k) + c_k - z_w) * 2^k s_n`, integer activations are
+`(xq - z_a) * s_a` with `xq` computed exactly as fake_quant's forward (`fl32(x * fl32(1/s))`,
+round half to even, + round(z), clamp), and integer convolution pads with real zero."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eqkernels as E
+from eqkernels import _ext
+from eqkernels.ops.bitplanes import force_cpu_isa
+
+ISAS = ("portable", "avx2", "avx512")
+BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS]
+
+
+def run_on(backend):
+    if backend == "torch":
+        return "torch", contextlib.nullcontext()
+    if not _ext.has_kernel("lowbit_gemm_int_cpu"):
+        pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
+    return "cpp", force_cpu_isa(backend.split("-", 1)[1])
+
+
+def pack(q, bits):
+    """Canonical planes of q[N, K] (vectorized here; the layout itself is tested in
+    test_bitplanes.py against a per-bit oracle)."""
+    N, K = q.shape
+    W = (K + 31) // 32
+    code = q.to(torch.int64) % (1 << bits)
+    code = F.pad(code, (0, 32 * W - K)).view(N, W, 32)
+    planes = []
+    for j in range(bits):
+        bit = (code >> (bits - 1 - j)) & 1
+        planes.append((bit << torch.arange(32)).sum(-1))
+    out = torch.stack(planes)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def weight64(q, n, b, scale, compensate, zw=None):
+    k = n - b
+    qb = torch.floor(q.to(torch.float64) / 2.0**k)
+    c = 0.5 * (1 - 2.0**-k) if (compensate and k > 0) else 0.0
+    w = qb + c
+    if zw is not None:
+        w = w - zw.to(torch.float64).reshape(-1, 1)
+    return w * (2.0**k * scale.to(torch.float64).reshape(-1, 1))
+
+
+def act_codes64(x, s, z, qmin, qmax):
+    inv = torch.tensor(1.0, dtype=torch.float32) / s.reshape(()).to(torch.float32)
+    v = (x.to(torch.float32) * inv).to(torch.float64)
+    zr = torch.round(z.reshape(()).to(torch.float64)) if z is not None else 0.0
+    return torch.clamp(torch.round(v) + zr, qmin, qmax), zr
+
+
+def assert_close_to(y, ref, bound, rel):
+    err = (y.to(torch.float64) - ref).abs()
+    assert torch.all(err <= rel * bound + 1e-30), float((err / (bound + 1e-30)).max())
+
+
+ACT_RANGES = [(None, None), (-128, 127), (0, 255), (-127, 127), (0, 15)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ACT_RANGES)
+@pytest.mark.parametrize(
+    "M,N,K,n,b",
+    [(1, 5, 97, 4, 2), (3, 70, 33, 8, 8), (17, 9, 300, 8, 3), (1, 1, 1, 1, 1), (5, 33, 64, 6, 6)],
+)
+def test_linear(backend, act, M, N, K, n, b):
+    name, ctx = run_on(backend)
+    qmin, qmax = act
+    q = torch.randint(-(1 << (n - 1)), 1 << (n - 1), (N, K))
+    planes = pack(q, n)
+    x = torch.randn(M, K) * 3
+    for per_channel in (False, True):
+        for compensate in (True, False):
+            scale = torch.rand(N) + 0.05 if per_channel else torch.tensor([0.07])
+            bias = torch.randn(N) if per_channel else None
+            kwargs = {}
+            w = weight64(q, n, b, scale, compensate)
+            if qmin is None:
+                ref = x.double() @ w.T
+                bound = x.double().abs() @ w.abs().T
+            else:
+                s_a = torch.tensor([0.05])
+                z_a = torch.tensor([3.4 if qmin >= 0 else -2.6])
+                kwargs = dict(act_scale=s_a, act_zero_point=z_a, act_quant_min=qmin,
+                              act_quant_max=qmax)  # fmt: skip
+                xq, zr = act_codes64(x, s_a, z_a, qmin, qmax)
+                xd = (xq - zr) * s_a.double()
+                ref = xd @ w.T
+                bound = xd.abs() @ w.abs().T
+            if bias is not None:
+                ref = ref + bias.double()
+                bound = bound + bias.double().abs()
+            with ctx:
+                y = E.lowbit_linear(x, planes, scale, b, n, K=K, compensate=compensate,
+                                    bias=bias, backend=name, **kwargs)  # fmt: skip
+            assert y.shape == (M, N) and y.dtype == torch.float32
+            # Integer path: exact up to the float epilogue; float path: fp32 GEMM error.
+            rel = 1e-6 if qmin is not None else 4e-6 * max(1.0, K**0.5)
+            assert_close_to(y, ref, bound, rel)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", [(None, None), (-128, 127), (0, 255)])
+def test_linear_weight_zero_point_leading_dims_noncontiguous(backend, act):
+    name, ctx = run_on(backend)
+    qmin, qmax = act
+    N, K, n = 6, 45, 4
+    q = torch.randint(-8, 8, (N, K))
+    planes = pack(q, n)
+    zw = torch.randint(-3, 4, (N,))
+    scale = torch.rand(N) + 0.1
+    x = (torch.randn(2, K, 3) * 2).transpose(1, 2)  # [2, 3, K], non-contiguous
+    w = weight64(q, n, n, scale, True, zw)
+    kwargs = {}
+    if qmin is None:
+        xd = x.double()
+    else:
+        s_a, z_a = torch.tensor([0.03]), torch.tensor([1.0 if qmin < 0 else 100.0])
+        kwargs = dict(act_scale=s_a, act_zero_point=z_a, act_quant_min=qmin, act_quant_max=qmax)
+        xq, zr = act_codes64(x, s_a, z_a, qmin, qmax)
+        xd = (xq - zr) * s_a.double()
+    ref = xd @ w.T
+    with ctx:
+        y = E.lowbit_linear(x, planes, scale, n, n, K=K, weight_zero_point=zw, backend=name,
+                            **kwargs)  # fmt: skip
+    assert y.shape == (2, 3, N)
+    assert_close_to(y, ref, xd.abs() @ w.abs().T, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp-avx512", "cpp-avx2"])
+@pytest.mark.parametrize("act", [(0, 255), (-128, 127)])
+def test_linear_k_chunking(backend, act):
+    """8-bit weights at the extremes with K beyond the int32-exact length."""
+    name, ctx = run_on(backend)
+    qmin, qmax = act
+    K = 70_000 if qmin >= 0 else 140_000
+    N = 2
+    q = torch.full((N, K), -128)
+    q[1, ::3] = 127
+    planes = pack(q, 8)
+    x = torch.full((1, K), 1e6) if qmin >= 0 else torch.full((1, K), -1e6)
+    s_a = torch.tensor([1.0])
+    scale = torch.tensor([2.0**-20])
+    with ctx:
+        y = E.lowbit_linear(x, planes, scale, 8, 8, K=K, act_scale=s_a, act_quant_min=qmin,
+                            act_quant_max=qmax, backend=name)  # fmt: skip
+    xq, _ = act_codes64(x, s_a, None, qmin, qmax)
+    acc = xq @ q.double().T
+    assert acc.abs().max() >= 2**31  # the test really exceeds int32
+    assert torch.equal(y.double(), (acc * 2.0**-20).float().double())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("M,N,K,bits", [(1, 67, 200, 2), (1, 16, 1024, 8), (2, 5, 65, 3),
+                                        (20, 37, 129, 4), (64, 8, 96, 1), (7, 130, 32, 7)])  # fmt: skip
+def test_raw_int_accumulators_exact(isa, signed, M, N, K, bits):
+    """The _C accumulators sum_k xq*q_b, exact, on every ISA path."""
+    if not _ext.has_kernel("lowbit_gemm_int_cpu"):
+        pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (N, K))
+    if signed:
+        xq = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    else:
+        xq = torch.randint(0, 256, (M, K), dtype=torch.uint8)
+    expect = (xq.double() @ q.double().T).to(torch.int64)
+    with force_cpu_isa(isa):
+        from eqkernels.ops.bitplanes import cpu_isa_cap
+
+        got = _ext.kernel("lowbit_gemm_int_cpu")(xq, pack(q, bits), bits, cpu_isa_cap())
+        assert got.dtype == torch.int32
+        assert torch.equal(got.to(torch.int64), expect)
+        rows = _ext.kernel("bitplane_rowsums_cpu")(pack(q, bits), bits, K)
+    assert torch.equal(rows.to(torch.int64), q.sum(1))
+
+
+def conv_oracle(x, q, n, b, scale, compensate, act, stride, padding, dilation, groups, bias):
+    N = q.shape[0]
+    cin_g = x.shape[1] // groups
+    w = weight64(q, n, b, scale, compensate).view(N, cin_g, *KS)
+    if act is None:
+        xd = x.double()
+    else:
+        s_a, z_a, qmin, qmax = act
+        xq, zr = act_codes64(x, s_a, z_a, qmin, qmax)
+        xd = (xq - zr) * s_a.double()  # padding with z_a is padding xd with 0
+    ref = F.conv2d(xd, w, bias.double() if bias is not None else None, stride, padding,
+                   dilation, groups)  # fmt: skip
+    bound = F.conv2d(xd.abs(), w.abs(), bias.double().abs() if bias is not None else None,
+                     stride, padding, dilation, groups)  # fmt: skip
+    return ref, bound
+
+
+KS = (3, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cin,cout,groups,stride,padding,dilation",
+    [(4, 6, 1, 1, 1, 1), (4, 6, 2, 2, 1, 1), (6, 6, 6, 1, 2, 2), (3, 5, 1, (2, 1), (0, 2), 1),
+     (16, 16, 16, 2, 1, 1)],
+)  # fmt: skip
+@pytest.mark.parametrize("act", [None, "signed", "unsigned"])
+def test_conv2d(backend, cin, cout, groups, stride, padding, dilation, act):
+    name, ctx = run_on(backend)
+    n, b = 4, 3
+    K = cin // groups * 9
+    q = torch.randint(-8, 8, (cout, K))
+    planes = pack(q, n)
+    x = torch.randn(2, cin, 7, 6) * 2
+    scale = torch.rand(cout) + 0.1
+    bias = torch.randn(cout)
+    kwargs, a = {}, None
+    if act == "signed":
+        a = (torch.tensor([0.04]), torch.tensor([-5.0]), -128, 127)
+    elif act == "unsigned":
+        a = (torch.tensor([0.04]), torch.tensor([120.3]), 0, 255)  # real zero is code 120
+    if a is not None:
+        kwargs = dict(act_scale=a[0], act_zero_point=a[1], act_quant_min=a[2], act_quant_max=a[3])
+    ref, bound = conv_oracle(x, q, n, b, scale, True, a, stride, padding, dilation, groups, bias)
+    with ctx:
+        y = E.lowbit_conv2d(x, planes, scale, b, n, in_channels=cin, kernel_size=3,
+                            stride=stride, padding=padding, dilation=dilation, groups=groups,
+                            bias=bias, backend=name, **kwargs)  # fmt: skip
+    assert y.shape == ref.shape
+    assert_close_to(y, ref, bound, 1e-6 if act else 2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv2d_zero_point_padding_at_borders(backend):
+    """A zero input with a large activation zero point: every output, borders included, is
+    exactly the bias (code-0 padding would give nonzero borders)."""
+    name, ctx = run_on(backend)
+    q = torch.randint(-8, 8, (3, 2 * 9))
+    x = torch.zeros(1, 2, 5, 5)
+    bias = torch.tensor([0.5, -1.0, 2.0])
+    with ctx:
+        y = E.lowbit_conv2d(x, pack(q, 4), torch.tensor([0.1]), 4, 4, in_channels=2,
+                            kernel_size=3, padding=2, bias=bias, act_scale=torch.tensor([0.1]),
+                            act_zero_point=torch.tensor([128.0]), act_quant_min=0,
+                            act_quant_max=255, backend=name)  # fmt: skip
+    assert torch.equal(y, bias.view(1, 3, 1, 1).expand(1, 3, 7, 7))
+
+
+def test_bad_arguments():
+    q = torch.randint(-8, 8, (4, 40))
+    planes = pack(q, 4)
+    x = torch.randn(2, 40)
+    s = torch.tensor([0.1])
+
+    def call(**kw):
+        args = dict(x=x, planes=planes, scale=s, bits=2, top_bits=4, K=40)
+        args.update(kw)
+        return E.lowbit_linear(args.pop("x"), args.pop("planes"), args.pop("scale"),
+                               args.pop("bits"), args.pop("top_bits"), **args)  # fmt: skip
+
+    cases = [
+        (dict(bits=0), "bits="),
+        (dict(bits=5, top_bits=8), "bits=5"),
+        (dict(top_bits=1), "top_bits="),
+        (dict(K=41), "K=41|x: last"),
+        (dict(x=x.long()), "x: expected"),
+        (dict(scale=torch.tensor([0.1, 0.2])), "scale:"),
+        (dict(scale=torch.tensor([-0.1])), "scale:"),
+        (dict(bias=torch.randn(3)), "bias:"),
+        (dict(weight_zero_point=torch.tensor([0.5] * 4)), "weight_zero_point"),
+        (dict(act_zero_point=torch.tensor([1.0])), "act_zero_point"),
+        (dict(act_scale=s, act_quant_min=0), "act_quant_max"),
+        (dict(act_scale=s, act_quant_min=0, act_quant_max=256), "act_quant_max=256"),
+        (dict(act_scale=s, act_quant_min=-129, act_quant_max=127), "act_quant_min=-129"),
+        (dict(act_scale=s, act_quant_min=5, act_quant_max=5), "act_quant_min < act_quant_max"),
+        (dict(act_scale=torch.tensor([0.0]), act_quant_min=0, act_quant_max=255), "act_scale"),
+        (dict(backend="gpu"), "backend="),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call(**kw)
+    xc = torch.randn(1, 4, 5, 5)
+    pc = pack(torch.randint(-8, 8, (6, 18)), 4)
+    conv_cases = [
+        (dict(groups=3), "groups="),
+        (dict(kernel_size=0), "kernel_size="),
+        (dict(stride=(1, 0)), "stride="),
+        (dict(padding=-1), "padding="),
+        (dict(padding="same"), "padding="),
+        (dict(in_channels=6), "x: shape"),
+        (dict(kernel_size=7), "smaller than|does not match"),
+    ]
+    for kw, match in conv_cases:
+        args = dict(in_channels=4, kernel_size=3, groups=2)
+        args.update(kw)
+        with pytest.raises(ValueError, match=match):
+            E.lowbit_conv2d(xc, pc, s, 4, 4, **args)
+    with pytest.raises(ValueError, match="layout"):
+        tagged = planes.clone()
+        tagged.eqk_layout = "avx512_tiles"
+        call(planes=tagged)
+
+
+def test_opcheck():
+    q = torch.randint(-8, 8, (5, 40))
+    planes = pack(q, 4)
+    x = torch.randn(3, 40)
+    s = torch.tensor([0.1])
+    backends = ["torch"] + (["cpp"] if _ext.has_kernel("lowbit_gemm_int_cpu") else [])
+    for name in backends:
+        for act in ((None, None, None, None), (torch.tensor([0.05]), torch.tensor([2.0]), 0, 255)):
+            args = (x, planes, s, 3, 4, 40, True, None, None, *act, name)
+            torch.library.opcheck(torch.ops.eqk.lowbit_linear.default, args)
+            xc = torch.randn(1, 4, 5, 5)
+            cplanes = pack(q[:, :36], 4)
+            cargs = (xc, cplanes, s, 3, 4, 4, [3, 3], [1, 1], [1, 1], [1, 1], 1, True, None,
+                     None, *act, name)  # fmt: skip
+            torch.library.opcheck(torch.ops.eqk.lowbit_conv2d.default, cargs)
