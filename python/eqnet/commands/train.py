@@ -1,0 +1,148 @@
+"""`eqnet train`: train a float model, a dedicated QAT model or an elastic supernet.
+
+    eqnet train --recipe eqnet --epochs 10 --out runs/eqnet            # digits_cnn on digits
+    eqnet train --recipe float --model resnet20 --data cifar10.npz --epochs 12 --out runs/f
+    eqnet train --recipe layered --init runs/f --model resnet20 --data cifar10.npz ...
+    eqnet train --out runs/eqnet --epochs 20 --resume                  # continue to epoch 20
+
+DIR receives checkpoint.pt (every epoch, atomic), config.json, metrics.jsonl, metrics.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from eqnet.train.config import JOINT_LOSSES, KEEP_FIRST_LAST, OPTIMIZERS, RECIPES
+
+
+def _bits(text: str) -> list[int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(t) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a list like 2,3,4 or a range like 2-8"
+        ) from None
+
+
+def _bool_flag(parser, name, help_text):
+    parser.add_argument(
+        f"--{name}",
+        dest=name.replace("-", "_"),
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=help_text,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=RECIPES, default=None, help="default multiquant")
+    p.add_argument("--model", default=None, help="digits_cnn (default), resnet20, resnet56, ...")
+    p.add_argument(
+        "--data", default=None, help="digits (default), X.npz, cifar10:DIR, imagefolder:DIR"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="total epochs (default 10)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue DIR's last checkpoint")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="K",
+        help="stop after epoch K (resume later)",
+    )
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--scale-lr-mult", type=float, default=None, help="lr multiplier of step sizes")
+    g.add_argument("--warmup-epochs", type=float, default=None)
+    g.add_argument("--grad-clip", type=float, default=None, help="max grad norm (0: off)")
+    _bool_flag(g, "amp", "mixed precision (CUDA only)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    g.add_argument("--init", default=None, metavar="RUN", help="float run dir or .pt to start from")
+    _bool_flag(g, "deterministic", "torch.use_deterministic_algorithms")
+    s = p.add_argument_group("supernet")
+    s.add_argument("--w-bits", type=_bits, default=None, help="e.g. 2-8 or 2,3,4 (qat: one width)")
+    s.add_argument("--a-bits", type=_bits, default=None)
+    s.add_argument("--top-bits", type=int, default=None, help="layered: widths 2..TOP (4 or 8)")
+    s.add_argument("--keep-first-last", choices=KEEP_FIRST_LAST, default=None)
+    _bool_flag(s, "per-bit-bn", "one BN per weight width (default: on for layered)")
+    s.add_argument("--num-random", type=int, default=None, help="K random subnets per step")
+    _bool_flag(s, "oal", "online adaptive labels (default: on for multiquant)")
+    s.add_argument("--zeta", type=float, default=None)
+    _bool_flag(s, "wdr", "eqnet: weight distribution regularization")
+    _bool_flag(s, "gpg", "eqnet: group progressive guidance")
+    s.add_argument("--joint", choices=JOINT_LOSSES, default=None, help="layered joint loss")
+    _bool_flag(s, "distill", "layered: cosine self-distillation")
+    d = p.add_argument_group("data and evaluation")
+    d.add_argument("--holdout", type=int, default=None, help="held-out training samples")
+    d.add_argument("--limit-train", type=int, default=None)
+    d.add_argument("--limit-test", type=int, default=None)
+    d.add_argument("--calib-batches", type=int, default=None)
+    d.add_argument("--bn-batches", type=int, default=None)
+    d.add_argument("--eval-batch-size", type=int, default=None)
+    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+_CONFIG_KEYS = (
+    "recipe model data epochs batch_size optimizer lr momentum weight_decay scale_lr_mult "
+    "warmup_epochs grad_clip amp seed device init deterministic w_bits a_bits keep_first_last "
+    "per_bit_bn num_random oal zeta wdr gpg joint distill holdout limit_train limit_test "
+    "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch"
+).split()
+
+
+def config_from_args(args):
+    from eqnet.train.config import TrainConfig
+
+    given = {k: getattr(args, k) for k in _CONFIG_KEYS if getattr(args, k, None) is not None}
+    if args.top_bits is not None:
+        if args.top_bits not in range(2, 9):
+            raise ValueError(f"--top-bits={args.top_bits}: must be in 2..8")
+        given.setdefault("w_bits", list(range(2, args.top_bits + 1)))
+        given.setdefault("a_bits", list(range(2, args.top_bits + 1)))
+    given["progress"] = not args.no_progress
+    return TrainConfig(**given)
+
+
+def run(args) -> int:
+    from eqnet.data import DataError
+    from eqnet.train.trainer import NonFiniteLossError, Trainer
+
+    try:
+        if args.resume:
+            overrides = {"progress": not args.no_progress}
+            if args.device is not None:
+                overrides["device"] = args.device
+            if args.workers is not None:
+                overrides["workers"] = args.workers
+            trainer = Trainer.from_run(args.out, epochs=args.epochs, **overrides)
+            print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
+        else:
+            from pathlib import Path
+
+            from eqnet.train.checkpoint import CHECKPOINT_NAME
+
+            if (Path(args.out) / CHECKPOINT_NAME).exists():
+                raise ValueError(
+                    f"--out {args.out} already holds a checkpoint: pass --resume to continue "
+                    "it, or choose another directory"
+                )
+            trainer = Trainer(config_from_args(args), args.out)
+        trainer.fit(stop_after=args.stop_after)
+    except (DataError, FileNotFoundError, ValueError, NonFiniteLossError) as exc:
+        print(f"eqnet train: error: {exc}", file=sys.stderr)
+        return 1
+    last = trainer.metrics[-1] if trainer.metrics else {}
+    accs = ", ".join(f"{k[4:]} {v * 100:.2f}%" for k, v in last.items() if k.startswith("acc_"))
+    print(f"trained {trainer.config.recipe} to epoch {trainer.epoch}: {accs}; run in {args.out}")
+    return 0

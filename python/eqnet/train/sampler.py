@@ -1,0 +1,78 @@
+"""Subnet sampling for supernet training.
+
+Every random configuration comes from one dedicated, seeded `torch.Generator` (never the
+global RNG), so the sequence of sampled subnets is reproducible, is saved in checkpoints, and
+is the same on every rank of a distributed run that seeds it alike (issue 8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eqnet.space import ElasticSpace, SubnetConfig
+
+
+class ConfigSampler:
+    """Lowest-Random-Highest (MultiQuant) and uniform-width (LIMPQ, layered) config streams."""
+
+    def __init__(self, space: ElasticSpace, model: torch.nn.Module, seed: int, forms: bool):
+        self.space = space
+        self.model = model
+        self.forms = bool(forms)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def lowest(self) -> SubnetConfig:
+        return SubnetConfig.lowest(self.space, self.model)
+
+    def highest(self) -> SubnetConfig:
+        return SubnetConfig.highest(self.space, self.model)
+
+    def random(self) -> SubnetConfig:
+        return SubnetConfig.random(self.space, self.model, self.generator, forms=self.forms)
+
+    def lrh(self, num_random: int) -> list[tuple[str, SubnetConfig]]:
+        """[("highest", H), ("random", R_1) ... ("random", R_K), ("lowest", L)]: the randoms
+        are sorted by mean bits, highest first (the order in which GPG teaches)."""
+        if not isinstance(num_random, int) or num_random < 0:
+            raise ValueError(f"num_random={num_random!r}: must be an int >= 0")
+        randoms = [self.random() for _ in range(num_random)]
+        # sorted() is stable: equal mean bits keep their draw order.
+        randoms = sorted(randoms, key=lambda c: -c.mean_bits())
+        return (
+            [("highest", self.highest())]
+            + [("random", c) for c in randoms]
+            + [("lowest", self.lowest())]
+        )
+
+    def uniform_widths(self) -> list[tuple[str, SubnetConfig]]:
+        """One uniform config per weight width, widest first. The activation width is the same
+        number when the space has it, else the largest activation width not above it (else the
+        smallest)."""
+        out = []
+        for wb in sorted(self.space.w_bits, reverse=True):
+            below = [a for a in self.space.a_bits if a <= wb]
+            ab = (
+                wb if wb in self.space.a_bits else (max(below) if below else min(self.space.a_bits))
+            )
+            cfg = SubnetConfig.uniform(
+                self.space,
+                self.model,
+                wb,
+                ab,
+                # the same default forms as SubnetConfig.lowest/highest
+                _prefer(self.space.w_granularities, "channel"),
+                _prefer(self.space.w_symmetries, "sym"),
+                _prefer(self.space.a_symmetries, "asym"),
+            )
+            out.append((f"w{wb}a{ab}", cfg))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _prefer(values, preferred):
+    return preferred if preferred in values else values[0]

@@ -1,0 +1,478 @@
+"""The supernet trainer: one loop for every recipe, checkpoints, resume, evaluation.
+
+Reproducibility: the data order of epoch e depends on (seed, e) only; augmentation draws from
+the global torch RNG and subnet sampling from the ConfigSampler's own generator, and both
+states are saved at the end of every epoch; so `Trainer.from_run(dir).fit()` continues a run
+exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eqnet.data import DataBundle, eval_loader, load_data, train_loader
+from eqnet.space import SubnetConfig
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .labels import OnlineAdaptiveLabels
+from .losses import soft_cross_entropy
+from .recipes import get_recipe
+from .sampler import ConfigSampler
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or infinite loss: training stopped, the last good checkpoint is kept."""
+
+
+class WarmupCosine:
+    """Per-iteration schedule: linear warm-up from 0 over `warmup` steps, then cosine decay
+    to 0 at `total` steps. A learning-rate factor; the state is the step counter."""
+
+    def __init__(self, total: int, warmup: int = 0):
+        self.total = max(1, int(total))
+        self.warmup = max(0, min(int(warmup), self.total - 1))
+        self.step_count = 0
+
+    def factor(self, step: int | None = None) -> float:
+        s = self.step_count if step is None else step
+        if s < self.warmup:
+            return (s + 1) / (self.warmup + 1)
+        t = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "total": self.total, "warmup": self.warmup}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device=None) -> float:
+    """Top-1 accuracy (a fraction in [0, 1]) of `model` in eval mode over `loader`."""
+    was_training = model.training
+    model.eval()
+    if device is None:
+        device = next(model.parameters()).device
+    correct = total = 0
+    for x, y in loader:
+        out = model(x.to(device))
+        correct += int((out.argmax(dim=1).cpu() == y).sum())
+        total += len(y)
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate: the loader yielded no samples")
+    return correct / total
+
+
+def _bn_buffers(model):
+    return {
+        n: b.clone()
+        for n, b in model.named_buffers()
+        if n.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
+    """The run's network: the float model, converted to a Supernet for quantized recipes."""
+    from eqnet import models
+
+    recipe = get_recipe(config.recipe)
+    net = models.get(config.model, num_classes)
+    if float_init and config.init:
+        net.load_state_dict(load_float_weights(config.init))
+    space = recipe.space(config)
+    if space is None:
+        return net, None
+    from eqnet.convert import convert
+
+    supernet = convert(
+        net, space, keep_first_last=config.keep_first_last, per_bit_bn=bool(config.per_bit_bn)
+    )
+    return supernet, space
+
+
+def load_float_weights(path: str) -> dict:
+    """The model state of a float run (directory or checkpoint), or a plain state_dict file."""
+    p = ckpt.checkpoint_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"init={path!r}: no float checkpoint there")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and state.get("format") == ckpt.FORMAT:
+        recipe = json.loads(state["config"])["recipe"]
+        if recipe != "float":
+            raise ValueError(f"init={path!r}: a {recipe!r} run; start from a float run")
+        return state["model"]
+    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    raise ValueError(f"init={path!r}: neither an eqnet float run nor a state_dict")
+
+
+class Trainer:
+    """Trains `config.recipe` and writes checkpoints and metrics to `out_dir` (if given)."""
+
+    def __init__(
+        self, config: TrainConfig, out_dir: str | Path | None = None, data: DataBundle | None = None
+    ):
+        self.config = config.resolved()
+        c = self.config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if c.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(c.seed)
+        self.device = _resolve_device(c.device)
+        self.recipe = get_recipe(c.recipe)
+        # Data first: a bad path or an empty set fails before any model is built.
+        self.data = data or load_data(
+            c.data, holdout=c.holdout, limit_train=c.limit_train, limit_test=c.limit_test
+        )
+        self.train_loader = train_loader(self.data.train, c.batch_size, c.seed, c.workers)
+        self.holdout_loader = eval_loader(self.data.holdout, c.batch_size, c.workers)
+        self.test_loader = eval_loader(self.data.test, c.eval_batch_size, c.workers)
+        model, self.space = build_model(c, self.data.num_classes)
+        self.model = model.to(self.device)
+        if self.space is not None:
+            self.sampler = ConfigSampler(self.space, self.model, c.seed + 1, self.recipe.forms)
+            # The fixed random subnet evaluated every epoch comes from its own seed, so it does
+            # not depend on how many subnets training has drawn.
+            self.eval_random = SubnetConfig.random(
+                self.space,
+                self.model,
+                torch.Generator().manual_seed(c.seed + 2),
+                forms=self.recipe.forms,
+            )
+        else:
+            self.sampler = None
+            self.eval_random = None
+        self.labels = OnlineAdaptiveLabels(self.data.num_classes, c.zeta) if c.oal else None
+        self.optimizer = self._make_optimizer()
+        self.steps_per_epoch = len(self.train_loader)
+        if c.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, c.max_steps_per_epoch)
+        self.schedule = WarmupCosine(
+            c.epochs * self.steps_per_epoch, round(c.warmup_epochs * self.steps_per_epoch)
+        )
+        use_amp = c.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        self.epoch = 0
+        self.metrics: list[dict] = []
+        self.needs_calibration = self.space is not None
+        self._role = None
+
+    # -- setup -----------------------------------------------------------------------------
+    def _make_optimizer(self):
+        c = self.config
+        if hasattr(self.model, "parameter_groups"):
+            groups = self.model.parameter_groups()
+        else:
+            groups = {"weight": [], "no_decay": []}
+            for p in self.model.parameters():
+                groups["weight" if p.dim() > 1 else "no_decay"].append(p)
+        param_groups = []
+        for name, params in groups.items():
+            params = [p for p in params if p.requires_grad]
+            if not params:
+                continue
+            mult = c.scale_lr_mult if name == "scale" else 1.0
+            decay = c.weight_decay if name == "weight" else 0.0
+            param_groups.append(
+                {"params": params, "weight_decay": decay, "lr": c.lr * mult, "base_lr": c.lr * mult}
+            )
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(param_groups, lr=c.lr, momentum=c.momentum)
+        return torch.optim.Adam(param_groups, lr=c.lr)
+
+    def calibrate(self) -> None:
+        """Initialize every quantizer form from held-out data (MultiQuant: PTQ init)."""
+        if self.needs_calibration:
+            from eqnet.convert import calibrate
+
+            calibrate(
+                self.model,
+                self._device_batches(self.holdout_loader),
+                batches=self.config.calib_batches,
+            )
+            self.needs_calibration = False
+
+    def _device_batches(self, loader):
+        return ((x.to(self.device), y.to(self.device)) for x, y in loader)
+
+    # -- helpers for recipes ---------------------------------------------------------------
+    def forward(self, cfg: SubnetConfig | None, x: torch.Tensor) -> torch.Tensor:
+        if cfg is not None:
+            self.model.set_config(cfg)
+        if self.scaler is not None:
+            with torch.autocast("cuda", dtype=torch.float16):
+                return self.model(x)
+        return self.model(x)
+
+    def ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """CE with the hard label, or with the online adaptive label (eq. 4) when enabled."""
+        if self.labels is not None:
+            return soft_cross_entropy(logits, self.labels.targets(y))
+        return soft_cross_entropy(logits, y)
+
+    def update_labels(self, probs, y) -> None:
+        if self.labels is not None:
+            self.labels.update(probs, y)
+
+    def check_finite(self, loss: torch.Tensor, role: str) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            where = f"epoch {self.epoch + 1}, step {self.schedule.step_count + 1}, subnet {role}"
+            kept = "no checkpoint was written yet"
+            if self.out_dir is not None and (self.out_dir / ckpt.CHECKPOINT_NAME).is_file():
+                kept = f"the last good checkpoint {self.out_dir / ckpt.CHECKPOINT_NAME} (epoch {self.epoch}) is kept"
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(loss.detach())}) at {where}; training stopped, {kept}. "
+                "Try a lower --lr, --grad-clip or a float --init."
+            )
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def backward(self, loss: torch.Tensor, role: str) -> None:
+        self.check_finite(loss, role)
+        self.scale_loss(loss).backward()
+
+    # -- training --------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """One optimizer step of the recipe on one batch."""
+        self.calibrate()
+        self.model.train()
+        x, y = x.to(self.device), y.to(self.device)
+        factor = self.schedule.factor()
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self.recipe.step(self, x, y)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.schedule.step_count += 1
+        metrics["lr"] = self.config.lr * factor
+        return metrics
+
+    def train_epoch(self) -> dict:
+        from tqdm.auto import tqdm
+
+        self.train_loader.sampler.set_epoch(self.epoch)
+        sums: dict[str, float] = {}
+        n = 0
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"{self.config.recipe} epoch {self.epoch + 1}/{self.config.epochs}",
+            disable=not self.config.progress,
+            leave=False,
+        )
+        for x, y in self.train_loader:
+            if n >= self.steps_per_epoch:
+                break
+            m = self.train_step(x, y)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
+        bar.close()
+        return {f"train_{k}": v / max(n, 1) for k, v in sums.items() if k != "lr"}
+
+    def evaluate_subnets(self) -> dict:
+        """Test accuracy of the recipe's evaluation subnets (lowest, highest, the fixed random
+        one), each after BN recalibration on the held-out split. The training BN statistics
+        are restored afterwards, so evaluation does not change the training state."""
+        from eqnet.convert import recalibrate_bn
+
+        saved = _bn_buffers(self.model)
+        active = self.model.config() if self.space is not None else None
+        results = {}
+        for name, cfg in self.recipe.eval_configs(self).items():
+            if cfg is not None:
+                self.model.set_config(cfg)
+                if self.recipe.recalibrate_bn:
+                    recalibrate_bn(
+                        self.model,
+                        self._device_batches(self.holdout_loader),
+                        batches=self.config.bn_batches,
+                    )
+            results[f"acc_{name}"] = evaluate(self.model, self.test_loader, self.device)
+        with torch.no_grad():
+            buffers = dict(self.model.named_buffers())
+            for n, b in saved.items():
+                buffers[n].copy_(b)
+        if active is not None:
+            self.model.set_config(active)
+        return results
+
+    def fit(self, stop_after: int | None = None) -> list[dict]:
+        """Train up to `config.epochs` (or stop after epoch `stop_after`, to resume later);
+        evaluate and checkpoint after every epoch. Returns the metric rows."""
+        c = self.config
+        last = c.epochs if stop_after is None else min(stop_after, c.epochs)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.save_json(self.out_dir / ckpt.CONFIG_NAME, self.run_record())
+        self.calibrate()
+        while self.epoch < last:
+            t0 = time.perf_counter()
+            row = {"epoch": self.epoch + 1}
+            row.update(self.train_epoch())
+            if self.labels is not None:
+                self.labels.end_epoch()
+            row["train_time_s"] = time.perf_counter() - t0
+            row.update(self.evaluate_subnets())
+            row["step"] = self.schedule.step_count
+            row["time_s"] = time.perf_counter() - t0
+            self.epoch += 1
+            self.metrics.append(row)
+            if self.out_dir is not None:
+                ckpt.save_checkpoint(self.out_dir, self.state_dict())
+                ckpt.write_metrics(self.out_dir, self.metrics)
+            if c.progress:
+                accs = " ".join(
+                    f"{k[4:]}={v * 100:.2f}%" for k, v in row.items() if k.startswith("acc_")
+                )
+                print(
+                    f"epoch {row['epoch']}/{c.epochs} loss={row.get('train_loss', 0):.4f} {accs}",
+                    flush=True,
+                )
+        return self.metrics
+
+    # -- state -----------------------------------------------------------------------------
+    def run_record(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "data": {
+                "name": self.data.name,
+                "num_classes": self.data.num_classes,
+                "input_shape": list(self.data.input_shape),
+                "train": len(self.data.train),
+                "holdout": len(self.data.holdout),
+                "test": len(self.data.test),
+            },
+            "space": None if self.space is None else self.space.to_dict(),
+            "eval_random": None
+            if self.eval_random is None
+            else json.loads(self.eval_random.to_json()),
+        }
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.sampler is not None:
+            rng["sampler"] = self.sampler.state_dict()["generator"]
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "labels": None if self.labels is None else self.labels.state_dict(),
+            "rng": rng,
+            "config": self.config.to_json(),
+            "num_classes": self.data.num_classes,
+            "space": None if self.space is None else json.dumps(self.space.to_dict()),
+            "eval_random": None if self.eval_random is None else self.eval_random.to_json(),
+            "metrics": json.dumps(self.metrics),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.labels is not None and state.get("labels") is not None:
+            self.labels.load_state_dict(state["labels"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict({"generator": state["rng"]["sampler"]})
+        if state.get("eval_random"):
+            self.eval_random = SubnetConfig.from_json(state["eval_random"])
+        self.epoch = int(state["epoch"])
+        self.metrics = json.loads(state["metrics"])
+        self.needs_calibration = False
+
+    @classmethod
+    def from_run(
+        cls, out_dir, epochs: int | None = None, data: DataBundle | None = None, **overrides
+    ):
+        """Resume the run in `out_dir` from its last checkpoint; `epochs` extends (or keeps)
+        the run length (a different length changes the cosine schedule from here on);
+        `overrides` may change settings that do not alter the result (progress, device,
+        workers)."""
+        state = ckpt.load_checkpoint(out_dir)
+        d = json.loads(state["config"])
+        allowed = {"progress", "device", "workers"}
+        bad = set(overrides) - allowed
+        if bad:
+            raise ValueError(f"cannot override {sorted(bad)} on resume; allowed: {sorted(allowed)}")
+        d.update(overrides)
+        if epochs is not None:
+            if epochs < int(state["epoch"]):
+                raise ValueError(
+                    f"epochs={epochs}: the run in {out_dir} already completed {state['epoch']} epochs"
+                )
+            d["epochs"] = epochs
+        trainer = cls(TrainConfig.from_dict(d), out_dir, data=data)
+        trainer.load_state_dict(state)
+        return trainer
+
+
+@dataclass
+class TrainedRun:
+    model: torch.nn.Module
+    config: TrainConfig
+    space: object
+    eval_random: SubnetConfig | None
+    metrics: list[dict]
+    epoch: int
+    num_classes: int
+
+
+def load_run(run_dir, map_location="cpu") -> TrainedRun:
+    """Rebuild a trained network from a run directory (or its checkpoint file): the model
+    (a Supernet for quantized recipes, the float network for `float`) in eval mode with the
+    trained weights, quantizer parameters and BN statistics, plus the run's config."""
+    state = ckpt.load_checkpoint(run_dir, map_location=map_location)
+    config = TrainConfig.from_dict(json.loads(state["config"]))
+    model, space = build_model(config, int(state["num_classes"]), float_init=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    eval_random = SubnetConfig.from_json(state["eval_random"]) if state.get("eval_random") else None
+    return TrainedRun(
+        model=model,
+        config=config,
+        space=space,
+        eval_random=eval_random,
+        metrics=json.loads(state["metrics"]),
+        epoch=int(state["epoch"]),
+        num_classes=int(state["num_classes"]),
+    )
+
+
+def build_supernet_from_run(run_dir, map_location="cpu"):
+    """The trained Supernet (or float model) of `run_dir`, in eval mode."""
+    return load_run(run_dir, map_location).model
