@@ -1,0 +1,493 @@
+"""Export a trained supernet to one .eqk file (DESIGN.md "The .eqk file", issue 7 item 1).
+
+What the file holds (names are the tensor names in the file; `<layer>` is the quantized layer's
+name relative to the Supernet, e.g. "model.conv1"):
+
+- `float/<path>`: every parameter and buffer of the rebuilt float network that the integer
+  runtime keeps as is (float first/last layers, BN layers that could not be folded, ...).
+- `w/<layer>/<form>/planes@plane<j>`: the weight codes as canonical bit planes, MSB first, one
+  tensor per plane; `w/<layer>/<form>/scale` (fp32, top-width step) and, for asymmetric weights,
+  `w/<layer>/<form>/zero_point` (int32 per output channel). Nested layers have one form per
+  granularity (`nested-<granularity>`, the top-width codes every width shares); non-nested and
+  fixed-width layers one form per exported (bits, granularity, symmetry).
+- `a/<layer>/a<bits>-<symmetry>/scale|zero_point`: input activation quantizer of each form.
+- `bn/<bn>/w<bits>/mul|add` (`w*` when the BN is shared by every width): the BN that follows a
+  quantized layer folded into an output-side affine of that layer (see fold.py); `bias/<layer>`
+  holds a quantized layer's own bias when no BN follows it.
+
+Section order. Nested (vertically layered) supernet: section 0 holds everything any width needs
+(float tensors, fixed-width layers, scales, planes 0..m-1 of every elastic layer with m the
+lowest width, and that width's extras); section j >= 1 holds plane m-1+j of every elastic
+layer plus the extras (folded per-bit BN, activation steps) first needed at width m+j. So the
+first sections are the lower-width model and `max_bits=b` reads only that prefix. Non-nested:
+section 0 holds what every exported configuration shares, each configuration its own section.
+
+The header's model record is the registered architecture name and its keyword arguments (for
+`eqnet.models.get`), the space, the convert options and the per-layer geometry; no code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+import eqkernels
+from eqkernels.format import split_planes, write_eqk
+
+from ..space import ElasticSpace, LayerChoice, SubnetConfig
+from .fold import bn_affine, bn_for_width, find_foldable_bn, fold_affine, is_switchable_bn
+
+RECORD_VERSION = 1
+
+
+# ------------------------------------------------------------------------------- weight codes
+
+
+def weight_codes(weight: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Integer codes of `weight` exactly as the fake-quant forward computes them.
+
+    Returns (codes int32 [N, K] in the signed range of the stored width, weight zero point as
+    int32 [N] or None, stored width). Nested: the top-width codes `clamp(round(w * fl32(1/s)))`
+    (DESIGN.md "Quantization math", nested quantizer). Otherwise `clamp(round(v) + z_r)`; the
+    op computes with `(q - z_w)` so the zero point rides along per channel.
+    """
+    w = weight.detach().to(torch.float32)
+    N = w.shape[0]
+    scale = params.scale.detach().to(torch.float32)
+    if params.axis is not None:
+        if params.axis != 0:
+            raise NotImplementedError(
+                f"weight quantization along axis {params.axis}: deployment needs the output "
+                "channel axis 0"
+            )
+        scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
+    v = w * torch.reciprocal(scale)  # fl32(w * fl32(1/s)), as the forward computes it
+    r = torch.round(v)  # round half to even
+    if params.nested:
+        bits = params.top_bits
+        q = torch.clamp(r, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        return q.reshape(N, -1).to(torch.int32), None, bits
+    bits = params.bits
+    z_r = None
+    if params.zero_point is not None:
+        z_r = torch.round(params.zero_point.detach().to(torch.float32))
+        if params.axis is not None:
+            z_r = z_r.reshape(-1, *([1] * (w.dim() - 1)))
+        r = r + z_r
+    q = torch.clamp(r, params.quant_min, params.quant_max).reshape(N, -1).to(torch.int32)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if params.quant_max - params.quant_min > hi - lo:
+        raise ValueError(
+            f"weight range [{params.quant_min}, {params.quant_max}] does not fit {bits} bits"
+        )
+    # The planes hold signed codes: shift an unsigned range down (the zero point moves along).
+    offset = 0 if params.quant_min >= lo and params.quant_max <= hi else params.quant_min - lo
+    zero = None
+    if z_r is not None or offset:
+        zp = torch.zeros(N) if z_r is None else z_r.reshape(-1).expand(N)
+        zero = (zp - offset).to(torch.int32).contiguous()
+    return q - offset, zero, bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return eqkernels.pack_bitplanes(codes, bits)
+
+
+# ------------------------------------------------------------------------------- model record
+
+
+def model_record(supernet, arch: str | None, arch_kwargs: Mapping | None) -> dict:
+    """The architecture name + kwargs eqnet.models.get rebuilds the float network from."""
+    if arch is None:
+        rec = getattr(supernet, "arch", None) or getattr(supernet.model, "eqnet_arch", None)
+        if isinstance(rec, Mapping):
+            arch, arch_kwargs = rec.get("name"), rec.get("kwargs", arch_kwargs)
+        elif isinstance(rec, str):
+            arch = rec
+            arch_kwargs = arch_kwargs or getattr(supernet.model, "eqnet_arch_kwargs", None)
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(
+            "arch: the registered model name (as given to eqnet.models.get) is needed to "
+            "rebuild the network at load time; pass arch=... and arch_kwargs=..."
+        )
+    return {"name": arch, "kwargs": dict(arch_kwargs or {})}
+
+
+def build_float_model(record: Mapping) -> nn.Module:
+    from .. import models
+
+    return models.get(record["name"], **record["kwargs"])
+
+
+def layer_geometry(module: nn.Module) -> dict:
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise NotImplementedError(
+                f"padding_mode={module.padding_mode!r}: the integer conv pads with zeros only"
+            )
+        if isinstance(module.padding, str):
+            raise NotImplementedError(
+                f"padding={module.padding!r}: give explicit padding for deployment"
+            )
+        return {
+            "kind": "conv2d",
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "kernel_size": list(module.kernel_size),
+            "stride": list(module.stride),
+            "padding": list(module.padding),
+            "dilation": list(module.dilation),
+            "groups": module.groups,
+        }
+    if isinstance(module, nn.Linear):
+        return {
+            "kind": "linear",
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+        }
+    raise NotImplementedError(
+        f"deploying a quantized {type(module).__name__} is not implemented (Conv2d, Linear only)"
+    )
+
+
+# ------------------------------------------------------------------------------- naming
+
+
+def weight_form_key(params, choice: LayerChoice) -> str:
+    if params.nested:
+        return f"nested-{choice.w_granularity}"
+    return f"w{choice.w_bits}-{choice.w_granularity}-{choice.w_symmetry}"
+
+
+def act_form_key(choice: LayerChoice) -> str:
+    return f"a{choice.a_bits}-{choice.a_symmetry}"
+
+
+def bn_width_key(bn: nn.Module, w_bits: int) -> str:
+    return f"w{w_bits}" if is_switchable_bn(bn) else "w*"
+
+
+# ------------------------------------------------------------------------------- planning
+
+
+class _Plan:
+    """Tensors with the level (nested: the width that first needs them) or the configuration
+    that first needs them (non-nested)."""
+
+    def __init__(self):
+        self.tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.where: dict[str, int] = {}
+
+    def add(self, name: str, tensor: torch.Tensor, where: int) -> None:
+        if name in self.tensors:
+            self.where[name] = min(self.where[name], where)
+            return
+        self.tensors[name] = tensor.detach().to("cpu").contiguous()
+        self.where[name] = where
+
+
+def default_configs(supernet) -> OrderedDict[str, SubnetConfig]:
+    """One uniform configuration per weight width; activations at the same width when the
+    space has it, else at its widest activation width."""
+    space: ElasticSpace = supernet.space
+    configs = OrderedDict()
+    for b in space.w_bits:
+        a = b if b in space.a_bits else max(space.a_bits)
+        configs[str(b)] = SubnetConfig.uniform(
+            space,
+            supernet,
+            b,
+            a,
+            "channel" if "channel" in space.w_granularities else space.w_granularities[0],
+            "sym" if "sym" in space.w_symmetries else space.w_symmetries[0],
+            "asym" if "asym" in space.a_symmetries else space.a_symmetries[0],
+        )
+    return configs
+
+
+def _normalize_configs(supernet, configs) -> OrderedDict[str, SubnetConfig]:
+    if configs is None:
+        return OrderedDict()
+    if isinstance(configs, SubnetConfig):
+        configs = [configs]
+    if isinstance(configs, Mapping):
+        items = [(str(k), v) for k, v in configs.items()]
+    elif isinstance(configs, Sequence) and not isinstance(configs, str):
+        items = [(f"config{i}", c) for i, c in enumerate(configs)]
+    else:
+        raise ValueError("configs: expected None, a SubnetConfig, a list or a dict name -> config")
+    out = OrderedDict()
+    for name, cfg in items:
+        if not isinstance(cfg, SubnetConfig):
+            raise ValueError(
+                f"configs[{name!r}]: expected a SubnetConfig, got {type(cfg).__name__}"
+            )
+        if name.isdecimal():
+            raise ValueError(f"configs: name {name!r} is reserved for the uniform widths")
+        out[name] = cfg.validate(supernet.space, supernet)
+    return out
+
+
+def _all_forms(layer, supernet) -> list[LayerChoice]:
+    """Every choice a nested export stores for one layer (all forms of the space)."""
+    if layer.fixed_choice is not None:
+        return [layer.fixed_choice]
+    s = supernet.space
+    return [
+        LayerChoice(wb, ab, g, ws, asym)
+        for wb in s.w_bits
+        for ab in s.a_bits
+        for g in s.w_granularities
+        for ws in s.w_symmetries
+        for asym in s.a_symmetries
+    ]
+
+
+def export(
+    supernet,
+    path: str | os.PathLike,
+    configs=None,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping | None = None,
+) -> dict:
+    """Write `supernet` to one .eqk file at `path`; returns the written header.
+
+    configs: for a nested (layered) supernet, extra named configurations (e.g. a searched mixed
+        config) recorded in the file; every width of the space is stored anyway, and any config
+        of the space can be loaded. For a non-nested supernet, the configurations to store
+        (default: one uniform config per weight width), each in its own section.
+    arch, arch_kwargs: the registered architecture (eqnet.models.get) the network was built
+        from; needed unless the supernet records it.
+    """
+    from ..nn import Supernet  # noqa: F401  (import check: export needs the eqnet modules)
+
+    if not hasattr(supernet, "quantized_layers") or not hasattr(supernet, "space"):
+        raise ValueError("supernet: expected an eqnet Supernet (eqnet.convert(...))")
+    space: ElasticSpace = supernet.space
+    record = model_record(supernet, arch, arch_kwargs)
+    float_model = build_float_model(record)
+    nested = bool(space.nested)
+    layers = supernet.quantized_layers()
+    prefix = "model."
+    for name in layers:
+        if not name.startswith(prefix):
+            raise ValueError(f"quantized layer {name!r} is not under the Supernet's .model")
+
+    try:
+        folds = find_foldable_bn(supernet.model)
+    except NotImplementedError:
+        folds = OrderedDict()  # BN stays a float module (per-bit BN then cannot deploy)
+    fold_of_layer = {prefix + conv: prefix + bn for bn, conv in folds.items()}
+
+    uniform = default_configs(supernet)
+    extra = _normalize_configs(supernet, configs)
+    if nested:
+        stored = OrderedDict(list(uniform.items()) + list(extra.items()))
+    else:
+        stored = extra or uniform
+
+    was_training = supernet.training
+    supernet.eval()
+    try:
+        with torch.no_grad():
+            header = _write(
+                supernet, path, record, float_model, layers, fold_of_layer, stored, nested
+            )
+    finally:
+        supernet.train(was_training)
+    return header
+
+
+def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, nested):
+    space = supernet.space
+    top = space.top_bits
+    min_bits = min(space.w_bits)
+    plan = _Plan()
+    quant_layers: dict[str, dict] = {}
+    model_layers: dict[str, dict] = {}
+    bns: dict[str, dict] = {}
+
+    # Which (layer, choice) pairs are stored, and where each first becomes needed.
+    if nested:
+        # Level of a choice = the widest nested weight width of the cheapest uniform config
+        # using it; everything else at the level of its own widths.
+        uses = {name: {} for name in layers}
+        for name, layer in layers.items():
+            for choice in _all_forms(layer, supernet):
+                level = 0 if layer.fixed_choice is not None else choice.w_bits
+                uses[name][choice] = level
+        for cfg in stored.values():
+            need = max(c.w_bits for n, c in cfg if layers[n].fixed_choice is None)
+            for n, c in cfg:
+                if layers[n].fixed_choice is None and c in uses[n]:
+                    uses[n][c] = min(uses[n][c], max(need, c.w_bits))
+    else:
+        uses = {name: {} for name in layers}
+        for index, cfg in enumerate(stored.values()):
+            for n, c in cfg:
+                where = 0 if layers[n].fixed_choice is not None else index + 1
+                uses[n][c] = min(uses[n].get(c, where), where)
+
+    for name, layer in layers.items():
+        geometry = layer_geometry(layer)
+        geometry["has_bias"] = layer.bias is not None
+        geometry["fixed"] = None if layer.fixed_choice is None else layer.fixed_choice.to_dict()
+        bn_name = fold_of_layer.get(name)
+        geometry["bn"] = bn_name
+        model_layers[name] = geometry
+        wforms, aforms = {}, {}
+        for choice, where in uses[name].items():
+            qp = layer.weight_quantizer.params(
+                choice.w_bits, choice.w_granularity, choice.w_symmetry
+            )
+            wkey = weight_form_key(qp, choice)
+            base = f"w/{name}/{wkey}"
+            if wkey not in wforms:
+                codes, zero, bits = weight_codes(layer.weight, qp)
+                planes = pack_codes(codes, bits)
+                nested_layer = qp.nested and layer.fixed_choice is None
+                for j, part in enumerate(split_planes(base + "/planes", planes)):
+                    ((pname, ptensor),) = part.items()
+                    # Plane j is first needed at width j + 1 (nested); else with the form.
+                    plan.add(pname, ptensor, j + 1 if nested_layer else where)
+                plan.add(
+                    base + "/scale", qp.scale.detach().float().reshape(-1), 0 if nested else where
+                )
+                if zero is not None:
+                    plan.add(base + "/zero_point", zero, where)
+                wforms[wkey] = {
+                    "nested": bool(qp.nested),
+                    "stored_bits": bits,
+                    "K": codes.shape[1],
+                    "N": codes.shape[0],
+                    "has_zero_point": zero is not None,
+                }
+            elif not (qp.nested and layer.fixed_choice is None):
+                for key in list(plan.where):
+                    if key.startswith(base + "/"):
+                        plan.add(key, plan.tensors[key], where)
+            ap = layer.act_quantizer.params(choice.a_bits, "tensor", choice.a_symmetry)
+            akey = act_form_key(choice)
+            abase = f"a/{name}/{akey}"
+            plan.add(abase + "/scale", ap.scale.detach().float().reshape(1), where)
+            if ap.zero_point is not None:
+                plan.add(
+                    abase + "/zero_point",
+                    torch.round(ap.zero_point.detach().float()).reshape(1),
+                    where,
+                )
+            aforms[akey] = {
+                "quant_min": ap.quant_min,
+                "quant_max": ap.quant_max,
+                "has_zero_point": ap.zero_point is not None,
+            }
+            if bn_name is not None:
+                bn = supernet.get_submodule(bn_name)
+                bkey = bn_width_key(bn, choice.w_bits)
+                a, b = bn_affine(bn_for_width(bn, choice.w_bits))
+                mul, add = fold_affine(a, b, layer.bias)
+                bbase = f"bn/{bn_name}/{bkey}"
+                bn_where = 0 if bkey == "w*" else where
+                plan.add(bbase + "/mul", mul, bn_where)
+                plan.add(bbase + "/add", add, bn_where)
+                bns.setdefault(bn_name, {"layer": name, "widths": []})
+                if bkey not in bns[bn_name]["widths"]:
+                    bns[bn_name]["widths"].append(bkey)
+            elif layer.bias is not None:
+                plan.add(f"bias/{name}", layer.bias.detach().float(), 0 if nested else where)
+        quant_layers[name] = {"weights": wforms, "acts": aforms}
+
+    _plan_float_tensors(plan, supernet, float_model, layers, fold_of_layer)
+
+    # A section may be empty (e.g. a width whose planes all sit in another section): keep it
+    # so section indices stay the plane order.
+    model = {
+        "record_version": RECORD_VERSION,
+        "arch": record,
+        "space": space.to_dict(),
+        "convert": {
+            "keep_first_last": getattr(supernet, "keep_first_last", None),
+            "per_bit_bn": bool(getattr(supernet, "per_bit_bn", False)),
+        },
+        "layers": model_layers,
+        "bn_folds": bns,
+    }
+    quant = {
+        "nested": nested,
+        "min_bits": min_bits if nested else None,
+        "layers": quant_layers,
+        "configs": {name: _config_dict(cfg) for name, cfg in stored.items()},
+    }
+    if nested:
+        n_sections = top - min_bits + 1
+
+        def section_of(level):
+            return max(0, min(level, top) - min_bits)
+
+        sections = [OrderedDict() for _ in range(n_sections)]
+        for name, tensor in plan.tensors.items():
+            sections[section_of(plan.where[name])][name] = tensor
+        widths = {str(b): list(range(section_of(b) + 1)) for b in space.w_bits}
+    else:
+        sections = [OrderedDict() for _ in range(len(stored) + 1)]
+        for name, tensor in plan.tensors.items():
+            sections[plan.where[name]][name] = tensor
+        from .load import required_tensors
+
+        where = {name: plan.where[name] for name in plan.tensors}
+        layout = {"tensors": [{"name": n, "section": s} for n, s in where.items()]}
+        widths = {}
+        for cname, cfg in stored.items():
+            layout.update(model=model, quant=quant)
+            widths[cname] = sorted({0} | {where[n] for n in required_tensors(layout, cfg)})
+    return write_eqk(
+        path,
+        sections=sections,
+        model=model,
+        nested=nested,
+        top_bits=top,
+        widths=widths,
+        quant=quant,
+    )
+
+
+def _config_dict(cfg: SubnetConfig) -> dict:
+    return {n: c.to_dict() for n, c in cfg}
+
+
+def _plan_float_tensors(plan, supernet, float_model, layers, fold_of_layer):
+    """Store the tensors of every float-model module the runtime keeps as a float module."""
+    prefix = "model."
+    replaced = {n[len(prefix) :] for n in layers}
+    folded = {bn[len(prefix) :] for bn in fold_of_layer.values()}
+    skip = replaced | folded
+    for mname, module in float_model.named_modules():
+        own = list(module.named_parameters(recurse=False)) + list(
+            module.named_buffers(recurse=False)
+        )
+        if not own or any(mname == s or mname.startswith(s + ".") for s in skip):
+            continue
+        try:
+            source = supernet.model.get_submodule(mname)
+        except AttributeError:
+            raise ValueError(
+                f"the rebuilt float model has module {mname!r} that the supernet lacks: the "
+                "arch record does not match the network"
+            ) from None
+        if is_switchable_bn(source):
+            raise NotImplementedError(
+                f"per-bit BN {prefix + mname!r} does not directly follow a quantized layer, so "
+                "it cannot be folded per width"
+            )
+        for tname, tensor in own:
+            value = getattr(source, tname, None)
+            if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+                raise ValueError(
+                    f"tensor {mname}.{tname}: the supernet's does not match the rebuilt model"
+                )
+            plan.add(f"float/{mname}.{tname}" if mname else f"float/{tname}", value, 0)

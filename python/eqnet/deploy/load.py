@@ -1,0 +1,332 @@
+"""Load a .eqk file into an integer inference model (issue 7 item 2).
+
+`load(path, bits=b | config=cfg, max_bits=None)` rebuilds the float network from the file's
+model record (`eqnet.models.get(name, **kwargs)`), replaces every quantized layer by an
+`IntConv2d`/`IntLinear` and every folded BN by an identity, loads the remaining float tensors,
+and configures the integer layers for the requested width or mixed configuration.
+
+`max_bits` reads only the prefix of a nested file that width needs (a device that has received
+part of the file); `DeployedModel.upgrade(...)` reads the next sections of the same file and
+switches the same modules in place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from eqkernels.format import EqkFile, EqkFormatError, plane_tensor_name, read_eqk
+
+from ..space import LayerChoice, SubnetConfig
+from .export import act_form_key, build_float_model
+from .runtime import LayerTensors, _IntLayer, int_layer
+
+_PREFIX = "model."
+
+
+# ------------------------------------------------------------------------------- file layout
+
+
+def _meta(header: dict) -> tuple[dict, dict]:
+    model, quant = header.get("model", {}), header.get("quant", {})
+    for key in ("arch", "layers", "bn_folds"):
+        if key not in model:
+            raise EqkFormatError(f"model record lacks {key!r}: not an eqnet deployment file")
+    if "layers" not in quant or "configs" not in quant:
+        raise EqkFormatError("quant record lacks 'layers'/'configs': not an eqnet deployment file")
+    return model, quant
+
+
+def weight_key(quant_layer: dict, choice: LayerChoice) -> str:
+    nested = f"nested-{choice.w_granularity}"
+    if nested in quant_layer["weights"]:
+        return nested
+    return f"w{choice.w_bits}-{choice.w_granularity}-{choice.w_symmetry}"
+
+
+def bn_key(model_meta: dict, bn_name: str, w_bits: int) -> str:
+    widths = model_meta["bn_folds"][bn_name]["widths"]
+    return "w*" if "w*" in widths else f"w{w_bits}"
+
+
+def required_tensors(header: dict, config: SubnetConfig) -> list[str]:
+    """Names of every tensor the integer model of `config` reads."""
+    model, quant = _meta(header)
+    names = [t["name"] for t in header["tensors"] if t["name"].startswith("float/")]
+    for lname, choice in config:
+        if lname not in quant["layers"]:
+            raise ValueError(f"config: layer {lname!r} is not in the file")
+        ql, geometry = quant["layers"][lname], model["layers"][lname]
+        wkey = weight_key(ql, choice)
+        if wkey not in ql["weights"]:
+            raise ValueError(
+                f"config: layer {lname!r} weight form {wkey} is not in the file; stored forms "
+                f"are {sorted(ql['weights'])}"
+            )
+        wform = ql["weights"][wkey]
+        n_planes = choice.w_bits if wform["nested"] else wform["stored_bits"]
+        base = f"w/{lname}/{wkey}"
+        names += [plane_tensor_name(base + "/planes", j) for j in range(n_planes)]
+        names.append(base + "/scale")
+        if wform["has_zero_point"]:
+            names.append(base + "/zero_point")
+        akey = act_form_key(choice)
+        if akey not in ql["acts"]:
+            raise ValueError(
+                f"config: layer {lname!r} activation form {akey} is not in the file; stored "
+                f"forms are {sorted(ql['acts'])}"
+            )
+        names.append(f"a/{lname}/{akey}/scale")
+        if ql["acts"][akey]["has_zero_point"]:
+            names.append(f"a/{lname}/{akey}/zero_point")
+        bn = geometry.get("bn")
+        if bn is not None:
+            bkey = bn_key(model, bn, choice.w_bits)
+            names += [f"bn/{bn}/{bkey}/mul", f"bn/{bn}/{bkey}/add"]
+        elif geometry["has_bias"]:
+            names.append(f"bias/{lname}")
+    return names
+
+
+def sections_needed(header: dict, config: SubnetConfig) -> list[int]:
+    where = {t["name"]: t["section"] for t in header["tensors"]}
+    missing = [n for n in required_tensors(header, config) if n not in where]
+    if missing:
+        raise ValueError(
+            f"config: the file does not hold {missing[0]!r} (and {len(missing) - 1} more)"
+        )
+    return sorted({where[n] for n in required_tensors(header, config)})
+
+
+def config_from(header: dict, bits: int | None, config) -> SubnetConfig:
+    """The SubnetConfig selected by `bits` (a stored uniform width) or `config` (a SubnetConfig,
+    its JSON, or the name of a config stored in the file)."""
+    _, quant = _meta(header)
+    stored = quant["configs"]
+    if bits is not None and config is not None:
+        raise ValueError("give at most one of bits=, config=")
+    if bits is not None:
+        if str(bits) not in stored:
+            widths = sorted(int(k) for k in stored if k.isdecimal())
+            raise ValueError(f"bits={bits!r}: accepted values are the stored widths {widths}")
+        return SubnetConfig(stored[str(bits)].items())
+    if isinstance(config, SubnetConfig):
+        return config
+    if isinstance(config, str):
+        if config in stored:
+            return SubnetConfig(stored[config].items())
+        if config.lstrip().startswith("{"):
+            return SubnetConfig.from_json(config)
+        raise ValueError(
+            f"config={config!r}: accepted names are {sorted(stored)} or a SubnetConfig"
+        )
+    raise ValueError("config: expected a SubnetConfig, its JSON, or a stored config name")
+
+
+# ------------------------------------------------------------------------------- the model
+
+
+class DeployedModel(nn.Module):
+    """The integer inference network (`.model`) plus the file state it was built from.
+
+    Module names under `.model` match the Supernet's (e.g. "model.conv1"), so a SubnetConfig of
+    the Supernet addresses the integer layers directly."""
+
+    def __init__(self, net: nn.Module, eqk: EqkFile, source, backend: str | None):
+        super().__init__()
+        self.model = net
+        self.eqk = eqk
+        self.source = source
+        self.backend = backend
+        self.active_config: SubnetConfig | None = None
+        self.eval()
+
+    def forward(self, x):
+        return self.model(x)
+
+    @property
+    def header(self) -> dict:
+        return self.eqk.header
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the file so far (header and every loaded section)."""
+        return self.eqk.bytes_read
+
+    def int_layers(self) -> dict[str, _IntLayer]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, _IntLayer)}
+
+    def stored_configs(self) -> list[str]:
+        return list(self.header["quant"]["configs"])
+
+    def plane_bytes(self, elastic_only: bool = True) -> int:
+        """Weight-plane bytes one forward reads (elastic layers only by default)."""
+        layers = self.header["model"]["layers"]
+        return sum(
+            m.plane_bytes()
+            for n, m in self.int_layers().items()
+            if not elastic_only or layers[n]["fixed"] is None
+        )
+
+    def configure(self, config: SubnetConfig) -> None:
+        """Switch every integer layer to `config` using only the loaded tensors."""
+        tensors = self.eqk.tensors
+        missing = [n for n in required_tensors(self.header, config) if n not in tensors]
+        if missing:
+            raise ValueError(
+                f"config needs {missing[0]!r} which the loaded prefix does not hold (loaded "
+                f"sections {self.eqk.sections_read}); call upgrade() or load with a larger "
+                "max_bits"
+            )
+        layers = self.int_layers()
+        if set(layers) != {n for n, _ in config}:
+            raise ValueError("config: its layers do not match the deployed model's layers")
+        for lname, choice in config:
+            layers[lname].set_tensors(_layer_tensors(self.header, tensors, lname, choice))
+            layers[lname].backend = self.backend
+        self.active_config = config
+
+    def upgrade(self, bits: int | None = None, config=None, *, max_bits: int | None = None,
+                source=None) -> DeployedModel:  # fmt: skip
+        """Read the sections a wider width/config needs from the same file (in place) and
+        switch to it. `max_bits` alone reads that prefix and runs at the widest stored width
+        it completes."""
+        source = self.source if source is None else source
+        if bits is None and config is None:
+            if max_bits is None:
+                raise ValueError("upgrade: give bits=, config= or max_bits=")
+            bits = _widest_within(self.header, max_bits)
+        cfg = config_from(self.header, bits, config)
+        need = sections_needed(self.header, cfg)
+        if max_bits is not None and self.header["nested"]:
+            need = sorted(
+                set(need) | set(self.header["widths"][str(_widest_within(self.header, max_bits))])
+            )
+        self.eqk.upgrade(source, sections=need)
+        self.configure(cfg)
+        return self
+
+
+def _widest_within(header: dict, max_bits: int) -> int:
+    widths = [int(k) for k in header["widths"] if k.isdecimal() and int(k) <= max_bits]
+    if not widths:
+        raise ValueError(
+            f"max_bits={max_bits}: the file's narrowest width is {min(map(int, header['widths']))}"
+        )
+    return max(widths)
+
+
+def _layer_tensors(header, tensors, lname, choice: LayerChoice) -> LayerTensors:
+    model, quant = header["model"], header["quant"]
+    ql, geometry = quant["layers"][lname], model["layers"][lname]
+    wkey = weight_key(ql, choice)
+    wform = ql["weights"][wkey]
+    base = f"w/{lname}/{wkey}"
+    n_planes = choice.w_bits if wform["nested"] else wform["stored_bits"]
+    planes = torch.stack([tensors[plane_tensor_name(base + "/planes", j)] for j in range(n_planes)])
+    akey = act_form_key(choice)
+    aform = ql["acts"][akey]
+    mul = add = None
+    bn = geometry.get("bn")
+    if bn is not None:
+        bkey = bn_key(model, bn, choice.w_bits)
+        mul, add = tensors[f"bn/{bn}/{bkey}/mul"], tensors[f"bn/{bn}/{bkey}/add"]
+    elif geometry["has_bias"]:
+        add = tensors[f"bias/{lname}"]
+    return LayerTensors(
+        planes=planes,
+        scale=tensors[base + "/scale"],
+        bits=choice.w_bits if wform["nested"] else wform["stored_bits"],
+        top_bits=wform["stored_bits"],
+        weight_zero_point=tensors.get(base + "/zero_point"),
+        act_scale=tensors[f"a/{lname}/{akey}/scale"],
+        act_zero_point=tensors.get(f"a/{lname}/{akey}/zero_point"),
+        act_quant_min=aform["quant_min"],
+        act_quant_max=aform["quant_max"],
+        mul=mul,
+        add=add,
+    )
+
+
+def _build_network(header: dict) -> nn.Module:
+    model, _ = _meta(header)
+    arch = model["arch"]
+    if not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str):
+        raise EqkFormatError("model record: 'arch' must hold the registered name and kwargs")
+    try:
+        net = build_float_model(arch)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise EqkFormatError(f"model record: cannot rebuild {arch!r} ({exc})") from None
+    # Wrap so that module names match the Supernet's ("model.<path>").
+    root = nn.Module()
+    root.model = net
+    for lname, geometry in model["layers"].items():
+        _replace(root, lname, int_layer(geometry))
+    for bn in model["bn_folds"]:
+        _replace(root, bn, nn.Identity())
+    return root
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_name)
+        getattr(parent, child)
+    except AttributeError:
+        raise EqkFormatError(
+            f"model record: module {name!r} is not in the rebuilt network"
+        ) from None
+    setattr(parent, child, new)
+
+
+def _load_float_tensors(root: nn.Module, eqk: EqkFile) -> None:
+    state = {k[len("float/") :]: v for k, v in eqk.tensors.items() if k.startswith("float/")}
+    expected = root.model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise EqkFormatError(
+            f"float tensors do not match the rebuilt network: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise EqkFormatError(f"float tensor {k!r}: shape {tuple(v.shape)}, the network has "
+                                 f"{tuple(expected[k].shape)}")  # fmt: skip
+    root.model.load_state_dict(state, strict=True)
+
+
+def load(
+    path: str | os.PathLike,
+    bits: int | None = None,
+    config=None,
+    *,
+    max_bits: int | None = None,
+    backend: str | None = None,
+) -> DeployedModel:
+    """Load a .eqk file as an integer inference model.
+
+    bits: a stored uniform width; config: a SubnetConfig (any config of the space for a nested
+        file, a stored one otherwise), its JSON or a stored config name. Default: the widest
+        width loaded (nested) or the first stored config.
+    max_bits: nested files only: read only the prefix of the file that width needs (a file that
+        holds just that prefix loads); without it the whole file is read and must be complete.
+    backend: eqkernels backend of the integer ops (None = auto).
+    Malformed files raise eqkernels.EqkFormatError; bad arguments raise ValueError.
+    """
+    eqk = read_eqk(path, max_bits=max_bits) if max_bits is not None else read_eqk(path)
+    header = eqk.header
+    if bits is None and config is None:
+        if header["nested"]:
+            bits = eqk.bits
+        else:
+            config = next(iter(_meta(header)[1]["configs"]))
+    cfg = config_from(header, bits, config)
+    root = _build_network(header)
+    _load_float_tensors(root, eqk)
+    deployed = DeployedModel(root.model, eqk, path, backend)
+    deployed.configure(cfg)
+    return deployed
