@@ -111,12 +111,15 @@ def cosine_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -
 
 
 def min_norm_weights(
-    grads: Sequence[torch.Tensor] | torch.Tensor, max_iter: int = 250, tol: float = 1e-10
+    grads: Sequence[torch.Tensor] | torch.Tensor, max_iter: int = 500, tol: float = 1e-12
 ) -> torch.Tensor:
-    """argmin_alpha || sum_i alpha_i g_i ||^2 over the simplex (alpha >= 0, sum alpha = 1), by
-    Frank-Wolfe with exact line search on the Gram matrix (Sener & Koltun 2018, the solver
-    vertical layering cites for eq. 10). `grads` is a list of gradients (any shapes, flattened)
-    or a [n, d] matrix. Returns float64 weights of length n."""
+    """argmin_alpha || sum_i alpha_i g_i ||^2 over the simplex (alpha >= 0, sum alpha = 1):
+    the MGD weights of vertical layering eq. 10, by Frank-Wolfe (the solver of Sener & Koltun
+    2018 that the paper cites) with away steps and exact line search on the Gram matrix.
+    Plain Frank-Wolfe converges sublinearly when the optimum lies on a face of the simplex
+    (a width whose gradient gets weight 0); away steps remove weight from such vertices and
+    converge linearly on a polytope (Lacoste-Julien & Jaggi 2015). `grads` is a list of
+    gradients (any shapes, flattened) or an [n, d] matrix. Returns float64 weights."""
     if isinstance(grads, torch.Tensor):
         g = grads.detach().to(torch.float64).reshape(grads.shape[0], -1)
     else:
@@ -128,24 +131,29 @@ def min_norm_weights(
     alpha = torch.full((n,), 1.0 / n, dtype=torch.float64)
     if n == 1:
         return alpha
+    scale = float(gram.diagonal().max())
+    if scale == 0.0:
+        return alpha  # every gradient is zero: any weights are optimal
+    eye = torch.eye(n, dtype=torch.float64)
     for _ in range(max_iter):
-        m_alpha = gram @ alpha
-        t = int(torch.argmin(m_alpha))
-        # Exact line search on the segment from the current point a = G^T alpha to vertex g_t:
-        # min_gamma ||(1 - gamma) a + gamma g_t||^2.
-        aa = float(alpha @ m_alpha)
-        ab = float(m_alpha[t])
-        bb = float(gram[t, t])
-        denom = aa + bb - 2.0 * ab
-        if denom <= 0.0:
+        grad = gram @ alpha  # half the gradient of alpha^T M alpha
+        s = int(torch.argmin(grad))
+        fw_dir = eye[s] - alpha
+        fw_gap = -float(grad @ fw_dir)
+        if fw_gap <= tol * scale:
             break
-        gamma = min(max((aa - ab) / denom, 0.0), 1.0)
+        active = alpha > 0
+        v = int(torch.where(active, grad, torch.full_like(grad, -torch.inf)).argmax())
+        away_dir = alpha - eye[v]
+        if fw_gap >= -float(grad @ away_dir) or alpha[v] >= 1.0:
+            direction, gamma_max = fw_dir, 1.0
+        else:
+            direction, gamma_max = away_dir, float(alpha[v] / (1.0 - alpha[v]))
+        curv = float(direction @ gram @ direction)
+        slope = float(grad @ direction)
+        gamma = gamma_max if curv <= 0.0 else min(max(-slope / curv, 0.0), gamma_max)
         if gamma <= 0.0:
             break
-        new = (1.0 - gamma) * alpha
-        new[t] += gamma
-        change = float((new - alpha).abs().sum())
-        alpha = new
-        if change < tol:
-            break
+        alpha = (alpha + gamma * direction).clamp_min(0.0)
+        alpha = alpha / alpha.sum()
     return alpha

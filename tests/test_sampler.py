@@ -1,0 +1,103 @@
+"""The Lowest-Random-Highest config sampler."""
+
+import pytest
+import torch
+from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig
+from eqnet.train.sampler import ConfigSampler
+
+
+class _Layer(torch.nn.Module):
+    is_elastic_layer = True
+
+    def __init__(self, fixed=None):
+        super().__init__()
+        self.fixed_choice = fixed
+
+
+class _Net(torch.nn.Module):
+    """Four quantized layers; first and last fixed at 8 bits (the sampler must keep them)."""
+
+    def __init__(self):
+        super().__init__()
+        fixed = LayerChoice(8, 8, "channel", "sym", "asym")
+        self.first = _Layer(fixed)
+        self.a = _Layer()
+        self.b = _Layer()
+        self.last = _Layer(fixed)
+
+
+SPACE = ElasticSpace(
+    w_bits=(2, 3, 4, 8),
+    a_bits=(2, 4, 8),
+    w_granularities=("channel", "tensor"),
+    w_symmetries=("sym", "asym"),
+    a_symmetries=("asym", "sym"),
+)
+
+
+def test_lrh_order_and_contents():
+    net = _Net()
+    sampler = ConfigSampler(SPACE, net, seed=3, forms=True)
+    out = sampler.lrh(4)
+    roles = [r for r, _ in out]
+    assert roles == ["highest", "random", "random", "random", "random", "lowest"]
+    high, low = out[0][1], out[-1][1]
+    for name in ("a", "b"):
+        assert (high[name].w_bits, high[name].a_bits) == (8, 8)
+        assert (low[name].w_bits, low[name].a_bits) == (2, 2)
+        assert low[name].w_granularity == "channel" and low[name].w_symmetry == "sym"
+    for _, cfg in out:
+        cfg.validate(SPACE, net)
+        assert cfg["first"] == net.first.fixed_choice and cfg["last"] == net.last.fixed_choice
+    means = [c.mean_bits() for _, c in out[1:-1]]
+    assert means == sorted(means, reverse=True)
+
+
+def test_random_covers_space_with_forms():
+    sampler = ConfigSampler(SPACE, _Net(), seed=0, forms=True)
+    seen = {k: set() for k in ("w_bits", "a_bits", "w_granularity", "w_symmetry", "a_symmetry")}
+    for _ in range(200):
+        cfg = sampler.random()
+        for key in seen:
+            seen[key].add(getattr(cfg["a"], key))
+    assert seen["w_bits"] == set(SPACE.w_bits)
+    assert seen["a_bits"] == set(SPACE.a_bits)
+    assert seen["w_granularity"] == {"channel", "tensor"}
+    assert seen["w_symmetry"] == {"sym", "asym"}
+    assert seen["a_symmetry"] == {"sym", "asym"}
+
+
+def test_random_without_forms_keeps_default_forms():
+    sampler = ConfigSampler(SPACE, _Net(), seed=0, forms=False)
+    for _ in range(50):
+        c = sampler.random()["b"]
+        assert (c.w_granularity, c.w_symmetry, c.a_symmetry) == ("channel", "sym", "asym")
+
+
+def test_seeded_stream_and_state_restore():
+    a = ConfigSampler(SPACE, _Net(), seed=11, forms=True)
+    b = ConfigSampler(SPACE, _Net(), seed=11, forms=True)
+    torch.manual_seed(0)
+    first = [a.random() for _ in range(5)]
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert [b.random() for _ in range(5)] == first
+    state = a.state_dict()
+    cont = [a.random() for _ in range(5)]
+    c = ConfigSampler(SPACE, _Net(), seed=999, forms=True)
+    c.load_state_dict(state)
+    assert [c.random() for _ in range(5)] == cont
+
+
+def test_uniform_widths():
+    sampler = ConfigSampler(SPACE, _Net(), seed=0, forms=True)
+    out = sampler.uniform_widths()
+    assert [n for n, _ in out] == ["w8a8", "w4a4", "w3a2", "w2a2"]
+    for name, cfg in out:
+        assert isinstance(cfg, SubnetConfig)
+        assert f"w{cfg['a'].w_bits}a{cfg['a'].a_bits}" == name
+        assert cfg["b"] == cfg["a"]
+
+
+def test_bad_num_random():
+    with pytest.raises(ValueError, match="num_random"):
+        ConfigSampler(SPACE, _Net(), seed=0, forms=True).lrh(-1)
