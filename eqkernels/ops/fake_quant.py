@@ -104,6 +104,8 @@ def _check_values(name: str, p: Tensor, positive: bool) -> None:
         raise ValueError(f"{name} has non-finite values: accepted are finite values")
     if positive and not bool((p > 0).all()):
         raise ValueError(f"{name} has values <= 0: accepted are positive values")
+    if not positive and not bool((p.abs() <= QRANGE_LIMIT).all()):
+        raise ValueError(f"{name} has values beyond +-{QRANGE_LIMIT}: accepted are values within")
 
 
 def _check_grad_factor(grad_factor) -> None:

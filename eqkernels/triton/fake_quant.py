@@ -44,6 +44,20 @@ def _element(x, s, inv_s, zr, quant_min, quant_max, inv_step, step, comp):
     return v, u, a, is_nan
 
 
+@triton.jit
+def _store(ptr, value, mask, OUT_BF16: tl.constexpr):
+    """Store fp32 `value` in the output dtype. bf16 outputs arrive as an int16 view and are
+    rounded to nearest even here with integer ops, because the interpreter's fp32 -> bf16 cast
+    truncates while the GPU's rounds to nearest even (torch's .to() does too)."""
+    if OUT_BF16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bf16 = tl.where(value != value, 0x7FC0, rounded)  # the canonical quiet NaN
+        tl.store(ptr, bf16.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def fake_quant_fwd_kernel(
     x_ptr,
@@ -60,6 +74,7 @@ def fake_quant_fwd_kernel(
     channels,
     blocks_per_row,
     BLOCK_SIZE: tl.constexpr,
+    OUT_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid // blocks_per_row
@@ -74,7 +89,7 @@ def fake_quant_fwd_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v, u, a, is_nan = _element(x, s, inv_s, zr, quant_min, quant_max, inv_step, step, comp)
     y = tl.where(is_nan, v, a * s)  # v is the NaN itself
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    _store(y_ptr + offs, y, mask, OUT_BF16)
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -96,6 +111,7 @@ def fake_quant_bwd_kernel(
     channels,
     blocks_per_row,
     BLOCK_SIZE: tl.constexpr,
+    OUT_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid // blocks_per_row
@@ -118,7 +134,7 @@ def fake_quant_bwd_kernel(
     t = tl.where(inside, a - v, a)
     st = tl.where(is_nan, v, dy * t)
     so = tl.where(is_nan, v, tl.where(inside, zero, dy))
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _store(dx_ptr + offs, dx, mask, OUT_BF16)
     # Masked lanes loaded x = dy = 0, so they add exact zeros.
     tl.store(part_t_ptr + pid, tl.sum(st, axis=0))
     tl.store(part_o_ptr + pid, tl.sum(so, axis=0))
@@ -130,6 +146,10 @@ def _layout(x3: torch.Tensor):
     return outer, channels, inner, blocks_per_row, outer * channels * blocks_per_row
 
 
+def _out(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
 def forward(x3, s, inv_s, zr, quant_min, quant_max, inv_step, step, comp):
     """y3 = fake-quant(x3) (x3 contiguous [outer, C, inner]; s, inv_s, zr fp32 [C])."""
     _, channels, inner, blocks_per_row, items = _layout(x3)
@@ -137,8 +157,9 @@ def forward(x3, s, inv_s, zr, quant_min, quant_max, inv_step, step, comp):
     if x3.numel() == 0:
         return y3
     fake_quant_fwd_kernel[(items,)](
-        x3, y3, s, inv_s, zr, quant_min, quant_max, float(inv_step), float(step), float(comp),
-        inner, channels, blocks_per_row, BLOCK_SIZE=BLOCK,
+        x3, _out(y3), s, inv_s, zr, quant_min, quant_max, float(inv_step), float(step),
+        float(comp), inner, channels, blocks_per_row, BLOCK_SIZE=BLOCK,
+        OUT_BF16=x3.dtype == torch.bfloat16,
     )  # fmt: skip
     return y3
 
@@ -151,8 +172,9 @@ def backward(dy3, x3, s, inv_s, zr, quant_min, quant_max, inv_step, step, comp):
     part_o = torch.zeros(items, dtype=torch.float32, device=x3.device)
     if x3.numel() > 0:
         fake_quant_bwd_kernel[(items,)](
-            dy3, x3, dx3, part_t, part_o, s, inv_s, zr, quant_min, quant_max, float(inv_step),
-            float(step), float(comp), inner, channels, blocks_per_row, BLOCK_SIZE=BLOCK,
+            dy3, x3, _out(dx3), part_t, part_o, s, inv_s, zr, quant_min, quant_max,
+            float(inv_step), float(step), float(comp), inner, channels, blocks_per_row,
+            BLOCK_SIZE=BLOCK, OUT_BF16=x3.dtype == torch.bfloat16,
         )  # fmt: skip
     sum_t = part_t.view(outer, channels, blocks_per_row).sum(dim=(0, 2))
     sum_o = part_o.view(outer, channels, blocks_per_row).sum(dim=(0, 2))
