@@ -1,0 +1,132 @@
+"""Models to test and train on: `get(name, num_classes)`.
+
+- "digits_cnn": a small CNN for 1x8x8 inputs (scikit-learn's digits), with BN.
+- "resnet20", "resnet56": CIFAR ResNets (He et al. 2016, sec. 4.2: 6n+2 layers, 16/32/64
+  channels), option-A shortcuts (identity; at a stride/width change, stride-2 subsampling and
+  zero-padded channels). Option A adds no parameters, so every conv of the model is a 3x3 conv
+  of the residual branch and the quantized-layer count is exactly 6n+2 (19 convs + 1 linear
+  for ResNet-20), as in the quantization papers' CIFAR setups.
+- "torchvision:<name>": any torchvision classification model, randomly initialized
+  (weights=None: nothing is ever downloaded).
+
+Every returned model carries `eqnet_input_size` (a batch-1 input shape) used by
+`eqnet.convert` when no example input is given.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn import functional as F
+
+NAMES = ("digits_cnn", "resnet20", "resnet56", "torchvision:<name>")
+
+
+def get(name: str, num_classes: int = 10) -> nn.Module:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r}: must be a positive int")
+    if name == "digits_cnn":
+        model, size = DigitsCNN(num_classes), (1, 1, 8, 8)
+    elif name == "resnet20":
+        model, size = CifarResNet(3, num_classes), (1, 3, 32, 32)
+    elif name == "resnet56":
+        model, size = CifarResNet(9, num_classes), (1, 3, 32, 32)
+    elif isinstance(name, str) and name.startswith("torchvision:"):
+        model, size = _torchvision(name.split(":", 1)[1], num_classes)
+    else:
+        raise ValueError(f"name={name!r}: accepted values are {', '.join(NAMES)}")
+    model.eqnet_input_size = size
+    return model
+
+
+class DigitsCNN(nn.Module):
+    """conv16-conv32-pool-conv64-gap-fc: 4 quantizable layers, ~25k parameters."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(1, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 64), nn.AdaptiveAvgPool2d(1)
+        )
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+class _ShortcutA(nn.Module):
+    """Option-A shortcut: stride-2 subsampling and zero channels appended (no parameters)."""
+
+    def __init__(self, stride: int, extra_channels: int):
+        super().__init__()
+        self.stride = stride
+        self.extra = extra_channels
+
+    def forward(self, x):
+        x = x[:, :, :: self.stride, :: self.stride]
+        half = self.extra // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (
+            _ShortcutA(stride, cout - cin) if stride != 1 or cin != cout else nn.Identity()
+        )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs."""
+
+    def __init__(self, n: int, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for stage, cout in enumerate((16, 32, 64)):
+            blocks = []
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(cin, cout, stride))
+                cin = cout
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _torchvision(arch: str, num_classes: int):
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise ValueError(
+            f"name='torchvision:{arch}': accepted torchvision classification models are "
+            f"{', '.join(available)}"
+        )
+    kwargs = {}
+    if arch.startswith("inception") or arch.startswith("googlenet"):
+        kwargs["aux_logits"] = False  # aux heads need pretrained-style init; not used here
+        kwargs["init_weights"] = True
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    size = 299 if arch.startswith("inception") else 224
+    return model, (1, 3, size, size)

@@ -1,0 +1,15 @@
+"""Elastic quantization modules: quantizer, quantized layers, per-bit BN, the Supernet."""
+
+from .batchnorm import SwitchableBatchNorm2d
+from .layers import QConv2d, QLinear
+from .quantizer import ElasticQuantizer, QuantParams
+from .supernet import Supernet
+
+__all__ = [
+    "ElasticQuantizer",
+    "QConv2d",
+    "QLinear",
+    "QuantParams",
+    "Supernet",
+    "SwitchableBatchNorm2d",
+]

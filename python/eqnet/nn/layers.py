@@ -1,0 +1,210 @@
+"""QConv2d and QLinear: torch layers that fake-quantize their input activation and weight.
+
+Both are subclasses of the torch layers (so isinstance checks, weight init and state_dict keys
+stay), with two `ElasticQuantizer`s and an active `LayerChoice`. Switching the form changes only
+Python attributes: no parameter is reallocated and every kernel takes the range at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..space import ElasticSpace, LayerChoice, check_choice
+from .quantizer import ElasticQuantizer
+
+
+class _QuantizedLayer:
+    """Mixin: quantizers, the active choice and (optionally) BNs switched by the weight width."""
+
+    is_elastic_layer = True
+
+    def _attach(self, space: ElasticSpace, fixed_choice: LayerChoice | None) -> None:
+        if not isinstance(space, ElasticSpace):
+            raise ValueError(f"space must be an ElasticSpace, got {type(space).__name__}")
+        if fixed_choice is not None and not isinstance(fixed_choice, LayerChoice):
+            raise ValueError(
+                f"fixed_choice must be a LayerChoice or None, got {type(fixed_choice).__name__}"
+            )
+        self.space = space
+        self.fixed_choice = fixed_choice
+        channels = self.weight.shape[0]
+        if fixed_choice is None:
+            self.weight_quantizer = ElasticQuantizer(
+                "weight",
+                space.w_bits,
+                space.w_granularities,
+                space.w_symmetries,
+                channels=channels,
+                nested=space.nested,
+            )
+            self.act_quantizer = ElasticQuantizer(
+                "activation", space.a_bits, ("tensor",), space.a_symmetries
+            )
+            first = LayerChoice(
+                max(space.w_bits),
+                max(space.a_bits),
+                _prefer(space.w_granularities, "channel"),
+                _prefer(space.w_symmetries, "sym"),
+                _prefer(space.a_symmetries, "asym"),
+            )
+        else:
+            # A fixed-width layer holds exactly its one form (never nested: a fixed layer is
+            # stored in full, see DESIGN.md "The .eqk file").
+            c = fixed_choice
+            self.weight_quantizer = ElasticQuantizer(
+                "weight", (c.w_bits,), (c.w_granularity,), (c.w_symmetry,), channels=channels
+            )
+            self.act_quantizer = ElasticQuantizer(
+                "activation", (c.a_bits,), ("tensor",), (c.a_symmetry,)
+            )
+            first = c
+        # Plain Python list (not submodules): the BNs are registered where they live in the
+        # model; this only lets set_choice() switch them.
+        self.switched_bns: list = []
+        self.observer = None  # set by eqnet.calibrate while it records activations
+        self.set_choice(first)
+
+    def set_choice(self, choice: LayerChoice) -> None:
+        if not isinstance(choice, LayerChoice):
+            raise ValueError(f"choice must be a LayerChoice, got {type(choice).__name__}")
+        if self.fixed_choice is not None:
+            if choice != self.fixed_choice:
+                raise ValueError(f"this layer is fixed at {self.fixed_choice}; got {choice}")
+        else:
+            check_choice(self.space, type(self).__name__, choice)
+        self.active = choice
+        for bn in self.switched_bns:
+            bn.active_bits = choice.w_bits
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.active
+        return self.act_quantizer(x, c.a_bits, "tensor", c.a_symmetry)
+
+    def quantized_weight(self) -> torch.Tensor:
+        c = self.active
+        return self.weight_quantizer(self.weight, c.w_bits, c.w_granularity, c.w_symmetry)
+
+    def _quantized_args(self, x):
+        if self.observer is not None:
+            # Calibration pass: record the float input and run the float layer, so the
+            # statistics do not depend on whichever subnet happens to be active.
+            self.observer(self, x)
+            return x, self.weight
+        return self.quantized_input(x), self.quantized_weight()
+
+    def extra_repr(self) -> str:
+        kind = f"fixed={self.fixed_choice}" if self.fixed_choice is not None else "elastic"
+        return f"{super().extra_repr()}, {kind}, active={self.active}"
+
+
+class QConv2d(_QuantizedLayer, nn.Conv2d):
+    """nn.Conv2d with elastic fake quantization of its input and weight."""
+
+    def __init__(self, *args, space: ElasticSpace, fixed_choice: LayerChoice | None = None, **kw):
+        super().__init__(*args, **kw)
+        self._attach(space, fixed_choice)
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, space: ElasticSpace, fixed_choice=None) -> QConv2d:
+        if not isinstance(module, nn.Conv2d):
+            raise ValueError(f"module must be an nn.Conv2d, got {type(module).__name__}")
+        q = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+            space=space,
+            fixed_choice=fixed_choice,
+        )
+        with torch.no_grad():
+            q.weight.copy_(module.weight)
+            if module.bias is not None:
+                q.bias.copy_(module.bias)
+        q.train(module.training)
+        return q
+
+    def to_float(self) -> nn.Conv2d:
+        """A plain nn.Conv2d with the float (unquantized) weights."""
+        m = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            m.weight.copy_(self.weight)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        m.train(self.training)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, w = self._quantized_args(x)
+        return self._conv_forward(x, w, self.bias)
+
+
+class QLinear(_QuantizedLayer, nn.Linear):
+    """nn.Linear with elastic fake quantization of its input and weight."""
+
+    def __init__(self, *args, space: ElasticSpace, fixed_choice: LayerChoice | None = None, **kw):
+        super().__init__(*args, **kw)
+        self._attach(space, fixed_choice)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, space: ElasticSpace, fixed_choice=None) -> QLinear:
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"module must be an nn.Linear, got {type(module).__name__}")
+        q = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+            space=space,
+            fixed_choice=fixed_choice,
+        )
+        with torch.no_grad():
+            q.weight.copy_(module.weight)
+            if module.bias is not None:
+                q.bias.copy_(module.bias)
+        q.train(module.training)
+        return q
+
+    def to_float(self) -> nn.Linear:
+        m = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            m.weight.copy_(self.weight)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        m.train(self.training)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, w = self._quantized_args(x)
+        return F.linear(x, w, self.bias)
+
+
+def _prefer(values, preferred):
+    return preferred if preferred in values else values[0]

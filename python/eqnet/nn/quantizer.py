@@ -1,0 +1,353 @@
+"""The elastic quantizer: one learnable (scale, zero point) per quantization form.
+
+A *form* is (bits, granularity, symmetry). Weight quantizers hold one scale per form the space
+allows (EQ-Net / MultiQuant keep the weights shared and the quantizer parameters separate), or,
+in nested mode (vertical layering), one symmetric scale at the top width per granularity, the
+lower widths being derived by dropping low bits (`fake_quant_layered`). Activation quantizers
+are per-tensor; their integer range is unsigned when calibration saw no negative input.
+
+Every parameter exists with its final shape at construction, so a `state_dict` loads into a
+freshly converted model without a calibration pass. The quantization itself is always done by
+the `eqkernels` ops; this module only selects the parameters (`params()`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import eqkernels
+
+ROLES = ("weight", "activation")
+
+# Smallest step size the forward ever sees. Far below any useful step (8-bit steps of real
+# weights are ~1e-4..1e-2) and far above fp32 underflow, so 1/s stays finite.
+SCALE_EPS = 1e-8
+
+# Clipping-search grid: fraction of the data's max |x| (or of [min, max] for asymmetric forms).
+CLIP_RATIOS = torch.linspace(0.25, 1.0, 16).tolist()
+# Largest number of elements one calibration call of the op works on (memory bound).
+CALIB_CHUNK_ELEMS = 1 << 23
+# Activation values kept per quantizer for the clipping search (a fixed random subsample).
+CALIB_SAMPLES = 1 << 15
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Exactly what the fake-quant op receives for one form (deployment and ONNX export use
+    these values to reproduce the forward)."""
+
+    scale: torch.Tensor  # positive fp32, shape [1] or [C]
+    zero_point: torch.Tensor | None  # fp32 (rounded by the op) or None for symmetric
+    quant_min: int
+    quant_max: int
+    axis: int | None
+    nested: bool
+    bits: int
+    top_bits: int | None = None  # nested only: the width the scale belongs to
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    return eqkernels.qrange(bits, signed)
+
+
+def _positive(raw: torch.Tensor) -> torch.Tensor:
+    # Straight-through lower clamp: the forward never sees s < SCALE_EPS, while the gradient
+    # passes unchanged. A plain clamp would zero the gradient below eps and freeze the scale
+    # for good; abs() would make the stored parameter differ from the deployed step. This way
+    # the parameter *is* the step size whenever it is positive (the normal case), so
+    # optimizers, LSQ's gradient scaling and state_dict readers all see the real step.
+    # Written as clamped + (raw - raw): the added term is exactly 0 in the forward, so the
+    # value is exactly the clamped one (raw + (clamped - raw) would cancel catastrophically).
+    return raw.clamp_min(SCALE_EPS).detach() + (raw - raw.detach())
+
+
+def form_name(role: str, bits: int | None, granularity: str, symmetry: str) -> str:
+    """Parameter suffix of one form: `w4_channel_sym`, `nested_channel`, `a8_asym`."""
+    if role == "activation":
+        return f"a{bits}_{symmetry}"
+    if bits is None:
+        return f"nested_{granularity}"
+    return f"w{bits}_{granularity}_{symmetry}"
+
+
+class ElasticQuantizer(nn.Module):
+    """Learnable quantizer with one (scale, zero point) per allowed form.
+
+    role: "weight" or "activation".
+    bits / granularities / symmetries: the forms this quantizer can take.
+    channels: output channels (the length of per-channel scales; weights only).
+    nested: weights only, symmetric only: one scale at max(bits) per granularity.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        bits,
+        granularities=("tensor",),
+        symmetries=("sym",),
+        *,
+        channels: int = 1,
+        nested: bool = False,
+        axis: int = 0,
+    ):
+        super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"role={role!r}: accepted values are {', '.join(ROLES)}")
+        self.role = role
+        self.bits = tuple(sorted(set(int(b) for b in bits)))
+        if not self.bits or any(b < 1 or b > 8 for b in self.bits):
+            raise ValueError(f"bits={bits!r}: every entry must be an int in 1..8")
+        self.granularities = tuple(granularities)
+        self.symmetries = tuple(symmetries)
+        for g in self.granularities:
+            if g not in ("tensor", "channel"):
+                raise ValueError(
+                    f"granularities={granularities!r}: accepted values are tensor, channel"
+                )
+        for s in self.symmetries:
+            if s not in ("sym", "asym"):
+                raise ValueError(f"symmetries={symmetries!r}: accepted values are sym, asym")
+        if role == "activation" and self.granularities != ("tensor",):
+            raise ValueError(
+                f"granularities={granularities!r}: activation quantizers are per-tensor only "
+                "(accepted value: ('tensor',))"
+            )
+        if nested and role != "weight":
+            raise ValueError("nested=True: accepted for role='weight' only")
+        if nested and self.symmetries != ("sym",):
+            raise ValueError(f"nested=True takes symmetries=('sym',), got {symmetries!r}")
+        if channels < 1:
+            raise ValueError(f"channels={channels}: must be >= 1")
+        self.channels = int(channels)
+        self.nested = bool(nested)
+        self.axis = int(axis)
+        self.top_bits = max(self.bits)
+        self.backend: str | None = None  # None: EQK_BACKEND or auto
+
+        # Activation signedness is data-dependent (set by calibration). It lives in a buffer
+        # so it travels with the state_dict, and is mirrored in a Python bool so the forward
+        # reads it without a device sync (and torch.compile guards on it).
+        self.register_buffer("signed_range", torch.tensor(True), persistent=True)
+        self._signed = True  # safe until calibration shows no negative input
+        self.register_load_state_dict_post_hook(_sync_signed)
+
+        for key in self.form_keys():
+            bits_, gran, sym = key
+            shape = (self.channels,) if gran == "channel" else (1,)
+            name = form_name(role, None if self.nested else bits_, gran, sym)
+            self.register_parameter(f"scale_{name}", nn.Parameter(torch.ones(shape)))
+            if sym == "asym":
+                self.register_parameter(f"zero_point_{name}", nn.Parameter(torch.zeros(shape)))
+
+    # -- forms --------------------------------------------------------------------------------
+    def form_keys(self):
+        """(bits, granularity, symmetry) of every parameter set (bits = top width if nested)."""
+        if self.nested:
+            return [(self.top_bits, g, "sym") for g in self.granularities]
+        return [(b, g, s) for b in self.bits for g in self.granularities for s in self.symmetries]
+
+    def forms(self):
+        """Every (bits, granularity, symmetry) this quantizer can run."""
+        return [(b, g, s) for b in self.bits for g in self.granularities for s in self.symmetries]
+
+    @property
+    def signed(self) -> bool:
+        return self._signed
+
+    @signed.setter
+    def signed(self, value: bool) -> None:
+        if self.role == "weight" and not value:
+            raise ValueError("signed=False: weight quantizers are always signed")
+        self._signed = bool(value)
+        self.signed_range.fill_(bool(value))
+
+    def _check_form(self, bits, granularity, symmetry):
+        if (
+            bits not in self.bits
+            or granularity not in self.granularities
+            or symmetry not in self.symmetries
+        ):
+            raise ValueError(
+                f"form (bits={bits}, granularity={granularity!r}, symmetry={symmetry!r}) is not "
+                f"held by this {self.role} quantizer; allowed bits {list(self.bits)}, "
+                f"granularities {list(self.granularities)}, symmetries {list(self.symmetries)}"
+            )
+
+    def raw_parameters(self, bits, granularity="tensor", symmetry="sym"):
+        """(scale, zero_point or None) nn.Parameters backing one form."""
+        self._check_form(bits, granularity, symmetry)
+        name = form_name(self.role, None if self.nested else bits, granularity, symmetry)
+        scale = getattr(self, f"scale_{name}")
+        zp = getattr(self, f"zero_point_{name}") if symmetry == "asym" else None
+        return scale, zp
+
+    def params(self, bits: int, granularity: str = "tensor", symmetry: str = "sym") -> QuantParams:
+        """The exact op arguments of one form, with the effective (positive) scale."""
+        scale, zp = self.raw_parameters(bits, granularity, symmetry)
+        per_channel = granularity == "channel"
+        if self.nested:
+            qmin, qmax = qrange(self.top_bits, True)
+            return QuantParams(
+                _positive(scale),
+                None,
+                qmin,
+                qmax,
+                self.axis if per_channel else None,
+                True,
+                bits,
+                self.top_bits,
+            )
+        qmin, qmax = qrange(bits, self._signed)
+        return QuantParams(
+            _positive(scale), zp, qmin, qmax, self.axis if per_channel else None, False, bits
+        )
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x, bits: int, granularity: str = "tensor", symmetry: str = "sym"):
+        p = self.params(bits, granularity, symmetry)
+        grad_factor = None  # the op's default: n_s = elements sharing a scale
+        if self.role == "activation":
+            # LSQ's gradient scale uses the number of features of one sample, so the step
+            # size's effective learning rate does not depend on the batch size.
+            n_per_sample = x[0].numel() if x.dim() > 1 else x.numel()
+            grad_factor = 1.0 / math.sqrt(n_per_sample * max(p.quant_max, 1))
+        if p.nested:
+            return eqkernels.fake_quant_layered(
+                x,
+                p.scale,
+                p.bits,
+                p.top_bits,
+                axis=p.axis,
+                grad_factor=grad_factor,
+                backend=self.backend,
+            )
+        return eqkernels.fake_quant(
+            x,
+            p.scale,
+            p.zero_point,
+            p.quant_min,
+            p.quant_max,
+            axis=p.axis,
+            grad_factor=grad_factor,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        kind = "nested " if self.nested else ""
+        return (
+            f"{kind}{self.role}, bits={list(self.bits)}, granularities={list(self.granularities)}, "
+            f"symmetries={list(self.symmetries)}, channels={self.channels}, signed={self._signed}"
+        )
+
+    # -- calibration --------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, method: str = "mse", signed: bool | None = None) -> None:
+        """Initialize every form from data `x` (the weight, or activation samples).
+
+        method "lsq": s = 2 mean|x| / sqrt(qmax) (LSQ, Esser et al. 2020, sec. 2.1), z from
+        the clipped range for asymmetric forms. method "mse": the candidate, among the LSQ
+        value and a grid of clipping ratios of the data range, with the least quantization
+        MSE (per channel for per-channel forms), evaluated with the op itself.
+        For activations, `x` decides the signedness (unsigned when no value is negative)
+        unless `signed` is given (the caller saw more data than the sample `x`).
+        """
+        if method not in ("mse", "lsq"):
+            raise ValueError(f"method={method!r}: accepted values are mse, lsq")
+        x = x.detach().float()
+        if self.role == "activation":
+            self.signed = bool((x < 0).any()) if signed is None else bool(signed)
+        for bits, gran, sym in self.form_keys():
+            if gran == "channel":
+                data = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+            else:
+                data = x.reshape(1, -1)
+            scale, zp = self.raw_parameters(bits, gran, sym)
+            s, z = self._search(data, bits, sym, method)
+            scale.copy_(s.reshape(scale.shape))
+            if zp is not None:
+                zp.copy_(z.reshape(zp.shape))
+
+    def _search(self, data, bits, sym, method):
+        """Best (scale [G], zero point [G] or None) for rows `data` [G, N]."""
+        cand_s, cand_z = _candidates(data, bits, self._signed, sym, method)  # [K, G]
+        if cand_s.shape[0] == 1:
+            return cand_s[0], None if cand_z is None else cand_z[0]
+        if self.nested:
+            # One top-width scale serves every width: minimize the mean over widths of
+            # log MSE, which weighs each width's relative error equally (a plain sum would be
+            # dominated by the lowest width).
+            err = torch.stack(
+                [
+                    _quant_mse(data, cand_s, None, b, self.top_bits, True, self.backend)
+                    .clamp_min(1e-30)
+                    .log()
+                    for b in self.bits
+                ]
+            ).mean(0)
+        else:
+            qmin, qmax = qrange(bits, self._signed)
+            err = _quant_mse(data, cand_s, cand_z, qmin, qmax, False, self.backend)
+        best = err.argmin(0)  # [G]
+        g = torch.arange(data.shape[0])
+        return cand_s[best, g], None if cand_z is None else cand_z[best, g]
+
+
+def _sync_signed(module, incompatible_keys):
+    module._signed = bool(module.signed_range.item())
+
+
+def _candidates(data, bits, signed, sym, method):
+    """Candidate (scales [K, G], zero points [K, G] or None) for each row of data [G, N]."""
+    qmin, qmax = qrange(bits, signed)
+    lsq = 2.0 * data.abs().mean(1) / math.sqrt(max(qmax, 1))  # [G]
+    if sym == "sym":
+        if signed:
+            # signed symmetric grid [-2^(b-1), 2^(b-1)-1]: scale the larger half-range
+            top = data.abs().amax(1)
+            denom = max(-qmin, 1) if qmax < 1 else max(qmax, 1)
+        else:
+            top = data.clamp_min(0).amax(1)
+            denom = max(qmax, 1)
+        if method == "lsq":
+            return lsq.clamp_min(SCALE_EPS)[None], None
+        ratios = torch.tensor(CLIP_RATIOS, dtype=data.dtype, device=data.device)
+        grid = ratios[:, None] * top[None] / denom
+        return torch.cat([grid, lsq[None]]).clamp_min(SCALE_EPS), None
+    # Asymmetric forms cover [ratio*min, ratio*max]; "lsq" uses ratio 1, the min/max
+    # initialization of LSQ+ (Bhalgat et al. 2020) for a learnable offset.
+    lo = data.amin(1).clamp_max(0)  # keep real zero representable
+    hi = data.amax(1).clamp_min(0)
+    ratios = [1.0] if method == "lsq" else CLIP_RATIOS
+    ratios = torch.tensor(ratios, dtype=data.dtype, device=data.device)
+    s = (ratios[:, None] * (hi - lo)[None] / (qmax - qmin)).clamp_min(SCALE_EPS)
+    z = qmin - torch.round(ratios[:, None] * lo[None] / s)
+    return s, z
+
+
+def _quant_mse(data, cand_s, cand_z, qmin_or_bits, qmax_or_top, nested, backend):
+    """MSE [K, G] of quantizing each row of data [G, N] with each candidate [K, G], computed
+    by the fake-quant op itself: candidates x rows become the channels of one per-channel call.
+    """
+    k, g = cand_s.shape
+    n = data.shape[1]
+    per_call = max(1, CALIB_CHUNK_ELEMS // max(g * n, 1))
+    out = []
+    for start in range(0, k, per_call):
+        s = cand_s[start : start + per_call]
+        kk = s.shape[0]
+        rep = data[None].expand(kk, g, n).reshape(kk * g, n)
+        if nested:
+            y = eqkernels.fake_quant_layered(
+                rep, s.reshape(-1), qmin_or_bits, qmax_or_top, axis=0, backend=backend
+            )
+        else:
+            z = None if cand_z is None else cand_z[start : start + per_call].reshape(-1)
+            y = eqkernels.fake_quant(
+                rep, s.reshape(-1), z, qmin_or_bits, qmax_or_top, axis=0, backend=backend
+            )
+        out.append((y - rep).pow(2).mean(1).reshape(kk, g))
+    return torch.cat(out)
