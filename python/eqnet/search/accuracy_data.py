@@ -1,0 +1,106 @@
+"""The (config, accuracy) dataset the predictor learns from, cached on disk as JSONL.
+
+One line per evaluated config: {"key", "config" (SubnetConfig JSON object), "accuracy",
+metrics...}. Lines are appended and flushed one at a time, so an interrupted run loses at most
+the config being evaluated; a rerun reads the file, skips configs already present and
+evaluates only the rest. A torn last line (killed mid-write) is dropped on reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from eqnet.space import SubnetConfig
+
+
+def config_key(config: SubnetConfig) -> str:
+    return json.dumps({n: c.to_dict() for n, c in config}, sort_keys=True, separators=(",", ":"))
+
+
+def read_dataset(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn final line of an interrupted write
+            raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+        if not {"key", "config", "accuracy"} <= set(row):
+            raise ValueError(f"{path}:{i + 1}: needs key, config and accuracy")
+        rows.append(row)
+    return rows
+
+
+def row_config(row: dict) -> SubnetConfig:
+    return SubnetConfig.from_json(
+        json.dumps({"format": "eqnet.SubnetConfig", "version": 1, "layers": row["config"]})
+    )
+
+
+def build_dataset(
+    path: str | Path,
+    configs: Iterable[SubnetConfig],
+    evaluate: Callable[[SubnetConfig], float],
+    metrics: Callable[[SubnetConfig], dict] | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """Evaluate every config not yet in `path` and append it; returns all rows of the file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = read_dataset(path)
+    if path.exists():  # rewrite without a torn tail, so appends start on a fresh line
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if path.read_text() != text:
+            path.write_text(text)
+    done = {r["key"] for r in rows}
+    todo, seen = [], set(done)
+    for cfg in configs:
+        k = config_key(cfg)
+        if k not in seen:
+            seen.add(k)
+            todo.append((k, cfg))
+    it = todo
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(todo, desc="accuracy dataset", unit="cfg")
+    with open(path, "a") as f:
+        for k, cfg in it:
+            acc = float(evaluate(cfg))
+            row = {
+                "key": k,
+                "config": {n: c.to_dict() for n, c in cfg},
+                "accuracy": acc,
+                **(metrics(cfg) if metrics else {}),
+            }
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            rows.append(row)
+    return rows
+
+
+def supernet_evaluator(supernet, bn_loader, eval_loader, bn_batches: int = 20):
+    """evaluate(config) -> accuracy: set the subnet, re-estimate its BN statistics on
+    `bn_batches` batches of `bn_loader`, then measure accuracy on `eval_loader` (the same
+    fixed held-out images for every config)."""
+    import eqnet
+    from eqnet.train import evaluate as evaluate_model
+
+    def evaluate(cfg: SubnetConfig) -> float:
+        supernet.set_config(cfg)
+        eqnet.recalibrate_bn(supernet, bn_loader, batches=bn_batches)
+        result = evaluate_model(supernet, eval_loader)
+        return float(result["accuracy"] if isinstance(result, dict) else result)
+
+    return evaluate

@@ -1,0 +1,209 @@
+"""Cost model of a quantized network at a mixed-precision configuration.
+
+One forward pass at the input size records, for every quantized layer (a module with
+`is_elastic_layer = True`), its multiply-accumulates, weight count, output channels and input
+activation size. Every metric is then a sum over layers of a per-layer term, so each is linear
+in a one-hot choice per layer (which is what the integer program in `ilp.py` needs):
+
+- `bitops`: sum_l MACs_l * b_w * b_a (per input sample).
+- `size` (bytes) of what the quantized layers store to run:
+    * weight codes at b_w bits each, bit-packed (N_params * b_w / 8, fractional bytes allowed);
+    * weight quantizer parameters in fp32: one scale per output channel for per-channel
+      weights, one per tensor otherwise, plus as many zero points when the weights are
+      asymmetric;
+    * the activation quantizer's fp32 scale, plus an fp32 zero point when asymmetric;
+    * the bias in fp32 if the layer has one.
+  BatchNorm and layers that are not quantized are not counted (BN folds into the scales and
+  bias at deployment; float layers are the same for every config).
+- `avg_w_bits`: weight widths weighted by each layer's weight count.
+- `avg_a_bits`: activation widths weighted by each layer's input size (elements per sample).
+- `avg_bits`: the mean of `avg_w_bits` and `avg_a_bits`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eqnet.space import LayerChoice, SubnetConfig
+
+METRICS = ("bitops", "size", "avg_bits", "avg_w_bits", "avg_a_bits")
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What one quantized layer costs, independent of its widths."""
+
+    name: str
+    macs: int  # multiply-accumulates per input sample
+    params: int  # weight elements (bias not included)
+    out_channels: int  # number of per-channel weight scales
+    act_numel: int  # input activation elements per sample
+    bias: int  # bias elements (0 if none)
+
+    def size_bytes(self, choice: LayerChoice) -> float:
+        n_scales = self.out_channels if choice.w_granularity == "channel" else 1
+        w_qparams = n_scales * (2 if choice.w_symmetry == "asym" else 1)
+        a_qparams = 2 if choice.a_symmetry == "asym" else 1
+        fp32_values = w_qparams + a_qparams + self.bias
+        return self.params * choice.w_bits / 8.0 + FP32_BYTES * fp32_values
+
+    def bitops(self, choice: LayerChoice) -> float:
+        return float(self.macs) * choice.w_bits * choice.a_bits
+
+
+def _layer_cost(name: str, module: torch.nn.Module, inp: torch.Tensor, out: torch.Tensor):
+    batch = inp.shape[0]
+    if isinstance(module, torch.nn.Conv2d):
+        # each output element needs (C_in / groups) * kh * kw MACs
+        per_out = module.weight[0].numel()
+        macs = out.numel() // batch * per_out
+        out_channels = module.out_channels
+    elif isinstance(module, torch.nn.Linear):
+        macs = out.numel() // batch * module.in_features
+        out_channels = module.out_features
+    else:
+        raise ValueError(
+            f"layer {name!r}: cost model knows nn.Conv2d and nn.Linear subclasses, "
+            f"got {type(module).__name__}"
+        )
+    bias = 0 if module.bias is None else module.bias.numel()
+    return LayerCost(
+        name=name,
+        macs=int(macs),
+        params=int(module.weight.numel()),
+        out_channels=int(out_channels),
+        act_numel=int(inp.numel() // batch),
+        bias=int(bias),
+    )
+
+
+class CostModel:
+    """Per-layer costs of a converted model, traced once at one input size."""
+
+    def __init__(self, layers: Sequence[LayerCost]):
+        self.layers: OrderedDict[str, LayerCost] = OrderedDict((lc.name, lc) for lc in layers)
+        if not self.layers:
+            raise ValueError("CostModel needs at least one layer")
+        self.total_params = sum(lc.params for lc in self.layers.values())
+        self.total_act = sum(lc.act_numel for lc in self.layers.values())
+
+    @classmethod
+    def trace(cls, model: torch.nn.Module, input_size: Sequence[int]) -> CostModel:
+        """Run one forward on zeros of shape `input_size` (batch first, e.g. (1, 3, 32, 32))
+        and record every quantized layer. A layer called more than once is counted per call."""
+        input_size = tuple(int(s) for s in input_size)
+        if len(input_size) < 2 or any(s <= 0 for s in input_size):
+            raise ValueError(
+                f"input_size={input_size}: expected a batch-first shape of positive sizes, "
+                "e.g. (1, 3, 32, 32)"
+            )
+        records: dict[str, LayerCost] = {}
+        hooks = []
+        for name, module in model.named_modules():
+            if getattr(module, "is_elastic_layer", False):
+
+                def hook(mod, args, out, name=name):
+                    lc = _layer_cost(name, mod, args[0], out)
+                    if name in records:  # shared layer: accumulate its compute
+                        prev = records[name]
+                        lc = LayerCost(
+                            name,
+                            prev.macs + lc.macs,
+                            lc.params,
+                            lc.out_channels,
+                            prev.act_numel + lc.act_numel,
+                            lc.bias,
+                        )
+                    records[name] = lc
+
+                hooks.append(module.register_forward_hook(hook))
+        if not hooks:
+            raise ValueError("the model has no quantized layers: convert it with eqnet.convert")
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(torch.zeros(input_size, device=device))
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        order = [n for n, m in model.named_modules() if getattr(m, "is_elastic_layer", False)]
+        unused = [n for n in order if n not in records]
+        if unused:
+            raise ValueError(f"quantized layers {unused} were not called in the forward pass")
+        return cls([records[n] for n in order])
+
+    # -- metrics of one config ------------------------------------------------------------
+    def _check(self, config: SubnetConfig):
+        if list(config.layers) != list(self.layers):
+            raise ValueError(
+                f"config layers {list(config.layers)} differ from the cost model's "
+                f"{list(self.layers)}"
+            )
+
+    def bitops(self, config: SubnetConfig) -> float:
+        self._check(config)
+        return sum(self.layers[n].bitops(c) for n, c in config)
+
+    def size_bytes(self, config: SubnetConfig) -> float:
+        self._check(config)
+        return sum(self.layers[n].size_bytes(c) for n, c in config)
+
+    def avg_w_bits(self, config: SubnetConfig) -> float:
+        self._check(config)
+        return sum(self.layers[n].params * c.w_bits for n, c in config) / self.total_params
+
+    def avg_a_bits(self, config: SubnetConfig) -> float:
+        self._check(config)
+        return sum(self.layers[n].act_numel * c.a_bits for n, c in config) / self.total_act
+
+    def metrics(self, config: SubnetConfig) -> dict[str, float]:
+        w, a = self.avg_w_bits(config), self.avg_a_bits(config)
+        return {
+            "bitops": self.bitops(config),
+            "size": self.size_bytes(config),
+            "avg_bits": 0.5 * (w + a),
+            "avg_w_bits": w,
+            "avg_a_bits": a,
+        }
+
+    # -- per-layer terms (the linear form the search uses) --------------------------------
+    def layer_term(self, metric: str, name: str, choice: LayerChoice) -> float:
+        """Layer `name`'s additive contribution to `metric` under `choice`."""
+        lc = self.layers[name]
+        if metric == "bitops":
+            return lc.bitops(choice)
+        if metric == "size":
+            return lc.size_bytes(choice)
+        if metric == "avg_w_bits":
+            return lc.params * choice.w_bits / self.total_params
+        if metric == "avg_a_bits":
+            return lc.act_numel * choice.a_bits / self.total_act
+        if metric == "avg_bits":
+            return 0.5 * (
+                lc.params * choice.w_bits / self.total_params
+                + lc.act_numel * choice.a_bits / self.total_act
+            )
+        raise ValueError(f"metric={metric!r}: accepted values are {', '.join(METRICS)}")
+
+    def to_dict(self) -> dict:
+        return {n: vars(lc) for n, lc in self.layers.items()}
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: accepted values are {', '.join(METRICS)}")
+    return metric
+
+
+def as_array(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)

@@ -1,0 +1,89 @@
+"""Pareto front (accuracy up, cost down) as CSV and PNG."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+COLUMNS = ("label", "kind", "accuracy", "bitops", "size", "avg_bits", "avg_w_bits", "avg_a_bits")
+
+
+def pareto_front(rows: Sequence[dict], cost: str = "bitops") -> list[dict]:
+    """Rows not dominated in (lower `cost`, higher accuracy), sorted by cost."""
+    ordered = sorted(rows, key=lambda r: (r[cost], -r["accuracy"]))
+    front, best = [], float("-inf")
+    for r in ordered:
+        if r["accuracy"] > best:
+            front.append(r)
+            best = r["accuracy"]
+    return front
+
+
+def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS) + ["on_front"], extrasaction="ignore")
+        w.writeheader()
+        front = {id(r) for r in pareto_front([r for r in rows if r["kind"] != "uniform"])}
+        for r in rows:
+            w.writerow({**r, "on_front": int(id(r) in front)})
+    return path
+
+
+def plot(path: str | Path, rows: Sequence[dict], title: str = "") -> Path:
+    """Accuracy vs BitOPs and vs size; searched configs, their front, uniform widths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, cost, label in ((axes[0], "bitops", "BitOPs"), (axes[1], "size", "size (bytes)")):
+        searched = [r for r in rows if r["kind"] != "uniform"]
+        uniform = [r for r in rows if r["kind"] == "uniform"]
+        if searched:
+            ax.scatter(
+                [r[cost] for r in searched],
+                [r["accuracy"] for r in searched],
+                s=18,
+                alpha=0.5,
+                label="searched",
+            )
+            front = pareto_front(searched, cost)
+            ax.plot(
+                [r[cost] for r in front],
+                [r["accuracy"] for r in front],
+                "-o",
+                ms=4,
+                label="Pareto front",
+            )
+        if uniform:
+            ax.scatter(
+                [r[cost] for r in uniform],
+                [r["accuracy"] for r in uniform],
+                marker="s",
+                color="k",
+                s=24,
+                label="uniform W/A",
+            )
+            for r in uniform:
+                ax.annotate(
+                    r["label"],
+                    (r[cost], r["accuracy"]),
+                    fontsize=6,
+                    xytext=(2, 2),
+                    textcoords="offset points",
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

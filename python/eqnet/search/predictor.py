@@ -1,0 +1,207 @@
+"""Accuracy predictor (MultiQuant §3.3; EQ-Net's conditional quantization-aware predictor).
+
+An MLP maps `SubnetConfig.encode()` (per layer: weight width, activation width, per-channel
+flag, asymmetric-weight flag, asymmetric-activation flag) to accuracy. Because the encoding
+carries the granularity and symmetry of every layer, one predictor is conditional on those
+forms, as CQAP is. As MultiQuant's predictor takes one-hot widths, the widths of the encoding
+are expanded to one-hot vectors over 1..8 inside the model (so an additive accuracy is linear
+in the first layer's input); the three form flags pass through. MultiQuant uses 150-wide
+hidden layers; width and depth are configurable. Targets are standardized for training and
+de-standardized on prediction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from eqnet.space import ENCODING_WIDTH
+
+
+@dataclass
+class FitReport:
+    kendall_tau: float
+    pearson_r: float
+    n_train: int
+    n_val: int
+    val_rmse: float
+    train_rmse: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rank_metrics(pred, target) -> tuple[float, float]:
+    """Kendall tau and Pearson r of predictions against targets."""
+    from scipy.stats import kendalltau, pearsonr
+
+    p = np.asarray(pred, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    if p.shape != t.shape or p.ndim != 1 or p.size < 2:
+        raise ValueError(f"pred {p.shape} and target {t.shape} must be equal 1-D of size >= 2")
+    tau = float(kendalltau(p, t).statistic)
+    r = float(pearsonr(p, t).statistic) if p.std() > 0 and t.std() > 0 else float("nan")
+    return tau, r
+
+
+class AccuracyPredictor(nn.Module):
+    """MLP: encoding [N, in_features] -> accuracy [N]."""
+
+    def __init__(self, in_features: int, hidden: int = 150, depth: int = 3):
+        super().__init__()
+        if in_features < 1 or hidden < 1 or depth < 1:
+            raise ValueError(
+                f"in_features={in_features}, hidden={hidden}, depth={depth}: all must be >= 1"
+            )
+        if in_features % ENCODING_WIDTH:
+            raise ValueError(
+                f"in_features={in_features}: SubnetConfig.encode() gives {ENCODING_WIDTH} "
+                "numbers per layer"
+            )
+        self.in_features, self.hidden, self.depth = in_features, hidden, depth
+        self.n_layers = in_features // ENCODING_WIDTH
+        layers: list[nn.Module] = []
+        width = self.n_layers * (2 * 8 + ENCODING_WIDTH - 2)
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("y_mean", torch.zeros(()))
+        self.register_buffer("y_std", torch.ones(()))
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 5L] encodings -> [N, 19L]: one-hot weight and activation widths, flags."""
+        x = x.reshape(x.shape[0], self.n_layers, ENCODING_WIDTH)
+        bits = (x[..., :2] * 8).round().long().clamp(1, 8) - 1
+        onehot = nn.functional.one_hot(bits, 8).flatten(-2).to(x.dtype)
+        return torch.cat([onehot, x[..., 2:]], dim=-1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.expand(x)).squeeze(-1) * self.y_std + self.y_mean
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"encodings have shape {tuple(x.shape)}, expected [N, {self.in_features}]"
+            )
+        was = self.training
+        self.eval()
+        out = self(x.float())
+        self.train(was)
+        return out
+
+    def fit(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        val_fraction: float = 0.2,
+        epochs: int = 300,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        seed: int = 0,
+        threads: int | None = 1,
+    ) -> FitReport:
+        """Train on a random split; report Kendall tau / Pearson r on the held-out part.
+
+        threads: intra-op threads while training (restored afterwards); one is fastest for
+        an MLP this small, where thread hand-offs cost more than the arithmetic."""
+        previous = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            return self._fit(x, y, val_fraction, epochs, batch_size, lr, weight_decay, seed)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _fit(self, x, y, val_fraction, epochs, batch_size, lr, weight_decay, seed) -> FitReport:
+        x = torch.as_tensor(x, dtype=torch.float32)
+        y = torch.as_tensor(y, dtype=torch.float32).flatten()
+        if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"x {tuple(x.shape)} / y {tuple(y.shape)}: expected x [N, {self.in_features}] "
+                "and y [N]"
+            )
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction}: must be in (0, 1)")
+        n = x.shape[0]
+        n_val = max(2, int(round(val_fraction * n)))
+        if n - n_val < 2:
+            raise ValueError(f"{n} samples are too few for a train/validation split")
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=gen)
+        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        xt, yt = x[tr_idx], y[tr_idx]
+        et = self.expand(xt)
+
+        with torch.no_grad():
+            torch.manual_seed(seed)  # reproducible initial weights
+            for m in self.net:
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+            self.y_mean.fill_(float(yt.mean()))
+            self.y_std.fill_(float(yt.std()) if yt.numel() > 1 and yt.std() > 0 else 1.0)
+        opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        target = (yt - self.y_mean) / self.y_std
+        self.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(tr_idx), generator=gen)
+            for start in range(0, len(order), batch_size):
+                b = order[start : start + batch_size]
+                loss = nn.functional.mse_loss(self.net(et[b]).squeeze(-1), target[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+        self.eval()
+        pv = self.predict(x[val_idx])
+        pt = self.predict(xt)
+        tau, r = rank_metrics(pv.numpy(), y[val_idx].numpy())
+        return FitReport(
+            kendall_tau=tau,
+            pearson_r=r,
+            n_train=len(tr_idx),
+            n_val=n_val,
+            val_rmse=float(((pv - y[val_idx]) ** 2).mean().sqrt()),
+            train_rmse=float(((pt - yt) ** 2).mean().sqrt()),
+        )
+
+    # -- persistence (state dict + JSON meta; no pickled objects) --------------------------
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        torch.save(self.state_dict(), path)
+        meta = {"in_features": self.in_features, "hidden": self.hidden, "depth": self.depth}
+        path.with_suffix(".json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> AccuracyPredictor:
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        model = cls(**meta)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        model.eval()
+        return model
+
+
+def predictor_fitness(predictor: AccuracyPredictor, table):
+    """A batched fitness for genetic_search: genomes [N, L] -> predicted accuracy [N]."""
+    enc = table.encodings()
+    expected = enc.shape[0] * enc.shape[2]
+    if predictor.in_features != expected:
+        raise ValueError(
+            f"the predictor takes {predictor.in_features} features, the table encodes {expected}"
+        )
+
+    def fitness(genomes: np.ndarray) -> np.ndarray:
+        return predictor.predict(table.encode(genomes, enc)).numpy()
+
+    return fitness
