@@ -1,0 +1,187 @@
+"""The supernet trainer on a tiny digits run: recipes, gradient accumulation, resume, NaN."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from eqnet.data import DataError, load_data
+from eqnet.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    importance_indicators,
+    load_run,
+)
+from eqnet.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from eqnet.train.recipes import RECIPE_CLASSES
+from eqnet.train.sampler import ConfigSampler
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", holdout=64, limit_train=160, limit_test=96)
+
+
+def tiny(recipe, **kw):
+    base = dict(
+        recipe=recipe,
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        calib_batches=1,
+        bn_batches=1,
+        max_steps_per_epoch=3,
+        progress=False,
+    )
+    if recipe not in ("float", "qat"):
+        base.update(w_bits=[2, 4], a_bits=[2, 4])
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _batches(data, n, bs=32):
+    return [
+        (
+            torch.stack([data.train[i][0] for i in range(k * bs, (k + 1) * bs)]),
+            torch.stack([data.train[i][1] for i in range(k * bs, (k + 1) * bs)]),
+        )
+        for k in range(n)
+    ]
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_CLASSES))
+def test_each_recipe_two_steps_change_weights(recipe, digits):
+    trainer = Trainer(tiny(recipe), data=digits)
+    trainer.calibrate()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for x, y in _batches(digits, 2):
+        metrics = trainer.train_step(x, y)
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+    after = dict(trainer.model.named_parameters())
+    changed = [n for n, p in before.items() if not torch.equal(p, after[n].detach())]
+    weights = [n for n in before if n.endswith("weight") and before[n].dim() > 1]
+    assert all(n in changed for n in weights), set(weights) - set(changed)
+    if recipe != "float":
+        assert any(".scale_" in n for n in changed)
+    assert all(bool(torch.isfinite(p).all()) for p in after.values())
+    if recipe in ("multiquant", "eqnet"):
+        assert {"loss_highest", "loss_random", "loss_lowest"} <= set(metrics)
+    if recipe == "eqnet":
+        assert metrics["loss_wdr"] > 0
+
+
+def test_lrh_accumulates_every_subnet_gradient(digits):
+    """multiquant's step = one backward per sampled subnet, summed; compare with a manual sum
+    of F.cross_entropy gradients over the same lowest/random/highest configs."""
+    trainer = Trainer(tiny("multiquant", oal=False, num_random=2), data=digits)
+    trainer.calibrate()
+    model = trainer.model
+    model.train()
+    ((x, y),) = _batches(digits, 1)
+    state = trainer.sampler.state_dict()
+    replay = ConfigSampler(trainer.space, model, seed=0, forms=False)
+    replay.load_state_dict(state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    configs = replay.lrh(2)
+    assert [r for r, _ in configs] == ["highest", "random", "random", "lowest"]
+    for _, cfg in configs:
+        model.set_config(cfg)
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, allow_unused=True)
+        for r, g in zip(reference, grads):
+            if g is not None:
+                r += g.double()
+    model.zero_grad(set_to_none=True)
+    trainer.recipe.step(trainer, x, y)
+    for p, r in zip(params, reference):
+        got = torch.zeros_like(r) if p.grad is None else p.grad.double()
+        assert torch.allclose(got, r, rtol=1e-4, atol=1e-6)
+
+
+def test_layered_mgd_step(digits):
+    trainer = Trainer(tiny("layered", joint="mgd", w_bits=[2, 3, 4], a_bits=[2, 3, 4]), data=digits)
+    ((x, y),) = _batches(digits, 1)
+    m = trainer.train_step(x, y)
+    alphas = [m[f"mgd_alpha_w{b}a{b}"] for b in (4, 3, 2)]
+    assert sum(alphas) == pytest.approx(1.0, abs=1e-9)
+    assert min(alphas) >= 0.0
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_run(digits, tmp_path):
+    cfg = tiny("multiquant", oal=True, deterministic=True, max_steps_per_epoch=2)
+    full = Trainer(cfg, tmp_path / "full", data=digits)
+    full.fit()
+    part = Trainer(cfg, tmp_path / "part", data=digits)
+    part.fit(stop_after=1)
+    assert load_checkpoint(tmp_path / "part")["epoch"] == 1
+    resumed = Trainer.from_run(tmp_path / "part", data=digits)
+    assert resumed.epoch == 1
+    resumed.fit()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(full.labels.soft, resumed.labels.soft)
+    assert full.metrics[-1]["acc_lowest"] == resumed.metrics[-1]["acc_lowest"]
+    for name in ("metrics.jsonl", "metrics.csv", "config.json", CHECKPOINT_NAME):
+        assert (tmp_path / "part" / name).is_file()
+    # the stored run rebuilds the same network
+    run = load_run(tmp_path / "full")
+    assert run.epoch == 2 and run.config.recipe == "multiquant"
+    loaded = run.model.state_dict()
+    for k in a:
+        assert torch.equal(loaded[k], a[k]), k
+    run.model.set_config(full.sampler.highest())
+    full.model.set_config(full.sampler.highest())
+    assert evaluate(run.model, full.test_loader) == evaluate(full.model, full.test_loader)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(digits, tmp_path):
+    trainer = Trainer(tiny("qat"), tmp_path, data=digits)
+    trainer.fit(stop_after=1)
+    saved = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with torch.no_grad():
+        next(iter(trainer.model.quantized_layers().values())).weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* epoch 2.*checkpoint"):
+        trainer.fit()
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == saved
+    state = load_checkpoint(tmp_path)
+    assert state["epoch"] == 1
+    assert all(
+        bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point()
+    )
+
+
+def test_importance_indicators(digits):
+    trainer = Trainer(tiny("limpq"), data=digits)
+    trainer.calibrate()
+    ind = importance_indicators(trainer.model)
+    layers = trainer.model.quantized_layers()
+    elastic = [n for n, m in layers.items() if m.fixed_choice is None]
+    assert sorted(ind) == sorted(elastic) and elastic
+    for name in elastic:
+        layer = layers[name]
+        assert set(ind[name]) == {("w", 2), ("w", 4), ("a", 2), ("a", 4)}
+        raw, _ = layer.weight_quantizer.raw_parameters(2, "channel", "sym")
+        assert ind[name][("w", 2)] == pytest.approx(
+            float(layer.weight_quantizer.params(2, "channel", "sym").scale.detach().mean())
+        )
+        assert raw.shape[0] == layer.weight.shape[0]  # per-channel steps averaged
+        # a coarser grid needs a larger step
+        assert ind[name][("w", 2)] > ind[name][("w", 4)]
+
+
+def test_bad_data_fails_before_training(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        Trainer(tiny("float", data=str(tmp_path / "nope.npz")), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="recipe"):
+        TrainConfig(recipe="nope")
+    with pytest.raises(ValueError, match="qat recipe trains one width"):
+        TrainConfig(recipe="qat", w_bits=[2, 4])
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lamb")
