@@ -472,6 +472,19 @@ def test_torch_compile_fullgraph_matches_eager():
         model.zero_grad()
 
 
+def test_eqk_check_validates_values_inside_compiled_graphs(monkeypatch):
+    def f(x, s):
+        return fake_quant(x, s, None, -8, 7)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    x = torch.randn(8)
+    monkeypatch.delenv("EQK_CHECK", raising=False)
+    compiled(x, torch.tensor([-1.0]))  # default: no host sync in a compiled graph, no check
+    monkeypatch.setenv("EQK_CHECK", "1")
+    with pytest.raises(ValueError, match="scale"):
+        compiled(x, torch.tensor([-1.0]))
+
+
 # ---------------------------------------------------------------------------------------------
 # C++ kernel: every ISA path, thread-count independence
 
