@@ -1,5 +1,7 @@
 """The supernet trainer on a tiny digits run: recipes, gradient accumulation, resume, NaN."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,3 +187,54 @@ def test_config_validation():
         TrainConfig(recipe="qat", w_bits=[2, 4])
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lamb")
+
+
+def test_warmup_cosine_schedule():
+    from eqnet.train.trainer import WarmupCosine
+
+    s = WarmupCosine(total=10, warmup=4)
+    got = [s.factor(i) for i in range(10)]
+    expected = [(i + 1) / 5 for i in range(4)] + [
+        0.5 * (1 + math.cos(math.pi * (i - 4) / 6)) for i in range(4, 10)
+    ]
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_parameter_groups_and_optimizer_options(digits):
+    trainer = Trainer(
+        tiny("qat", optimizer="adam", weight_decay=0.01, scale_lr_mult=0.1, lr=0.002),
+        data=digits,
+    )
+    groups = trainer.model.parameter_groups()
+    by_id = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    for name, params in groups.items():
+        for p in params:
+            g = by_id[id(p)]
+            assert g["weight_decay"] == (0.01 if name == "weight" else 0.0)
+            assert g["base_lr"] == pytest.approx(0.0002 if name == "scale" else 0.002)
+
+
+def test_grad_clip_bounds_the_update(digits):
+    trainer = Trainer(tiny("float", grad_clip=1e-3, momentum=0.0, weight_decay=0.0), data=digits)
+    ((x, y),) = _batches(digits, 1)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step(x, y)
+    # plain SGD: the step is lr * clipped gradient, so its norm is at most lr * max_norm
+    step = torch.cat(
+        [(b - p.detach()).flatten() for b, p in zip(before, trainer.model.parameters())]
+    )
+    assert 0 < float(step.norm()) <= 0.05 * 1e-3 * (1 + 1e-5)
+
+
+def test_start_from_float_run(digits, tmp_path):
+    Trainer(tiny("float", epochs=1, max_steps_per_epoch=1), tmp_path / "f", data=digits).fit()
+    float_weights = load_checkpoint(tmp_path / "f")["model"]
+    q = Trainer(tiny("qat", init=str(tmp_path / "f")), data=digits)
+    qw = {n.removeprefix("model."): p for n, p in q.model.named_parameters()}
+    for name, w in float_weights.items():
+        if name.endswith("weight") and w.dim() > 1:
+            assert torch.equal(qw[name], w), name
+    Trainer(tiny("qat", epochs=1, max_steps_per_epoch=1), tmp_path / "q", data=digits).fit()
+    with pytest.raises(ValueError, match="float run"):
+        Trainer(tiny("qat", init=str(tmp_path / "q")), data=digits)
