@@ -91,3 +91,20 @@ def test_fixed_layer_and_errors():
 def test_monotone_mask():
     assert monotone_mask({2: 1.0, 3: 0.5, 4: 0.7, 5: 0.4}) == {2: True, 3: True, 4: False, 5: True}
     assert monotone_mask({2: 0.1, 4: 0.1}) == {2: True, 4: False}
+
+
+def test_trainer_indicator_format():
+    # eqnet.train.importance_indicators gives {layer: {("w", bits): v, ("a", bits): v}}
+    cost, table = setup()
+    flat = {
+        n: {
+            **{("w", b): v for b, v in d["weight"].items()},
+            **{("a", b): v for b, v in d["activation"].items()},
+        }
+        for n, d in INDICATORS.items()
+    }
+    cons = [Constraint("bitops", "<=", 20_000.0)]
+    assert (
+        limpq_search(table, cost, flat, cons).config
+        == limpq_search(table, cost, INDICATORS, cons).config
+    )

@@ -31,7 +31,6 @@ _EXPORTS = {
     "genetic_search": "eqnet.search.genetic",
     "choose_per_layer": "eqnet.search.ilp",
     "limpq_search": "eqnet.search.limpq",
-    "indicators_from_supernet": "eqnet.search.limpq",
     "downsampling_error": "eqnet.search.layered",
     "layered_allocation": "eqnet.search.layered",
     "layered_search": "eqnet.search.layered",

@@ -1,7 +1,7 @@
 """LIMPQ mixed-precision search: learned importance indicators + integer program.
 
 LIMPQ trains one step size per layer and width (its "importance indicators"; for per-channel
-weights the mean over channels) and then solves, for every layer l and its (w_bits, a_bits),
+weights the mean over channels; `eqnet.train.importance_indicators(supernet)` reads them) and then solves, for every layer l and its (w_bits, a_bits),
 
     minimize  sum_l  I_a^l(a_bits) + alpha * I_w^l(w_bits)
     subject to BitOPs and size limits (any additive cost-model limit here).
@@ -35,57 +35,39 @@ _ROLE_KEYS = {"w": "w", "weight": "w", "a": "a", "activation": "a"}
 
 
 def normalize_indicators(indicators: Mapping) -> dict[str, dict[str, dict[int, float]]]:
-    """{layer: {"w"|"weight": {bits: value}, "a"|"activation": {bits: value}}} ->
-    {layer: {"w": {bits: float}, "a": {bits: float}}} with positive finite values."""
+    """Accepts {layer: {(role, bits): value}} (what eqnet.train.importance_indicators gives)
+    or {layer: {role: {bits: value}}}, role in w/weight/a/activation; values may be tensors
+    (averaged, as for per-channel steps). Returns {layer: {"w": {bits: v}, "a": {bits: v}}}
+    with positive finite values."""
     out = {}
-    for layer, roles in indicators.items():
-        if not isinstance(roles, Mapping):
-            raise ValueError(f"indicators[{layer!r}]: expected a mapping of role -> {{bits: v}}")
-        norm: dict[str, dict[int, float]] = {}
-        for role, per_bits in roles.items():
-            key = _ROLE_KEYS.get(role)
-            if key is None:
+    for layer, entry in indicators.items():
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"indicators[{layer!r}]: expected a mapping, got {type(entry)}")
+        pairs = []
+        for key, v in entry.items():
+            if isinstance(key, tuple) and len(key) == 2:
+                pairs.append((key[0], key[1], v))
+            elif isinstance(v, Mapping):
+                pairs.extend((key, b, x) for b, x in v.items())
+            else:
+                raise ValueError(
+                    f"indicators[{layer!r}]: keys must be (role, bits) or role -> {{bits: v}}"
+                )
+        norm: dict[str, dict[int, float]] = {"w": {}, "a": {}}
+        for role, b, v in pairs:
+            r = _ROLE_KEYS.get(role)
+            if r is None:
                 raise ValueError(
                     f"indicators[{layer!r}]: role {role!r}; accepted roles are weight, activation"
                 )
-            vals = {}
-            for b, v in per_bits.items():
-                v = float(v.mean()) if isinstance(v, torch.Tensor) else float(np.mean(v))
-                if not np.isfinite(v) or v <= 0:
-                    raise ValueError(f"indicators[{layer!r}][{role!r}][{b}]={v}: must be > 0")
-                vals[int(b)] = v
-            norm[key] = vals
-        missing = {"w", "a"} - set(norm)
+            v = float(v.float().mean()) if isinstance(v, torch.Tensor) else float(np.mean(v))
+            if not np.isfinite(v) or v <= 0:
+                raise ValueError(f"indicators[{layer!r}][{role!r}][{b}]={v}: must be > 0")
+            norm[r][int(b)] = v
+        missing = [r for r in ("w", "a") if not norm[r]]
         if missing:
-            raise ValueError(f"indicators[{layer!r}]: missing roles {sorted(missing)}")
+            raise ValueError(f"indicators[{layer!r}]: missing roles {missing}")
         out[layer] = norm
-    return out
-
-
-def indicators_from_supernet(supernet) -> dict[str, dict[str, dict[int, float]]]:
-    """The step sizes of every elastic layer's quantizers at every width, in the layer's
-    preferred forms (per-channel weights averaged over channels), as LIMPQ reads them."""
-    from eqnet.space import _prefer
-
-    space = supernet.space
-    gran = _prefer(space.w_granularities, "channel")
-    wsym = _prefer(space.w_symmetries, "sym")
-    asym = _prefer(space.a_symmetries, "asym")
-    out = {}
-    with torch.no_grad():
-        for name, layer in supernet.quantized_layers().items():
-            if layer.fixed_choice is not None:
-                continue
-            out[name] = {
-                "w": {
-                    b: float(layer.weight_quantizer.params(b, gran, wsym).scale.mean())
-                    for b in space.w_bits
-                },
-                "a": {
-                    b: float(layer.act_quantizer.params(b, "tensor", asym).scale.mean())
-                    for b in space.a_bits
-                },
-            }
     return out
 
 

@@ -37,6 +37,7 @@ def plot(path: str | Path, rows: Sequence[dict], title: str = "") -> Path:
 
     matplotlib.use("Agg")  # files only; never a display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -77,6 +78,7 @@ def plot(path: str | Path, rows: Sequence[dict], title: str = "") -> Path:
                     textcoords="offset points",
                 )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels collide
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)

@@ -1,0 +1,291 @@
+"""`eqnet search RUN --method ga|limpq|layered --constraint bitops<=X ...`
+
+Reads a trained run directory, searches one mixed-precision config per --constraint, then
+evaluates every chosen config and the uniform widths for real (BN re-estimated on training
+batches, accuracy on the test split). Writes to --out (default RUN/search-METHOD):
+
+  configs.json     the chosen configs with their constraint, metrics and test accuracy
+  pareto.csv/.png  accuracy vs BitOPs and vs size, chosen configs and uniform widths
+  accuracy.jsonl   (ga) the Monte Carlo balanced accuracy dataset on the held-out split
+  predictor.pt     (ga) the accuracy predictor; predictor.json its Kendall tau / Pearson r
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("ga", "limpq", "layered")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="trained run directory (eqnet train --out)")
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument(
+        "--constraint",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="e.g. 'bitops<=1.5G', 'size<=200k', 'avg_bits<=4' (comma = all of them); "
+        "repeat for several targets",
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help="default RUN/search-METHOD")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bn-batches", type=int, default=None, help="default: the run's bn_batches")
+    p.add_argument("--no-uniform", action="store_true", help="skip the uniform-width baselines")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("ga")
+    g.add_argument("--dataset-size", type=int, default=500, help="configs in the accuracy data")
+    g.add_argument("--population", type=int, default=100)
+    g.add_argument("--elites", type=int, default=25)
+    g.add_argument("--mutations", type=int, default=50)
+    g.add_argument("--crossovers", type=int, default=50)
+    g.add_argument("--iterations", type=int, default=500)
+    g.add_argument("--predictor-epochs", type=int, default=200)
+    g.add_argument("--mc-metric", default="avg_bits", help="metric the MC sampler buckets")
+    g.add_argument(
+        "--forms", action="store_true", help="also search granularity/symmetry (if the space has)"
+    )
+    lp = p.add_argument_group("limpq")
+    lp.add_argument("--alpha", type=float, default=1.0, help="weight of I_w (LIMPQ: 1-3)")
+    ly = p.add_argument_group("layered")
+    ly.add_argument("--a-bits", type=int, default=None, help="activation width (default: max)")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Context:
+    """The trained run, its data, the cost model and the real evaluator."""
+
+    def __init__(self, args):
+        import torch
+
+        from eqnet.data import eval_loader, load_data
+        from eqnet.search.cost import CostModel
+        from eqnet.train import load_run
+
+        self.run = load_run(args.run, map_location=args.device)
+        if self.run.space is None:
+            raise ValueError(f"{args.run}: a float run has no quantization space to search")
+        self.supernet = self.run.model.to(args.device)
+        self.space = self.run.space
+        c = self.run.config
+        self.device = torch.device(args.device)
+        self.bn_batches = args.bn_batches or c.bn_batches
+        # unaugmented training images for BN statistics; the run's own held-out / test split
+        self.data = load_data(
+            c.data,
+            holdout=c.holdout,
+            limit_train=c.limit_train,
+            limit_test=c.limit_test,
+            augment=False,
+        )
+        self.bn_loader = eval_loader(self.data.train, c.batch_size)
+        self.holdout_loader = eval_loader(self.data.holdout, c.eval_batch_size)
+        self.test_loader = eval_loader(self.data.test, c.eval_batch_size)
+        self.cost = CostModel.trace(self.supernet, (1, *self.data.input_shape))
+
+    def _batches(self, loader):
+        return ((x.to(self.device), y.to(self.device)) for x, y in loader)
+
+    def accuracy(self, cfg, loader) -> float:
+        from eqnet.convert import recalibrate_bn
+        from eqnet.train import evaluate
+
+        self.supernet.set_config(cfg)
+        recalibrate_bn(self.supernet, self._batches(self.bn_loader), batches=self.bn_batches)
+        return float(evaluate(self.supernet, loader, self.device))
+
+
+def _search_ga(args, ctx, budgets, out: Path):
+    import torch
+
+    from eqnet.search.accuracy_data import build_dataset, row_config
+    from eqnet.search.genetic import genetic_search
+    from eqnet.search.genome import Budget, ChoiceTable
+    from eqnet.search.montecarlo import MonteCarloSampler
+    from eqnet.search.predictor import AccuracyPredictor, predictor_fitness
+
+    table = ChoiceTable.from_model(ctx.space, ctx.supernet, forms=args.forms)
+    mt = table.metric_table(ctx.cost, args.mc_metric)
+    sampler = MonteCarloSampler(table, mt, args.mc_metric, seed=args.seed)
+    # the dataset spans the whole budget range: every populated bucket equally often
+    genomes, _ = sampler.sample(args.dataset_size, Budget(table, ctx.cost, []))
+    t0 = time.perf_counter()
+    rows = build_dataset(
+        out / "accuracy.jsonl",
+        [table.decode(g) for g in genomes],
+        lambda cfg: ctx.accuracy(cfg, ctx.holdout_loader),
+        ctx.cost.metrics,
+        progress=not args.no_progress,
+    )
+    _log(f"accuracy dataset: {len(rows)} configs ({time.perf_counter() - t0:.1f} s)")
+    enc = torch.stack([row_config(r).encode() for r in rows])
+    acc = torch.tensor([r["accuracy"] for r in rows])
+    predictor = AccuracyPredictor(enc.shape[1])
+    t0 = time.perf_counter()
+    report = predictor.fit(enc, acc, epochs=args.predictor_epochs, seed=args.seed)
+    predictor.save(out / "predictor.pt")
+    (out / "predictor_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    _log(
+        f"predictor: Kendall tau {report.kendall_tau:.3f}, Pearson r {report.pearson_r:.3f} "
+        f"on {report.n_val} held-out configs ({time.perf_counter() - t0:.1f} s)"
+    )
+    fitness = predictor_fitness(predictor, table)
+    results = []
+    for spec, constraints in budgets:
+        budget = Budget(table, ctx.cost, constraints)
+        main = constraints[0].metric
+        init_sampler = (
+            sampler
+            if main == args.mc_metric
+            else MonteCarloSampler(table, table.metric_table(ctx.cost, main), main, seed=args.seed)
+        )
+        init, rep = init_sampler.sample(args.population, budget)
+        t0 = time.perf_counter()
+        res = genetic_search(
+            table,
+            fitness,
+            budget,
+            initial=init,
+            population=args.population,
+            elites=args.elites,
+            mutations=args.mutations,
+            crossovers=args.crossovers,
+            iterations=args.iterations,
+            seed=args.seed,
+        )
+        wall = time.perf_counter() - t0
+        results.append(
+            (
+                spec,
+                table.decode(res.best),
+                {
+                    "predicted_accuracy": res.best_fitness,
+                    "search_seconds": wall,
+                    "mc_trials_per_sample": rep.trials_per_sample,
+                },
+            )
+        )
+        _log(f"{spec}: GA best predicted {res.best_fitness:.4f} in {wall:.1f} s")
+    return results, {"predictor": report.to_dict()}
+
+
+def _search_ilp(args, ctx, budgets):
+    from eqnet.search.genome import ChoiceTable
+    from eqnet.search.layered import layer_errors, layered_search, weights_from_supernet
+    from eqnet.search.limpq import limpq_search
+
+    results = []
+    if args.method == "limpq":
+        from eqnet.train import importance_indicators
+
+        table = ChoiceTable.from_model(ctx.space, ctx.supernet, forms=False)
+        indicators = importance_indicators(ctx.supernet)
+        for spec, constraints in budgets:
+            t0 = time.perf_counter()
+            res = limpq_search(table, ctx.cost, indicators, constraints, alpha=args.alpha)
+            results.append(
+                (
+                    spec,
+                    res.config,
+                    {
+                        "objective": res.objective,
+                        "search_seconds": time.perf_counter() - t0,
+                        "masked": res.masked,
+                    },
+                )
+            )
+        return results, {"alpha": args.alpha}
+    # layered
+    space = ctx.space
+    a_bits = args.a_bits if args.a_bits is not None else max(space.a_bits)
+    if a_bits not in space.a_bits:
+        raise ValueError(f"--a-bits={a_bits}: the space's activation widths are {space.a_bits}")
+    full = ChoiceTable.from_model(space, ctx.supernet, forms=False)
+    table = ChoiceTable(
+        {
+            n: [c for c in opts if c.a_bits == a_bits] if len(opts) > 1 else opts
+            for n, opts in zip(full.names, full.choices)
+        }
+    )
+    weights = weights_from_supernet(ctx.supernet)
+    errors = {
+        n: dict(zip(space.w_bits, e))
+        for n, e in layer_errors(weights, space.top_bits, list(space.w_bits)).items()
+    }
+    for spec, constraints in budgets:
+        t0 = time.perf_counter()
+        cfg, err = layered_search(table, ctx.cost, errors, constraints)
+        results.append(
+            (spec, cfg, {"downsampling_error": err, "search_seconds": time.perf_counter() - t0})
+        )
+    return results, {"a_bits": a_bits}
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as exc:  # bad constraint, infeasible budget, no run
+        print(f"eqnet search: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from eqnet.search import pareto
+    from eqnet.search.genome import parse_constraints
+    from eqnet.space import SubnetConfig
+
+    budgets = [(spec, parse_constraints(spec)) for spec in args.constraint]
+    out = Path(args.out) if args.out else Path(args.run) / f"search-{args.method}"
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = _Context(args)
+    if args.method == "ga":
+        results, extra = _search_ga(args, ctx, budgets, out)
+    else:
+        results, extra = _search_ilp(args, ctx, budgets)
+
+    rows, chosen = [], []
+    for spec, cfg, info in results:
+        cfg.validate(ctx.space, ctx.supernet)
+        metrics = ctx.cost.metrics(cfg)
+        acc = ctx.accuracy(cfg, ctx.test_loader)
+        chosen.append(
+            {
+                "constraint": spec,
+                "method": args.method,
+                "test_accuracy": acc,
+                **metrics,
+                **info,
+                "config": json.loads(cfg.to_json())["layers"],
+            }
+        )
+        rows.append({"label": spec, "kind": args.method, "accuracy": acc, **metrics})
+        _log(f"{spec}: test accuracy {acc:.4f}, {cfg.summary()}")
+    if not args.no_uniform:
+        for b in sorted(set(ctx.space.w_bits) & set(ctx.space.a_bits)):
+            cfg = SubnetConfig.uniform(ctx.space, ctx.supernet, b, b)
+            acc = ctx.accuracy(cfg, ctx.test_loader)
+            rows.append(
+                {"label": f"W{b}A{b}", "kind": "uniform", "accuracy": acc, **ctx.cost.metrics(cfg)}
+            )
+    (out / "configs.json").write_text(
+        json.dumps(
+            {"run": str(args.run), "method": args.method, **extra, "chosen": chosen}, indent=2
+        )
+    )
+    pareto.write_csv(out / "pareto.csv", rows)
+    pareto.plot(out / "pareto.png", rows, title=f"{args.method}: {Path(args.run).name}")
+    _log(f"wrote {out}/configs.json, pareto.csv, pareto.png")
+    print(
+        json.dumps(
+            [{k: c[k] for k in ("constraint", "test_accuracy", "bitops", "size")} for c in chosen]
+        )
+    )
+    return 0
