@@ -13,6 +13,7 @@ the `eqkernels` ops; this module only selects the parameters (`params()`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -260,20 +261,24 @@ class ElasticQuantizer(nn.Module):
         x = x.detach().float()
         if self.role == "activation":
             self.signed = bool((x < 0).any()) if signed is None else bool(signed)
+        rows = {}  # granularity -> statistics of its rows, shared by that granularity's forms
         for bits, gran, sym in self.form_keys():
-            if gran == "channel":
-                data = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
-            else:
-                data = x.reshape(1, -1)
+            if gran not in rows:
+                if gran == "channel":
+                    data = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+                else:
+                    data = x.reshape(1, -1)
+                rows[gran] = _RowStats(data)
             scale, zp = self.raw_parameters(bits, gran, sym)
-            s, z = self._search(data, bits, sym, method)
+            s, z = self._search(rows[gran], bits, sym, method)
             scale.copy_(s.reshape(scale.shape))
             if zp is not None:
                 zp.copy_(z.reshape(zp.shape))
 
-    def _search(self, data, bits, sym, method):
-        """Best (scale [G], zero point [G] or None) for rows `data` [G, N]."""
-        cand_s, cand_z = _candidates(data, bits, self._signed, sym, method)  # [K, G]
+    def _search(self, stats, bits, sym, method):
+        """Best (scale [G], zero point [G] or None) for the rows [G, N] of `stats`."""
+        data = stats.data
+        cand_s, cand_z = _candidates(stats, bits, self._signed, sym, method)  # [K, G]
         if cand_s.shape[0] == 1:
             return cand_s[0], None if cand_z is None else cand_z[0]
         if self.nested:
@@ -300,17 +305,41 @@ def _sync_signed(module, incompatible_keys):
     module._signed = bool(module.signed_range.item())
 
 
-def _candidates(data, bits, signed, sym, method):
+class _RowStats:
+    """Per-row statistics of data [G, N], computed once and shared by every form."""
+
+    def __init__(self, data):
+        self.data = data
+
+    @functools.cached_property
+    def abs_mean(self):
+        return self.data.abs().mean(1)
+
+    @functools.cached_property
+    def lo(self):
+        return self.data.amin(1)
+
+    @functools.cached_property
+    def hi(self):
+        return self.data.amax(1)
+
+    @functools.cached_property
+    def abs_max(self):
+        return torch.maximum(self.hi, -self.lo)
+
+
+def _candidates(stats, bits, signed, sym, method):
     """Candidate (scales [K, G], zero points [K, G] or None) for each row of data [G, N]."""
+    data = stats.data
     qmin, qmax = qrange(bits, signed)
-    lsq = 2.0 * data.abs().mean(1) / math.sqrt(max(qmax, 1))  # [G]
+    lsq = 2.0 * stats.abs_mean / math.sqrt(max(qmax, 1))  # [G]
     if sym == "sym":
         if signed:
             # signed symmetric grid [-2^(b-1), 2^(b-1)-1]: scale the larger half-range
-            top = data.abs().amax(1)
+            top = stats.abs_max
             denom = max(-qmin, 1) if qmax < 1 else max(qmax, 1)
         else:
-            top = data.clamp_min(0).amax(1)
+            top = stats.hi.clamp_min(0)
             denom = max(qmax, 1)
         if method == "lsq":
             return lsq.clamp_min(SCALE_EPS)[None], None
@@ -319,8 +348,8 @@ def _candidates(data, bits, signed, sym, method):
         return torch.cat([grid, lsq[None]]).clamp_min(SCALE_EPS), None
     # Asymmetric forms cover [ratio*min, ratio*max]; "lsq" uses ratio 1, the min/max
     # initialization of LSQ+ (Bhalgat et al. 2020) for a learnable offset.
-    lo = data.amin(1).clamp_max(0)  # keep real zero representable
-    hi = data.amax(1).clamp_min(0)
+    lo = stats.lo.clamp_max(0)  # keep real zero representable
+    hi = stats.hi.clamp_min(0)
     ratios = [1.0] if method == "lsq" else CLIP_RATIOS
     ratios = torch.tensor(ratios, dtype=data.dtype, device=data.device)
     s = (ratios[:, None] * (hi - lo)[None] / (qmax - qmin)).clamp_min(SCALE_EPS)
