@@ -111,7 +111,7 @@ def test_layered_mgd_step(digits):
 
 @pytest.mark.slow
 def test_resume_equals_uninterrupted_run(digits, tmp_path):
-    cfg = tiny("multiquant", oal=True, deterministic=True, max_steps_per_epoch=2)
+    cfg = tiny("multiquant", oal=True, max_steps_per_epoch=2)
     full = Trainer(cfg, tmp_path / "full", data=digits)
     full.fit()
     part = Trainer(cfg, tmp_path / "part", data=digits)

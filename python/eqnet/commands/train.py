@@ -125,6 +125,16 @@ def run(args) -> int:
                 overrides["device"] = args.device
             if args.workers is not None:
                 overrides["workers"] = args.workers
+            ignored = [
+                "--" + k.replace("_", "-")
+                for k in _CONFIG_KEYS
+                if k not in ("epochs", "device", "workers") and getattr(args, k, None) is not None
+            ]
+            if ignored:
+                print(
+                    f"eqnet train: --resume keeps the run's settings; ignoring {' '.join(ignored)}",
+                    file=sys.stderr,
+                )
             trainer = Trainer.from_run(args.out, epochs=args.epochs, **overrides)
             print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
         else:

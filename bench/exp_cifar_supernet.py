@@ -1,0 +1,150 @@
+"""Evidence for issue 5: one supernet vs dedicated QAT at each width (run by hand).
+
+Trains, with the `eqnet train` CLI in process, a float model, then from it an `eqnet` supernet
+(W/A 2-8), a `layered` supernet (nested, widths 2-4) and one dedicated `qat` model per width,
+all with the same number of epochs; then evaluates every model at each width after BN
+recalibration on the held-out split, and prints a markdown table (accuracy and training
+time). Every run directory is resumable: rerunning the script continues unfinished runs
+(`--resume`) and skips finished ones, so the experiment can be split across sessions.
+Never run it beside a benchmark.
+
+    python bench/exp_cifar_supernet.py --data ../shared/data/cifar10.npz --model resnet20 \\
+        --float-epochs 12 --epochs 2 --root runs/cifar
+    python bench/exp_cifar_supernet.py --data digits --model digits_cnn --float-epochs 3 \\
+        --epochs 2 --root /tmp/exp_digits          # a smoke run in about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Table, threads_from_env  # noqa: E402
+
+
+def _run(root: Path, name: str, epochs: int, args: list[str]) -> Path:
+    from eqnet.cli import main
+    from eqnet.train.checkpoint import load_checkpoint
+
+    out = root / name
+    if (out / "checkpoint.pt").exists():
+        done = int(load_checkpoint(out)["epoch"])
+        if done >= epochs:
+            print(f"[{name}] finished ({done} epochs), skipped", flush=True)
+            return out
+        cmd = ["train", "--out", str(out), "--resume", "--epochs", str(epochs)]
+    else:
+        cmd = ["train", "--out", str(out), "--epochs", str(epochs), *args]
+    print(f"[{name}] eqnet {' '.join(cmd)}", flush=True)
+    if main(cmd) != 0:
+        raise SystemExit(f"[{name}] training failed")
+    return out
+
+
+def _accuracy_at(run_dir: Path, widths, bn_batches: int) -> dict:
+    from eqnet.convert import recalibrate_bn
+    from eqnet.data import eval_loader, load_data
+    from eqnet.space import SubnetConfig
+    from eqnet.train import evaluate, load_run
+
+    run = load_run(run_dir)
+    c = run.config
+    data = load_data(c.data, holdout=c.holdout, limit_train=c.limit_train, limit_test=c.limit_test)
+    holdout = eval_loader(data.holdout, c.batch_size)
+    test = eval_loader(data.test, c.eval_batch_size)
+    model = run.model
+    out = {}
+    for b in widths:
+        if b not in run.space.w_bits or b not in run.space.a_bits:
+            continue
+        model.set_config(SubnetConfig.uniform(run.space, model, b, b))
+        if c.recipe != "qat":
+            recalibrate_bn(model, holdout, batches=bn_batches)
+        out[b] = evaluate(model, test)
+    total_time = sum(r.get("time_s", 0.0) for r in run.metrics)
+    return {"acc": out, "train_time_s": total_time}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/cifar10.npz")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--root", default="runs/exp_cifar_supernet")
+    p.add_argument("--float-epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=2, help="epochs of every quantized run")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.01, help="lr of the quantized runs")
+    p.add_argument("--qat-widths", default="2,3,4,8")
+    p.add_argument("--bn-batches", type=int, default=16)
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--skip", default="", help="comma list of runs to skip: eqnet,layered,qat")
+    args = p.parse_args()
+    threads = threads_from_env()
+    root = Path(args.root)
+    common = ["--model", args.model, "--data", args.data, "--batch-size", str(args.batch_size)]
+    if args.limit_train:
+        common += ["--limit-train", str(args.limit_train)]
+    skip = set(filter(None, args.skip.split(",")))
+    widths = [int(b) for b in args.qat_widths.split(",")]
+
+    float_dir = _run(
+        root,
+        "float",
+        args.float_epochs,
+        common + ["--recipe", "float", "--lr", "0.1", "--warmup-epochs", "1"],
+    )
+    quant = common + ["--init", str(float_dir), "--lr", str(args.lr)]
+    runs = {}
+    if "eqnet" not in skip:
+        runs["eqnet"] = _run(root, "eqnet", args.epochs, quant + ["--recipe", "eqnet"])
+    if "layered" not in skip:
+        runs["layered"] = _run(root, "layered", args.epochs, quant + ["--recipe", "layered"])
+    if "qat" not in skip:
+        for b in widths:
+            runs[f"qat{b}"] = _run(
+                root,
+                f"qat_w{b}a{b}",
+                args.epochs,
+                quant + ["--recipe", "qat", "--w-bits", str(b), "--a-bits", str(b)],
+            )
+
+    results = {name: _accuracy_at(d, widths, args.bn_batches) for name, d in runs.items()}
+    table = Table(
+        f"exp_supernet_{Path(args.data).stem}_{args.model}",
+        ["model", *[f"W{b}A{b}" for b in widths], "train_s"],
+    )
+    qat_time = 0.0
+    qat_row = {"model": "dedicated qat (one run per width)"}
+    for b in widths:
+        r = results.get(f"qat{b}")
+        qat_row[f"W{b}A{b}"] = "" if r is None else round(100 * r["acc"][b], 2)
+        qat_time += 0.0 if r is None else r["train_time_s"]
+    qat_row["train_s"] = round(qat_time)
+    table.add(**qat_row)
+    for name in ("eqnet", "layered"):
+        if name in results:
+            r = results[name]
+            row = {"model": f"{name} supernet"}
+            for b in widths:
+                row[f"W{b}A{b}"] = round(100 * r["acc"][b], 2) if b in r["acc"] else ""
+            row["train_s"] = round(r["train_time_s"])
+            table.add(**row)
+    table.finish()
+    print(
+        f"\n{args.model} on {args.data}: float {args.float_epochs} epochs, every quantized run "
+        f"{args.epochs} epochs from it, batch {args.batch_size}, {threads} threads; accuracy "
+        "(%) on the test split after BN recalibration (dedicated QAT: its own statistics)"
+    )
+    (root / "summary.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    sys.exit(main())
