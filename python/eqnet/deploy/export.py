@@ -254,6 +254,7 @@ def export(
     *,
     arch: str | None = None,
     arch_kwargs: Mapping | None = None,
+    extra: Mapping | None = None,
 ) -> dict:
     """Write `supernet` to one .eqk file at `path`; returns the written header.
 
@@ -263,6 +264,7 @@ def export(
         (default: one uniform config per weight width), each in its own section.
     arch, arch_kwargs: the registered architecture (eqnet.models.get) the network was built
         from; needed unless the supernet records it.
+    extra: a JSON object stored in the header as is (e.g. {"data": "digits"} for eqnet eval).
     """
     from ..nn import Supernet  # noqa: F401  (import check: export needs the eqnet modules)
 
@@ -285,25 +287,25 @@ def export(
     fold_of_layer = {prefix + conv: prefix + bn for bn, conv in folds.items()}
 
     uniform = default_configs(supernet)
-    extra = _normalize_configs(supernet, configs)
+    named = _normalize_configs(supernet, configs)
     if nested:
-        stored = OrderedDict(list(uniform.items()) + list(extra.items()))
+        stored = OrderedDict(list(uniform.items()) + list(named.items()))
     else:
-        stored = extra or uniform
+        stored = named or uniform
 
     was_training = supernet.training
     supernet.eval()
     try:
         with torch.no_grad():
             header = _write(
-                supernet, path, record, float_model, layers, fold_of_layer, stored, nested
+                supernet, path, record, float_model, layers, fold_of_layer, stored, nested, extra
             )
     finally:
         supernet.train(was_training)
     return header
 
 
-def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, nested):
+def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, nested, extra):
     space = supernet.space
     top = space.top_bits
     min_bits = min(space.w_bits)
@@ -453,6 +455,7 @@ def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, n
         top_bits=top,
         widths=widths,
         quant=quant,
+        extra=extra,
     )
 
 
