@@ -1,0 +1,106 @@
+"""`eqnet export-onnx RUN --out model.onnx [--config cfg.json | --uniform W,A] --preset P`
+
+Exports one subnet of a trained run's supernet as ONNX QDQ (eqnet.deploy.onnx). With
+`--check N` it then runs the file under onnxruntime (CPU, graph optimizations off) on N seeded
+random inputs and prints the agreement with the fake-quant subnet as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from eqnet.deploy.onnx_presets import BN_MODES, PRESETS, WEIGHT_FORMATS
+
+    p.add_argument("run", metavar="RUN", help="trained run directory (eqnet train --out)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--config", metavar="FILE", help="a SubnetConfig JSON file")
+    which.add_argument("--uniform", metavar="W,A", help="uniform weight,activation bits")
+    which.add_argument("--lowest", action="store_true", help="the lowest subnet")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="generic")
+    p.add_argument("--opset", type=int, default=21)
+    p.add_argument("--fold-bn", choices=BN_MODES, default=None, help="default: the preset's")
+    p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default=None)
+    p.add_argument("--no-int4", action="store_true", help="no int4/uint4 containers")
+    p.add_argument(
+        "--input-shape",
+        default=None,
+        metavar="N,C,H,W",
+        help="default: the model's own input size (eqnet.models)",
+    )
+    p.add_argument("--check", type=int, default=0, metavar="N", help="validate on N inputs")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _config(args, supernet):
+    from eqnet.space import SubnetConfig, layer_specs
+
+    space = supernet.space
+    if args.config:
+        return SubnetConfig.from_json(Path(args.config).read_text())
+    if args.lowest:
+        return SubnetConfig.lowest(space, supernet)
+    if args.uniform:
+        try:
+            w, a = (int(v) for v in args.uniform.split(","))
+        except ValueError:
+            raise ValueError(f"--uniform={args.uniform!r}: expected two ints, e.g. 4,8") from None
+        # Forms (granularity, symmetries) as the highest subnet's elastic layers take them.
+        highest = SubnetConfig.highest(space, supernet)
+        elastic = [n for n, fixed in layer_specs(supernet).items() if fixed is None]
+        c = highest[elastic[0]] if elastic else next(iter(highest))[1]
+        return SubnetConfig.uniform(
+            space, supernet, w, a, c.w_granularity, c.w_symmetry, c.a_symmetry
+        )
+    return SubnetConfig.highest(space, supernet)
+
+
+def _shape(args, supernet):
+    if args.input_shape:
+        try:
+            return tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise ValueError(f"--input-shape={args.input_shape!r}: expected N,C,H,W") from None
+    shape = getattr(supernet.model, "eqnet_input_size", None)
+    if shape is None:
+        raise ValueError("--input-shape is required: the model does not record its input size")
+    return tuple(shape)
+
+
+def run(args) -> int:
+    import torch
+
+    from eqnet.deploy.onnx import compare_onnx, export_onnx
+    from eqnet.train.trainer import build_supernet_from_run
+
+    try:
+        supernet = build_supernet_from_run(args.run)
+        if not hasattr(supernet, "set_config"):
+            raise ValueError(f"run {args.run!r} holds a float model, not a supernet")
+        config = _config(args, supernet)
+        shape = _shape(args, supernet)
+        export_onnx(
+            supernet,
+            config,
+            args.out,
+            shape,
+            opset=args.opset,
+            preset=args.preset,
+            fold_bn=args.fold_bn,
+            weight_format=args.weight_format,
+            int4=not args.no_int4,
+        )
+    except ValueError as exc:
+        print(f"eqnet export-onnx: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({config.summary()}, preset {args.preset})", file=sys.stderr)
+    if args.check > 0:
+        g = torch.Generator().manual_seed(args.seed)
+        inputs = torch.randn((args.check, *shape[1:]), generator=g)
+        print(json.dumps(compare_onnx(supernet, config, args.out, inputs)))
+    return 0
