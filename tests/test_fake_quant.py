@@ -393,6 +393,16 @@ def test_layered_bad_input_names_the_argument(fn):
         qrange(9, True)
 
 
+def test_auto_preference_order():
+    from eqkernels.ops import fake_quant as fq
+
+    # CUDA tensors: Triton first (resolved from the device type alone; no GPU is touched).
+    assert fq._resolve("auto", torch.device("cuda"), "fake_quant") == "triton"
+    # CPU: cpp when built, never the Triton interpreter, else the reference.
+    expected = "cpp" if fq._ext.has_kernel(fq.CPP_KERNEL) else "torch"
+    assert fq._resolve("auto", torch.device("cpu"), "fake_quant") == expected
+
+
 def test_unknown_or_unavailable_backend():
     x, s = torch.randn(8), torch.ones(1)
     with pytest.raises(ValueError, match="backend"):

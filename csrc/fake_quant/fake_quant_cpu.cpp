@@ -12,8 +12,11 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_features.h"

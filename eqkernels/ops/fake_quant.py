@@ -136,6 +136,8 @@ def _preference(backend: str | None) -> dict[str, tuple[str, ...]]:
 
 
 def _resolve(backend: str | None, device: torch.device, op: str) -> str:
+    if backend == "torch":  # always available; skips the probes on the hot path
+        return backend
     return _backend.choose(backend, device, op, _preference(backend), kernels={"cpp": CPP_KERNEL})
 
 
