@@ -13,9 +13,20 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_train_then_resume(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--recipe", "multiquant", "--w-bits", "2,4", "--a-bits", "2-4", "--out", str(out)]
+    args = [
+        "train",
+        "--recipe",
+        "multiquant",
+        "--w-bits",
+        "2,4",
+        "--a-bits",
+        "2-4",
+        "--out",
+        str(out),
+    ]
     assert main(args + ["--epochs", "2", "--stop-after", "1"] + TINY) == 0
     assert "trained multiquant to epoch 1" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())

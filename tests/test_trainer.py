@@ -34,6 +34,9 @@ def tiny(recipe, **kw):
         bn_batches=1,
         max_steps_per_epoch=3,
         progress=False,
+        holdout=64,  # the same splits as the digits fixture, so the runs record them
+        limit_train=160,
+        limit_test=96,
     )
     if recipe not in ("float", "qat"):
         base.update(w_bits=[2, 4], a_bits=[2, 4])
@@ -131,6 +134,9 @@ def test_resume_equals_uninterrupted_run(digits, tmp_path):
     # the stored run rebuilds the same network
     run = load_run(tmp_path / "full")
     assert run.epoch == 2 and run.config.recipe == "multiquant"
+    assert torch.equal(
+        run.load_data().holdout.images, load_data("digits", holdout=64).holdout.images
+    )
     loaded = run.model.state_dict()
     for k in a:
         assert torch.equal(loaded[k], a[k]), k

@@ -451,6 +451,14 @@ class TrainedRun:
     epoch: int
     num_classes: int
 
+    def load_data(self, **overrides) -> DataBundle:
+        """The run's data set with the same splits (its holdout is the split for BN
+        recalibration and search); `overrides` go to `eqnet.data.load_data`."""
+        c = self.config
+        kwargs = dict(holdout=c.holdout, limit_train=c.limit_train, limit_test=c.limit_test)
+        kwargs.update(overrides)
+        return load_data(c.data, **kwargs)
+
 
 def load_run(run_dir, map_location="cpu") -> TrainedRun:
     """Rebuild a trained network from a run directory (or its checkpoint file): the model
