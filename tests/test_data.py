@@ -119,3 +119,24 @@ def test_train_loader_rejects_tiny_split():
     data = load_data("digits", limit_train=10)
     with pytest.raises(DataError, match="batch_size"):
         train_loader(data.train, 32, seed=0)
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for cls in ("cat", "dog"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                    d / f"{i}.png"
+                )
+    data = load_data(f"imagefolder:{tmp_path}", image_size=8, holdout=2)
+    assert data.num_classes == 2 and data.input_shape == (3, 8, 8)
+    assert (len(data.train), len(data.holdout), len(data.test)) == (8, 2, 4)
+    x, y = data.test[0]
+    assert x.shape == (3, 8, 8) and int(y) == 0
+    with pytest.raises(DataError, match="train/ and val/"):
+        load_data(f"imagefolder:{tmp_path / 'val'}")

@@ -125,7 +125,12 @@ class Trainer:
     """Trains `config.recipe` and writes checkpoints and metrics to `out_dir` (if given)."""
 
     def __init__(
-        self, config: TrainConfig, out_dir: str | Path | None = None, data: DataBundle | None = None
+        self,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        data: DataBundle | None = None,
+        *,
+        load_init: bool = True,
     ):
         self.config = config.resolved()
         c = self.config
@@ -142,7 +147,8 @@ class Trainer:
         self.train_loader = train_loader(self.data.train, c.batch_size, c.seed, c.workers)
         self.holdout_loader = eval_loader(self.data.holdout, c.batch_size, c.workers)
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size, c.workers)
-        model, self.space = build_model(c, self.data.num_classes)
+        # On resume the checkpoint holds the weights: the float init need not exist any more.
+        model, self.space = build_model(c, self.data.num_classes, float_init=load_init)
         self.model = model.to(self.device)
         if self.space is not None:
             self.sampler = ConfigSampler(self.space, self.model, c.seed + 1, self.recipe.forms)
@@ -436,7 +442,7 @@ class Trainer:
                     f"epochs={epochs}: the run in {out_dir} already completed {state['epoch']} epochs"
                 )
             d["epochs"] = epochs
-        trainer = cls(TrainConfig.from_dict(d), out_dir, data=data)
+        trainer = cls(TrainConfig.from_dict(d), out_dir, data=data, load_init=False)
         trainer.load_state_dict(state)
         return trainer
 
