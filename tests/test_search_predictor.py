@@ -76,3 +76,12 @@ def test_bad_inputs():
         model.fit(torch.randn(20, 10), torch.randn(20), val_fraction=1.5)
     with pytest.raises(ValueError, match="expected \\[N, 10\\]"):
         model.predict(torch.randn(3, 4))
+
+
+def test_fast_fitness_equals_predict():
+    table, genomes, acc, _ = synthetic(n_layers=4, n=64)
+    model = AccuracyPredictor(20, hidden=16, depth=2)
+    model.fit(table.encode(genomes), torch.tensor(acc), epochs=3)
+    got = predictor_fitness(model, table)(genomes)
+    want = model.predict(table.encode(genomes)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -104,6 +104,7 @@ class _Context:
 
 
 def _search_ga(args, ctx, budgets, out: Path):
+    import numpy as np
     import torch
 
     from eqnet.search.accuracy_data import build_dataset, row_config
@@ -115,8 +116,18 @@ def _search_ga(args, ctx, budgets, out: Path):
     table = ChoiceTable.from_model(ctx.space, ctx.supernet, forms=args.forms)
     mt = table.metric_table(ctx.cost, args.mc_metric)
     sampler = MonteCarloSampler(table, mt, args.mc_metric, seed=args.seed)
-    # the dataset spans the whole budget range: every populated bucket equally often
-    genomes, _ = sampler.sample(args.dataset_size, Budget(table, ctx.cost, []))
+    # the dataset spans the whole budget range: every populated bucket equally often;
+    # distinct configs only (a small space repeats draws), as many as the space holds
+    anywhere = Budget(table, ctx.cost, [])
+    genomes = np.empty((0, table.n_layers), dtype=np.int64)
+    for _ in range(20):
+        more, _ = sampler.sample(args.dataset_size, anywhere)
+        genomes = np.concatenate([genomes, more])
+        _, first = np.unique(genomes, axis=0, return_index=True)
+        genomes = genomes[np.sort(first)]
+        if len(genomes) >= args.dataset_size:
+            break
+    genomes = genomes[: args.dataset_size]
     t0 = time.perf_counter()
     rows = build_dataset(
         out / "accuracy.jsonl",

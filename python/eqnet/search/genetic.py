@@ -49,12 +49,54 @@ def genetic_search(
     mutation_prob: float = 0.1,
     max_redraws: int = 50,
     seed: int = 0,
+    threads: int | None = 1,
 ) -> GAResult:
     """Maximize `fitness` (genomes [N, L] -> scores [N]) over genomes meeting `budget`.
 
     `initial` is the first population (e.g. Monte Carlo samples; must meet the budget); by
-    default it is drawn by rejection from uniform choices.
+    default it is drawn by rejection from uniform choices. `threads` caps torch's intra-op
+    threads during the search (restored afterwards): a fitness call scores ~100 configs, far
+    too little work to share, and on a busy machine idle-spinning worker threads made each
+    call ~15x slower than one thread.
     """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _search(
+            table,
+            fitness,
+            budget,
+            initial,
+            population,
+            elites,
+            mutations,
+            crossovers,
+            iterations,
+            mutation_prob,
+            max_redraws,
+            seed,
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _search(
+    table,
+    fitness,
+    budget,
+    initial,
+    population,
+    elites,
+    mutations,
+    crossovers,
+    iterations,
+    mutation_prob,
+    max_redraws,
+    seed,
+) -> GAResult:
     _check_counts(
         population=population,
         elites=elites,

@@ -49,6 +49,13 @@ def rank_metrics(pred, target) -> tuple[float, float]:
     return tau, r
 
 
+def expand_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., 5] per-layer encodings -> [..., 19]: one-hot widths over 1..8, then the flags."""
+    bits = (x[..., :2] * 8).round().long().clamp(1, 8) - 1
+    onehot = nn.functional.one_hot(bits, 8).flatten(-2).to(x.dtype)
+    return torch.cat([onehot, x[..., 2:]], dim=-1)
+
+
 class AccuracyPredictor(nn.Module):
     """MLP: encoding [N, in_features] -> accuracy [N]."""
 
@@ -77,10 +84,7 @@ class AccuracyPredictor(nn.Module):
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 5L] encodings -> [N, 19L]: one-hot weight and activation widths, flags."""
-        x = x.reshape(x.shape[0], self.n_layers, ENCODING_WIDTH)
-        bits = (x[..., :2] * 8).round().long().clamp(1, 8) - 1
-        onehot = nn.functional.one_hot(bits, 8).flatten(-2).to(x.dtype)
-        return torch.cat([onehot, x[..., 2:]], dim=-1).flatten(1)
+        return expand_rows(x.reshape(x.shape[0], self.n_layers, ENCODING_WIDTH)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.expand(x)).squeeze(-1) * self.y_std + self.y_mean
@@ -193,15 +197,32 @@ class AccuracyPredictor(nn.Module):
 
 
 def predictor_fitness(predictor: AccuracyPredictor, table):
-    """A batched fitness for genetic_search: genomes [N, L] -> predicted accuracy [N]."""
+    """A batched fitness for genetic_search: genomes [N, L] -> predicted accuracy [N].
+
+    The first layer is linear in the per-layer one-hot input, so its output for a genome is a
+    sum over layers of a per-(layer, choice) vector; those vectors are computed once here and
+    each call only gathers and sums them, then runs the remaining layers. This equals
+    `predictor.predict(table.encode(genomes))` up to float32 summation order."""
     enc = table.encodings()
-    expected = enc.shape[0] * enc.shape[2]
-    if predictor.in_features != expected:
+    n_layers, n_choices, width = enc.shape
+    if predictor.in_features != n_layers * width:
         raise ValueError(
-            f"the predictor takes {predictor.in_features} features, the table encodes {expected}"
+            f"the predictor takes {predictor.in_features} features, the table encodes "
+            f"{n_layers * width}"
         )
+    first, rest = predictor.net[0], predictor.net[1:]
+    with torch.no_grad():
+        expanded = expand_rows(enc)  # [L, C, 19]
+        w = first.weight.reshape(first.out_features, n_layers, expanded.shape[-1])
+        per_choice = torch.einsum("hlk,lck->lch", w, expanded).contiguous()  # [L, C, H]
+        bias = first.bias.clone()
+        y_std, y_mean = predictor.y_std.clone(), predictor.y_mean.clone()
+    layer_idx = torch.arange(n_layers)
 
     def fitness(genomes: np.ndarray) -> np.ndarray:
-        return predictor.predict(table.encode(genomes, enc)).numpy()
+        with torch.no_grad():
+            g = torch.as_tensor(np.atleast_2d(genomes))
+            h = per_choice[layer_idx, g].sum(dim=1) + bias
+            return (rest(h).squeeze(-1) * y_std + y_mean).numpy()
 
     return fitness

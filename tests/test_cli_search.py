@@ -1,0 +1,94 @@
+"""`eqnet search` end to end on a tiny nested (layered) digits run, in process."""
+
+import csv
+import json
+
+import pytest
+from eqnet.cli import main
+from eqnet.search.cost import CostModel
+from eqnet.space import SubnetConfig
+
+TINY_TRAIN = [
+    "--limit-train", "96", "--limit-test", "64", "--holdout", "32", "--batch-size", "32",
+    "--max-steps-per-epoch", "1", "--calib-batches", "1", "--bn-batches", "1", "--no-progress",
+    "--epochs", "1", "--device", "cpu",
+]  # fmt: skip
+TINY_GA = [
+    "--dataset-size", "12", "--population", "8", "--elites", "3", "--mutations", "4",
+    "--crossovers", "4", "--iterations", "3", "--predictor-epochs", "3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def layered_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "layered"
+    assert main(["train", "--recipe", "layered", "--out", str(out)] + TINY_TRAIN) == 0
+    return out
+
+
+def _check_outputs(out, run, method, n_chosen):
+    from eqnet.train import load_run
+
+    data = json.loads((out / "configs.json").read_text())
+    assert data["method"] == method and len(data["chosen"]) == n_chosen
+    trained = load_run(run)
+    cost = CostModel.trace(trained.model, (1, 1, 8, 8))
+    for c in data["chosen"]:
+        cfg = SubnetConfig.from_json(
+            json.dumps({"format": "eqnet.SubnetConfig", "version": 1, "layers": c["config"]})
+        )
+        cfg.validate(trained.space, trained.model)
+        # the reported metrics are the cost model's, and the config meets its constraint
+        assert c["bitops"] == pytest.approx(cost.bitops(cfg))
+        metric, limit = c["constraint"].split("<=")
+        assert cost.metrics(cfg)[metric] <= float(limit) * (1 + 1e-9)
+        assert 0.0 <= c["test_accuracy"] <= 1.0
+    with open(out / "pareto.csv") as f:
+        rows = list(csv.DictReader(f))
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count(method) == n_chosen and kinds.count("uniform") == 3  # W2A2..W4A4
+    assert (out / "pareto.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_search_methods(layered_run, tmp_path, capsys):
+    cons = ["--constraint", "avg_w_bits<=3", "--constraint", "bitops<=7000000"]
+    for method, extra in (("layered", []), ("limpq", ["--alpha", "2"]), ("ga", TINY_GA)):
+        out = tmp_path / method
+        code = main(
+            ["search", str(layered_run), "--method", method, "--out", str(out), "--no-progress"]
+            + cons
+            + extra
+        )
+        assert code == 0, capsys.readouterr().err
+        _check_outputs(out, layered_run, method, 2)
+    # the accuracy dataset is resumable: a rerun evaluates nothing new
+    lines = (tmp_path / "ga" / "accuracy.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    code = main(
+        ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"),
+         "--no-progress", "--no-uniform", "--constraint", "avg_w_bits<=3"] + TINY_GA
+    )  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "ga" / "accuracy.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.slow
+def test_infeasible_budget_is_a_clear_error(layered_run, tmp_path, capsys):
+    code = main(
+        ["search", str(layered_run), "--method", "limpq", "--out", str(tmp_path),
+         "--constraint", "avg_w_bits<=1.5"]
+    )  # fmt: skip
+    assert code == 1
+    assert "infeasible" in capsys.readouterr().err
+
+
+def test_unknown_metric_fails_before_loading(tmp_path, capsys):
+    code = main(
+        ["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "latency<=3"]
+    )
+    assert code == 1
+    assert "accepted values are bitops" in capsys.readouterr().err
+    code = main(["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "size<=1"])
+    assert code == 1
+    assert "eqnet search: error" in capsys.readouterr().err
