@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,11 @@ class Trainer:
             c.epochs * self.steps_per_epoch, round(c.warmup_epochs * self.steps_per_epoch)
         )
         use_amp = c.amp and self.device.type == "cuda"
+        if c.amp and not use_amp:
+            warnings.warn(
+                f"amp=True ignored: mixed precision runs on CUDA only (device {self.device})",
+                stacklevel=2,
+            )
         self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
         self.epoch = 0
         self.metrics: list[dict] = []
