@@ -8,6 +8,8 @@
 3. Monte Carlo sampling vs uniform rejection sampling: trials per accepted config.
 
 Run: .venv/bin/python bench/bench_search.py   (EQK_BENCH_QUICK=1: fewer GA generations)
+`cpu_seconds` is the process CPU time: on a shared machine it shows what the wall time would
+be without the other jobs.
 """
 
 from __future__ import annotations
@@ -44,33 +46,38 @@ def resnet18_space():
 
 
 def bench_ga(table, cost, iterations):
-    t = Table("search_ga", ["what", "generations", "population", "configs", "seconds"])
+    t = Table(
+        "search_ga", ["what", "generations", "population", "configs", "seconds", "cpu_seconds"]
+    )
     predictor = AccuracyPredictor(table.n_layers * 5)  # 150 wide, 3 hidden layers
     fitness = predictor_fitness(predictor, table)
     budget = Budget(table, cost, parse_constraints("avg_bits<=4"))
     mt = table.metric_table(cost, "avg_bits")
     sampler = MonteCarloSampler(table, mt, "avg_bits")
     init, _ = sampler.sample(100, budget)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = genetic_search(table, fitness, budget, initial=init, iterations=iterations, seed=0)
-    ga = time.perf_counter() - t0
+    ga, ga_cpu = time.perf_counter() - t0, time.process_time() - c0
     t.add(
         what="GA (predictor fitness)",
         generations=iterations,
         population=100,
         configs=res.evaluations,
         seconds=ga,
+        cpu_seconds=ga_cpu,
     )
     genomes = table.uniform(np.random.default_rng(0), res.evaluations)
-    t0 = time.perf_counter()
+    torch.set_num_threads(1)  # as genetic_search runs it
+    t0, c0 = time.perf_counter(), time.process_time()
     fitness(genomes)
-    base = time.perf_counter() - t0
+    base, base_cpu = time.perf_counter() - t0, time.process_time() - c0
     t.add(
         what="predictor alone, one batch",
         generations=1,
         population=res.evaluations,
         configs=res.evaluations,
         seconds=base,
+        cpu_seconds=base_cpu,
     )
     t.ratio_to("x_vs_ga", "seconds", lambda r: r["what"].startswith("GA"), group_by=[])
     assert budget.ok(res.elites).all()
@@ -80,7 +87,7 @@ def bench_ga(table, cost, iterations):
 def bench_ilp(table, cost):
     from scipy.optimize import linprog
 
-    t = Table("search_ilp", ["solver", "layers", "choices", "seconds"])
+    t = Table("search_ilp", ["solver", "layers", "choices", "seconds", "cpu_seconds"])
     rng = np.random.default_rng(0)
     ind_w = np.sort(rng.random((table.n_layers, 7)), axis=1)[:, ::-1]
     ind_a = np.sort(rng.random((table.n_layers, 7)), axis=1)[:, ::-1]
@@ -92,16 +99,18 @@ def bench_ilp(table, cost):
     hi = {m: np.nanmax(table.metric_table(cost, m), 1).sum() for m in ("bitops", "size")}
     cons = [Constraint(m, "<=", lo[m] + 0.3 * (hi[m] - lo[m])) for m in ("bitops", "size")]
     costs, limits = budget_rows(table, cost, cons)
-    times = []
+    times, cpu = [], []
     for _ in range(5):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         choose_per_layer(objective, costs, limits)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     t.add(
         solver="choose_per_layer (milp)",
         layers=table.n_layers,
         choices=int(table.n_choices[0]),
         seconds=float(np.median(times)),
+        cpu_seconds=float(np.median(cpu)),
     )
     # LP relaxation of the same program
     n = int(table.n_choices.sum())
@@ -111,9 +120,9 @@ def bench_ilp(table, cost):
     for i in range(table.n_layers):
         a_eq[i, off[i] : off[i + 1]] = 1
     a_ub = np.stack([np.concatenate(costs[k]) / limits[k] for k in costs])
-    times = []
+    times, cpu = [], []
     for _ in range(5):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         linprog(
             c,
             A_ub=a_ub,
@@ -124,11 +133,13 @@ def bench_ilp(table, cost):
             method="highs",
         )
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     t.add(
         solver="LP relaxation (linprog)",
         layers=table.n_layers,
         choices=int(table.n_choices[0]),
         seconds=float(np.median(times)),
+        cpu_seconds=float(np.median(cpu)),
     )
     t.ratio_to("x_vs_milp", "seconds", lambda r: "milp" in r["solver"], group_by=[])
     return t

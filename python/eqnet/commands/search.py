@@ -91,16 +91,13 @@ class _Context:
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size)
         self.cost = CostModel.trace(self.supernet, (1, *self.data.input_shape))
 
-    def _batches(self, loader):
-        return ((x.to(self.device), y.to(self.device)) for x, y in loader)
-
     def accuracy(self, cfg, loader) -> float:
-        from eqnet.convert import recalibrate_bn
-        from eqnet.train import evaluate
+        from eqnet.search.accuracy_data import supernet_evaluator
 
-        self.supernet.set_config(cfg)
-        recalibrate_bn(self.supernet, self._batches(self.bn_loader), batches=self.bn_batches)
-        return float(evaluate(self.supernet, loader, self.device))
+        evaluate = supernet_evaluator(
+            self.supernet, self.bn_loader, loader, self.bn_batches, self.device
+        )
+        return evaluate(cfg)
 
 
 def _search_ga(args, ctx, budgets, out: Path):

@@ -90,17 +90,22 @@ def build_dataset(
     return rows
 
 
-def supernet_evaluator(supernet, bn_loader, eval_loader, bn_batches: int = 20):
+def supernet_evaluator(supernet, bn_loader, eval_loader, bn_batches: int = 20, device=None):
     """evaluate(config) -> accuracy: set the subnet, re-estimate its BN statistics on
-    `bn_batches` batches of `bn_loader`, then measure accuracy on `eval_loader` (the same
-    fixed held-out images for every config)."""
-    import eqnet
+    `bn_batches` batches of `bn_loader`, then measure top-1 accuracy on `eval_loader` (the
+    same fixed held-out images for every config)."""
+    from eqnet.convert import recalibrate_bn
     from eqnet.train import evaluate as evaluate_model
+
+    if device is None:
+        device = next(supernet.parameters()).device
+
+    def batches(loader):
+        return ((x.to(device), y.to(device)) for x, y in loader)
 
     def evaluate(cfg: SubnetConfig) -> float:
         supernet.set_config(cfg)
-        eqnet.recalibrate_bn(supernet, bn_loader, batches=bn_batches)
-        result = evaluate_model(supernet, eval_loader)
-        return float(result["accuracy"] if isinstance(result, dict) else result)
+        recalibrate_bn(supernet, batches(bn_loader), batches=bn_batches)
+        return float(evaluate_model(supernet, eval_loader, device))
 
     return evaluate
