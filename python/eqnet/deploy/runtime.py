@@ -21,6 +21,16 @@ import torch
 from torch import nn
 
 import eqkernels
+from eqkernels.backend import choose
+
+
+def _resolve_backend(backend: str | None, device: torch.device, op: str) -> str | None:
+    """The backend name the public op would pick, or None if it cannot be known here."""
+    try:
+        from eqkernels.ops.lowbit_gemm import _KERNELS, _PREFERENCE
+    except ImportError:
+        return None
+    return choose(backend, device, op, _PREFERENCE, _KERNELS)
 
 
 @dataclass
@@ -63,8 +73,14 @@ class _IntLayer(nn.Module):
         ):
             self.register_buffer(name, None, persistent=False)
 
+    # After one call through the public op (which validates every argument and the values of
+    # the scales), the same arguments go straight to the registered op: at batch 1 the
+    # argument checks (with their host syncs) cost as much as the small convolutions.
+    _fast: tuple | None = None
+
     def set_tensors(self, t: LayerTensors) -> None:
         """Switch to another width/form in place (no reallocation of the module)."""
+        self._fast = None
         N = self.out_features
         if t.planes.shape[1] != N or t.planes.shape[0] < t.bits:
             raise ValueError(
@@ -123,6 +139,15 @@ class IntConv2d(_IntLayer):
         self.groups = geometry["groups"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast
+        if fast is not None and fast[0] == (x.device, x.dtype):
+            y = torch.ops.eqk.lowbit_conv2d.default(
+                x, self.planes, self.scale, self.bits, self.top_bits, self.in_channels,
+                *fast[1:5], self.groups, True, self.bias, self.weight_zero_point,
+                self.act_scale, self.act_zero_point, self.act_quant_min, self.act_quant_max,
+                fast[-1],
+            )  # fmt: skip
+            return self._affine(y)
         y = eqkernels.lowbit_conv2d(
             x,
             self.planes,
@@ -140,6 +165,10 @@ class IntConv2d(_IntLayer):
             backend=self.backend,
             **self.act_args(),
         )
+        name = _resolve_backend(self.backend, x.device, "lowbit_conv2d")
+        if name is not None:
+            geometry = [list(self.kernel_size), list(self.stride), list(self.padding)]
+            self._fast = ((x.device, x.dtype), *geometry, list(self.dilation), name)
         return self._affine(y)
 
     def extra_repr(self) -> str:
@@ -158,18 +187,29 @@ class IntLinear(_IntLayer):
         self.in_features = geometry["in_features"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = eqkernels.lowbit_linear(
-            x,
-            self.planes,
-            self.scale,
-            self.bits,
-            self.top_bits,
-            K=self.in_features,
-            bias=self.bias,
-            weight_zero_point=self.weight_zero_point,
-            backend=self.backend,
-            **self.act_args(),
-        )
+        fast = self._fast
+        if fast is not None and fast[0] == (x.device, x.dtype):
+            y = torch.ops.eqk.lowbit_linear.default(
+                x, self.planes, self.scale, self.bits, self.top_bits, self.in_features, True,
+                self.bias, self.weight_zero_point, self.act_scale, self.act_zero_point,
+                self.act_quant_min, self.act_quant_max, fast[1],
+            )  # fmt: skip
+        else:
+            y = eqkernels.lowbit_linear(
+                x,
+                self.planes,
+                self.scale,
+                self.bits,
+                self.top_bits,
+                K=self.in_features,
+                bias=self.bias,
+                weight_zero_point=self.weight_zero_point,
+                backend=self.backend,
+                **self.act_args(),
+            )
+            name = _resolve_backend(self.backend, x.device, "lowbit_linear")
+            if name is not None:
+                self._fast = ((x.device, x.dtype), name)
         if self.out_mul is None:
             return y
         return y * self.out_mul + self.out_add
