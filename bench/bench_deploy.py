@@ -1,0 +1,102 @@
+"""Deployed ResNet-20 from one .eqk file vs the float torch model vs the fake-quant subnet.
+
+    .venv/bin/python bench/bench_deploy.py                 # batch 1 and 64
+    EQK_EXT_DIR=/tmp/me/lib/eqkernels .venv/bin/python bench/bench_deploy.py
+
+ResNet-20 (random init; latency does not depend on the weights' values), converted to a
+nested supernet (W 2-4, A 2/3/4/8, first/last layer 8-bit, per-bit BN), calibrated on random
+data and exported to one .eqk. Rows: the float torch model, the fake-quant subnet (eqnet
+modules) and the deployed integer model (eqkernels.lowbit_conv2d/linear, backend auto) at W2A2,
+W3A3, W4A4 and a fixed mixed config, at batch 1 and 64; `speedup` is float_ms / ms in the
+same run. Bytes: `plane_bytes` are the weight-plane bytes one forward reads for the elastic
+layers, `float_bytes` those layers' fp32 weight bytes (target: plane/float <= bits/32);
+`prefix_bytes` is everything read from the file to load that width (header, scales, folded BN,
+activation steps, the 8-bit first/last layers).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Table, threads_from_env, time_fn  # noqa: E402
+
+
+def build(tmp: Path):
+    import eqnet
+    from eqnet import models
+    from eqnet.deploy import export
+    from eqnet.space import ElasticSpace, SubnetConfig
+
+    torch.manual_seed(0)
+    float_model = models.get("resnet20").eval()
+    space = ElasticSpace(w_bits=(2, 3, 4), a_bits=(2, 3, 4, 8), nested=True)
+    sn = eqnet.convert(float_model, space, keep_first_last="8bit", per_bit_bn=True)
+    gen = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(16, 3, 32, 32, generator=gen), None) for _ in range(2)]
+    eqnet.calibrate(sn, calib, batches=2, method="lsq")
+    sn.eval()
+    mixed = SubnetConfig.random(space, sn, torch.Generator().manual_seed(2), forms=False)
+    path = tmp / "resnet20.eqk"
+    export(sn, path, configs={"mixed": mixed}, arch="resnet20")
+    return float_model, sn, path
+
+
+def main() -> None:
+    from eqnet.deploy import load
+    from eqnet.deploy.load import config_from
+
+    from eqkernels.backend import choose
+    from eqkernels.format import read_eqk_header
+
+    threads = threads_from_env()
+    table = Table(
+        "bench_deploy",
+        ["model", "config", "batch", "backend", "ms", "plane_bytes", "float_bytes",
+         "plane/float", "prefix_bytes"],
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        float_model, sn, path = build(Path(tmp))
+        elastic = {n for n, m in sn.quantized_layers().items() if m.fixed_choice is None}
+        float_bytes = sum(sn.get_submodule(n).weight.numel() * 4 for n in elastic)
+        header = read_eqk_header(path)
+        backend = choose(None, torch.device("cpu"), "lowbit_conv2d", {"cpu": ("cpp",)},
+                         {"cpp": "lowbit_gemm_int_cpu"})  # fmt: skip
+        selections = [("W2A2", {"bits": 2, "max_bits": 2}), ("W3A3", {"bits": 3, "max_bits": 3}),
+                      ("W4A4", {"bits": 4, "max_bits": 4}), ("mixed", {"config": "mixed"})]  # fmt: skip
+        for batch in (1, 64):
+            x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+            repeat = 20 if batch == 1 else 5
+            with torch.no_grad():
+                ms = time_fn(lambda x=x: float_model(x), repeat=repeat) * 1e3
+                table.add(model="float torch", config="fp32", batch=batch, backend="aten",
+                          ms=ms, plane_bytes="", float_bytes=float_bytes, **{"plane/float": ""},
+                          prefix_bytes="")  # fmt: skip
+                for label, kwargs in selections:
+                    cfg = config_from(header, kwargs.get("bits"), kwargs.get("config"))
+                    sn.set_config(cfg)
+                    ms = time_fn(lambda x=x: sn(x), repeat=repeat) * 1e3
+                    table.add(model="fake-quant", config=label, batch=batch, backend="auto",
+                              ms=ms, plane_bytes="", float_bytes="", **{"plane/float": ""},
+                              prefix_bytes="")  # fmt: skip
+                    deployed = load(path, **kwargs)
+                    ms = time_fn(lambda d=deployed, x=x: d(x), repeat=repeat) * 1e3
+                    planes = deployed.plane_bytes()
+                    table.add(model="deployed", config=label, batch=batch, backend=backend,
+                              ms=ms, plane_bytes=planes, float_bytes=float_bytes,
+                              **{"plane/float": planes / float_bytes},
+                              prefix_bytes=deployed.bytes_read)  # fmt: skip
+                    print(f"batch {batch} {label}: deployed {ms:.2f} ms", file=sys.stderr)
+    table.ratio_to(
+        "speedup_vs_float", "ms", lambda r: r["model"] == "float torch", group_by=["batch"]
+    )
+    table.finish()
+    print(f"\n{threads} threads; file sections {[s['nbytes'] for s in header['sections']]} bytes")
+
+
+if __name__ == "__main__":
+    main()
