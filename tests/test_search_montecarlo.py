@@ -57,16 +57,20 @@ def test_samples_meet_constraint_and_beat_uniform(setup, text):
     assert urep.trials_per_sample > 5 * rep.trials_per_sample
 
 
-def test_conditionals_match_exact_enumeration():
-    # 3 layers x 3 choices with integer metric 0/1/2 per layer: every bucket holds one value,
-    # so the tilted pool must reproduce the exact uniform conditionals (eq. 6)
+@pytest.mark.parametrize(
+    "rows", [[[0, 1, 2]] * 3, [[0, 1, 2], [0, 2, 4], [0, 1, 2]]], ids=["equal", "unequal"]
+)
+def test_conditionals_match_exact_enumeration(rows):
+    # 3 layers x 3 choices with integer metric terms: every bucket holds one metric value, so
+    # the tilted pool must reproduce the exact conditionals of uniform draws (eq. 6)
     choices = [LayerChoice(w, 8) for w in (2, 3, 4)]
     table = ChoiceTable({f"l{i}": choices for i in range(3)})
-    mt = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
-    sampler = MonteCarloSampler(table, mt, "avg_w_bits", buckets=7, pool_size=140_000, seed=3)
-    exact = np.zeros((7, 3, 3))
+    mt = np.array(rows, dtype=float)
+    top = int(mt.max(axis=1).sum())
+    sampler = MonteCarloSampler(table, mt, "x", buckets=top + 1, pool_size=200_000, seed=3)
+    exact = np.zeros((top + 1, 3, 3))
     for combo in itertools.product(range(3), repeat=3):
-        total = sum(combo)
+        total = int(sum(mt[l, c] for l, c in enumerate(combo)))
         for layer, c in enumerate(combo):
             exact[total, layer, c] += 1
     exact /= exact.sum(axis=2, keepdims=True)

@@ -9,7 +9,8 @@ layer independently from it (eq. 5).
 Here the pooled quantity is any additive metric of the cost model (avg_bits, bitops, size, ...)
 and each layer's whole choice (weight and activation width and forms) is conditioned on it.
 Extreme buckets hold almost no uniform samples, so the pool also contains samples from
-exponentially tilted per-layer distributions p_l(c) ~ exp(lam * m_l(c) / spread): given the
+exponentially tilted per-layer distributions p_l(c) ~ exp(lam * m_l(c) / scale), one scale
+for all layers, so the product over layers is ~ exp(lam * metric / scale): given the
 value of the metric (the sufficient statistic of that family), a tilted draw has the same
 conditional distribution as a uniform one, so tilted samples estimate the same eq. 6
 conditionals, only in buckets that uniform draws never reach. `tilts=(0,)` is the plain
@@ -82,16 +83,15 @@ class MonteCarloSampler:
         self.hi = float(np.nanmax(self.metric_table, axis=1).sum())
         self.edges = np.linspace(self.lo, self.hi, buckets + 1)
 
-        # the pool: equal shares from each tilt
-        spread = np.nanstd(np.where(valid, self.metric_table, np.nan), axis=1, keepdims=True)
-        spread = np.where(spread > 0, spread, 1.0)
-        centered = self.metric_table - np.nanmean(
-            np.where(valid, self.metric_table, np.nan), axis=1, keepdims=True
-        )
+        # the pool: equal shares from each tilt. One scale for all layers, so that the tilt
+        # exp(lam / scale * sum_l m_l) depends on the config through the metric only.
+        masked = np.where(valid, self.metric_table, np.nan)
+        centered = np.nan_to_num(self.metric_table - np.nanmean(masked, axis=1, keepdims=True))
+        scale = float(np.nanstd(masked, axis=1).mean()) or 1.0
         per_tilt = -(-pool_size // len(tilts))
         pools = []
         for lam in tilts:
-            logits = np.where(valid, lam * np.nan_to_num(centered) / spread, -np.inf)
+            logits = np.where(valid, lam * centered / scale, -np.inf)
             p = np.exp(logits - logits.max(axis=1, keepdims=True))
             pools.append(_sample_from(p / p.sum(axis=1, keepdims=True), self.rng, per_tilt))
         pool = np.concatenate(pools)[:pool_size]
