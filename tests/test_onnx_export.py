@@ -84,7 +84,7 @@ def _make(space_key, per_bit_bn=False, model="digits_cnn", shape=None):
     net = models.get(model)
     train, test = _digits() if model == "digits_cnn" else (None, None)
     if train is None:
-        train = torch.randn(64, *shape[1:])
+        train = torch.randn(256, *shape[1:])
         test = torch.randn(300, *shape[1:])
     sn = eqnet.convert(net, space, keep_first_last="elastic", per_bit_bn=per_bit_bn)
     loader = [(train[i : i + 128], None) for i in range(0, 256, 128)]
@@ -440,3 +440,72 @@ def test_resnet20_small_input(tmp_path, preset):
         r = compare_onnx(sn, cfg, path, test)
         print(preset, kind, r)
         assert r["top1_agreement"] >= 0.99, r
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_export_onnx(tmp_path, capsys):
+    from eqnet.cli import main
+
+    run = tmp_path / "run"
+    tiny = [
+        "--limit-train", "96", "--limit-test", "64", "--holdout", "32", "--batch-size", "32",
+        "--max-steps-per-epoch", "1", "--calib-batches", "1", "--bn-batches", "1",
+        "--no-progress", "--epochs", "1", "--device", "cpu", "--w-bits", "2,4,8",
+        "--a-bits", "4,8",
+    ]  # fmt: skip
+    assert main(["train", "--recipe", "multiquant", "--out", str(run)] + tiny) == 0
+    out = tmp_path / "m.onnx"
+    args = ["export-onnx", str(run), "--out", str(out), "--uniform", "4,8", "--check", "64"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 64 and result["top1_agreement"] >= 0.999
+    model = onnx.load(out)
+    meta = {p.key: p.value for p in model.metadata_props}
+    cfg = SubnetConfig.from_json(meta["eqnet.config"])
+    elastic = [c for name, c in cfg if name not in ("model.features.0", "model.fc")]
+    assert {(c.w_bits, c.a_bits) for c in elastic} == {(4, 8)}
+    # The default space has per-channel weights: SNPE cannot take them.
+    assert (
+        main(["export-onnx", str(run), "--out", str(tmp_path / "s.onnx"), "--preset", "snpe"]) == 2
+    )
+    assert "w_granularity='channel', snpe takes tensor weights" in capsys.readouterr().err
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_float_first_and_last_layers(tmp_path):
+    """keep_first_last='fp': the float conv's BN is fused by the exporter, the float layers get
+    no QDQ, and TensorRT's BN folding still leaves no BatchNormalization."""
+    torch.manual_seed(0)
+    space = SPACES["trt"]
+    sn = eqnet.convert(models.get("digits_cnn"), space, keep_first_last="fp")
+    train, test = _digits()
+    eqnet.calibrate(sn, [(train[:128], None)], batches=1, method="lsq")
+    eqnet.recalibrate_bn(sn, [(train[:128], None)], batches=1)
+    sn.eval()
+    cfg = SubnetConfig.uniform(space, sn, 4, 4, "channel", "sym", "sym")
+    model = export_onnx(sn, cfg, tmp_path / "m.onnx", (1, 1, 8, 8), preset="tensorrt")
+    assert len(sn.quantized_layers()) == 2
+    assert _count(model, "DequantizeLinear") == 4 and _count(model, "BatchNormalization") == 0
+    assert _count(model, "Conv") == 3 and _count(model, "Gemm") == 1
+    _check_agreement(sn, cfg, tmp_path / "m.onnx", test)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["generic", "tensorrt"])
+def test_mobilenet_v2_small_input(tmp_path, preset):
+    shape = (1, 3, 32, 32)
+    key = "trt" if preset == "tensorrt" else "all"
+    sn, test = _make(key, model="torchvision:mobilenet_v2", shape=shape)
+    cfg = _config("mixed", SPACES[key], sn, preset)
+    path = tmp_path / "m.onnx"
+    model = export_onnx(sn, cfg, path, shape, preset=preset)
+    n = len(sn.quantized_layers())
+    assert n == 53
+    assert _count(model, "DequantizeLinear") == 2 * n
+    assert _count(model, "BatchNormalization") == (0 if preset == "tensorrt" else 52)
+    r = compare_onnx(sn, cfg, path, test[:100])
+    print(preset, r)
+    assert r["top1_agreement"] >= 0.99, r

@@ -19,9 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="trained run directory (eqnet train --out)")
     p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--config", metavar="FILE", help="a SubnetConfig JSON file")
+    which.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a SubnetConfig JSON file, or eqnet search's configs.json (with --pick)",
+    )
     which.add_argument("--uniform", metavar="W,A", help="uniform weight,activation bits")
     which.add_argument("--lowest", action="store_true", help="the lowest subnet")
+    p.add_argument("--pick", type=int, default=0, help="which chosen config of configs.json")
     p.add_argument("--preset", choices=sorted(PRESETS), default="generic")
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--fold-bn", choices=BN_MODES, default=None, help="default: the preset's")
@@ -42,7 +47,15 @@ def _config(args, supernet):
 
     space = supernet.space
     if args.config:
-        return SubnetConfig.from_json(Path(args.config).read_text())
+        text = Path(args.config).read_text()
+        data = json.loads(text)
+        if isinstance(data, dict) and "chosen" in data:  # eqnet search's configs.json
+            chosen = data["chosen"]
+            if not 0 <= args.pick < len(chosen):
+                raise ValueError(f"--pick={args.pick}: {args.config} holds {len(chosen)} configs")
+            layers = chosen[args.pick]["config"]
+            text = json.dumps({"format": "eqnet.SubnetConfig", "version": 1, "layers": layers})
+        return SubnetConfig.from_json(text)
     if args.lowest:
         return SubnetConfig.lowest(space, supernet)
     if args.uniform:
@@ -95,7 +108,7 @@ def run(args) -> int:
             weight_format=args.weight_format,
             int4=not args.no_int4,
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"eqnet export-onnx: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({config.summary()}, preset {args.preset})", file=sys.stderr)

@@ -377,27 +377,7 @@ def _build(supernet, config, profile, opset, fold_bn):
         )
         _set_module(export, name, stand_in)
     raise_problems(profile, problems)
-    if fold_bn != "keep" and len(pairs) != _count_bn(supernet):
-        raise_problems(
-            profile,
-            [
-                f"fold_bn={fold_bn!r}: {_count_bn(supernet) - len(pairs)} BatchNorm layer(s) do "
-                f"not directly follow a quantized layer and cannot be folded (use fold_bn='keep')"
-            ],
-        )
     return export.eval(), plans
-
-
-def _count_bn(model):
-    from .fold import is_switchable_bn
-
-    names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) or is_switchable_bn(m)
-    ]
-    # BNs inside a switchable BN are counted once, through the switchable module.
-    return sum(1 for n in names if not any(n.startswith(o + ".") for o in names if o != n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,6 +591,16 @@ def export_onnx(
     if opset > TORCH_MAX_OPSET:
         model = onnx.version_converter.convert_version(model, opset)
     _rewrite(model, plans, weight_format)
+    left = [n.name for n in model.graph.node if n.op_type == "BatchNormalization"]
+    if fold_bn != "keep" and left:
+        # Float convs' BNs are fused by the exporter itself; these follow something else.
+        raise_problems(
+            profile,
+            [
+                f"fold_bn={fold_bn!r}: {len(left)} BatchNorm op(s) do not directly follow a "
+                f"conv/linear and cannot be folded ({', '.join(left[:4])}); use fold_bn='keep'"
+            ],
+        )
     model.producer_name = "eqnet"
     layers = {}
     for plan in plans.values():
