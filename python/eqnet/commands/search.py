@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="default RUN/search-METHOD")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     p.add_argument("--bn-batches", type=int, default=None, help="default: the run's bn_batches")
     p.add_argument("--no-uniform", action="store_true", help="skip the uniform-width baselines")
     p.add_argument("--no-progress", action="store_true")
@@ -251,6 +254,12 @@ def _run(args) -> int:
     from eqnet.space import SubnetConfig
 
     budgets = [(spec, parse_constraints(spec)) for spec in args.constraint]
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads={args.threads}: must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path(args.run) / f"search-{args.method}"
     out.mkdir(parents=True, exist_ok=True)
     ctx = _Context(args)
