@@ -462,6 +462,7 @@ def _rewrite(model, plans, weight_format):
 
     graph = model.graph
     new_nodes, new_inits = [], []
+    uses: dict[int, int] = {}
     for node in graph.node:
         if node.domain != PLACEHOLDER_DOMAIN:
             new_nodes.append(node)
@@ -469,6 +470,9 @@ def _rewrite(model, plans, weight_format):
         key = next(a.i for a in node.attribute if a.name == "key")
         plan = plans[key]
         prefix = f"{plan.layer}.{'input' if plan.role == 'activation' else 'weight'}"
+        uses[key] = uses.get(key, 0) + 1
+        if uses[key] > 1:  # a layer called more than once: unique names per call
+            prefix = f"{prefix}.call{uses[key]}"
         nodes, inits = _qdq_nodes(plan, node.input[0], node.output[0], prefix, weight_format)
         new_nodes += nodes
         new_inits += inits
