@@ -184,6 +184,13 @@ def main() -> int:
         lambda r: r["provider"].startswith("built-in"),
         group_by=("device", "shape", "granularity", "mode"),
     )
+    # Below 1 means slower than the memory floor; the forward target is >= 1/1.5.
+    table.ratio_to(
+        "x_vs_floor",
+        "median_ms",
+        lambda r: r["provider"] == "mem floor",
+        group_by=("device", "shape", "granularity", "mode"),
+    )
     table.finish()
     return 0
 
