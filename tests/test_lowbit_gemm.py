@@ -19,10 +19,11 @@ BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS]
 
 def run_on(backend):
     if backend == "torch":
-        return "torch", contextlib.nullcontext()
+        return "torch", contextlib.nullcontext
     if not _ext.has_kernel("lowbit_gemm_int_cpu"):
         pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
-    return "cpp", force_cpu_isa(backend.split("-", 1)[1])
+    isa = backend.split("-", 1)[1]
+    return "cpp", lambda: force_cpu_isa(isa)
 
 
 def pack(q, bits):
@@ -98,7 +99,7 @@ def test_linear(backend, act, M, N, K, n, b):
             if bias is not None:
                 ref = ref + bias.double()
                 bound = bound + bias.double().abs()
-            with ctx:
+            with ctx():
                 y = E.lowbit_linear(x, planes, scale, b, n, K=K, compensate=compensate,
                                     bias=bias, backend=name, **kwargs)  # fmt: skip
             assert y.shape == (M, N) and y.dtype == torch.float32
@@ -128,7 +129,7 @@ def test_linear_weight_zero_point_leading_dims_noncontiguous(backend, act):
         xq, zr = act_codes64(x, s_a, z_a, qmin, qmax)
         xd = (xq - zr) * s_a.double()
     ref = xd @ w.T
-    with ctx:
+    with ctx():
         y = E.lowbit_linear(x, planes, scale, n, n, K=K, weight_zero_point=zw, backend=name,
                             **kwargs)  # fmt: skip
     assert y.shape == (2, 3, N)
@@ -149,7 +150,7 @@ def test_linear_k_chunking(backend, act):
     x = torch.full((1, K), 1e6) if qmin >= 0 else torch.full((1, K), -1e6)
     s_a = torch.tensor([1.0])
     scale = torch.tensor([2.0**-20])
-    with ctx:
+    with ctx():
         y = E.lowbit_linear(x, planes, scale, 8, 8, K=K, act_scale=s_a, act_quant_min=qmin,
                             act_quant_max=qmax, backend=name)  # fmt: skip
     xq, _ = act_codes64(x, s_a, None, qmin, qmax)
@@ -226,7 +227,7 @@ def test_conv2d(backend, cin, cout, groups, stride, padding, dilation, act):
     if a is not None:
         kwargs = dict(act_scale=a[0], act_zero_point=a[1], act_quant_min=a[2], act_quant_max=a[3])
     ref, bound = conv_oracle(x, q, n, b, scale, True, a, stride, padding, dilation, groups, bias)
-    with ctx:
+    with ctx():
         y = E.lowbit_conv2d(x, planes, scale, b, n, in_channels=cin, kernel_size=3,
                             stride=stride, padding=padding, dilation=dilation, groups=groups,
                             bias=bias, backend=name, **kwargs)  # fmt: skip
@@ -242,7 +243,7 @@ def test_conv2d_zero_point_padding_at_borders(backend):
     q = torch.randint(-8, 8, (3, 2 * 9))
     x = torch.zeros(1, 2, 5, 5)
     bias = torch.tensor([0.5, -1.0, 2.0])
-    with ctx:
+    with ctx():
         y = E.lowbit_conv2d(x, pack(q, 4), torch.tensor([0.1]), 4, 4, in_channels=2,
                             kernel_size=3, padding=2, bias=bias, act_scale=torch.tensor([0.1]),
                             act_zero_point=torch.tensor([128.0]), act_quant_min=0,

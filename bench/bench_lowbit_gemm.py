@@ -1,0 +1,123 @@
+"""Low-bit GEMM / GEMV / conv on bit planes against torch baselines, in one run.
+
+Shapes: M in {1, 16, 256} with (N, K) = (4096, 14336) (ggml's GEMV perf shape) and
+(4096, 4096); one ResNet-style 3x3 conv (64 -> 64 channels, 32x32, batch 1 and 32).
+Ours: `lowbit_linear` / `lowbit_conv2d` (the public ops, quantization and epilogue included)
+at bits 2, 3, 4, 8 of one 8-plane weight, float and int8 activations. Baselines: torch fp32
+and bf16 matmul (conv: fp32 conv2d), `torch._int_mm` on the unpacked int8 weight with int8
+activations (quantization not timed).
+
+Weights are cache-resident: one weight set is reused every call (ggml's perf mode). The
+"weight MB" column is the bytes of weights one call reads (planes: bits * N * ceil(K/32) * 4);
+"GB/s" is that over the time. Ratios are baseline time / our time (higher = faster).
+
+Usage: `python bench/bench_lowbit_gemm.py [--quick]` (EQK_BENCH_THREADS sets threads; run with
+nothing else on the machine; EQK_EXT_DIR selects a private build of eqkernels._C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import Table, threads_from_env, time_fn  # noqa: E402
+
+import eqkernels as E  # noqa: E402
+
+BITS = (2, 3, 4, 8)
+ACT = dict(act_scale=torch.tensor([0.02]), act_quant_min=-128, act_quant_max=127)
+
+
+def timed(fn, heavy):
+    if heavy:
+        return time_fn(fn, warmup=1, repeat=3, min_time=0.05)
+    return time_fn(fn, warmup=2, repeat=10, min_time=0.2)
+
+
+def bench_linear(table, M, N, K):
+    shape = f"linear M={M} N={N} K={K}"
+    q8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    planes = E.pack_bitplanes(q8, 8)
+    scale = torch.tensor([0.01])
+    x = torch.randn(M, K)
+    heavy = M * N * K > 2**32
+    w32 = q8.float() * 0.01
+    row = dict(shape=shape, M=M, N=N, K=K)
+
+    def add(provider, bits, act, fn, wbytes):
+        t = timed(fn, heavy)
+        table.add(**row, provider=provider, bits=bits, act=act, time_ms=t * 1e3,
+                  weight_MB=wbytes / 1e6, GB_s=wbytes / t / 1e9)  # fmt: skip
+
+    add("torch fp32", 32, "fp32", lambda: x @ w32.T, 4 * N * K)
+    wbf = (q8.float() * 0.01).to(torch.bfloat16)
+    xbf = x.to(torch.bfloat16)
+    add("torch bf16", 16, "bf16", lambda: xbf @ wbf.T, 2 * N * K)
+    xq = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    wt = q8.T
+    add("torch _int_mm", 8, "int8", lambda: torch._int_mm(xq, wt), N * K)
+    for bits in BITS:
+        pb = planes[:bits].contiguous()  # a file prefix holds exactly `bits` planes
+        wbytes = pb.numel() * 4
+        add("eqk lowbit_linear", bits, "fp32",
+            lambda pb=pb, bits=bits: E.lowbit_linear(x, pb, scale, bits, 8, K=K), wbytes)  # fmt: skip
+        add("eqk lowbit_linear", bits, "int8",
+            lambda pb=pb, bits=bits: E.lowbit_linear(x, pb, scale, bits, 8, K=K, **ACT), wbytes)  # fmt: skip
+
+
+def bench_conv(table, B, C=64, H=32):
+    shape = f"conv3x3 B={B} C={C} {H}x{H}"
+    K = C * 9
+    q8 = torch.randint(-128, 128, (C, K), dtype=torch.int8)
+    planes = E.pack_bitplanes(q8, 8)
+    scale = torch.tensor([0.01])
+    x = torch.randn(B, C, H, H)
+    w = (q8.float() * 0.01).view(C, C, 3, 3)
+    row = dict(shape=shape, M=B * H * H, N=C, K=K)
+
+    def add(provider, bits, act, fn, wbytes):
+        t = timed(fn, B > 8)
+        table.add(**row, provider=provider, bits=bits, act=act, time_ms=t * 1e3,
+                  weight_MB=wbytes / 1e6, GB_s=wbytes / t / 1e9)  # fmt: skip
+
+    add("torch fp32", 32, "fp32", lambda: F.conv2d(x, w, padding=1), 4 * C * K)
+    for bits in BITS:
+        pb = planes[:bits].contiguous()
+        kw = dict(in_channels=C, kernel_size=3, padding=1)
+        add("eqk lowbit_conv2d", bits, "fp32",
+            lambda pb=pb, bits=bits, kw=kw: E.lowbit_conv2d(x, pb, scale, bits, 8, **kw), pb.numel() * 4)  # fmt: skip
+        add("eqk lowbit_conv2d", bits, "int8",
+            lambda pb=pb, bits=bits, kw=kw: E.lowbit_conv2d(x, pb, scale, bits, 8, **kw, **ACT), pb.numel() * 4)  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the M=1 and M=16 shapes")
+    args = parser.parse_args(argv)
+    threads = threads_from_env()
+    print(f"threads: {threads}; weights cache-resident (one weight set reused)")
+    cols = ["shape", "M", "N", "K", "provider", "bits", "act", "time_ms", "weight_MB", "GB_s"]
+    table = Table("lowbit_gemm", cols)
+    ms = (1, 16) if args.quick else (1, 16, 256)
+    for N, K in ((4096, 14336), (4096, 4096)):
+        for M in ms:
+            bench_linear(table, M, N, K)
+    for B in (1,) if args.quick else (1, 32):
+        bench_conv(table, B)
+    table.ratio_to("x_torch_fp32", "time_ms", lambda r: r["provider"] == "torch fp32", ["shape"])
+    table.ratio_to("x_int_mm", "time_ms", lambda r: r["provider"] == "torch _int_mm", ["shape"])
+    for r in table.rows:
+        if r["act"] != "int8" or r["shape"].startswith("conv"):
+            r["x_int_mm"] = float("nan")
+    table.finish()
+
+
+if __name__ == "__main__":
+    main()
