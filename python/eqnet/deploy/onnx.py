@@ -384,14 +384,22 @@ def _build(supernet, config, profile, opset, fold_bn):
 # Graph rewriting: placeholders -> QDQ
 
 
+def _numpy_type(container):
+    if container in ("int4", "uint4"):
+        import ml_dtypes
+
+        return getattr(ml_dtypes, container)
+    return np.dtype(container)
+
+
 def _tensor(name, values, container=None):
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     values = np.asarray(values)
     if container is None:
         return numpy_helper.from_array(values.astype(np.float32), name)
-    dtype = getattr(TensorProto, container.upper())
-    return helper.make_tensor(name, dtype, list(values.shape), values.reshape(-1).tolist())
+    # Raw little-endian bytes; int4/uint4 (ml_dtypes, an onnx dependency) packed two per byte.
+    return numpy_helper.from_array(values.astype(_numpy_type(container)), name)
 
 
 def _qdq_nodes(plan: TensorQDQ, src: str, dst: str, prefix: str, weight_format: str):
