@@ -71,8 +71,21 @@ def selections(header: dict, bits=None, configs=None) -> list[tuple[str, dict]]:
         if header["nested"]:
             kwargs["max_bits"] = b  # read only the prefix this width needs
         out.append((f"W{b}", kwargs))
-    out += [(name, {"config": name}) for name in named]
+    for name in named:
+        kwargs = {"config": name}
+        if header["nested"]:
+            kwargs["max_bits"] = prefix_bits(header, name)
+        out.append((name, kwargs))
     return out
+
+
+def prefix_bits(header: dict, config_name: str) -> int:
+    """The smallest stored width whose file prefix holds everything `config_name` needs."""
+    from eqnet.deploy.load import config_from, sections_needed
+
+    last = max(sections_needed(header, config_from(header, None, config_name)))
+    fits = [int(k) for k, need in header["widths"].items() if last in need]
+    return min(fits)
 
 
 def _latency_ms(model, x, runs: int) -> float:
