@@ -240,14 +240,22 @@ def _device_of(model):
 def calibrate(model: nn.Module, loader: Iterable, batches: int = 4, method: str = "mse") -> None:
     """Initialize every form of every quantizer: weight quantizers from the weights,
     activation quantizers from the float inputs each layer sees on `batches` batches of
-    `loader` (model in eval mode; the original modes are restored)."""
+    `loader`.
+
+    The model runs in the mode it is in, so the ranges match how it will be used: in train
+    mode BN normalizes with batch statistics (as during QAT), in eval mode with its running
+    statistics. BN buffers are restored afterwards, so calibration has no side effect on them.
+    """
     layers = _quantized_layers(model)
     if not layers:
         raise ValueError("model has no quantized layers: convert it with eqnet.convert first")
     observer = _ActivationObserver(CALIB_SAMPLES)
-    modes = {id(m): m.training for m in _unique_modules(model)}
+    bn_buffers = {
+        id(m): {k: v.clone() for k, v in m.named_buffers(recurse=False)}
+        for m in _unique_modules(model)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
     device = _device_of(model)
-    model.eval()
     try:
         for layer in layers:
             layer.observer = observer
@@ -261,7 +269,8 @@ def calibrate(model: nn.Module, loader: Iterable, batches: int = 4, method: str 
         for layer in layers:
             layer.observer = None
         for m in _unique_modules(model):
-            m.training = modes[id(m)]
+            for k, v in bn_buffers.get(id(m), {}).items():
+                getattr(m, k).copy_(v)
     for layer in layers:
         layer.weight_quantizer.calibrate(layer.weight, method=method)
         data = observer.data(layer)
