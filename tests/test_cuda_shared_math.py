@@ -1,7 +1,7 @@
 """The arithmetic of the CUDA bit-plane kernels, run on the host.
 
-There is no GPU here: the CUDA kernels (csrc/bitplanes/bitplanes_cuda.cu,
-csrc/lowbit_gemm/lowbit_gemm_cuda.cu) are only compiled. Their per-thread work lives in
+There is no GPU here: the CUDA kernels (csrc/bitplanes/bitplanes_kernels_cuda.cu,
+csrc/lowbit_gemm/lowbit_gemm_kernels_cuda.cu) are only compiled. Their per-thread work lives in
 csrc/common/lowbit_gemm_tile.h (__host__ __device__), and `_C.*_emulated_cpu` runs those same
 functions thread by thread and barrier phase by barrier phase. These tests check the emulation
 against an oracle written here from the definitions (DESIGN.md "Bit planes and the low-bit

@@ -1,6 +1,6 @@
-// Host wrappers of the CUDA bit-plane pack/unpack kernels (bitplanes_cuda.cu): tensors -> raw
-// pointers on the current stream. Compiled only (no GPU in this workplace).
-#include <ATen/cuda/CUDAContext.h>
+// Host wrappers of the CUDA bit-plane pack/unpack kernels (bitplanes_kernels_cuda.cu): tensors
+// -> raw pointers on the current stream. Compiled only (no GPU in this workplace).
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -21,7 +21,7 @@ torch::Tensor pack_bitplanes_cuda(const torch::Tensor& q, int64_t bits) {
   C10_CUDA_CHECK(eqk::cuda::launch_pack_bitplanes(
       q.data_ptr<int8_t>(), N, K, static_cast<int>(bits),
       reinterpret_cast<uint32_t*>(planes.data_ptr<int32_t>()),
-      at::cuda::getCurrentCUDAStream()));
+      c10::cuda::getCurrentCUDAStream().stream()));
   return planes;
 }
 
@@ -34,7 +34,7 @@ torch::Tensor unpack_bitplanes_cuda(const torch::Tensor& planes, int64_t bits, i
   auto out = torch::empty({N, K}, planes.options().dtype(at::kChar));
   C10_CUDA_CHECK(eqk::cuda::launch_unpack_bitplanes(
       reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>()), N * planes.size(2), N, K,
-      static_cast<int>(bits), out.data_ptr<int8_t>(), at::cuda::getCurrentCUDAStream()));
+      static_cast<int>(bits), out.data_ptr<int8_t>(), c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
 

@@ -1,7 +1,8 @@
-// Host emulation of the CUDA bit-plane kernels (bitplanes_cuda.cu, lowbit_gemm_cuda.cu): runs
-// the very same __host__ __device__ functions of csrc/common/lowbit_gemm_tile.h, with the same
-// thread/lane/block decomposition, executing one (emulated) thread after another and every
-// barrier phase for all threads of a block before the next phase. It exists to test the CUDA
+// Host emulation of the CUDA bit-plane kernels (bitplanes_kernels_cuda.cu,
+// lowbit_gemm_kernels_cuda.cu): runs the very same __host__ __device__ functions of
+// csrc/common/lowbit_gemm_tile.h, with the same thread/lane/block decomposition, executing one
+// (emulated) thread after another and every barrier phase for all threads of a block before the
+// next phase. It exists to test the CUDA
 // arithmetic on machines without a GPU (tests/test_cuda_shared_math.py); it is not a fast path.
 // Compiled always (CPU tensors in, CPU tensors out).
 #include <torch/extension.h>
@@ -73,7 +74,8 @@ void emulate_gemv(const eqk::GemmArgs& a) {
       for (int m = 0; m < a.M; ++m) total[m] += acc[m];
     }
     // int32 wrap-around as in the kernel (exact while the caller keeps K short enough).
-    for (int m = 0; m < a.M; ++m) a.out[m * a.N + n] = static_cast<int32_t>(static_cast<uint32_t>(total[m]));
+    for (int m = 0; m < a.M; ++m)
+      a.out[m * a.N + n] = static_cast<int32_t>(static_cast<uint32_t>(total[m]));
   }
 }
 
@@ -84,7 +86,8 @@ void emulate_tiles(const eqk::GemmArgs& a) {
   auto stage = std::make_unique<eqk::TileStage>();
   std::vector<int> acc(static_cast<size_t>(eqk::kTileThreads) * eqk::kMicro * eqk::kMicro);
   auto thread_acc = [&](int tid) {
-    return reinterpret_cast<int(*)[eqk::kMicro]>(&acc[static_cast<size_t>(tid) * eqk::kMicro * eqk::kMicro]);
+    const size_t offset = static_cast<size_t>(tid) * eqk::kMicro * eqk::kMicro;
+    return reinterpret_cast<int(*)[eqk::kMicro]>(&acc[offset]);
   };
   for (int64_t m0 = 0; m0 < a.M; m0 += eqk::kTileM) {
     for (int64_t n0 = 0; n0 < a.N; n0 += eqk::kTileN) {

@@ -1,7 +1,8 @@
-// Host-side launchers of the CUDA bit-plane kernels (defined in csrc/bitplanes/bitplanes_cuda.cu
-// and csrc/lowbit_gemm/lowbit_gemm_cuda.cu). Raw pointers, sizes and a stream only: the .cu files
-// never include torch/extension.h (compile time); the *_cuda.cpp wrappers turn tensors into these
-// arguments. Each launcher returns the launch status (cudaGetLastError) for the caller to check.
+// Host-side launchers of the CUDA bit-plane kernels (defined in
+// csrc/bitplanes/bitplanes_kernels_cuda.cu and csrc/lowbit_gemm/lowbit_gemm_kernels_cuda.cu).
+// Raw pointers, sizes and a stream only: the .cu files never include torch/extension.h
+// (compile time); the *_cuda.cpp wrappers turn tensors into these arguments. Each launcher
+// returns the launch status (cudaGetLastError) for the caller to check.
 #pragma once
 #include <cuda_runtime_api.h>
 

@@ -120,7 +120,8 @@ EQK_HD void unpack_word_thread(const uint32_t* planes, int64_t plane_stride, int
   EQK_UNROLL
   for (int g = 0; g < 8; ++g) {
     for (int i = 0; i < 4; ++i) {
-      if (k0 + 4 * g + i < K) out_row[k0 + 4 * g + i] = static_cast<int8_t>((codes[g] >> (8 * i)) & 0xFFu);
+      const int64_t k = k0 + 4 * g + i;
+      if (k < K) out_row[k] = static_cast<int8_t>((codes[g] >> (8 * i)) & 0xFFu);
     }
   }
 }
@@ -190,8 +191,7 @@ constexpr int kStagePitch = kStageWords + 1;    // +1: rows land in different sh
 constexpr int kThreadsAlongN = kTileN / kMicro;  // 16
 
 static_assert(kTileM * kTileN == kTileThreads * kMicro * kMicro, "tile/thread mismatch");
-static_assert(kTileThreads % kThreadsAlongN == 0 && kTileThreads / kThreadsAlongN * kMicro == kTileM,
-              "micro-tile layout");
+static_assert(kTileThreads / kThreadsAlongN * kMicro == kTileM, "micro-tile layout");
 
 struct TileStage {
   uint32_t x[kTileM][kStagePitch];

@@ -1,6 +1,6 @@
-// Host wrapper of the CUDA low-bit integer GEMM (lowbit_gemm_cuda.cu): tensors -> raw pointers
-// on the current stream. Compiled only (no GPU in this workplace).
-#include <ATen/cuda/CUDAContext.h>
+// Host wrapper of the CUDA low-bit integer GEMM (lowbit_gemm_kernels_cuda.cu): tensors -> raw
+// pointers on the current stream. Compiled only (no GPU in this workplace).
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -31,7 +31,7 @@ torch::Tensor lowbit_gemm_int_cuda(const torch::Tensor& xq, const torch::Tensor&
       reinterpret_cast<const uint32_t*>(x_bytes.data_ptr<uint8_t>()),
       xq.scalar_type() == at::kByte, reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>()),
       N * W, M, N, W, static_cast<int>(bits), out.data_ptr<int32_t>(),
-      at::cuda::getCurrentCUDAStream()));
+      c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
 

@@ -3,6 +3,8 @@
 // Both kernels are loops over the __host__ __device__ functions of csrc/common/lowbit_gemm_tile.h
 // with __syncthreads() between phases; bitplanes_emulation_cpu.cpp runs the same functions on the
 // host, phase by phase, and tests/test_cuda_shared_math.py checks them against an int64 oracle.
+// Named *_kernels_cuda.cu because torch's ninja build names objects by file stem and the host
+// wrapper lowbit_gemm_cuda.cpp already makes lowbit_gemm_cuda.o.
 // No torch headers here (compile time): raw pointers, sizes, a stream.
 #include <cuda_runtime.h>
 

@@ -1,6 +1,8 @@
-// CUDA kernels: bit-plane pack and unpack (compiled only: no GPU in this workplace; the
+// CUDA kernels: bit-plane pack and unpack. Compiled only (no GPU in this workplace); the
 // per-thread arithmetic is csrc/common/lowbit_gemm_tile.h, which the CPU emulation in
-// bitplanes_emulation_cpu.cpp runs and tests/test_cuda_shared_math.py checks).
+// bitplanes_emulation_cpu.cpp runs and tests/test_cuda_shared_math.py checks.
+// Named *_kernels_cuda.cu because torch's ninja build names objects by file stem and the host
+// wrapper bitplanes_cuda.cpp already makes bitplanes_cuda.o.
 // No torch headers here (compile time): raw pointers, sizes, a stream.
 #include <cuda_runtime.h>
 
