@@ -460,9 +460,11 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert main(["train", "--recipe", "multiquant", "--out", str(run)] + tiny) == 0
     out = tmp_path / "m.onnx"
     args = ["export-onnx", str(run), "--out", str(out), "--uniform", "4,8", "--check", "64"]
-    assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["n"] == 64 and result["top1_agreement"] >= 0.999
+    assert main(args + ["--check-test"]) == 0
+    random, test = (json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-2:])
+    assert random["inputs"] == "random" and random["n"] == 64
+    assert test["inputs"] == "test" and test["n"] == 64  # --limit-test 64
+    assert random["top1_agreement"] >= 0.999 and test["top1_agreement"] >= 0.999
     model = onnx.load(out)
     meta = {p.key: p.value for p in model.metadata_props}
     cfg = SubnetConfig.from_json(meta["eqnet.config"])

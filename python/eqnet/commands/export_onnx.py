@@ -1,8 +1,9 @@
 """`eqnet export-onnx RUN --out model.onnx [--config cfg.json | --uniform W,A] --preset P`
 
 Exports one subnet of a trained run's supernet as ONNX QDQ (eqnet.deploy.onnx). With
-`--check N` it then runs the file under onnxruntime (CPU, graph optimizations off) on N seeded
-random inputs and prints the agreement with the fake-quant subnet as JSON.
+`--check N` (N seeded random inputs) and/or `--check-test` (the run's test split) it then runs
+the file under onnxruntime (CPU, graph optimizations off) and prints its agreement with the
+fake-quant subnet as one JSON line per input set.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N,C,H,W",
         help="default: the model's own input size (eqnet.models)",
     )
-    p.add_argument("--check", type=int, default=0, metavar="N", help="validate on N inputs")
+    p.add_argument(
+        "--check", type=int, default=0, metavar="N", help="validate on N seeded random inputs"
+    )
+    p.add_argument(
+        "--check-test",
+        action="store_true",
+        help="validate on the run's test split (top-1 agreement with the fake-quant subnet)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -89,10 +97,11 @@ def run(args) -> int:
     import torch
 
     from eqnet.deploy.onnx import compare_onnx, export_onnx
-    from eqnet.train.trainer import build_supernet_from_run
+    from eqnet.train.trainer import load_run
 
     try:
-        supernet = build_supernet_from_run(args.run)
+        trained = load_run(args.run)
+        supernet = trained.model.eval()
         if not hasattr(supernet, "set_config"):
             raise ValueError(f"run {args.run!r} holds a float model, not a supernet")
         config = _config(args, supernet)
@@ -115,5 +124,9 @@ def run(args) -> int:
     if args.check > 0:
         g = torch.Generator().manual_seed(args.seed)
         inputs = torch.randn((args.check, *shape[1:]), generator=g)
-        print(json.dumps(compare_onnx(supernet, config, args.out, inputs)))
+        print(json.dumps({"inputs": "random", **compare_onnx(supernet, config, args.out, inputs)}))
+    if args.check_test:
+        test = trained.load_data(augment=False).test
+        inputs = torch.stack([test[i][0] for i in range(len(test))])
+        print(json.dumps({"inputs": "test", **compare_onnx(supernet, config, args.out, inputs)}))
     return 0
