@@ -70,21 +70,26 @@ def main() -> None:
                       ("W4A4", {"bits": 4, "max_bits": 4}), ("mixed", {"config": "mixed"})]  # fmt: skip
         for batch in (1, 64):
             x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
-            repeat = 20 if batch == 1 else 5
+            # batch 64 on the reference backend takes seconds per call: fewer runs there.
+            timing = (
+                {"repeat": 20, "warmup": 3}
+                if batch == 1
+                else {"repeat": 3, "warmup": 1, "min_time": 0.0}
+            )
             with torch.no_grad():
-                ms = time_fn(lambda x=x: float_model(x), repeat=repeat) * 1e3
+                ms = time_fn(lambda x=x: float_model(x), **timing) * 1e3
                 table.add(model="float torch", config="fp32", batch=batch, backend="aten",
                           ms=ms, plane_bytes="", float_bytes=float_bytes, **{"plane/float": ""},
                           prefix_bytes="")  # fmt: skip
                 for label, kwargs in selections:
                     cfg = config_from(header, kwargs.get("bits"), kwargs.get("config"))
                     sn.set_config(cfg)
-                    ms = time_fn(lambda x=x: sn(x), repeat=repeat) * 1e3
+                    ms = time_fn(lambda x=x: sn(x), **timing) * 1e3
                     table.add(model="fake-quant", config=label, batch=batch, backend="auto",
                               ms=ms, plane_bytes="", float_bytes="", **{"plane/float": ""},
                               prefix_bytes="")  # fmt: skip
                     deployed = load(path, **kwargs)
-                    ms = time_fn(lambda d=deployed, x=x: d(x), repeat=repeat) * 1e3
+                    ms = time_fn(lambda d=deployed, x=x: d(x), **timing) * 1e3
                     planes = deployed.plane_bytes()
                     table.add(model="deployed", config=label, batch=batch, backend=backend,
                               ms=ms, plane_bytes=planes, float_bytes=float_bytes,
