@@ -406,8 +406,6 @@ def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, n
 
     _plan_float_tensors(plan, supernet, float_model, layers, fold_of_layer)
 
-    # A section may be empty (e.g. a width whose planes all sit in another section): keep it
-    # so section indices stay the plane order.
     model = {
         "record_version": RECORD_VERSION,
         "arch": record,
@@ -431,6 +429,8 @@ def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, n
         def section_of(level):
             return max(0, min(level, top) - min_bits)
 
+        # One section per plane from the lowest width up (section 0 = the lowest width's
+        # planes); a section may be empty but stays, so section indices follow plane order.
         sections = [OrderedDict() for _ in range(n_sections)]
         for name, tensor in plan.tensors.items():
             sections[section_of(plan.where[name])][name] = tensor
