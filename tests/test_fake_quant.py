@@ -449,6 +449,13 @@ def test_opcheck_every_op_triton():
         )
 
 
+@pytest.mark.slow
+@pytest.mark.triton
+def test_opcheck_every_op_triton_full():
+    for op, args in _op_cases("triton"):
+        torch.library.opcheck(op, args)
+
+
 class _TinyQuantNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
