@@ -48,7 +48,7 @@ def build(tmp: Path):
 
 def main() -> None:
     from eqnet.deploy import load
-    from eqnet.deploy.load import config_from
+    from eqnet.deploy.loader import config_from
 
     from eqkernels.backend import choose
     from eqkernels.format import read_eqk_header

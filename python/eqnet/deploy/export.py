@@ -439,7 +439,7 @@ def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, n
         sections = [OrderedDict() for _ in range(len(stored) + 1)]
         for name, tensor in plan.tensors.items():
             sections[plan.where[name]][name] = tensor
-        from .load import required_tensors
+        from .loader import required_tensors
 
         where = {name: plan.where[name] for name in plan.tensors}
         layout = {"tensors": [{"name": n, "section": s} for n, s in where.items()]}
