@@ -279,8 +279,8 @@ def _plan_weight(name, layer, choice, profile, opset, bn_mul, problems):
         if bad:
             problems.append(
                 f"layer {name!r}: {bad} weight codes lie outside {profile.name}'s range "
-                f"[{rmin}, {rmax}] ({choice.w_bits}-bit codes reach {int(codes.min())}); "
-                f"{profile.name} takes narrow-range weights only"
+                f"[{rmin}, {rmax}] (the {choice.w_bits}-bit codes span [{int(codes.min())}, "
+                f"{int(codes.max())}]); {profile.name} takes narrow-range weights only"
             )
             return None
         lo, hi = max(lo, rmin), min(hi, rmax)
