@@ -158,7 +158,15 @@ def _search_ga(args, ctx, budgets, out: Path):
             if main == args.mc_metric
             else MonteCarloSampler(table, table.metric_table(ctx.cost, main), main, seed=args.seed)
         )
-        init, rep = init_sampler.sample(args.population, budget)
+        try:
+            init, rep = init_sampler.sample(args.population, budget)
+        except ValueError:
+            # a budget at the very edge of the range (e.g. exactly the all-lowest config)
+            # leaves no bucket to sample from; start from the cheapest config instead
+            cheapest = np.nanargmin(budget.tables[main], axis=1)[None]
+            if not budget.ok(cheapest).all():
+                raise
+            init, rep = cheapest, None
         t0 = time.perf_counter()
         res = genetic_search(
             table,
@@ -180,7 +188,7 @@ def _search_ga(args, ctx, budgets, out: Path):
                 {
                     "predicted_accuracy": res.best_fitness,
                     "search_seconds": wall,
-                    "mc_trials_per_sample": rep.trials_per_sample,
+                    "mc_trials_per_sample": rep.trials_per_sample if rep else None,
                 },
             )
         )
