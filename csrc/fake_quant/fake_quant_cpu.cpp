@@ -402,20 +402,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_cpu(
   at::Tensor sum_z = at::zeros({l.channels}, x3.options().dtype(at::kFloat));
   float* pt = sum_t.data_ptr<float>();
   float* pz = sum_z.data_ptr<float>();
-  at::parallel_for(0, l.channels, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      float acc_t = 0.0f, acc_o = 0.0f;
-      for (int64_t o = 0; o < l.outer; ++o) {
-        const int64_t base = (o * l.channels + c) * l.blocks_per_row;
-        for (int64_t b = 0; b < l.blocks_per_row; ++b) {
-          acc_t += part_t[base + b];
-          acc_o += part_o[base + b];
-        }
+  // Serial on purpose: it is O(items) additions, and a second parallel region costs more than
+  // that (on a busy machine, a whole scheduler time slice waiting for the other thread).
+  for (int64_t c = 0; c < l.channels; ++c) {
+    float acc_t = 0.0f, acc_o = 0.0f;
+    for (int64_t o = 0; o < l.outer; ++o) {
+      const int64_t base = (o * l.channels + c) * l.blocks_per_row;
+      for (int64_t b = 0; b < l.blocks_per_row; ++b) {
+        acc_t += part_t[base + b];
+        acc_o += part_o[base + b];
       }
-      pt[c] = acc_t;
-      pz[c] = -params[c].s * acc_o;
     }
-  });
+    pt[c] = acc_t;
+    pz[c] = -params[c].s * acc_o;
+  }
   return {dx3, sum_t, sum_z};
 }
 
