@@ -308,12 +308,17 @@ class Trainer:
         bar.close()
         return {f"train_{k}": v / max(n, 1) for k, v in sums.items() if k != "lr"}
 
+    def recalibrate(self, loader, batches: int) -> None:
+        """BN recalibration of the active subnet (a hook: the distributed trainer combines
+        the ranks' statistics)."""
+        from eqnet.convert import recalibrate_bn
+
+        recalibrate_bn(self.model, loader, batches=batches)
+
     def evaluate_subnets(self) -> dict:
         """Test accuracy of the recipe's evaluation subnets (lowest, highest, the fixed random
         one), each after BN recalibration on the held-out split. The training BN statistics
         are restored afterwards, so evaluation does not change the training state."""
-        from eqnet.convert import recalibrate_bn
-
         saved = _bn_buffers(self.model)
         active = self.model.config() if self.space is not None else None
         results = {}
@@ -321,10 +326,8 @@ class Trainer:
             if cfg is not None:
                 self.model.set_config(cfg)
                 if self.recipe.recalibrate_bn:
-                    recalibrate_bn(
-                        self.model,
-                        self._device_batches(self.holdout_loader),
-                        batches=self.config.bn_batches,
+                    self.recalibrate(
+                        self._device_batches(self.holdout_loader), self.config.bn_batches
                     )
             results[f"acc_{name}"] = evaluate(self.model, self.test_loader, self.device)
         with torch.no_grad():
