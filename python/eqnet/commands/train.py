@@ -91,6 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from eqnet.train.distributed import add_arguments as add_distributed_arguments
+
+    add_distributed_arguments(p)
 
 
 _CONFIG_KEYS = (
@@ -116,9 +119,12 @@ def config_from_args(args):
 
 def run(args) -> int:
     from eqnet.data import DataError
-    from eqnet.train.trainer import NonFiniteLossError, Trainer
+    from eqnet.train import distributed
+    from eqnet.train.trainer import NonFiniteLossError
 
     try:
+        # Under torchrun: joins the process group, DistributedTrainer (issue 8).
+        Trainer = distributed.launch(args)  # noqa: N806
         if args.resume:
             overrides = {"progress": not args.no_progress}
             if args.device is not None:
@@ -152,7 +158,17 @@ def run(args) -> int:
     except (DataError, FileNotFoundError, ValueError, NonFiniteLossError) as exc:
         print(f"eqnet train: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        message = distributed.failure_message(exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
     last = trainer.metrics[-1] if trainer.metrics else {}
     accs = ", ".join(f"{k[4:]} {v * 100:.2f}%" for k, v in last.items() if k.startswith("acc_"))
-    print(f"trained {trainer.config.recipe} to epoch {trainer.epoch}: {accs}; run in {args.out}")
+    if distributed.is_main_process():
+        print(
+            f"trained {trainer.config.recipe} to epoch {trainer.epoch}: {accs}; run in {args.out}"
+        )
+    distributed.cleanup()
     return 0
