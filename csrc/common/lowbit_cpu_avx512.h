@@ -32,35 +32,57 @@ inline uint64_t load_bits64(const uint32_t* row, int64_t w, int64_t W) {
   return row[w];
 }
 
+// One plane slice of the bit-serial GEMV: acc += dpbusd(masked plane weight, x) (see above).
+template <int BITS, bool SIGNED>
+EQK_TARGET_AVX512 __attribute__((always_inline)) inline void step(int j, __mmask64 m, __m512i xv, __m512i& acc, __m512i& accs) {
+  if constexpr (SIGNED) {
+    const __m512i wv = _mm512_maskz_mov_epi8(m, _mm512_set1_epi8((char)(1 << (BITS - 1 - j))));
+    if (j == 0)
+      accs = _mm512_dpbusd_epi32(accs, wv, xv);
+    else
+      acc = _mm512_dpbusd_epi32(acc, wv, xv);
+  } else {
+    const int wj = j == 0 ? -(1 << (BITS - 1)) : (1 << (BITS - 1 - j));
+    acc = _mm512_dpbusd_epi32(acc, xv, _mm512_maskz_mov_epi8(m, _mm512_set1_epi8((char)wj)));
+  }
+}
+
 template <int BITS, bool SIGNED, int R>
 EQK_TARGET_AVX512 inline void gemv_int_rows_avx512(const PlaneRows& P, const uint8_t* x,
                                                    int64_t n, int32_t* out) {
-  const int64_t W = P.W, nblk = (W + 1) / 2;
+  const int64_t W = P.W, nblk = (W + 1) / 2, nfull = W / 2;
   __m512i acc[R][2], accs[R];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = accs[r] = _mm512_setzero_si512();
   const uint32_t* rows[R][BITS];
+  const uint32_t* next[R][BITS];  // the next row group, prefetched while this one runs
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < BITS; ++j) rows[r][j] = P.row(j, n + r);
-  for (int64_t kb = 0; kb < nblk; ++kb) {
+    for (int j = 0; j < BITS; ++j) {
+      rows[r][j] = P.row(j, n + r);
+      next[r][j] = P.row(j, n + R + r < P.N ? n + R + r : P.N - 1);
+    }
+  // Each plane row is short (K/8 bytes), so R*BITS short streams start per group and the
+  // hardware prefetchers never ramp up: prefetch the next group one cache line per 8 blocks.
+  // Full 64-column blocks: the k-masks load straight from memory (kmovq k, m64 is a load-port
+  // uop; kmovq from a GPR would compete with the masked move for port 5).
+  for (int64_t kb = 0; kb < nfull; ++kb) {
     const __m512i xv = _mm512_loadu_si512(x + 64 * kb);
-    const int64_t w = 2 * kb;
+    if ((kb & 7) == 0)
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < BITS; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(next[r][j] + 2 * kb), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
       for (int j = 0; j < BITS; ++j) {
-        const __mmask64 m = _cvtu64_mask64(load_bits64(rows[r][j], w, W));
-        if constexpr (SIGNED) {
-          const __m512i wv = _mm512_maskz_mov_epi8(m, _mm512_set1_epi8((char)(1 << (BITS - 1 - j))));
-          if (j == 0)
-            accs[r] = _mm512_dpbusd_epi32(accs[r], wv, xv);
-          else
-            acc[r][j & 1] = _mm512_dpbusd_epi32(acc[r][j & 1], wv, xv);
-        } else {
-          const int wj = j == 0 ? -(1 << (BITS - 1)) : (1 << (BITS - 1 - j));
-          const __m512i wv = _mm512_maskz_mov_epi8(m, _mm512_set1_epi8((char)wj));
-          acc[r][j & 1] = _mm512_dpbusd_epi32(acc[r][j & 1], xv, wv);
-        }
+        const __mmask64 m = _load_mask64((__mmask64*)(rows[r][j] + 2 * kb));
+        step<BITS, SIGNED>(j, m, xv, acc[r][j & 1], accs[r]);
       }
     }
+  }
+  if (nfull < nblk) {  // odd W: the last 32 columns
+    const __m512i xv = _mm512_loadu_si512(x + 64 * nfull);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < BITS; ++j)
+        step<BITS, SIGNED>(j, _cvtu64_mask64(rows[r][j][W - 1]), xv, acc[r][j & 1], accs[r]);
   }
   for (int r = 0; r < R; ++r) {
     const uint32_t pos = (uint32_t)_mm512_reduce_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]));
@@ -102,20 +124,23 @@ EQK_TARGET_AVX512 inline float gemv_float_row_avx512(const PlaneRows& P, const f
   const int64_t groups = 2 * P.W;  // 16 columns each
   __m512 acc[BITS][2];
   const uint16_t* rows[BITS];
+  const char* next[BITS];  // the next row, prefetched (see gemv_int_rows_avx512)
   for (int j = 0; j < BITS; ++j) {
     acc[j][0] = acc[j][1] = _mm512_setzero_ps();
     rows[j] = reinterpret_cast<const uint16_t*>(P.row(j, n));
+    next[j] = reinterpret_cast<const char*>(P.row(j, n + 1 < P.N ? n + 1 : n));
   }
   int64_t g = 0;
   for (; g + 2 <= groups; g += 2) {
+    if ((g & 31) == 0)
+      for (int j = 0; j < BITS; ++j) _mm_prefetch(next[j] + 2 * g, _MM_HINT_T0);
     const __m512 x0 = _mm512_loadu_ps(x + 16 * g), x1 = _mm512_loadu_ps(x + 16 * g + 16);
 #pragma GCC unroll 8
     for (int j = 0; j < BITS; ++j) {
-      uint16_t m0, m1;
-      std::memcpy(&m0, rows[j] + g, 2);
-      std::memcpy(&m1, rows[j] + g + 1, 2);
-      acc[j][0] = _mm512_mask_add_ps(acc[j][0], (__mmask16)m0, acc[j][0], x0);
-      acc[j][1] = _mm512_mask_add_ps(acc[j][1], (__mmask16)m1, acc[j][1], x1);
+      const __mmask16 m0 = _load_mask16((__mmask16*)(rows[j] + g));
+      const __mmask16 m1 = _load_mask16((__mmask16*)(rows[j] + g + 1));
+      acc[j][0] = _mm512_mask_add_ps(acc[j][0], m0, acc[j][0], x0);
+      acc[j][1] = _mm512_mask_add_ps(acc[j][1], m1, acc[j][1], x1);
     }
   }
   float total = 0.0f;
