@@ -277,9 +277,6 @@ def test_adaptive_label_matrix_equals_single_process(two_rank_job, single_proces
 def test_metrics_reduced_and_written_by_rank0(two_rank_job, single_process):
     out, ranks = two_rank_job
     ref, _ = single_process
-    assert ranks[0]["metrics"] == ranks[1]["metrics"] or all(
-        r0.keys() == r1.keys() for r0, r1 in zip(ranks[0]["metrics"], ranks[1]["metrics"])
-    )
     for r0, r1, rr in zip(ranks[0]["metrics"], ranks[1]["metrics"], ref.metrics, strict=True):
         # the mean over ranks of half-batch mean losses = the full-batch mean loss
         assert r0["train_loss"] == pytest.approx(rr["train_loss"], rel=1e-4)
@@ -360,8 +357,9 @@ def test_killed_rank_ends_the_job(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
-    assert b"rank" in err.lower()
+    # (which rank reports first, the survivor's "distributed error" or torchrun's summary of
+    # the killed worker, is a race; the exit status is not)
+    assert proc.returncode != 0, err.decode()[-3000:]
     # the last checkpoint written by rank 0 is intact
     from eqnet.train.checkpoint import load_checkpoint
 
@@ -381,6 +379,47 @@ def test_accuracy_dataset_split_across_ranks(two_rank_job):
         assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in ref]
     # every config evaluated once, the work shared: rank r took the r-th of each pair
     assert [r["evaluated_by"] for r in written] == [i % 2 for i in range(len(ref))]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_shard_sampler_slices_the_single_process_batches(world):
+    from eqnet.data import EpochShuffleSampler
+    from eqnet.train.distributed import EpochShardSampler
+
+    n, batch, seed = 103, 8, 7
+    single = EpochShuffleSampler(n, seed)
+    shards = [EpochShardSampler(n, batch, seed, world, r) for r in range(world)]
+    for epoch in (0, 3):
+        single.set_epoch(epoch)
+        order = list(single)
+        expected = [order[i : i + batch] for i in range(0, n - n % batch, batch)]
+        for s in shards:
+            s.set_epoch(epoch)
+        local = [list(s) for s in shards]
+        assert all(
+            len(x) == len(s) == len(expected) * batch // world for x, s in zip(local, shards)
+        )
+        for step, want in enumerate(expected):
+            k = batch // world
+            got = sum((x[step * k : (step + 1) * k] for x in local), [])
+            assert got == want
+
+
+def test_shard_sampler_rejects_indivisible_batch():
+    from eqnet.train.distributed import EpochShardSampler
+
+    with pytest.raises(ValueError, match="batch_size=30"):
+        EpochShardSampler(100, 30, 0, 4, 0)
+
+
+def test_sync_bn_needs_torchrun(tmp_path, capsys, monkeypatch):
+    from eqnet.cli import main
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["train", "--out", str(tmp_path / "r"), "--sync-bn", "--no-progress"]) == 1
+    assert "--sync-bn" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
