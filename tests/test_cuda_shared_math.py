@@ -184,3 +184,19 @@ def test_bad_arguments_raise_value_error():
         gemm(x, planes, 2, "mma")
     with pytest.raises(ValueError, match="gemv"):
         gemm(torch.zeros(9, 40, dtype=torch.uint8), planes, 2, "gemv")
+
+
+@pytest.mark.skipif(not _ext.cuda_available(), reason="eqkernels._C built without CUDA")
+def test_cuda_entry_points_exist_and_reject_cpu_tensors():
+    """Without a GPU the CUDA kernels cannot run; their wrappers must still be exposed under the
+    names the Python ops call and reject CPU tensors before touching a device."""
+    q = torch.zeros(2, 40, dtype=torch.int8)
+    planes = torch.zeros(3, 2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        _k("pack_bitplanes_cuda")(q, 3)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        _k("unpack_bitplanes_cuda")(planes, 3, 40)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        _k("lowbit_gemm_int_cuda")(torch.zeros(1, 40, dtype=torch.uint8), planes, 3)
+    with pytest.raises(ValueError, match="bits"):
+        _k("pack_bitplanes_cuda")(q, 9)
