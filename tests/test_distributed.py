@@ -25,6 +25,7 @@ pytestmark = pytest.mark.dist
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 32
+EQNET = dict(recipe="eqnet", epochs=1, max_steps_per_epoch=3, w_bits=[2, 4, 8], a_bits=[2, 4, 8])
 
 
 def _no_bn_net(num_classes: int = 10) -> torch.nn.Module:
@@ -155,6 +156,11 @@ def _worker(out: Path) -> None:
     resumed = DistributedTrainer.from_run(out / "resume", data=data)
     resumed.fit()
     res["resumed"] = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+
+    # eqnet: random forms, GPG, and the WDR backward that bypasses the DDP forward
+    eq = DistributedTrainer(_config(**EQNET), None, data=data)
+    eq.fit()
+    res["eqnet"] = {k: v.clone() for k, v in eq.model.state_dict().items()}
 
     model = _bn_model()
     distributed.recalibrate_bn(model, (x for x, _ in eval_loader(data.holdout, 16)), batches=3)
@@ -287,6 +293,19 @@ def test_metrics_reduced_and_written_by_rank0(two_rank_job, single_process):
     for name in ("full", "resume"):
         files = sorted(p.name for p in (out / name).iterdir() if not p.name.startswith("."))
         assert files == ["checkpoint.pt", "config.json", "metrics.csv", "metrics.jsonl"]
+
+
+def test_eqnet_recipe_two_ranks_equal_one_process(two_rank_job):
+    from eqnet.train.trainer import Trainer
+
+    _, ranks = two_rank_job
+    _patch_models()
+    ref = Trainer(_config(**EQNET), None, data=_data())
+    ref.fit()
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(ranks[0]["eqnet"][k], ranks[1]["eqnet"][k]), k
+        if v.is_floating_point():
+            torch.testing.assert_close(ranks[0]["eqnet"][k], v, rtol=1e-4, atol=2e-5, msg=k)
 
 
 def test_resume_under_two_ranks_continues_exactly(two_rank_job):
