@@ -372,7 +372,11 @@ class DistributedTrainer(Trainer):
                     f"{self.device}); leave it off on CPU"
                 )
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        device_ids = None
+        if self.device.type == "cuda":
+            # "cuda" without an index is this rank's GPU (setup() called set_device).
+            index = self.device.index
+            device_ids = [torch.cuda.current_device() if index is None else index]
         self.ddp = torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=device_ids, find_unused_parameters=True
         )
