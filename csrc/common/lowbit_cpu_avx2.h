@@ -3,9 +3,9 @@
 // AVX2 has no mask registers: 32 plane bits become a 32-byte 0x00/0xFF mask with a byte
 // shuffle and a compare. The integer GEMV multiplies with maddubs (u8 x s8 -> saturating s16
 // pairs), so every pair must stay within int16: non-sign planes use weights <= 64
-// (2*255*64 = 32640), and the sign plane uses weight 1 in its own accumulator, scaled by
-// 2^(b-1) at the end (int8 activations: u8 operand = masked weight, 2*128*128 = 32768 only
-// for -128*-128... which maddubs cannot produce since the weight operand is unsigned).
+// (uint8 activations: 2*255*64 = 32640; int8 activations, weight as the u8 operand:
+// 2*64*128 = 16384), and the sign plane uses weight 1 in its own accumulator, scaled by
+// 2^(b-1) at the end.
 #pragma once
 #include <immintrin.h>
 
