@@ -321,3 +321,32 @@ def test_opcheck():
             cargs = (xc, cplanes, s, 3, 4, 4, [3, 3], [1, 1], [1, 1], [1, 1], 1, True, None,
                      None, *act, name)  # fmt: skip
             torch.library.opcheck(torch.ops.eqk.lowbit_conv2d.default, cargs)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpp_results_do_not_depend_on_thread_count(isa):
+    """Float sums run in a fixed order inside one thread; integer sums are exact."""
+    if not _ext.has_kernel("lowbit_gemm_float_cpu"):
+        pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
+    q = torch.randint(-8, 8, (300, 333))
+    planes = pack(q, 4)
+    x = torch.randn(3, 333)
+    act = dict(act_scale=torch.tensor([0.02]), act_zero_point=torch.tensor([1.0]),
+               act_quant_min=-128, act_quant_max=127)  # fmt: skip
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with force_cpu_isa(isa):
+                outs.append(
+                    (
+                        E.lowbit_linear(x, planes, torch.tensor([0.1]), 3, 4, K=333, backend="cpp"),
+                        E.lowbit_linear(
+                            x, planes, torch.tensor([0.1]), 3, 4, K=333, backend="cpp", **act
+                        ),  # fmt: skip
+                    )
+                )
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
