@@ -83,7 +83,8 @@ def _extensions():
     # -O3 and OpenMP: at::parallel_for runs on one thread without -fopenmp. No -march: ISA
     # specific kernels use function target attributes and are chosen at run time (cpu_features.h).
     # -ffp-contract=off: no FMA contraction, so C++ results are bit-exact with the torch reference.
-    cxx = ["-O3", "-fopenmp", "-std=c++20", "-fvisibility=hidden", "-ffp-contract=off"]
+    # -g0: Python's default CFLAGS add -g, which doubles compile time and the .so size.
+    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++20", "-fvisibility=hidden", "-ffp-contract=off"]
     define = [("EQK_WITH_CUDA", "1")] if with_cuda else []
     include = [os.path.join(ROOT, "csrc")]
     if with_cuda:
