@@ -6,21 +6,26 @@ optional dependencies load only when that part is used.
 
 import importlib
 
+# `convert` is both a submodule (eqnet/convert.py) and the function users call. Importing the
+# submodule anywhere (`from eqnet.convert import calibrate`) would set the package attribute
+# `eqnet.convert` to the module object on first load; binding the function here, while that
+# first load happens, makes `eqnet.convert(...)` the function however the package is imported.
+from .convert import calibrate as calibrate
+from .convert import convert as convert
+from .convert import recalibrate_bn as recalibrate_bn
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "ElasticSpace": "eqnet.space",
     "LayerChoice": "eqnet.space",
     "SubnetConfig": "eqnet.space",
-    "convert": "eqnet.convert",
-    "calibrate": "eqnet.convert",
-    "recalibrate_bn": "eqnet.convert",
     "export": "eqnet.deploy",
     "load": "eqnet.deploy",
     "export_onnx": "eqnet.deploy.onnx",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "calibrate", "convert", "recalibrate_bn"])
 
 
 def __getattr__(name):
