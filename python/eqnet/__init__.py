@@ -28,7 +28,13 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "calibrate", "convert", "recalibrate_bn"])
 
 
+# Subpackages reachable as attributes after a plain `import eqnet` (eqnet.models.get(...)).
+_SUBMODULES = ("data", "deploy", "models", "nn", "search", "space", "train")
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"eqnet.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'eqnet' has no attribute {name!r}")
