@@ -125,12 +125,7 @@ class QConv2d(_QuantizedLayer, nn.Conv2d):
             space=space,
             fixed_choice=fixed_choice,
         )
-        with torch.no_grad():
-            q.weight.copy_(module.weight)
-            if module.bias is not None:
-                q.bias.copy_(module.bias)
-        q.train(module.training)
-        return q
+        return _copy_state(module, q)
 
     def to_float(self) -> nn.Conv2d:
         """A plain nn.Conv2d with the float (unquantized) weights."""
@@ -147,12 +142,7 @@ class QConv2d(_QuantizedLayer, nn.Conv2d):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            m.weight.copy_(self.weight)
-            if self.bias is not None:
-                m.bias.copy_(self.bias)
-        m.train(self.training)
-        return m
+        return _copy_state(self, m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, w = self._quantized_args(x)
@@ -179,12 +169,7 @@ class QLinear(_QuantizedLayer, nn.Linear):
             space=space,
             fixed_choice=fixed_choice,
         )
-        with torch.no_grad():
-            q.weight.copy_(module.weight)
-            if module.bias is not None:
-                q.bias.copy_(module.bias)
-        q.train(module.training)
-        return q
+        return _copy_state(module, q)
 
     def to_float(self) -> nn.Linear:
         m = nn.Linear(
@@ -194,16 +179,21 @@ class QLinear(_QuantizedLayer, nn.Linear):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            m.weight.copy_(self.weight)
-            if self.bias is not None:
-                m.bias.copy_(self.bias)
-        m.train(self.training)
-        return m
+        return _copy_state(self, m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, w = self._quantized_args(x)
         return F.linear(x, w, self.bias)
+
+
+def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Copy weight, bias and train/eval mode from src to dst (same layer geometry); dst."""
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        if src.bias is not None:
+            dst.bias.copy_(src.bias)
+    dst.train(src.training)
+    return dst
 
 
 def _prefer(values, preferred):
