@@ -11,7 +11,7 @@ Weights are cache-resident: one weight set is reused every call (ggml's perf mod
 "weight MB" column is the bytes of weights one call reads (planes: bits * N * ceil(K/32) * 4);
 "GB/s" is that over the time. Ratios are baseline time / our time (higher = faster).
 
-Usage: `python bench/bench_lowbit_gemm.py [--quick]` (EQK_BENCH_THREADS sets threads; run with
+Usage: `python bench/bench_lowbit_gemm.py [--quick] [--m 1 16]` (EQK_BENCH_THREADS sets threads; run with
 nothing else on the machine; EQK_EXT_DIR selects a private build of eqkernels._C).
 """
 
@@ -100,16 +100,19 @@ def bench_conv(table, B, C=64, H=32):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the M=1 and M=16 shapes")
+    parser.add_argument(
+        "--m", type=int, nargs="+", help="only these linear row counts (and skip the convs)"
+    )
     args = parser.parse_args(argv)
     threads = threads_from_env()
     print(f"threads: {threads}; weights cache-resident (one weight set reused)")
     cols = ["shape", "M", "N", "K", "provider", "bits", "act", "time_ms", "weight_MB", "GB_s"]
     table = Table("lowbit_gemm", cols)
-    ms = (1, 16) if args.quick else (1, 16, 256)
+    ms = args.m or ((1, 16) if args.quick else (1, 16, 256))
     for N, K in ((4096, 14336), (4096, 4096)):
         for M in ms:
             bench_linear(table, M, N, K)
-    for B in (1,) if args.quick else (1, 32):
+    for B in () if args.m else (1,) if args.quick else (1, 32):
         bench_conv(table, B)
     table.ratio_to("x_torch_fp32", "time_ms", lambda r: r["provider"] == "torch fp32", ["shape"])
     table.ratio_to("x_int_mm", "time_ms", lambda r: r["provider"] == "torch _int_mm", ["shape"])

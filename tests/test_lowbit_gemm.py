@@ -350,3 +350,137 @@ def test_cpp_results_do_not_depend_on_thread_count(isa):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# --------------------------------------------------------------------------------------------
+# The fused C++ integer path (quantize + integer GEMM + epilogue in one call, weights repacked
+# once per planes tensor): shapes that cross its blocking (64-position blocks, 4-row and
+# 16-channel tiles, K not a multiple of 4), groups, channel multipliers, the repack cache and
+# the fallback for a zero point outside the code range.
+
+FUSED_CONV_CASES = [
+    # B, cin, cout, H, W, k, groups, stride, padding, dilation
+    (2, 5, 70, 13, 11, 3, 1, 1, 1, 1),  # 143 positions, 5 channel tiles, K = 45
+    (1, 8, 36, 9, 9, 3, 2, 2, 1, 1),  # groups with 4 input channels each
+    (1, 3, 7, 10, 10, (1, 5), 1, (1, 2), (0, 2), (1, 2)),
+    (2, 4, 8, 6, 7, 3, 4, 1, 1, 2),  # channel multiplier 2 (cin/groups == 1)
+    (1, 64, 64, 8, 8, 3, 1, 1, 1, 1),  # a ResNet stage shape
+]
+
+
+@pytest.mark.parametrize("backend", [f"cpp-{isa}" for isa in ISAS])
+@pytest.mark.parametrize("case", FUSED_CONV_CASES)
+@pytest.mark.parametrize("act", ["signed", "unsigned"])
+@pytest.mark.parametrize("b", [4, 8])  # 8: codes down to -128 (AVX2 takes the portable loop)
+def test_conv2d_fused_blocking(backend, case, act, b):
+    name, ctx = run_on(backend)
+    assert _ext.has_kernel("lowbit_conv2d_int_fused_cpu")  # the path under test exists
+    B, cin, cout, H, W, ks, groups, stride, padding, dilation = case
+    ks = (ks, ks) if isinstance(ks, int) else ks
+    n = 8
+    K = cin // groups * ks[0] * ks[1]
+    q = torch.randint(-128, 128, (cout, K))
+    planes = pack(q, n)
+    x = torch.randn(B, cin, H, W) * 2
+    scale = torch.rand(cout) + 0.1
+    bias = torch.randn(cout)
+    if act == "signed":
+        a = (torch.tensor([0.03]), torch.tensor([7.0]), -128, 127)
+    else:
+        a = (torch.tensor([0.03]), torch.tensor([131.0]), 0, 255)
+    s_a, z_a, qmin, qmax = a
+    xq, zr = act_codes64(x, s_a, z_a, qmin, qmax)
+    xd = (xq - zr) * s_a.double()
+    w = weight64(q, n, b, scale, True).view(cout, cin // groups, *ks)
+    ref = F.conv2d(xd, w, bias.double(), stride, padding, dilation, groups)
+    bound = F.conv2d(xd.abs(), w.abs(), bias.double().abs(), stride, padding, dilation, groups)
+    with ctx():
+        y = E.lowbit_conv2d(x, planes, scale, b, n, in_channels=cin, kernel_size=ks,
+                            stride=stride, padding=padding, dilation=dilation, groups=groups,
+                            bias=bias, act_scale=s_a, act_zero_point=z_a, act_quant_min=qmin,
+                            act_quant_max=qmax, backend=name)  # fmt: skip
+    assert y.shape == ref.shape
+    assert_close_to(y, ref, bound, 1e-6)
+
+
+@pytest.mark.parametrize("backend", [f"cpp-{isa}" for isa in ISAS])
+def test_conv2d_zero_point_outside_code_range(backend):
+    """A rounded zero point above act_quant_max: the padding code is not a code of the range
+    (the fused path declines; the result still pads with real zero)."""
+    name, ctx = run_on(backend)
+    q = torch.randint(-8, 8, (4, 3 * 9))
+    x = torch.rand(1, 3, 5, 5)
+    s_a, z_a = torch.tensor([0.1]), torch.tensor([20.0])
+    scale = torch.tensor([0.2])
+    with ctx():
+        y = E.lowbit_conv2d(x, pack(q, 4), scale, 4, 4, in_channels=3, kernel_size=3,
+                            padding=1, act_scale=s_a, act_zero_point=z_a, act_quant_min=0,
+                            act_quant_max=15, backend=name)  # fmt: skip
+    xq, zr = act_codes64(x, s_a, z_a, 0, 15)
+    xd = (xq - zr) * s_a.double()
+    w = weight64(q, 4, 4, scale, True).view(4, 3, 3, 3)
+    ref = F.conv2d(xd, w, None, 1, 1)
+    assert_close_to(y, ref, F.conv2d(xd.abs(), w.abs(), None, 1, 1), 1e-6)
+
+
+@pytest.mark.parametrize("backend", [f"cpp-{isa}" for isa in ISAS])
+def test_repacked_weights_follow_in_place_plane_changes(backend):
+    """The kernel-layout weights are cached per planes tensor: writing new codes into the same
+    tensor must give the new layer's results, for linear (few and many rows) and conv."""
+    name, ctx = run_on(backend)
+    s_a = torch.tensor([0.05])
+    act = dict(act_scale=s_a, act_zero_point=torch.tensor([2.0]), act_quant_min=-128,
+               act_quant_max=127)  # fmt: skip
+    scale = torch.tensor([0.1])
+    q1 = torch.randint(-8, 8, (20, 36))
+    planes = pack(q1, 4)
+    xl = torch.randn(17, 36)
+    xc = torch.randn(1, 4, 6, 6)
+    for step in range(2):
+        q = q1 if step == 0 else torch.randint(-8, 8, (20, 36))
+        if step == 1:
+            planes.copy_(pack(q, 4))
+        w = weight64(q, 4, 4, scale, True)
+        for rows in (2, 17):
+            with ctx():
+                y = E.lowbit_linear(xl[:rows], planes, scale, 4, 4, K=36, backend=name, **act)
+            xq, zr = act_codes64(xl[:rows], s_a, act["act_zero_point"], -128, 127)
+            xd = (xq - zr) * s_a.double()
+            assert_close_to(y, xd @ w.T, xd.abs() @ w.abs().T, 1e-6)
+        with ctx():
+            y = E.lowbit_conv2d(xc, planes, scale, 4, 4, in_channels=4, kernel_size=3,
+                                padding=1, backend=name, **act)  # fmt: skip
+        xq, zr = act_codes64(xc, s_a, act["act_zero_point"], -128, 127)
+        xd = (xq - zr) * s_a.double()
+        wc = w.view(20, 4, 3, 3)
+        assert_close_to(y, F.conv2d(xd, wc, None, 1, 1), F.conv2d(xd.abs(), wc.abs(), None, 1, 1),
+                        1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_conv_and_linear_do_not_depend_on_thread_count(isa):
+    if not _ext.has_kernel("lowbit_gemm_int_cpu"):
+        pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
+    q = torch.randint(-8, 8, (64, 64 * 9))
+    planes = pack(q, 4)
+    x = torch.randn(2, 64, 16, 16)
+    xl = torch.randn(40, 64 * 9)
+    act = dict(act_scale=torch.tensor([0.02]), act_zero_point=torch.tensor([3.0]),
+               act_quant_min=0, act_quant_max=255)  # fmt: skip
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with force_cpu_isa(isa):
+                outs.append(
+                    (
+                        E.lowbit_conv2d(x, planes, torch.tensor([0.1]), 3, 4, in_channels=64,
+                                        kernel_size=3, padding=1, backend="cpp", **act),
+                        E.lowbit_linear(xl, planes, torch.tensor([0.1]), 3, 4, K=64 * 9,
+                                        backend="cpp", **act),
+                    )
+                )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

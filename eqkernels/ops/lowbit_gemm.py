@@ -24,6 +24,8 @@ in torch; compiled in CI only, no GPU here). These are inference ops: no autogra
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,108 @@ _FLOAT_BITSERIAL_MAX_M = 8
 # Above this many groups the integer conv accumulates the codes in a float64 convolution
 # (exact: every partial sum is an integer far below 2^53) instead of one GEMM per group.
 _GROUP_LOOP_MAX = 8
+
+
+# Fused C++ integer path (csrc/lowbit_gemm/lowbit_fused_cpu.cpp): quantization, integer GEMM,
+# code sums and epilogue in one call, on weights decoded / repacked once per planes tensor.
+_FUSED_LINEAR = "lowbit_linear_int_fused_cpu"
+_FUSED_CONV = "lowbit_conv2d_int_fused_cpu"
+# Rows from which the fused linear feeds decoded int8 weights to torch._int_mm (below: the
+# bit-serial GEMV straight from the planes). Mirrors kDecodedMinM in the C++ file.
+_FUSED_DECODED_MIN_M = 16
+
+# id(planes) -> (weakref to planes, (version, data_ptr), {geometry key: kernel tensors}).
+# DESIGN.md lets kernels repack the planes into a kernel layout at load time; this cache is
+# that repacking, done on first use and dropped with the planes tensor (or when it changes).
+_PACKED: dict[int, tuple] = {}
+
+
+def _planes_stamp(planes):
+    try:
+        version = planes._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot change)
+        version = -1
+    return (version, planes.data_ptr())
+
+
+def _kernel_weights(planes, key, make):
+    pid = id(planes)
+    entry = _PACKED.get(pid)
+    stamp = _planes_stamp(planes)
+    if entry is None or entry[0]() is not planes or entry[1] != stamp:
+
+        def drop(ref, pid=pid):
+            current = _PACKED.get(pid)
+            if current is not None and current[0] is ref:
+                del _PACKED[pid]
+
+        entry = (weakref.ref(planes, drop), stamp, {})
+        _PACKED[pid] = entry
+    found = entry[2].get(key)
+    if found is None:
+        found = make()
+        entry[2][key] = found
+    return found
+
+
+def _packed_weights(planes, bits, K, cin_g, kh, kw, groups, layout):
+    """(kernel-layout int8 weights, int64 weight code row sums), cached per planes tensor."""
+    return _kernel_weights(
+        planes,
+        ("packed", bits, K, cin_g, kh, kw, groups, layout),
+        lambda: _ext.kernel("lowbit_pack_weights_cpu")(
+            planes[:bits].contiguous(), bits, K, cin_g, kh, kw, groups, layout, cpu_isa_cap()
+        ),
+    )
+
+
+def _cached_rowsums(planes, bits, K):
+    return _kernel_weights(
+        planes, ("rowsums", bits, K), lambda: _rowsums(planes, bits, K, "cpp").contiguous()
+    )
+
+
+def _int32_exact(K, max_x, bits):
+    return K * max_x * (1 << (bits - 1)) < 2**31
+
+
+def _fused_linear(x2, planes, scale, bits, top_bits, K, c, bias, weight_zero_point,
+                  act_scale, act_zero_point, qmin, qmax):  # fmt: skip
+    """The cpp integer linear in one C++ call, or None when it does not apply."""
+    if x2.dtype != torch.float32 or not _ext.has_kernel(_FUSED_LINEAR):
+        return None
+    if not _int32_exact(K, max(abs(qmin), abs(qmax)), bits):
+        return None  # long K: the chunked path below
+    if x2.shape[0] >= _FUSED_DECODED_MIN_M:
+        decoded, wsum = _packed_weights(planes, bits, K, K, 1, 1, 1, 0)
+    else:
+        decoded, wsum = None, _cached_rowsums(planes, bits, K)
+    return _ext.kernel(_FUSED_LINEAR)(
+        x2, planes[:bits].contiguous(), bits, decoded, wsum, scale, float(2 ** (top_bits - bits)),
+        c, weight_zero_point, bias, act_scale, act_zero_point, qmin, qmax, cpu_isa_cap(),
+    )  # fmt: skip
+
+
+def _fused_conv(x, planes, scale, bits, top_bits, in_channels, kernel_size, stride, padding,
+                dilation, groups, c, bias, weight_zero_point, act_scale, act_zero_point,
+                qmin, qmax):  # fmt: skip
+    """The cpp integer conv2d in one C++ call (quantize, channels-last im2col on byte codes,
+    int8 GEMM per group or a direct depthwise loop, epilogue), or None when it does not
+    apply."""
+    if x.dtype != torch.float32 or not _ext.has_kernel(_FUSED_CONV):
+        return None
+    kh, kw = kernel_size
+    cin_g = in_channels // groups
+    K = cin_g * kh * kw
+    # The packed GEMM multiplies unsigned bytes (codes shifted into 0..255) by the weights.
+    if cin_g > 1 and not _int32_exact(K, 255, bits):
+        return None
+    packed, wsum = _packed_weights(planes, bits, K, cin_g, kh, kw, groups, 0 if cin_g == 1 else 1)
+    return _ext.kernel(_FUSED_CONV)(
+        x, packed, wsum, bits, planes.shape[1], kh, kw, *stride, *padding, *dilation, groups, scale,
+        float(2 ** (top_bits - bits)), c, weight_zero_point, bias, act_scale, act_zero_point,
+        qmin, qmax, cpu_isa_cap(),
+    )  # fmt: skip
 
 
 def compensation(k: int) -> float:
@@ -180,6 +284,13 @@ def _linear_impl(
         if bias is not None:
             y = y + bias.to(torch.float32)
         return y.to(out_dtype).reshape(*lead, N)
+    if backend == "cpp":
+        y = _fused_linear(
+            x2, planes, scale, bits, top_bits, K, c, bias, weight_zero_point,
+            act_scale, act_zero_point, act_quant_min, act_quant_max,
+        )  # fmt: skip
+        if y is not None:
+            return y.reshape(*lead, N)
     codes, z_r = quantize_activations(x2, act_scale, act_zero_point, act_quant_min, act_quant_max)
     xq = codes.to(_code_dtype(act_quant_min))
     acc = _int_accumulate(xq, planes, bits, act_quant_min, act_quant_max, backend)
@@ -370,11 +481,19 @@ def _conv_impl(
     groups, compensate, bias, weight_zero_point, act_scale, act_zero_point, act_quant_min,
     act_quant_max, backend,
 ):  # fmt: skip
+    c = compensation(top_bits - bits) if compensate else 0.0
+    if act_scale is not None and backend == "cpp":
+        y = _fused_conv(
+            x, planes, scale, bits, top_bits, in_channels, kernel_size, stride, padding,
+            dilation, groups, c, bias, weight_zero_point, act_scale, act_zero_point,
+            act_quant_min, act_quant_max,
+        )  # fmt: skip
+        if y is not None:
+            return y
     N = planes.shape[1]
     kh, kw = kernel_size
     cin_g = in_channels // groups
     K = cin_g * kh * kw
-    c = compensation(top_bits - bits) if compensate else 0.0
     s_b = _step(scale, bits, top_bits, N)
     if act_scale is None:
         w = _dequantized(planes, bits, K, s_b, c, weight_zero_point, backend)
