@@ -484,3 +484,30 @@ def test_fused_conv_and_linear_do_not_depend_on_thread_count(isa):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_entry_points(backend):
+    """lowbit_conv2d_unchecked / lowbit_linear_unchecked (the registered ops' positional
+    arguments, no dispatcher; used by the deploy runtime) against the float64 oracles."""
+    from eqkernels.ops.lowbit_gemm import lowbit_conv2d_unchecked, lowbit_linear_unchecked
+
+    name, ctx = run_on(backend)
+    q = torch.randint(-8, 8, (6, 4 * 9))
+    planes = pack(q, 4)
+    scale, s_a, z_a = torch.rand(6) + 0.1, torch.tensor([0.05]), torch.tensor([3.0])
+    bias = torch.randn(6)
+    x = torch.randn(2, 4, 5, 6)
+    with ctx():
+        y = lowbit_conv2d_unchecked(x, planes, scale, 3, 4, 4, [3, 3], [1, 2], [1, 1], [1, 1],
+                                    1, True, bias, None, s_a, z_a, 0, 255, name)  # fmt: skip
+    ref, bound = conv_oracle(x, q, 4, 3, scale, True, (s_a, z_a, 0, 255), (1, 2), 1, 1, 1, bias)
+    assert_close_to(y, ref, bound, 1e-6)
+    xl = torch.randn(3, 36)
+    with ctx():
+        y = lowbit_linear_unchecked(xl, planes, scale, 3, 4, 36, True, bias, None, s_a, z_a,
+                                    0, 255, name)  # fmt: skip
+    xq, zr = act_codes64(xl, s_a, z_a, 0, 255)
+    xd = (xq - zr) * s_a.double()
+    w = weight64(q, 4, 3, scale, True)
+    assert_close_to(y, xd @ w.T + bias.double(), xd.abs() @ w.abs().T + bias.double().abs(), 1e-6)

@@ -60,15 +60,19 @@ struct ActQuant {
   int off;  // codes enter the packed GEMM as u = code - off
 };
 
+std::vector<double> as_doubles(const at::Tensor& t_in, int64_t N, const char* name);
+
 ActQuant act_quant(const at::Tensor& act_scale, const std::optional<at::Tensor>& act_zp,
                    int64_t qmin, int64_t qmax) {
   TORCH_CHECK(act_scale.numel() == 1, "act_scale must hold one value");
   TORCH_CHECK(qmin >= -128 && qmax <= 255 && qmin < qmax && (qmin >= 0 || qmax <= 127),
               "act_quant_min/max must fit uint8 or int8");
   ActQuant q;
-  q.sa = act_scale.item<double>();
+  q.sa = as_doubles(act_scale, 1, "act_scale")[0];
   q.inv = 1.0f / static_cast<float>(q.sa);
-  q.z = act_zp.has_value() ? std::nearbyint(static_cast<float>(act_zp->item<double>())) : 0.0f;
+  q.z = act_zp.has_value()
+            ? std::nearbyint(static_cast<float>(as_doubles(*act_zp, 1, "act_zero_point")[0]))
+            : 0.0f;
   q.lo = static_cast<float>(qmin);
   q.hi = static_cast<float>(qmax);
   q.off = qmin < 0 ? -128 : 0;
@@ -94,12 +98,26 @@ struct Epilogue {
   }
 };
 
-std::vector<double> as_doubles(const at::Tensor& t, int64_t N, const char* name) {
-  TORCH_CHECK(t.numel() == 1 || t.numel() == N, name, " must hold 1 or N=", N, " values");
-  const at::Tensor d = t.to(at::kDouble).contiguous();
-  const double* p = d.data_ptr<double>();
+// The values of a small CPU tensor as double, read in place for the common dtypes (a dtype
+// conversion op per argument and call cost as much as a small layer's GEMM).
+std::vector<double> as_doubles(const at::Tensor& t_in, int64_t N, const char* name) {
+  TORCH_CHECK(t_in.numel() == 1 || t_in.numel() == N, name, " must hold 1 or N=", N, " values");
+  const at::Tensor t = t_in.contiguous();
+  const int64_t cnt = t.numel();
+  std::vector<double> vals(cnt);
+  switch (t.scalar_type()) {
+    case at::kFloat: { const float* p = t.data_ptr<float>(); for (int64_t i = 0; i < cnt; ++i) vals[i] = p[i]; break; }
+    case at::kDouble: { const double* p = t.data_ptr<double>(); for (int64_t i = 0; i < cnt; ++i) vals[i] = p[i]; break; }
+    case at::kInt: { const int32_t* p = t.data_ptr<int32_t>(); for (int64_t i = 0; i < cnt; ++i) vals[i] = p[i]; break; }
+    case at::kLong: { const int64_t* p = t.data_ptr<int64_t>(); for (int64_t i = 0; i < cnt; ++i) vals[i] = static_cast<double>(p[i]); break; }
+    default: {
+      const at::Tensor d = t.to(at::kDouble);
+      const double* p = d.data_ptr<double>();
+      for (int64_t i = 0; i < cnt; ++i) vals[i] = p[i];
+    }
+  }
   std::vector<double> out(N);
-  for (int64_t n = 0; n < N; ++n) out[n] = p[d.numel() == 1 ? 0 : n];
+  for (int64_t n = 0; n < N; ++n) out[n] = vals[cnt == 1 ? 0 : n];
   return out;
 }
 
@@ -113,10 +131,10 @@ Epilogue make_epilogue(int64_t N, int64_t K, const at::Tensor& wsum, const at::T
   e.z = static_cast<double>(q.z);
   e.sa = q.sa;
   e.wsum = wsum.data_ptr<int64_t>();
-  const std::vector<double> s = as_doubles(scale.to(at::kFloat), N, "scale");
+  const std::vector<double> s = as_doubles(scale, N, "scale");
   e.sb.resize(N);
-  for (int64_t n = 0; n < N; ++n)
-    e.sb[n] = static_cast<float>(s[n]) * static_cast<float>(scale_factor);  // fp32, as _step
+  for (int64_t n = 0; n < N; ++n)  // fp32, as _step (scale.to(float32) * 2^k)
+    e.sb[n] = static_cast<float>(s[n]) * static_cast<float>(scale_factor);
   e.cw.assign(N, c);
   if (zw.has_value()) {
     const std::vector<double> z = as_doubles(*zw, N, "weight_zero_point");
@@ -251,6 +269,15 @@ at::Tensor lowbit_linear_int_fused_cpu(const at::Tensor& x_in, const at::Tensor&
 // ------------------------------------------------------------------------------------------
 // Conv2d
 
+// memcpy of a short run with inlined fixed-size copies (a library call per run cost more than
+// the GEMM for ResNet-sized layers).
+inline void copy_run(uint8_t* dst, const uint8_t* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) std::memcpy(dst + i, src + i, 16);
+  for (; i + 4 <= n; i += 4) std::memcpy(dst + i, src + i, 4);
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
 struct ConvGeom {
   int64_t B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, groups, OH, OW, Hp, Wp;
 };
@@ -350,6 +377,7 @@ std::optional<at::Tensor> lowbit_conv2d_int_fused_cpu(
     std::vector<uint8_t> A(kConvRows * Kp, 0);
     std::vector<int32_t> Cbuf(kConvRows * Npad);
     std::vector<int64_t> xs(kConvRows);
+    std::vector<double> xz(kConvRows);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / blocks, l0 = (t % blocks) * kConvRows;
       const int64_t rows = std::min(kConvRows, L - l0);
@@ -362,19 +390,34 @@ std::optional<at::Tensor> lowbit_conv2d_int_fused_cpu(
             for (int64_t bb = 0; bb < kw; ++bb) {
               const uint8_t* src =
                   ub + ((oy * sh + a * dh) * g.Wp + ox * sw + bb * dw) * g.C + gi * cin_g;
-              std::memcpy(dst + (a * kw + bb) * cin_g, src, cin_g);
+              copy_run(dst + (a * kw + bb) * cin_g, src, cin_g);
             }
-          int64_t s = 0;
+          int32_t s = 0;  // K * 255 < 2^31 (the caller's exactness rule)
           for (int64_t k = 0; k < K; ++k) s += dst[k];
           xs[r] = s + K * sub;  // sum of the codes
+          xz[r] = static_cast<double>(xs[r]) - static_cast<double>(K) * e.z;
         }
         eqk::lowbit::packed_gemm(level, static_cast<int>(bits), A.data(), Kp, rows, wp + gi * K4 * Npad * 4, K4, Npad,
                                  Cbuf.data(), Npad);
         for (int64_t nl = 0; nl < n_g; ++nl) {
+          // Epilogue with the per-channel terms hoisted; the same operations in the same order
+          // as Epilogue::operator() (sum code*q = sum u*q + off*wsum).
           const int64_t n = gi * n_g + nl;
-          const int64_t corr = static_cast<int64_t>(sub) * e.wsum[n];  // sum code*q = sum u*q + off*wsum
+          const int64_t corr = static_cast<int64_t>(sub) * e.wsum[n];
+          const double zw = e.z * static_cast<double>(e.wsum[n]), cw = e.cw[n];
+          const double sc = e.sa * static_cast<double>(e.sb[n]);
           float* yo = yp + (b * N + n) * L + l0;
-          for (int64_t r = 0; r < rows; ++r) yo[r] = e(Cbuf[r * Npad + nl] + corr, xs[r], n);
+          const int32_t* cc = Cbuf.data() + nl;
+          if (e.bias.empty()) {
+            for (int64_t r = 0; r < rows; ++r)
+              yo[r] = static_cast<float>(
+                  ((static_cast<double>(cc[r * Npad] + corr) - zw) + xz[r] * cw) * sc);
+          } else {
+            const double bn = e.bias[n];
+            for (int64_t r = 0; r < rows; ++r)
+              yo[r] = static_cast<float>(
+                  ((static_cast<double>(cc[r * Npad] + corr) - zw) + xz[r] * cw) * sc + bn);
+          }
         }
       }
     }

@@ -330,6 +330,11 @@ def _(x, planes, scale, bits, top_bits, K, compensate, bias, weight_zero_point, 
     return x.new_empty((*x.shape[:-1], planes.shape[1]))
 
 
+def lowbit_linear_unchecked(*args):
+    """`lowbit_conv2d_unchecked` for `torch.ops.eqk.lowbit_linear.default`'s arguments."""
+    return _linear_impl(*args)
+
+
 def lowbit_linear_ref(
     x, planes, scale, bits, top_bits, *, K, compensate=True, bias=None,
     weight_zero_point=None, act_scale=None, act_zero_point=None, act_quant_min=None,
@@ -600,6 +605,16 @@ def _(x, planes, scale, bits, top_bits, in_channels, kernel_size, stride, paddin
     oh = _conv_out(x.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
     ow = _conv_out(x.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
     return x.new_empty((x.shape[0], planes.shape[1], oh, ow))
+
+
+def lowbit_conv2d_unchecked(*args):
+    """The registered op's implementation called directly with the op's positional arguments
+    (`torch.ops.eqk.lowbit_conv2d.default`'s schema, backend resolved), skipping validation
+    and the dispatcher (whose per-call cost rivals a small layer's kernel). Eager mode only:
+    callers that may be traced use the registered op. For callers that validated the same
+    arguments once through `lowbit_conv2d` (eqnet.deploy.runtime)."""
+    geometry = tuple(tuple(v) for v in args[6:10])  # kernel_size, stride, padding, dilation
+    return _conv_impl(*args[:6], *geometry, *args[10:])
 
 
 def lowbit_conv2d_ref(

@@ -33,6 +33,19 @@ def _resolve_backend(backend: str | None, device: torch.device, op: str) -> str 
     return choose(backend, device, op, _PREFERENCE, _KERNELS)
 
 
+def _op(registered, unchecked: str):
+    """The registered op when traced (torch.compile, export), else its implementation called
+    directly: in eager mode the dispatcher's per-call cost is a large share of a batch-1
+    layer's time."""
+    if torch.compiler.is_compiling():
+        return registered
+    try:
+        from eqkernels.ops import lowbit_gemm
+    except ImportError:
+        return registered
+    return getattr(lowbit_gemm, unchecked, registered)
+
+
 @dataclass
 class LayerTensors:
     """What one quantized layer runs with at one choice (all CPU/device tensors)."""
@@ -141,7 +154,7 @@ class IntConv2d(_IntLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._fast
         if fast is not None and fast[0] == (x.device, x.dtype):
-            y = torch.ops.eqk.lowbit_conv2d.default(
+            y = _op(torch.ops.eqk.lowbit_conv2d.default, "lowbit_conv2d_unchecked")(
                 x, self.planes, self.scale, self.bits, self.top_bits, self.in_channels,
                 *fast[1:5], self.groups, True, self.bias, self.weight_zero_point,
                 self.act_scale, self.act_zero_point, self.act_quant_min, self.act_quant_max,
@@ -189,7 +202,7 @@ class IntLinear(_IntLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._fast
         if fast is not None and fast[0] == (x.device, x.dtype):
-            y = torch.ops.eqk.lowbit_linear.default(
+            y = _op(torch.ops.eqk.lowbit_linear.default, "lowbit_linear_unchecked")(
                 x, self.planes, self.scale, self.bits, self.top_bits, self.in_features, True,
                 self.bias, self.weight_zero_point, self.act_scale, self.act_zero_point,
                 self.act_quant_min, self.act_quant_max, fast[1],
