@@ -278,6 +278,42 @@ inline void copy_run(uint8_t* dst, const uint8_t* src, int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
+// Conv epilogue of one block, row by row over contiguous channels (vectorizes; the output
+// is transposed into [N, L] afterwards). The same operations in the same order as
+// Epilogue::operator(): double(acc + corr) == double(acc) + corr exactly (integers < 2^53).
+__attribute__((always_inline)) inline void epilogue_rows_body(
+    const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const double* corr,
+    const double* zw, const double* cw, const double* sc, const double* bias, const double* xz,
+    float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* c = C + r * ldc;
+    float* o = out + r * ldc;
+    const double x = xz[r];
+    if (bias == nullptr) {
+      for (int64_t n = 0; n < cnt; ++n)
+        o[n] = static_cast<float>(((static_cast<double>(c[n]) + corr[n] - zw[n]) + x * cw[n]) *
+                                  sc[n]);
+    } else {
+      for (int64_t n = 0; n < cnt; ++n)
+        o[n] = static_cast<float>(
+            ((static_cast<double>(c[n]) + corr[n] - zw[n]) + x * cw[n]) * sc[n] + bias[n]);
+    }
+  }
+}
+
+EQK_TARGET_AVX2 void epilogue_rows_avx2(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt,
+                                        const double* corr, const double* zw, const double* cw,
+                                        const double* sc, const double* bias, const double* xz,
+                                        float* out) {
+  epilogue_rows_body(C, ldc, rows, cnt, corr, zw, cw, sc, bias, xz, out);
+}
+
+void epilogue_rows_portable(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt,
+                            const double* corr, const double* zw, const double* cw,
+                            const double* sc, const double* bias, const double* xz, float* out) {
+  epilogue_rows_body(C, ldc, rows, cnt, corr, zw, cw, sc, bias, xz, out);
+}
+
 struct ConvGeom {
   int64_t B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, groups, OH, OW, Hp, Wp;
 };
@@ -371,6 +407,12 @@ std::optional<at::Tensor> lowbit_conv2d_int_fused_cpu(
   TORCH_CHECK(packed.numel() == groups * K4 * Npad * 4, "packed: k4n16 size mismatch");
   const int sub = q.off;
   const std::vector<uint8_t> u = codes_nhwc(level, x.data_ptr<float>(), g, q, sub);
+  std::vector<double> corr_d(N), zw_d(N), sc_d(N);  // per-channel epilogue terms
+  for (int64_t n = 0; n < N; ++n) {
+    corr_d[n] = static_cast<double>(static_cast<int64_t>(sub) * e.wsum[n]);
+    zw_d[n] = e.z * static_cast<double>(e.wsum[n]);
+    sc_d[n] = e.sa * static_cast<double>(e.sb[n]);
+  }
   const int64_t blocks = (L + kConvRows - 1) / kConvRows;
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (kConvRows * N * K));
   at::parallel_for(0, g.B * blocks, grain, [&](int64_t t0, int64_t t1) {
@@ -378,6 +420,10 @@ std::optional<at::Tensor> lowbit_conv2d_int_fused_cpu(
     std::vector<int32_t> Cbuf(kConvRows * Npad);
     std::vector<int64_t> xs(kConvRows);
     std::vector<double> xz(kConvRows);
+    std::vector<float> T(kConvRows * Npad);
+    std::vector<int64_t> taps(kh * kw);  // byte offsets of the kernel taps in the codes
+    for (int64_t a = 0; a < kh; ++a)
+      for (int64_t bb = 0; bb < kw; ++bb) taps[a * kw + bb] = (a * dh * g.Wp + bb * dw) * g.C;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / blocks, l0 = (t % blocks) * kConvRows;
       const int64_t rows = std::min(kConvRows, L - l0);
@@ -386,12 +432,13 @@ std::optional<at::Tensor> lowbit_conv2d_int_fused_cpu(
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t l = l0 + r, oy = l / g.OW, ox = l % g.OW;
           uint8_t* dst = A.data() + r * Kp;
-          for (int64_t a = 0; a < kh; ++a)
-            for (int64_t bb = 0; bb < kw; ++bb) {
-              const uint8_t* src =
-                  ub + ((oy * sh + a * dh) * g.Wp + ox * sw + bb * dw) * g.C + gi * cin_g;
-              copy_run(dst + (a * kw + bb) * cin_g, src, cin_g);
-            }
+          const uint8_t* src = ub + (oy * sh * g.Wp + ox * sw) * g.C + gi * cin_g;
+          const int64_t ntaps = kh * kw;
+          if (cin_g == 16) {
+            for (int64_t t = 0; t < ntaps; ++t) std::memcpy(dst + 16 * t, src + taps[t], 16);
+          } else {
+            for (int64_t t = 0; t < ntaps; ++t) copy_run(dst + t * cin_g, src + taps[t], cin_g);
+          }
           int32_t s = 0;  // K * 255 < 2^31 (the caller's exactness rule)
           for (int64_t k = 0; k < K; ++k) s += dst[k];
           xs[r] = s + K * sub;  // sum of the codes
@@ -399,25 +446,14 @@ std::optional<at::Tensor> lowbit_conv2d_int_fused_cpu(
         }
         eqk::lowbit::packed_gemm(level, static_cast<int>(bits), A.data(), Kp, rows, wp + gi * K4 * Npad * 4, K4, Npad,
                                  Cbuf.data(), Npad);
+        const int64_t n0 = gi * n_g;
+        const double* bias_g = e.bias.empty() ? nullptr : e.bias.data() + n0;
+        (level >= 1 ? epilogue_rows_avx2 : epilogue_rows_portable)(
+            Cbuf.data(), Npad, rows, n_g, corr_d.data() + n0, zw_d.data() + n0,
+            e.cw.data() + n0, sc_d.data() + n0, bias_g, xz.data(), T.data());
         for (int64_t nl = 0; nl < n_g; ++nl) {
-          // Epilogue with the per-channel terms hoisted; the same operations in the same order
-          // as Epilogue::operator() (sum code*q = sum u*q + off*wsum).
-          const int64_t n = gi * n_g + nl;
-          const int64_t corr = static_cast<int64_t>(sub) * e.wsum[n];
-          const double zw = e.z * static_cast<double>(e.wsum[n]), cw = e.cw[n];
-          const double sc = e.sa * static_cast<double>(e.sb[n]);
-          float* yo = yp + (b * N + n) * L + l0;
-          const int32_t* cc = Cbuf.data() + nl;
-          if (e.bias.empty()) {
-            for (int64_t r = 0; r < rows; ++r)
-              yo[r] = static_cast<float>(
-                  ((static_cast<double>(cc[r * Npad] + corr) - zw) + xz[r] * cw) * sc);
-          } else {
-            const double bn = e.bias[n];
-            for (int64_t r = 0; r < rows; ++r)
-              yo[r] = static_cast<float>(
-                  ((static_cast<double>(cc[r * Npad] + corr) - zw) + xz[r] * cw) * sc + bn);
-          }
+          float* yo = yp + (b * N + n0 + nl) * L + l0;
+          for (int64_t r = 0; r < rows; ++r) yo[r] = T[r * Npad + nl];
         }
       }
     }
