@@ -82,6 +82,12 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.01, help="lr of the quantized runs")
     p.add_argument("--qat-widths", default="2,3,4,8")
     p.add_argument("--bn-batches", type=int, default=16)
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        default=5.0,
+        help="max grad norm of every quantized run (the same for supernets and QAT)",
+    )
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--skip", default="", help="comma list of runs to skip: eqnet,layered,qat")
     args = p.parse_args()
@@ -100,6 +106,7 @@ def main() -> int:
         common + ["--recipe", "float", "--lr", "0.1", "--warmup-epochs", "1"],
     )
     quant = common + ["--init", str(float_dir), "--lr", str(args.lr)]
+    quant += ["--grad-clip", str(args.grad_clip)]
     runs = {}
     if "eqnet" not in skip:
         runs["eqnet"] = _run(root, "eqnet", args.epochs, quant + ["--recipe", "eqnet"])

@@ -13,7 +13,7 @@ import eqkernels as E
 from eqkernels import _ext
 from eqkernels.ops.bitplanes import force_cpu_isa
 
-ISAS = ("portable", "avx2", "avx512")
+ISAS = ("portable", "avx2", "avx512", "avx512gfni")
 BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS]
 
 
@@ -136,7 +136,7 @@ def test_linear_weight_zero_point_leading_dims_noncontiguous(backend, act):
     assert_close_to(y, ref, xd.abs() @ w.abs().T, 1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp-avx512", "cpp-avx2"])
+@pytest.mark.parametrize("backend", ["torch", "cpp-avx512gfni", "cpp-avx512", "cpp-avx2"])
 @pytest.mark.parametrize("act", [(0, 255), (-128, 127)])
 def test_linear_k_chunking(backend, act):
     """8-bit weights at the extremes with K beyond the int32-exact length."""
@@ -181,6 +181,70 @@ def test_raw_int_accumulators_exact(isa, signed, M, N, K, bits):
         assert torch.equal(got.to(torch.int64), expect)
         rows = _ext.kernel("bitplane_rowsums_cpu")(pack(q, bits), bits, K)
     assert torch.equal(rows.to(torch.int64), q.sum(1))
+
+
+# --------------------------------------------------------------------------------------------
+# Tiled planes (ISA level avx512gfni): 8-row tiles, 64-column blocks, 2048-column chunks of the
+# M >= 2 kernel, its 2-row register blocking and the one-row GEMV.
+
+TILED_CASES = [
+    # M, N, K
+    (1, 13, 65),
+    (1, 70, 4100),  # GEMV across many blocks, N not a multiple of 8
+    (2, 8, 64),
+    (3, 9, 2049),  # one row past the 2-row blocking, K one column into a second chunk
+    (17, 70, 4100),  # three chunks, the last of one block
+    (5, 1, 1),
+]
+
+
+def has_tiled_path():
+    return _ext.has_kernel("lowbit_pack_weights_cpu") and _ext.kernel("bitplanes_cpu_isa")(-1) >= 3
+
+
+@pytest.mark.parametrize("M,N,K", TILED_CASES)
+@pytest.mark.parametrize("act", [(-128, 127), (0, 255), (0, 15)])
+def test_tiled_linear_blocking(M, N, K, act):
+    if not has_tiled_path():
+        pytest.skip("this CPU lacks AVX-512 VBMI + GFNI (the tiled-plane path)")
+    qmin, qmax = act
+    n = 8
+    q = torch.randint(-(1 << (n - 1)), 1 << (n - 1), (N, K))
+    q[0, : min(K, 40)] = -128  # the extreme codes, on every width
+    planes = pack(q, n)
+    x = torch.randn(M, K) * 3
+    s_a = torch.tensor([0.05])
+    z_a = torch.tensor([3.4 if qmin >= 0 else -2.6])
+    xq, zr = act_codes64(x, s_a, z_a, qmin, qmax)
+    xd = (xq - zr) * s_a.double()
+    scale = torch.rand(N) + 0.05
+    for b in range(1, n + 1):
+        with force_cpu_isa("avx512gfni"):
+            y = E.lowbit_linear(x, planes, scale, b, n, K=K, act_scale=s_a, act_zero_point=z_a,
+                                act_quant_min=qmin, act_quant_max=qmax, backend="cpp")  # fmt: skip
+        w = weight64(q, n, b, scale, True)
+        assert_close_to(y, xd @ w.T, xd.abs() @ w.abs().T, 1e-6)
+
+
+def test_tiled_planes_layout():
+    """The kernel layout keeps the first `bits` planes separate and MSB first: tile word
+    [j, t, kb, r] holds columns 64kb..64kb+63 of row 8t+r of plane j, zero past N and K."""
+    if not has_tiled_path():
+        pytest.skip("this CPU lacks AVX-512 VBMI + GFNI (the tiled-plane path)")
+    from eqkernels.ops.lowbit_gemm import _packed_weights
+
+    N, K, bits = 13, 100, 5
+    q = torch.randint(-16, 16, (N, K))
+    planes = pack(q, bits)
+    tiles, wsum = _packed_weights(planes, 3, K, K, 1, 1, 1, 2)
+    W = planes.shape[2]
+    words = planes[:3].to(torch.int64) & 0xFFFFFFFF  # [3, N, W] as unsigned
+    words = F.pad(words, (0, 4 - W, 0, 16 - N))  # 2 blocks of 64 columns, 2 tiles of 8 rows
+    # int64 shifts wrap, so this is the uint64 word's bit pattern, as the kernel stores it
+    expect = (words[..., 0::2] | (words[..., 1::2] << 32)).view(3, 2, 8, 2).transpose(2, 3)
+    assert tiles.dtype == torch.int64 and tuple(tiles.shape) == (3, 2, 2, 8)
+    assert torch.equal(tiles, expect)
+    assert torch.equal(wsum, torch.floor(q / 4).to(torch.int64).sum(1))
 
 
 def conv_oracle(x, q, n, b, scale, compensate, act, stride, padding, dilation, groups, bias):

@@ -82,5 +82,5 @@ EQK_REGISTER(bitplanes_cpu) {
   m.def("unpack_bitplanes_cpu", &unpack_bitplanes_cpu, "decode the first `bits` planes to int8");
   m.def("bitplane_rowsums_cpu", &bitplane_rowsums_cpu, "row sums of the b-bit codes");
   m.def("bitplanes_cpu_isa", [](int64_t cap) { return eqk::lowbit::kernel_level(cap); },
-        "ISA level the bit-plane CPU kernels use (0 portable, 1 avx2, 2 avx512)");
+        "ISA level the bit-plane CPU kernels use (0 portable, 1 avx2, 2 avx512, 3 avx512 + VBMI + GFNI)");
 }

@@ -1,6 +1,7 @@
 // Run-time CPU feature detection. Kernels compiled with function target attributes are only
 // called when the running CPU has the features (and the OS saves the AVX-512 state).
-// EQK_CPU_ISA=portable|avx2|avx512 caps the level, so tests can exercise every path here.
+// EQK_CPU_ISA=portable|avx2|avx512|avx512gfni caps the level, so tests can exercise every path
+// here.
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -10,6 +11,7 @@ namespace eqk {
 struct CpuFeatures {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false;
   bool avx512vnni = false, avx512vpopcntdq = false, avxvnni = false;
+  bool avx512vbmi = false, gfni = false;
 };
 
 enum class IsaLevel { portable = 0, avx2 = 1, avx512 = 2 };
@@ -25,6 +27,8 @@ inline CpuFeatures detect_cpu_features() {
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512vnni = __builtin_cpu_supports("avx512vnni");
   f.avx512vpopcntdq = __builtin_cpu_supports("avx512vpopcntdq");
+  f.avx512vbmi = __builtin_cpu_supports("avx512vbmi");
+  f.gfni = __builtin_cpu_supports("gfni");
 #if defined(__GNUC__) && __GNUC__ >= 11
   f.avxvnni = __builtin_cpu_supports("avxvnni");
 #endif
@@ -33,6 +37,8 @@ inline CpuFeatures detect_cpu_features() {
   if (cap && std::strcmp(cap, "avx2") == 0) {
     f.avx512f = f.avx512bw = f.avx512vl = f.avx512vnni = f.avx512vpopcntdq = false;
   }
+  if (cap && (std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "avx512") == 0))
+    f.avx512vbmi = f.gfni = false;
 #endif
   return f;
 }

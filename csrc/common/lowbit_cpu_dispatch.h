@@ -1,6 +1,7 @@
 // ISA choice of the bit-plane CPU kernels: the detected level (cpu_features.h, capped by
 // EQK_CPU_ISA at process start), lowered further by a per-call cap (tests exercise every path
-// in one process). The AVX-512 kernels also need VNNI (dpbusd) and VPOPCNTDQ.
+// in one process). The AVX-512 kernels also need VNNI (dpbusd) and VPOPCNTDQ; level 3 adds
+// VBMI and GFNI (the tiled-plane decode of lowbit_cpu_gfni.h).
 #pragma once
 #include <cstdint>
 
@@ -11,11 +12,12 @@
 
 namespace eqk::lowbit {
 
-// 0 portable, 1 avx2, 2 avx512. cap < 0: no per-call cap.
+// 0 portable, 1 avx2, 2 avx512, 3 avx512 + VBMI + GFNI. cap < 0: no per-call cap.
 inline int kernel_level(int64_t cap) {
   int level = static_cast<int>(isa_level());
   const auto& f = cpu_features();
   if (level == 2 && !(f.avx512vnni && f.avx512vpopcntdq)) level = 1;
+  if (level == 2 && f.avx512vbmi && f.gfni) level = 3;
   if (cap >= 0 && cap < level) level = static_cast<int>(cap);
   return level;
 }

@@ -5,10 +5,12 @@
 // in the same order as the Python reference (eqkernels/ops/lowbit_gemm.py `_epilogue`), so the
 // results equal the reference's up to nothing at all for fp32 inputs.
 //
-// Weights: `lowbit_pack_weights_cpu` decodes the planes once into a kernel layout and the
+// Weights: `lowbit_pack_weights_cpu` repacks the planes once into a kernel layout and the
 // weight code row sums (the Python op caches both per planes tensor):
-//   * linear: int8 [N, K] (bit-serial GEMV straight from the planes for few rows; the decoded
-//     weights feed torch._int_mm for many rows);
+//   * linear with AVX-512 VBMI + GFNI: tiled planes (lowbit_cpu_gfni.h; still `bits` separate
+//     planes, bits/8 bytes per weight), decoded in registers by the GEMV (one row) and GEMM;
+//   * linear otherwise: int8 [N, K] (bit-serial GEMV straight from the planes for few rows;
+//     the decoded weights feed torch._int_mm for many rows);
 //   * conv, cin/groups > 1: k4n16 (lowbit_cpu_packed.h) per group, columns in (kh, kw, cin)
 //     order so that im2col on channels-last codes copies whole channel runs;
 //   * conv, cin/groups == 1 (depthwise and channel multipliers): int8 [N, kh*kw], direct loop.
@@ -26,6 +28,7 @@
 
 #include "common/bitplane_math.h"
 #include "common/lowbit_cpu_dispatch.h"
+#include "common/lowbit_cpu_gfni.h"
 #include "common/lowbit_cpu_packed.h"
 #include "common/registry.h"
 
@@ -147,8 +150,43 @@ Epilogue make_epilogue(int64_t N, int64_t K, const at::Tensor& wsum, const at::T
 // ------------------------------------------------------------------------------------------
 // Weight packing (once per planes tensor; the Python op caches the result).
 
+// Tiled planes of the first P.bits planes (layout of lowbit_cpu_gfni.h): word pairs of each
+// plane row regrouped 8 rows per 64-byte block; zero past K (the canonical padding bits are
+// zero) and for the rows past N.
+at::Tensor tile_planes(const PlaneRows& P, int64_t K) {
+  using eqk::lowbit::kTileRows;
+  const int64_t NT = (P.N + kTileRows - 1) / kTileRows, KB = (K + 63) / 64;
+  auto out = at::zeros({P.bits, NT, KB, kTileRows}, at::TensorOptions().dtype(at::kLong));
+  uint64_t* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  at::parallel_for(0, P.bits * NT, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int j = static_cast<int>(i / NT);
+      const int64_t t = i % NT;
+      for (int64_t r = 0; r < kTileRows && t * kTileRows + r < P.N; ++r) {
+        const uint32_t* row = P.row(j, t * kTileRows + r);
+        for (int64_t kb = 0; kb < KB; ++kb) {
+          const uint64_t lo = row[2 * kb];
+          const uint64_t hi = 2 * kb + 1 < P.W ? row[2 * kb + 1] : 0;
+          o[(i * KB + kb) * kTileRows + r] = lo | (hi << 32);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor plane_rowsums(int level, const PlaneRows& P) {
+  auto wsum = at::empty({P.N}, at::TensorOptions().dtype(at::kLong));
+  int64_t* ws = wsum.data_ptr<int64_t>();
+  at::parallel_for(0, P.N, 256, [&](int64_t n0, int64_t n1) {
+    eqk::lowbit::rowsums(level, P, n0, n1, ws);  // writes ws[n] for n in [n0, n1)
+  });
+  return wsum;
+}
+
 // (packed, wsum). layout: 0 = int8 [N, K] (linear, or conv with cin_g == 1), 1 = k4n16 per
-// group with columns in (kh, kw, cin_g) order: int8 [groups, K4, Npad_g, 4].
+// group with columns in (kh, kw, cin_g) order: int8 [groups, K4, Npad_g, 4], 2 = tiled planes
+// (linear; lowbit_cpu_gfni.h): int64 [bits, ceil(N/8), ceil(K/64), 8].
 std::tuple<at::Tensor, at::Tensor> lowbit_pack_weights_cpu(const at::Tensor& planes, int64_t bits,
                                                            int64_t K, int64_t cin_g, int64_t kh,
                                                            int64_t kw, int64_t groups,
@@ -158,6 +196,7 @@ std::tuple<at::Tensor, at::Tensor> lowbit_pack_weights_cpu(const at::Tensor& pla
   TORCH_CHECK(cin_g * kh * kw == K && groups >= 1 && N % groups == 0,
               "lowbit_pack_weights_cpu: inconsistent geometry");
   const int level = eqk::lowbit::kernel_level(isa);
+  if (layout == 2) return {tile_planes(P, K), plane_rowsums(level, P)};
   auto dec = at::empty({N, K}, planes.options().dtype(at::kChar));
   int8_t* d = dec.data_ptr<int8_t>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
@@ -171,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> lowbit_pack_weights_cpu(const at::Tensor& pla
     ws[n] = s;
   }
   if (layout == 0) return {dec, wsum};
-  TORCH_CHECK(layout == 1, "lowbit_pack_weights_cpu: layout must be 0 or 1");
+  TORCH_CHECK(layout == 1, "lowbit_pack_weights_cpu: layout must be 0, 1 or 2");
   const int64_t n_g = N / groups, K4 = (K + 3) / 4, Npad = 16 * ((n_g + 15) / 16);
   auto packed = at::zeros({groups, K4, Npad, 4}, dec.options());
   int8_t* p = packed.data_ptr<int8_t>();
@@ -190,7 +229,62 @@ std::tuple<at::Tensor, at::Tensor> lowbit_pack_weights_cpu(const at::Tensor& pla
 // ------------------------------------------------------------------------------------------
 // Linear
 
-// y fp32 [M, N]. x fp32 [M, K]. decoded: optional int8 [N, K] (used for M >= 16).
+// The tiled-plane path (level 3): codes as unsigned bytes u = code - off in rows padded to whole
+// 64-column blocks, the one-row GEMV or the M-row GEMM of lowbit_cpu_gfni.h, and the epilogue
+// with sum code * q_b = sum u * q_b + off * wsum[n], per tile inside the parallel task.
+void linear_tiled(const float* xp, int64_t M, int64_t K, const at::Tensor& tiles, int bits,
+                  int64_t N, const ActQuant& q, const Epilogue& e, int level, float* yp) {
+  using namespace eqk::lowbit;
+  TORCH_CHECK(tiles.scalar_type() == at::kLong && tiles.is_contiguous() && tiles.dim() == 4 &&
+                  tiles.size(0) == bits && tiles.size(1) == (N + kTileRows - 1) / kTileRows &&
+                  tiles.size(2) == (K + kTileCols - 1) / kTileCols && tiles.size(3) == kTileRows,
+              "kernel weights: tiled planes must be int64 [bits, ceil(N/8), ceil(K/64), 8]");
+  TORCH_CHECK(level >= 3 && K < kTiledMaxK,
+              "tiled planes need AVX-512 VBMI + GFNI and K < 2^20 (use layout 0)");
+  const TiledPlanes T{reinterpret_cast<const uint64_t*>(tiles.data_ptr<int64_t>()), N, K,
+                      tiles.size(1), tiles.size(2), bits};
+  const int64_t ldu = kTileCols * T.KB;
+  // 64-byte aligned (ATen's CPU allocator): a 64-byte load that crosses two cache lines costs
+  // two load uops, and the GEMM kernel is load-port bound when its rows are misaligned.
+  const at::Tensor u_buf = at::zeros({M * ldu}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* u = u_buf.data_ptr<uint8_t>();
+  std::vector<int64_t> xsum(M);
+  at::parallel_for(0, M, std::max<int64_t>(1, kMinTaskMacs / (64 * K)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      xsum[m] = quantize_codes(level, xp + m * K, K, q.inv, q.z, q.lo, q.hi, q.off, u + m * ldu);
+  });
+  const int64_t off = q.off;
+  auto finish = [&](int64_t m, int64_t t, const int64_t* acc) {
+    for (int64_t r = 0; r < kTileRows && t * kTileRows + r < N; ++r) {
+      const int64_t n = t * kTileRows + r;
+      yp[m * N + n] = e(acc[r] + off * e.wsum[n], xsum[m], n);
+    }
+  };
+  const int64_t tile_macs = kTileRows * K * M;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / tile_macs);
+  if (M == 1) {
+    at::parallel_for(0, T.NT, grain, [&](int64_t t0, int64_t t1) {
+      std::vector<int64_t> acc(kTileRows * (t1 - t0));
+      gemv_tiled(T, u, t0, t1, acc.data());
+      for (int64_t t = t0; t < t1; ++t) finish(0, t, acc.data() + kTileRows * (t - t0));
+    });
+    return;
+  }
+  at::parallel_for(0, T.NT, grain, [&](int64_t t0, int64_t t1) {
+    // Tiles per group: int64 sums of at most ~1 MiB (they live in L2/L3 between chunks).
+    const int64_t group = std::clamp<int64_t>((int64_t(1) << 20) / (64 * M), 1, t1 - t0);
+    const at::Tensor buf = at::empty({kTileRows * kTileCols * kChunkBlocks},
+                                     at::TensorOptions().dtype(at::kChar));  // 64-byte aligned
+    std::vector<int64_t> acc(group * kTileRows * M);
+    auto sink = [&](int64_t t, const int64_t* a) {
+      for (int64_t m = 0; m < M; ++m) finish(m, t, a + m * kTileRows);
+    };
+    gemm_tiled(T, u, ldu, M, t0, t1, group, buf.data_ptr<int8_t>(), acc.data(), sink);
+  });
+}
+
+// y fp32 [M, N]. x fp32 [M, K]. kernel_weights: optional, from lowbit_pack_weights_cpu: int8
+// [N, K] decoded rows (layout 0, used for M >= 16) or int64 tiled planes (layout 2, any M).
 at::Tensor lowbit_linear_int_fused_cpu(const at::Tensor& x_in, const at::Tensor& planes,
                                        int64_t bits, const std::optional<at::Tensor>& decoded,
                                        const at::Tensor& wsum, const at::Tensor& scale,
@@ -212,6 +306,10 @@ at::Tensor lowbit_linear_int_fused_cpu(const at::Tensor& x_in, const at::Tensor&
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
+  if (decoded.has_value() && decoded->scalar_type() == at::kLong) {
+    linear_tiled(xp, M, K, *decoded, static_cast<int>(bits), N, q, e, level, yp);
+    return y;
+  }
   std::vector<int64_t> xsum(M);
 
   if (M >= kDecodedMinM && level >= 1) {

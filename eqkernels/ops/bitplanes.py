@@ -25,7 +25,7 @@ _PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda",)}
 # Testing aid: the C++ kernels take an ISA cap (-1 = the detected level, capped by EQK_CPU_ISA
 # which is read once per process); `force_cpu_isa` lowers it per call so one test process can
 # exercise every path.
-_ISA_LEVELS = {"portable": 0, "avx2": 1, "avx512": 2}
+_ISA_LEVELS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512gfni": 3}
 _isa_state = threading.local()
 
 
@@ -36,8 +36,9 @@ def cpu_isa_cap() -> int:
 
 @contextlib.contextmanager
 def force_cpu_isa(name: str):
-    """Run the C++ CPU kernels at most at ISA level `name` ("portable", "avx2", "avx512")
-    inside the block. The detected level (and EQK_CPU_ISA) still caps it."""
+    """Run the C++ CPU kernels at most at ISA level `name` ("portable", "avx2", "avx512",
+    "avx512gfni": AVX-512 plus VBMI and GFNI, for the tiled-plane integer linear) inside the
+    block. The detected level (and EQK_CPU_ISA) still caps it."""
     if name not in _ISA_LEVELS:
         raise ValueError(f"isa={name!r}: accepted values are {', '.join(_ISA_LEVELS)}")
     previous = cpu_isa_cap()

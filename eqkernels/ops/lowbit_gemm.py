@@ -24,6 +24,7 @@ in torch; compiled in CI only, no GPU here). These are inference ops: no autogra
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -57,6 +58,10 @@ _FUSED_CONV = "lowbit_conv2d_int_fused_cpu"
 # Rows from which the fused linear feeds decoded int8 weights to torch._int_mm (below: the
 # bit-serial GEMV straight from the planes). Mirrors kDecodedMinM in the C++ file.
 _FUSED_DECODED_MIN_M = 16
+# With AVX-512 VBMI + GFNI (ISA level 3) the fused linear runs on tiled planes for every M
+# (csrc/common/lowbit_cpu_gfni.h), for K below 2^20 (its int32 lanes are exact there).
+_ISA_TILED = 3
+_TILED_MAX_K = 1 << 20
 
 # id(planes) -> (weakref to planes, (version, data_ptr), {geometry key: kernel tensors}).
 # DESIGN.md lets kernels repack the planes into a kernel layout at load time; this cache is
@@ -120,7 +125,10 @@ def _fused_linear(x2, planes, scale, bits, top_bits, K, c, bias, weight_zero_poi
         return None
     if not _int32_exact(K, max(abs(qmin), abs(qmax)), bits):
         return None  # long K: the chunked path below
-    if x2.shape[0] >= _FUSED_DECODED_MIN_M:
+    if K < _TILED_MAX_K and _ext.kernel("bitplanes_cpu_isa")(cpu_isa_cap()) >= _ISA_TILED:
+        # Tiled planes, decoded in registers for any M (reads bits/8 bytes per weight).
+        decoded, wsum = _packed_weights(planes, bits, K, K, 1, 1, 1, 2)
+    elif x2.shape[0] >= _FUSED_DECODED_MIN_M:
         decoded, wsum = _packed_weights(planes, bits, K, K, 1, 1, 1, 0)
     else:
         decoded, wsum = None, _cached_rowsums(planes, bits, K)
@@ -351,6 +359,15 @@ def _is_float_tensor(t):
     return isinstance(t, torch.Tensor) and t.dtype.is_floating_point
 
 
+def _positive_finite(t):
+    # One value (the common per-tensor case) as a Python float: three tensor ops cost ~20 us
+    # per call, a fifth of a batch-1 layer.
+    if t.numel() == 1:
+        v = float(t.reshape(()))
+        return math.isfinite(v) and v > 0
+    return bool(torch.all((t > 0) & torch.isfinite(t)))
+
+
 def _validate_common(
     x, planes, scale, bits, top_bits, K, bias, weight_zero_point,
     act_scale, act_zero_point, act_quant_min, act_quant_max,
@@ -370,7 +387,7 @@ def _validate_common(
             f"scale: expected a float tensor of shape [1], [] or [N={N}], got "
             f"{getattr(scale, 'shape', scale)!r}"
         )
-    if check_values_enabled(scale) and not bool(torch.all((scale > 0) & torch.isfinite(scale))):
+    if check_values_enabled(scale) and not _positive_finite(scale):
         raise ValueError("scale: accepted values are finite and > 0")
     if bias is not None and (not _is_float_tensor(bias) or tuple(bias.shape) != (N,)):
         raise ValueError(f"bias: expected None or a float tensor of shape [N={N}]")
@@ -395,9 +412,7 @@ def _validate_common(
         return
     if not _is_float_tensor(act_scale) or act_scale.numel() != 1:
         raise ValueError("act_scale: expected None or a per-tensor float tensor of shape [1]")
-    if check_values_enabled(act_scale) and not bool(
-        torch.all((act_scale > 0) & torch.isfinite(act_scale))
-    ):
+    if check_values_enabled(act_scale) and not _positive_finite(act_scale):
         raise ValueError("act_scale: accepted values are finite and > 0")
     if act_zero_point is not None and (
         not _is_float_tensor(act_zero_point)
