@@ -37,7 +37,7 @@ ACT = dict(act_scale=torch.tensor([0.02]), act_quant_min=-128, act_quant_max=127
 
 def timed(fn, heavy):
     if heavy:
-        return time_fn(fn, warmup=1, repeat=3, min_time=0.05)
+        return time_fn(fn, warmup=1, repeat=7, min_time=0.05)
     return time_fn(fn, warmup=2, repeat=10, min_time=0.2)
 
 

@@ -387,6 +387,33 @@ def test_opcheck():
             torch.library.opcheck(torch.ops.eqk.lowbit_conv2d.default, cargs)
 
 
+def test_graph_capture_and_fake_tensors_see_the_registered_ops():
+    """Eager CPU calls skip the custom op's dispatch; fake tensors, dispatch modes and
+    torch.compile must still reach the registered op (and agree with eager)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randint(-8, 8, (6, 40))
+    planes, s = pack(q, 4), torch.tensor([0.1])
+    act = dict(act_scale=torch.tensor([0.05]), act_quant_min=0, act_quant_max=255)
+    x = torch.randn(2, 40)
+    eager = E.lowbit_linear(x, planes, s, 3, 4, K=40, backend="torch", **act)
+    with FakeTensorMode() as mode:
+        fake = E.lowbit_linear(mode.from_tensor(x), mode.from_tensor(planes),
+                               mode.from_tensor(s), 3, 4, K=40, backend="torch",
+                               act_scale=mode.from_tensor(act["act_scale"]), act_quant_min=0,
+                               act_quant_max=255)  # fmt: skip
+    assert fake.shape == (2, 6)
+    with FlopCounterMode(display=False):
+        assert torch.equal(E.lowbit_linear(x, planes, s, 3, 4, K=40, backend="torch", **act), eager)
+
+    def f(x):
+        return E.lowbit_linear(x, planes, s, 3, 4, K=40, backend="torch", **act)
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), eager)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_cpp_results_do_not_depend_on_thread_count(isa):
     """Float sums run in a fixed order inside one thread; integer sums are exact."""

@@ -66,8 +66,30 @@ EQK_TARGET_AVX2 inline int64_t quantize_avx2(const float* x, int64_t n, float in
   return s + quantize_portable(x + i, n - i, inv, z, lo, hi, sub, out + i);
 }
 
+EQK_TARGET_AVX512 inline int64_t quantize_avx512(const float* x, int64_t n, float inv, float z,
+                                                 float lo, float hi, int sub, uint8_t* out) {
+  const __m512 vinv = _mm512_set1_ps(inv), vz = _mm512_set1_ps(z);
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  const __m512i vsub = _mm512_set1_epi32(sub);
+  __m512i acc = _mm512_setzero_si512();  // |code| <= 255: the int32 sum is exact below 2^23 elements
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+    v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+    v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
+    const __m512i code = _mm512_cvttps_epi32(v);
+    acc = _mm512_add_epi32(acc, code);
+    // code - sub lies in [0, 255]: the low byte of each int32 lane
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm512_cvtepi32_epi8(_mm512_sub_epi32(code, vsub)));
+  }
+  return _mm512_reduce_add_epi32(acc) +
+         quantize_portable(x + i, n - i, inv, z, lo, hi, sub, out + i);
+}
+
 inline int64_t quantize_codes(int level, const float* x, int64_t n, float inv, float z, float lo,
                               float hi, int sub, uint8_t* out) {
+  if (level >= 2) return quantize_avx512(x, n, inv, z, lo, hi, sub, out);
   if (level >= 1) return quantize_avx2(x, n, inv, z, lo, hi, sub, out);
   return quantize_portable(x, n, inv, z, lo, hi, sub, out);
 }

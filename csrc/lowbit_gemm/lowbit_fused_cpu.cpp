@@ -246,12 +246,14 @@ void linear_tiled(const float* xp, int64_t M, int64_t K, const at::Tensor& tiles
   const int64_t ldu = kTileCols * T.KB;
   // 64-byte aligned (ATen's CPU allocator): a 64-byte load that crosses two cache lines costs
   // two load uops, and the GEMM kernel is load-port bound when its rows are misaligned.
-  const at::Tensor u_buf = at::zeros({M * ldu}, at::TensorOptions().dtype(at::kByte));
+  const at::Tensor u_buf = at::empty({M * ldu}, at::TensorOptions().dtype(at::kByte));
   uint8_t* u = u_buf.data_ptr<uint8_t>();
   std::vector<int64_t> xsum(M);
   at::parallel_for(0, M, std::max<int64_t>(1, kMinTaskMacs / (64 * K)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
+    for (int64_t m = m0; m < m1; ++m) {
       xsum[m] = quantize_codes(level, xp + m * K, K, q.inv, q.z, q.lo, q.hi, q.off, u + m * ldu);
+      std::memset(u + m * ldu + K, 0, ldu - K);  // columns past K meet zero weights: finite
+    }
   });
   const int64_t off = q.off;
   auto finish = [&](int64_t m, int64_t t, const int64_t* acc) {
@@ -271,8 +273,9 @@ void linear_tiled(const float* xp, int64_t M, int64_t K, const at::Tensor& tiles
     return;
   }
   at::parallel_for(0, T.NT, grain, [&](int64_t t0, int64_t t1) {
-    // Tiles per group: int64 sums of at most ~1 MiB (they live in L2/L3 between chunks).
-    const int64_t group = std::clamp<int64_t>((int64_t(1) << 20) / (64 * M), 1, t1 - t0);
+    // Tiles per group: int64 sums of at most 256 KiB, which share L2 (1.25 MiB here) with the
+    // activation chunk (M x 2048 bytes; 1 MiB of sums thrashed it at M = 256).
+    const int64_t group = std::clamp<int64_t>((int64_t(1) << 18) / (64 * M), 1, t1 - t0);
     const at::Tensor buf = at::empty({kTileRows * kTileCols * kChunkBlocks},
                                      at::TensorOptions().dtype(at::kChar));  // 64-byte aligned
     std::vector<int64_t> acc(group * kTileRows * M);
