@@ -15,7 +15,8 @@ TINY_TRAIN = [
 ]  # fmt: skip
 TINY_GA = [
     "--dataset-size", "12", "--population", "8", "--elites", "3", "--mutations", "4",
-    "--crossovers", "4", "--iterations", "3", "--predictor-epochs", "3",
+    "--crossovers", "4", "--iterations", "3", "--predictor-epochs", "3", "--val-fraction",
+    "0.5", "--holdout-images", "16",
 ]  # fmt: skip
 
 
@@ -71,6 +72,13 @@ def test_search_methods(layered_run, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     assert (tmp_path / "ga" / "accuracy.jsonl").read_text().splitlines() == lines
+    assert json.loads((tmp_path / "ga" / "predictor_report.json").read_text())["n_val"] == 6
+    # cached accuracies measured on other images are not mixed in
+    code = main(
+        ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"),
+         "--no-progress", "--no-uniform", "--constraint", "avg_w_bits<=3"] + TINY_GA[:-2]
+    )  # fmt: skip
+    assert code != 0 and "holdout_images" in capsys.readouterr().err
 
 
 @pytest.mark.slow

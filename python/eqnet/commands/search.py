@@ -7,6 +7,7 @@ batches, accuracy on the test split). Writes to --out (default RUN/search-METHOD
   configs.json     the chosen configs with their constraint, metrics and test accuracy
   pareto.csv/.png  accuracy vs BitOPs and vs size, chosen configs and uniform widths
   accuracy.jsonl   (ga) the Monte Carlo balanced accuracy dataset on the held-out split
+                   (accuracy_setting.json: the images and BN batches it was measured with)
   predictor.pt     (ga) the accuracy predictor; predictor.json its Kendall tau / Pearson r
 """
 
@@ -49,6 +50,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crossovers", type=int, default=50)
     g.add_argument("--iterations", type=int, default=500)
     g.add_argument("--predictor-epochs", type=int, default=200)
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of the accuracy dataset held out to report the predictor's Kendall tau",
+    )
+    g.add_argument(
+        "--holdout-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate the accuracy dataset on the first N held-out images (default: all; "
+        "the same fixed images for every config)",
+    )
     g.add_argument("--mc-metric", default="avg_bits", help="metric the MC sampler buckets")
     g.add_argument(
         "--forms", action="store_true", help="also search granularity/symmetry (if the space has)"
@@ -90,7 +105,13 @@ class _Context:
             augment=False,
         )
         self.bn_loader = eval_loader(self.data.train, c.batch_size)
-        self.holdout_loader = eval_loader(self.data.holdout, c.eval_batch_size)
+        holdout = self.data.holdout
+        n = getattr(args, "holdout_images", None)
+        if n is not None:
+            if n < 1:
+                raise ValueError(f"--holdout-images={n}: accepted values are >= 1")
+            holdout = torch.utils.data.Subset(holdout, range(min(n, len(holdout))))
+        self.holdout_loader = eval_loader(holdout, c.eval_batch_size)
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size)
         self.cost = CostModel.trace(self.supernet, (1, *self.data.input_shape))
 
@@ -128,6 +149,16 @@ def _search_ga(args, ctx, budgets, out: Path):
         if len(genomes) >= args.dataset_size:
             break
     genomes = genomes[: args.dataset_size]
+    # the cached accuracies are only comparable under the same evaluation
+    setting = {"holdout_images": len(ctx.holdout_loader.dataset), "bn_batches": ctx.bn_batches}
+    meta = out / "accuracy_setting.json"
+    if meta.exists() and json.loads(meta.read_text()) != setting:
+        raise ValueError(
+            f"{out / 'accuracy.jsonl'} was evaluated with {meta.read_text().strip()}, this run "
+            f"asks for {json.dumps(setting)}; choose another --out or the same settings"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(setting))
     t0 = time.perf_counter()
     rows = build_dataset(
         out / "accuracy.jsonl",
@@ -141,7 +172,9 @@ def _search_ga(args, ctx, budgets, out: Path):
     acc = torch.tensor([r["accuracy"] for r in rows])
     predictor = AccuracyPredictor(enc.shape[1])
     t0 = time.perf_counter()
-    report = predictor.fit(enc, acc, epochs=args.predictor_epochs, seed=args.seed)
+    report = predictor.fit(
+        enc, acc, epochs=args.predictor_epochs, seed=args.seed, val_fraction=args.val_fraction
+    )
     predictor.save(out / "predictor.pt")
     (out / "predictor_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     _log(
