@@ -73,6 +73,11 @@ def test_search_methods(layered_run, tmp_path, capsys):
     assert code == 0
     assert (tmp_path / "ga" / "accuracy.jsonl").read_text().splitlines() == lines
     assert json.loads((tmp_path / "ga" / "predictor_report.json").read_text())["n_val"] == 6
+    # rerank: the kept config is the best measured of the GA's best and the in-budget uniforms
+    chosen = json.loads((tmp_path / "ga" / "configs.json").read_text())["chosen"]
+    for c in chosen:
+        assert c["reranked"] >= 1 and 0.0 <= c["holdout_accuracy"] <= 1.0
+        assert c["chosen_from"] == "ga" or c["chosen_from"].startswith("uniform W")
     # cached accuracies measured on other images are not mixed in
     code = main(
         ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"),
