@@ -229,6 +229,41 @@ std::tuple<at::Tensor, at::Tensor> lowbit_pack_weights_cpu(const at::Tensor& pla
 // ------------------------------------------------------------------------------------------
 // Linear
 
+// Epilogue of one 8-channel tile of one row, 8 doubles per vector: the operations of
+// Epilogue::operator() in the same order with the same roundings (no FMA: -ffp-contract=off
+// and separate mul/add intrinsics; int64 -> double exact below 2^53), per-channel terms
+// precomputed exactly as the scalar code computes them.
+struct TileEpilogue {
+  std::vector<int64_t> offw;        // off * wsum[n] (code sum correction, exact)
+  std::vector<double> zw, cw, sc, bias;  // z * wsum[n], cw[n], sa * sb[n], bias[n]
+};
+
+TileEpilogue make_tile_epilogue(const Epilogue& e, int64_t N, int64_t off) {
+  TileEpilogue t;
+  t.offw.resize(N);
+  t.zw.resize(N);
+  t.sc.resize(N);
+  for (int64_t n = 0; n < N; ++n) {
+    t.offw[n] = off * e.wsum[n];
+    t.zw[n] = e.z * static_cast<double>(e.wsum[n]);
+    t.sc[n] = e.sa * static_cast<double>(e.sb[n]);
+  }
+  t.cw = e.cw;
+  t.bias = e.bias;
+  return t;
+}
+
+// y[n0 .. n0+8) of one row; xz = double(xsum) - double(K) * z.
+EQK_TARGET_AVX512 void tile_epilogue_avx512(const TileEpilogue& te, const int64_t* acc,
+                                            int64_t n0, double xz, float* y) {
+  const __m512i a = _mm512_add_epi64(_mm512_loadu_si512(acc), _mm512_loadu_si512(&te.offw[n0]));
+  __m512d t = _mm512_sub_pd(_mm512_cvtepi64_pd(a), _mm512_loadu_pd(&te.zw[n0]));
+  t = _mm512_add_pd(t, _mm512_mul_pd(_mm512_set1_pd(xz), _mm512_loadu_pd(&te.cw[n0])));
+  t = _mm512_mul_pd(t, _mm512_loadu_pd(&te.sc[n0]));
+  if (!te.bias.empty()) t = _mm512_add_pd(t, _mm512_loadu_pd(&te.bias[n0]));
+  _mm256_storeu_ps(y, _mm512_cvtpd_ps(t));
+}
+
 // The tiled-plane path (level 3): codes as unsigned bytes u = code - off in rows padded to whole
 // 64-column blocks, the one-row GEMV or the M-row GEMM of lowbit_cpu_gfni.h, and the epilogue
 // with sum code * q_b = sum u * q_b + off * wsum[n], per tile inside the parallel task.
@@ -256,11 +291,15 @@ void linear_tiled(const float* xp, int64_t M, int64_t K, const at::Tensor& tiles
     }
   });
   const int64_t off = q.off;
+  const TileEpilogue te = make_tile_epilogue(e, N, off);
   auto finish = [&](int64_t m, int64_t t, const int64_t* acc) {
-    for (int64_t r = 0; r < kTileRows && t * kTileRows + r < N; ++r) {
-      const int64_t n = t * kTileRows + r;
-      yp[m * N + n] = e(acc[r] + off * e.wsum[n], xsum[m], n);
+    const int64_t n0 = t * kTileRows;
+    if (n0 + kTileRows <= N) {  // the scalar code's xz, then 8 channels at once
+      const double xz = static_cast<double>(xsum[m]) - static_cast<double>(K) * e.z;
+      tile_epilogue_avx512(te, acc, n0, xz, yp + m * N + n0);
+      return;
     }
+    for (int64_t n = n0; n < N; ++n) yp[m * N + n] = e(acc[n - n0] + off * e.wsum[n], xsum[m], n);
   };
   const int64_t tile_macs = kTileRows * K * M;
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / tile_macs);
