@@ -2,8 +2,8 @@
 (run by hand, after training; never beside a benchmark).
 
 For every run directory and every preset, one uniform and one mixed config in the forms the
-preset's engine takes (TensorRT: per-channel symmetric weights of at most 7 bits and symmetric
-activations; SNPE: per-tensor weights; generic: anything) are exported with
+preset's engine takes (TensorRT: per-channel symmetric weights and symmetric activations of at most 7 bits; SNPE:
+per-tensor weights; generic: anything) are exported with
 `eqnet.export_onnx`, run under onnxruntime (CPU, graph optimizations off) on the run's test
 split, and compared with the fake-quant subnet: top-1 agreement, and the largest output
 difference relative to the largest output. Prints a markdown table.
@@ -52,9 +52,13 @@ def configs_for(preset, space, supernet, seed):
     elastic = [n for n, fixed in layer_specs(supernet).items() if fixed is None]
     for name in elastic:
         changes = dict(forms) if preset == "tensorrt" else {"w_granularity": forms["w_granularity"]}
-        if preset == "tensorrt" and mixed[name].w_bits > 7:
-            # TensorRT's narrow int8 range [-127, 127] cannot hold every 8-bit code
-            changes["w_bits"] = max(b for b in space.w_bits if b <= 7)
+        if preset == "tensorrt":
+            # int8 only: the narrow weight range [-127, 127] cannot hold every 8-bit code, and
+            # unsigned 8-bit activation codes [0, 255] need uint8
+            if mixed[name].w_bits > 7:
+                changes["w_bits"] = max(b for b in space.w_bits if b <= 7)
+            if mixed[name].a_bits > 7:
+                changes["a_bits"] = max(b for b in space.a_bits if b <= 7)
         mixed = mixed.replace(name, **changes)
     return uniform, mixed
 
