@@ -58,6 +58,20 @@ def act_codes64(x, s, z, qmin, qmax):
     return torch.clamp(torch.round(v) + zr, qmin, qmax), zr
 
 
+def outputs_at_thread_counts(isa, run):
+    """run() at 1 and then 2 torch threads, at most at ISA level `isa`."""
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with force_cpu_isa(isa):
+                outs.append(run())
+    finally:
+        torch.set_num_threads(before)
+    return outs
+
+
 def assert_close_to(y, ref, bound, rel):
     err = (y.to(torch.float64) - ref).abs()
     assert torch.all(err <= rel * bound + 1e-30), float((err / (bound + 1e-30)).max())
@@ -424,22 +438,13 @@ def test_cpp_results_do_not_depend_on_thread_count(isa):
     x = torch.randn(3, 333)
     act = dict(act_scale=torch.tensor([0.02]), act_zero_point=torch.tensor([1.0]),
                act_quant_min=-128, act_quant_max=127)  # fmt: skip
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with force_cpu_isa(isa):
-                outs.append(
-                    (
-                        E.lowbit_linear(x, planes, torch.tensor([0.1]), 3, 4, K=333, backend="cpp"),
-                        E.lowbit_linear(
-                            x, planes, torch.tensor([0.1]), 3, 4, K=333, backend="cpp", **act
-                        ),  # fmt: skip
-                    )
-                )
-    finally:
-        torch.set_num_threads(before)
+    outs = outputs_at_thread_counts(
+        isa,
+        lambda: (
+            E.lowbit_linear(x, planes, torch.tensor([0.1]), 3, 4, K=333, backend="cpp"),
+            E.lowbit_linear(x, planes, torch.tensor([0.1]), 3, 4, K=333, backend="cpp", **act),
+        ),
+    )
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -558,22 +563,15 @@ def test_fused_conv_and_linear_do_not_depend_on_thread_count(isa):
     xl = torch.randn(40, 64 * 9)
     act = dict(act_scale=torch.tensor([0.02]), act_zero_point=torch.tensor([3.0]),
                act_quant_min=0, act_quant_max=255)  # fmt: skip
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with force_cpu_isa(isa):
-                outs.append(
-                    (
-                        E.lowbit_conv2d(x, planes, torch.tensor([0.1]), 3, 4, in_channels=64,
-                                        kernel_size=3, padding=1, backend="cpp", **act),
-                        E.lowbit_linear(xl, planes, torch.tensor([0.1]), 3, 4, K=64 * 9,
-                                        backend="cpp", **act),
-                    )
-                )  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
+    outs = outputs_at_thread_counts(
+        isa,
+        lambda: (
+            E.lowbit_conv2d(x, planes, torch.tensor([0.1]), 3, 4, in_channels=64,
+                            kernel_size=3, padding=1, backend="cpp", **act),
+            E.lowbit_linear(xl, planes, torch.tensor([0.1]), 3, 4, K=64 * 9, backend="cpp",
+                            **act),
+        ),
+    )  # fmt: skip
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
