@@ -2,8 +2,9 @@
 (run by hand, after training; never beside a benchmark).
 
 For every run directory and every preset, one uniform and one mixed config in the forms the
-preset's engine takes (TensorRT: per-channel symmetric weights and symmetric activations of at most 7 bits; SNPE:
-per-tensor weights; generic: anything) are exported with
+preset's engine takes (TensorRT: per-channel symmetric weights and symmetric activations of at
+most 7 bits; SNPE: per-tensor weights; generic: anything) get their BN statistics re-estimated
+on the run's held-out split (as `eqnet export-onnx` does), are exported with
 `eqnet.export_onnx`, run under onnxruntime (CPU, graph optimizations off) on the run's test
 split, and compared with the fake-quant subnet: top-1 agreement, and the largest output
 difference relative to the largest output. Prints a markdown table.
@@ -70,7 +71,12 @@ def main() -> int:
     p.add_argument("--presets", default="generic,tensorrt,snpe")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--limit", type=int, default=None, help="first N test images (default all)")
+    p.add_argument(
+        "--bn-batches", type=int, default=16, help="held-out batches for BN re-estimation (0: off)"
+    )
     args = p.parse_args()
+    from eqnet.convert import recalibrate_bn
+    from eqnet.data import eval_loader
     from eqnet.deploy.onnx import compare_onnx, export_onnx
     from eqnet.train import load_run
 
@@ -83,7 +89,9 @@ def main() -> int:
     for run_dir in args.runs:
         run = load_run(run_dir)
         supernet = run.model.eval()
-        test = run.load_data(augment=False).test
+        data = run.load_data(augment=False)
+        test = data.test
+        holdout = eval_loader(data.holdout, run.config.batch_size)
         n = len(test) if args.limit is None else min(args.limit, len(test))
         inputs = torch.stack([test[i][0] for i in range(n)])
         labels = torch.tensor([int(test[i][1]) for i in range(n)])
@@ -96,6 +104,9 @@ def main() -> int:
                     out
                     / f"{Path(run_dir).parent.name}_{Path(run_dir).name}_{preset}_{kind[:5]}.onnx"
                 )
+                if args.bn_batches:
+                    supernet.set_config(cfg)
+                    recalibrate_bn(supernet, holdout, batches=args.bn_batches)
                 try:
                     export_onnx(supernet, cfg, path, shape, preset=preset)
                 except ValueError as exc:

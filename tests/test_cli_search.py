@@ -78,6 +78,9 @@ def test_search_methods(layered_run, tmp_path, capsys):
     for c in chosen:
         assert c["reranked"] >= 1 and 0.0 <= c["holdout_accuracy"] <= 1.0
         assert c["chosen_from"] == "ga" or c["chosen_from"].startswith("uniform W")
+        # the rerank measures on every held-out image (32), not only the dataset's first 16
+        assert c["rerank_images"] == 32
+        assert c["holdout_accuracy"] * 32 == pytest.approx(round(c["holdout_accuracy"] * 32))
     # cached accuracies measured on other images are not mixed in
     code = main(
         ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"),

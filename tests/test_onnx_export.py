@@ -479,6 +479,57 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert not (tmp_path / "s.onnx").exists()
 
 
+def test_cli_export_onnx_reestimates_bn(tmp_path, capsys):
+    """By default the subnet's BN statistics are re-estimated on the run's held-out split
+    before export: the file then reproduces the subnet recalibrated by recalibrate_bn on those
+    batches, and differs from an export of the stored (training-mix) statistics."""
+    from eqnet.cli import main
+    from eqnet.convert import recalibrate_bn
+    from eqnet.data import eval_loader
+    from eqnet.train import load_run
+
+    run = tmp_path / "run"
+    tiny = [
+        "--limit-train", "160", "--limit-test", "64", "--holdout", "64", "--batch-size", "32",
+        "--max-steps-per-epoch", "3", "--calib-batches", "1", "--bn-batches", "2",
+        "--no-progress", "--epochs", "1", "--device", "cpu", "--w-bits", "2,4",
+        "--a-bits", "4,8", "--lr", "0.05",
+    ]  # fmt: skip
+    assert main(["train", "--recipe", "multiquant", "--out", str(run)] + tiny) == 0
+    paths = {n: tmp_path / f"{n}.onnx" for n in ("default", "stored")}
+    base = ["export-onnx", str(run), "--uniform", "2,4"]
+    assert main(base + ["--out", str(paths["default"])]) == 0
+    assert "re-estimated the subnet's BN statistics on 2 batches" in capsys.readouterr().err
+    assert main(base + ["--out", str(paths["stored"]), "--bn-batches", "0"]) == 0
+    assert main(base + ["--out", str(tmp_path / "x.onnx"), "--bn-batches", "-1"]) == 2
+    assert "--bn-batches=-1" in capsys.readouterr().err
+
+    trained = load_run(run)
+    data = trained.load_data(augment=False)
+    x = torch.stack([data.test[i][0] for i in range(32)])
+    sn = trained.model.eval()
+    cfg = SubnetConfig.from_json(
+        {p.key: p.value for p in onnx.load(paths["default"]).metadata_props}["eqnet.config"]
+    )
+    sn.set_config(cfg)
+    with torch.no_grad():
+        stored = sn(x).double()
+    recalibrate_bn(sn, eval_loader(data.holdout, 32), batches=2)
+    with torch.no_grad():
+        recalibrated = sn(x).double()
+    outs = {}
+    opts = ort.SessionOptions()  # int4 graphs: see export_onnx's docstring
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for name, path in paths.items():
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0].name
+        outs[name] = torch.from_numpy(session.run(None, {inp: x.numpy()})[0]).double()
+    scale = recalibrated.abs().max()
+    assert (outs["default"] - recalibrated).abs().max() < 0.05 * scale
+    assert (outs["stored"] - stored).abs().max() < 0.05 * stored.abs().max()
+    assert (recalibrated - stored).abs().max() > 0.2 * scale  # the statistics really moved
+
+
 def test_float_first_and_last_layers(tmp_path):
     """keep_first_last='fp': the float conv's BN is fused by the exporter, the float layers get
     no QDQ, and TensorRT's BN folding still leaves no BatchNormalization."""

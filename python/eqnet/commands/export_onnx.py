@@ -1,6 +1,9 @@
 """`eqnet export-onnx RUN --out model.onnx [--config cfg.json | --uniform W,A] --preset P`
 
-Exports one subnet of a trained run's supernet as ONNX QDQ (eqnet.deploy.onnx). With
+Exports one subnet of a trained run's supernet as ONNX QDQ (eqnet.deploy.onnx). The BN
+statistics a supernet holds after training are a mix over the subnets it sampled, so the chosen
+subnet's BN statistics are re-estimated first (`--bn-batches`, on the run's held-out split as
+`eqnet export` and the trainer's evaluation do; 0 keeps the stored ones). With
 `--check N` (N seeded random inputs) and/or `--check-test` (the run's test split) it then runs
 the file under onnxruntime (CPU, graph optimizations off) and prints its agreement with the
 fake-quant subnet as one JSON line per input set.
@@ -48,6 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="validate on the run's test split (top-1 agreement with the fake-quant subnet)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--bn-batches",
+        type=int,
+        default=None,
+        metavar="N",
+        help="re-estimate the subnet's BN statistics on N held-out batches before export "
+        "(default: the run's --bn-batches; 0: keep the stored statistics)",
+    )
 
 
 def _config(args, supernet):
@@ -93,6 +104,17 @@ def _shape(args, supernet):
     return tuple(shape)
 
 
+def _recalibrate(trained, supernet, config, batches: int) -> None:
+    from eqnet.convert import recalibrate_bn
+    from eqnet.data import eval_loader
+
+    data = trained.load_data(augment=False)
+    images = data.holdout if data.holdout is not None and len(data.holdout) else data.train
+    supernet.set_config(config)
+    recalibrate_bn(supernet, eval_loader(images, trained.config.batch_size), batches=batches)
+    print(f"re-estimated the subnet's BN statistics on {batches} batches", file=sys.stderr)
+
+
 def run(args) -> int:
     import torch
 
@@ -106,6 +128,11 @@ def run(args) -> int:
             raise ValueError(f"run {args.run!r} holds a float model, not a supernet")
         config = _config(args, supernet)
         shape = _shape(args, supernet)
+        bn_batches = trained.config.bn_batches if args.bn_batches is None else args.bn_batches
+        if bn_batches < 0:
+            raise ValueError(f"--bn-batches={bn_batches}: expected >= 0 (0: no re-estimation)")
+        if bn_batches:
+            _recalibrate(trained, supernet, config, bn_batches)
         export_onnx(
             supernet,
             config,

@@ -78,6 +78,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="measure the GA's K best configs, and every uniform width inside the budget, on "
         "the held-out images and keep the most accurate (0: the predictor's best)",
     )
+    g.add_argument(
+        "--rerank-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="held-out images the rerank measures on (default: all of them, even when "
+        "--holdout-images limits the accuracy dataset: fewer images add noise that the max "
+        "over candidates turns into a bias toward lucky configs)",
+    )
     lp = p.add_argument_group("limpq")
     lp.add_argument("--alpha", type=float, default=1.0, help="weight of I_w (LIMPQ: 1-3)")
     ly = p.add_argument_group("layered")
@@ -117,13 +126,25 @@ class _Context:
         self.bn_loader = eval_loader(self.data.train, c.batch_size)
         holdout = self.data.holdout
         n = getattr(args, "holdout_images", None)
-        if n is not None:
-            if n < 1:
-                raise ValueError(f"--holdout-images={n}: accepted values are >= 1")
-            holdout = torch.utils.data.Subset(holdout, range(min(n, len(holdout))))
-        self.holdout_loader = eval_loader(holdout, c.eval_batch_size)
+        self.holdout_loader = eval_loader(
+            self._first(holdout, n, "--holdout-images"), c.eval_batch_size
+        )
+        self.rerank_loader = eval_loader(
+            self._first(holdout, getattr(args, "rerank_images", None), "--rerank-images"),
+            c.eval_batch_size,
+        )
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size)
         self.cost = CostModel.trace(self.supernet, (1, *self.data.input_shape))
+
+    @staticmethod
+    def _first(dataset, n, option):
+        import torch
+
+        if n is None:
+            return dataset
+        if n < 1:
+            raise ValueError(f"{option}={n}: accepted values are >= 1")
+        return torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
 
     def accuracy(self, cfg, loader) -> float:
         from eqnet.search.accuracy_data import supernet_evaluator
@@ -261,7 +282,7 @@ def _rerank(args, ctx, table, budget, res):
             candidates.setdefault(tuple(int(v) for v in g), (f"uniform W{b}A{b}", None))
     measured = []
     for g, (origin, predicted) in candidates.items():
-        acc = ctx.accuracy(table.decode(np.array(g)), ctx.holdout_loader)
+        acc = ctx.accuracy(table.decode(np.array(g)), ctx.rerank_loader)
         measured.append((acc, origin, predicted, g))
         _log(f"  rerank: {origin} held-out accuracy {acc:.4f}")
     # max keeps the first of equals: the GA's order, then the uniform widths
@@ -270,6 +291,7 @@ def _rerank(args, ctx, table, budget, res):
         "predicted_accuracy": predicted,
         "ga_best_predicted_accuracy": res.best_fitness,
         "holdout_accuracy": acc,
+        "rerank_images": len(ctx.rerank_loader.dataset),
         "chosen_from": origin,
         "reranked": len(measured),
     }
