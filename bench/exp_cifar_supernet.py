@@ -4,7 +4,10 @@ Trains, with the `eqnet train` CLI in process, a float model, then from it an `e
 (W/A 2-8), a `layered` supernet (nested, widths 2-4) and one dedicated `qat` model per width,
 all with the same number of epochs; then evaluates every model at each width after BN
 recalibration on the held-out split, and prints a markdown table (accuracy and training
-time). Every run directory is resumable: rerunning the script continues unfinished runs
+time). Learning rates: `--lr` is the QAT runs' and the layered run's (layered averages its
+widths' losses); the `eqnet` recipe sums the losses of its three LRH subnets, so with SGD it
+takes three times the per-subnet step at the same lr, and `--eqnet-lr` defaults to about a
+third of `--lr` (0.0033 at the default 0.01). Every run directory is resumable: rerunning the script continues unfinished runs
 (`--resume`) and skips finished ones, so the experiment can be split across sessions.
 Never run it beside a benchmark.
 
@@ -79,7 +82,14 @@ def main() -> int:
     p.add_argument("--float-epochs", type=int, default=12)
     p.add_argument("--epochs", type=int, default=2, help="epochs of every quantized run")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.01, help="lr of the quantized runs")
+    p.add_argument("--lr", type=float, default=0.01, help="lr of the qat and layered runs")
+    p.add_argument(
+        "--eqnet-lr",
+        type=float,
+        default=None,
+        help="lr of the eqnet run (default: --lr / 3 to 2 significant digits: the recipe sums "
+        "the losses of 3 subnets per step)",
+    )
     p.add_argument("--qat-widths", default="2,3,4,8")
     p.add_argument("--bn-batches", type=int, default=16)
     p.add_argument(
@@ -105,11 +115,17 @@ def main() -> int:
         args.float_epochs,
         common + ["--recipe", "float", "--lr", "0.1", "--warmup-epochs", "1"],
     )
-    quant = common + ["--init", str(float_dir), "--lr", str(args.lr)]
-    quant += ["--grad-clip", str(args.grad_clip)]
+    quant = common + ["--init", str(float_dir), "--grad-clip", str(args.grad_clip)]
+    eqnet_lr = args.eqnet_lr if args.eqnet_lr is not None else float(f"{args.lr / 3:.2g}")
     runs = {}
     if "eqnet" not in skip:
-        runs["eqnet"] = _run(root, "eqnet", args.epochs, quant + ["--recipe", "eqnet"])
+        runs["eqnet"] = _run(
+            root,
+            f"eqnet_lr{eqnet_lr:g}",
+            args.epochs,
+            quant + ["--lr", str(eqnet_lr), "--recipe", "eqnet"],
+        )
+    quant += ["--lr", str(args.lr)]
     if "layered" not in skip:
         runs["layered"] = _run(root, "layered", args.epochs, quant + ["--recipe", "layered"])
     if "qat" not in skip:
@@ -127,7 +143,7 @@ def main() -> int:
         ["model", *[f"W{b}A{b}" for b in widths], "train_s"],
     )
     qat_time = 0.0
-    qat_row = {"model": "dedicated qat (one run per width)"}
+    qat_row = {"model": f"dedicated qat, one run per width (lr {args.lr:g})"}
     for b in widths:
         r = results.get(f"qat{b}")
         qat_row[f"W{b}A{b}"] = "" if r is None else round(100 * r["acc"][b], 2)
@@ -137,7 +153,8 @@ def main() -> int:
     for name in ("eqnet", "layered"):
         if name in results:
             r = results[name]
-            row = {"model": f"{name} supernet"}
+            lr = eqnet_lr if name == "eqnet" else args.lr
+            row = {"model": f"{name} supernet (lr {lr:g})"}
             for b in widths:
                 row[f"W{b}A{b}"] = round(100 * r["acc"][b], 2) if b in r["acc"] else ""
             row["train_s"] = round(r["train_time_s"])

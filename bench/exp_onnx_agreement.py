@@ -121,7 +121,7 @@ def main() -> int:
                     preset=preset,
                     config=f"{kind}: {cfg.summary()}",
                     images=n,
-                    top1_agreement=r["top1_agreement"],
+                    top1_agreement=f"{r['top1_agreement']:.4f}",  # 99.9 % needs 4 digits
                     max_rel_diff=r["max_abs_diff"] / r["max_abs_output"],
                     test_acc_fq=acc,
                 )

@@ -583,6 +583,8 @@ def export_onnx(
                 # The TorchScript exporter is deprecated but is the one that runs custom
                 # symbolic placeholders offline on every torchvision model (module docstring).
                 warnings.simplefilter("ignore", DeprecationWarning)
+                # strided slices (ResNet-20's option-A shortcut) stay Slice nodes; harmless
+                warnings.filterwarnings("ignore", "Constant folding - Only steps=1")
                 torch.onnx.export(
                     export,
                     (torch.zeros(shape, device=device),),
