@@ -1,0 +1,95 @@
+"""How noisy is the search's accuracy dataset? (issue 6; run by hand, never beside a benchmark)
+
+`eqnet search --method ga` measures every sampled config once: BN statistics re-estimated on
+the first `bn_batches` unaugmented training batches, then top-1 on the first
+`--holdout-images` held-out images. This script re-measures the first N configs of that
+`accuracy.jsonl` twice more, with the same evaluator:
+
+- `other BN`: the same held-out images, BN statistics from the next `bn_batches` batches;
+- `other BN + images`: BN as above and the next block of held-out images.
+
+Kendall tau and Pearson r between the dataset's accuracies and each re-measurement bound what
+any predictor can reach against the dataset: a predictor of the true accuracy cannot rank the
+measured accuracies better than the measurement agrees with itself.
+
+    python bench/exp_search_noise.py runs/cifar/eqnet runs/cifar/eqnet/search-ga --configs 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Table  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="the supernet run the search measured")
+    p.add_argument("search", help="the search's --out directory (accuracy.jsonl)")
+    p.add_argument("--configs", type=int, default=60, help="re-measure the first N configs")
+    p.add_argument("--variants", default="bn,bn+images", help="comma list: bn, bn+images")
+    args = p.parse_args()
+
+    from eqnet.data import eval_loader, load_data
+    from eqnet.search.accuracy_data import row_config, supernet_evaluator
+    from eqnet.train import load_run
+    from scipy.stats import kendalltau, pearsonr
+
+    search = Path(args.search)
+    setting = json.loads((search / "accuracy_setting.json").read_text())
+    rows = [json.loads(line) for line in (search / "accuracy.jsonl").read_text().splitlines()]
+    rows = rows[: args.configs]
+    if len(rows) < 3:
+        raise SystemExit(f"{search / 'accuracy.jsonl'}: {len(rows)} configs, need at least 3")
+    run = load_run(args.run)
+    c = run.config
+    data = load_data(c.data, holdout=c.holdout, limit_train=c.limit_train, augment=False)
+    n_img, n_bn = setting["holdout_images"], setting["bn_batches"] * c.batch_size
+    if 2 * n_img > len(data.holdout):
+        raise SystemExit(
+            f"the held-out split has {len(data.holdout)} images; re-measuring on other images "
+            f"needs 2 x {n_img}"
+        )
+    subset = torch.utils.data.Subset
+    bn_other = eval_loader(subset(data.train, range(n_bn, 2 * n_bn)), c.batch_size)
+    images = {
+        "bn": subset(data.holdout, range(n_img)),
+        "bn+images": subset(data.holdout, range(n_img, 2 * n_img)),
+    }
+    table = Table(
+        "exp_search_noise",
+        ["variant", "configs", "kendall_tau", "pearson_r", "mean_first", "mean_remeasured"],
+    )
+    first = [r["accuracy"] for r in rows]
+    for variant in args.variants.split(","):
+        if variant not in images:
+            raise SystemExit(f"--variants: {variant!r}; accepted values are bn, bn+images")
+        evaluate = supernet_evaluator(
+            run.model, bn_other, eval_loader(images[variant], c.eval_batch_size),
+            bn_batches=setting["bn_batches"],
+        )  # fmt: skip
+        again = []
+        for i, row in enumerate(rows):
+            again.append(evaluate(row_config(row)))
+            print(f"[{variant}] {i + 1}/{len(rows)}: {first[i]:.4f} -> {again[-1]:.4f}", flush=True)
+        table.add(
+            variant=f"other {variant}",
+            configs=len(rows),
+            kendall_tau=round(float(kendalltau(first, again).statistic), 3),
+            pearson_r=round(float(pearsonr(first, again).statistic), 3),
+            mean_first=round(sum(first) / len(first), 4),
+            mean_remeasured=round(sum(again) / len(again), 4),
+        )
+    table.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
