@@ -79,7 +79,9 @@ def test_search_methods(layered_run, tmp_path, capsys):
         assert c["reranked"] >= 1 and 0.0 <= c["holdout_accuracy"] <= 1.0
         assert c["chosen_from"] == "ga" or c["chosen_from"].startswith("uniform W")
         # the rerank measures on every held-out image (32), not only the dataset's first 16
-        assert c["rerank_images"] == 32
+        assert c["rerank_images"] == 32 and c["rerank_z_min"] == 1.0
+        if c["chosen_from"] == "ga" and c["z_vs_uniform"] is not None:
+            assert c["z_vs_uniform"] >= 1.0  # a mixed config kept over a uniform one won clearly
         assert c["holdout_accuracy"] * 32 == pytest.approx(round(c["holdout_accuracy"] * 32))
     # cached accuracies measured on other images are not mixed in
     code = main(
@@ -105,6 +107,12 @@ def test_unknown_metric_fails_before_loading(tmp_path, capsys):
     )
     assert code == 1
     assert "accepted values are bitops" in capsys.readouterr().err
+    code = main(
+        ["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "size<=1e6",
+         "--rerank-z", "-1"]
+    )  # fmt: skip
+    assert code == 1
+    assert "--rerank-z=-1.0: accepted values are finite and >= 0" in capsys.readouterr().err
     code = main(["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "size<=1"])
     assert code == 1
     assert "eqnet search: error" in capsys.readouterr().err

@@ -79,6 +79,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the held-out images and keep the most accurate (0: the predictor's best)",
     )
     g.add_argument(
+        "--rerank-z",
+        type=float,
+        default=1.0,
+        metavar="Z",
+        help="keep the best mixed config over the best in-budget uniform width only if it "
+        "wins by at least Z standard errors of the paired difference on the same images "
+        "(McNemar; default 1; 0: plain most accurate)",
+    )
+    g.add_argument(
         "--rerank-images",
         type=int,
         default=None,
@@ -145,6 +154,26 @@ class _Context:
         if n < 1:
             raise ValueError(f"{option}={n}: accepted values are >= 1")
         return torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
+
+    def correct(self, cfg, loader):
+        """Per-image correctness (bool [N]) of subnet cfg on loader, after its BN
+        re-estimation (the same steps as `accuracy`)."""
+        import torch
+
+        from eqnet.convert import recalibrate_bn
+
+        self.supernet.set_config(cfg)
+        recalibrate_bn(
+            self.supernet,
+            ((x.to(self.device), y) for x, y in self.bn_loader),
+            batches=self.bn_batches,
+        )
+        self.supernet.eval()
+        out = []
+        with torch.no_grad():
+            for x, y in loader:
+                out.append(self.supernet(x.to(self.device)).argmax(1).cpu() == y)
+        return torch.cat(out)
 
     def accuracy(self, cfg, loader) -> float:
         from eqnet.search.accuracy_data import supernet_evaluator
@@ -265,9 +294,11 @@ def _search_ga(args, ctx, budgets, out: Path):
 
 def _rerank(args, ctx, table, budget, res):
     """The predictor ranks; the held-out images decide among its K best configs and the
-    uniform widths that meet the budget (a mixed config is kept only if it measures better)."""
+    uniform widths that meet the budget (eqnet.search.rerank: a mixed config is kept only if
+    it beats the best uniform one by --rerank-z paired standard errors)."""
     import numpy as np
 
+    from eqnet.search.rerank import Measured, choose
     from eqnet.space import SubnetConfig
 
     candidates = {}  # genome -> (origin, predicted accuracy)
@@ -280,22 +311,27 @@ def _rerank(args, ctx, table, budget, res):
             continue
         if budget.ok(g[None])[0]:
             candidates.setdefault(tuple(int(v) for v in g), (f"uniform W{b}A{b}", None))
-    measured = []
-    for g, (origin, predicted) in candidates.items():
-        acc = ctx.accuracy(table.decode(np.array(g)), ctx.rerank_loader)
-        measured.append((acc, origin, predicted, g))
-        _log(f"  rerank: {origin} held-out accuracy {acc:.4f}")
-    # max keeps the first of equals: the GA's order, then the uniform widths
-    acc, origin, predicted, g = max(measured, key=lambda m: m[0])
+    genomes, measured = list(candidates), []
+    for g in genomes:
+        origin, predicted = candidates[g]
+        correct = ctx.correct(table.decode(np.array(g)), ctx.rerank_loader)
+        measured.append(Measured(origin, correct, predicted))
+        _log(f"  rerank: {origin} held-out accuracy {measured[-1].accuracy:.4f}")
+    i, record = choose(measured, args.rerank_z)
+    if record["z_vs_uniform"] is not None:
+        kept = "kept" if measured[i].origin == "ga" else "not kept"
+        _log(f"  rerank: best mixed config z = {record['z_vs_uniform']:.2f} vs uniform: {kept}")
     info = {
-        "predicted_accuracy": predicted,
+        "predicted_accuracy": measured[i].predicted,
         "ga_best_predicted_accuracy": res.best_fitness,
-        "holdout_accuracy": acc,
+        "holdout_accuracy": measured[i].accuracy,
         "rerank_images": len(ctx.rerank_loader.dataset),
-        "chosen_from": origin,
+        "chosen_from": measured[i].origin,
         "reranked": len(measured),
+        "rerank_z_min": args.rerank_z,
+        **record,
     }
-    return np.array(g), info
+    return np.array(genomes[i]), info
 
 
 def _search_ilp(args, ctx, budgets):
@@ -364,6 +400,9 @@ def _run(args) -> int:
     from eqnet.space import SubnetConfig
 
     budgets = [(spec, parse_constraints(spec)) for spec in args.constraint]
+    rerank_z = getattr(args, "rerank_z", 1.0)
+    if not 0 <= rerank_z < float("inf"):
+        raise ValueError(f"--rerank-z={rerank_z}: accepted values are finite and >= 0")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads={args.threads}: must be >= 1")
