@@ -41,3 +41,47 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
     path.write_text('not json\n{"key": 1, "config": {}, "accuracy": 0.5}\n')
     with pytest.raises(ValueError, match="acc.jsonl:1"):
         read_dataset(path)
+
+
+def test_supernet_correctness_is_per_image_and_matches_a_direct_forward():
+    """The rerank's per-image correctness, against the subnet run by hand: same BN
+    re-estimation (recalibrate_bn on a copy), then one forward per image in eval mode."""
+    import copy
+
+    import eqnet
+    import torch
+    from eqnet import models
+    from eqnet.search.accuracy_data import (
+        fraction_correct,
+        supernet_correctness,
+        supernet_evaluator,
+    )
+    from eqnet.space import ElasticSpace
+
+    torch.manual_seed(0)
+    space = ElasticSpace(w_bits=(2, 4), a_bits=(4, 8), w_granularities=("channel",))
+    sn = eqnet.convert(models.get("digits_cnn"), space)
+    x = torch.randn(48, 1, 8, 8)
+    y = torch.randint(0, 10, (48,))
+    bn = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
+    ev = [(x[i : i + 20], y[i : i + 20]) for i in range(0, 48, 20)]  # uneven last batch
+    eqnet.calibrate(sn, bn, batches=1)
+    cfg = SubnetConfig.lowest(space, sn)
+
+    ref_model = copy.deepcopy(sn)
+    ref_model.set_config(cfg)
+    eqnet.recalibrate_bn(ref_model, bn, batches=2)
+    ref_model.eval()
+    with torch.no_grad():
+        expected = torch.tensor(
+            [int(ref_model(x[i : i + 1]).argmax()) == int(y[i]) for i in range(48)]
+        )
+
+    sn.train()
+    got = supernet_correctness(sn, bn, ev, bn_batches=2)(cfg)
+    assert got.dtype == torch.bool and torch.equal(got, expected)
+    assert sn.training  # the mode the caller had is restored
+    assert fraction_correct(got) == int(expected.sum()) / 48
+    assert supernet_evaluator(sn, bn, ev, bn_batches=2)(cfg) == int(expected.sum()) / 48
+    with pytest.raises(ValueError, match="yielded no samples"):
+        supernet_correctness(sn, bn, [], bn_batches=1)(cfg)

@@ -157,23 +157,12 @@ class _Context:
 
     def correct(self, cfg, loader):
         """Per-image correctness (bool [N]) of subnet cfg on loader, after its BN
-        re-estimation (the same steps as `accuracy`)."""
-        import torch
+        re-estimation (what `accuracy` reduces to one number)."""
+        from eqnet.search.accuracy_data import supernet_correctness
 
-        from eqnet.convert import recalibrate_bn
-
-        self.supernet.set_config(cfg)
-        recalibrate_bn(
-            self.supernet,
-            ((x.to(self.device), y) for x, y in self.bn_loader),
-            batches=self.bn_batches,
-        )
-        self.supernet.eval()
-        out = []
-        with torch.no_grad():
-            for x, y in loader:
-                out.append(self.supernet(x.to(self.device)).argmax(1).cpu() == y)
-        return torch.cat(out)
+        return supernet_correctness(
+            self.supernet, self.bn_loader, loader, self.bn_batches, self.device
+        )(cfg)
 
     def accuracy(self, cfg, loader) -> float:
         from eqnet.search.accuracy_data import supernet_evaluator

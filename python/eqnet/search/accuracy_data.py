@@ -90,22 +90,40 @@ def build_dataset(
     return rows
 
 
-def supernet_evaluator(supernet, bn_loader, eval_loader, bn_batches: int = 20, device=None):
-    """evaluate(config) -> accuracy: set the subnet, re-estimate its BN statistics on
-    `bn_batches` batches of `bn_loader`, then measure top-1 accuracy on `eval_loader` (the
-    same fixed held-out images for every config)."""
+def supernet_correctness(supernet, bn_loader, eval_loader, bn_batches: int = 20, device=None):
+    """correct(config) -> bool [N]: set the subnet, re-estimate its BN statistics on
+    `bn_batches` batches of `bn_loader`, then mark which of `eval_loader`'s images (the same
+    fixed held-out images for every config) it classifies correctly."""
+    import torch
+
     from eqnet.convert import recalibrate_bn
-    from eqnet.train import evaluate as evaluate_model
 
     if device is None:
         device = next(supernet.parameters()).device
 
-    def batches(loader):
-        return ((x.to(device), y.to(device)) for x, y in loader)
-
-    def evaluate(cfg: SubnetConfig) -> float:
+    def correct(cfg: SubnetConfig) -> torch.Tensor:
         supernet.set_config(cfg)
-        recalibrate_bn(supernet, batches(bn_loader), batches=bn_batches)
-        return float(evaluate_model(supernet, eval_loader, device))
+        recalibrate_bn(supernet, ((x.to(device), y) for x, y in bn_loader), batches=bn_batches)
+        was_training = supernet.training
+        supernet.eval()
+        out = []
+        with torch.no_grad():
+            for x, y in eval_loader:
+                out.append(supernet(x.to(device)).argmax(dim=1).cpu() == y)
+        supernet.train(was_training)
+        if not out:
+            raise ValueError("supernet_correctness: the eval loader yielded no samples")
+        return torch.cat(out)
 
-    return evaluate
+    return correct
+
+
+def fraction_correct(correct) -> float:
+    """Top-1 accuracy of a bool correctness vector, as an exact ratio of counts."""
+    return int(correct.sum()) / correct.numel()
+
+
+def supernet_evaluator(supernet, bn_loader, eval_loader, bn_batches: int = 20, device=None):
+    """evaluate(config) -> accuracy: `supernet_correctness`, reduced to top-1 accuracy."""
+    correct = supernet_correctness(supernet, bn_loader, eval_loader, bn_batches, device)
+    return lambda cfg: fraction_correct(correct(cfg))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eqnet.search.accuracy_data import fraction_correct
+
 
 @dataclass(frozen=True)
 class Measured:
@@ -28,7 +30,7 @@ class Measured:
 
     @property
     def accuracy(self) -> float:
-        return float(self.correct.float().mean())
+        return fraction_correct(self.correct)
 
 
 def paired_z(a: torch.Tensor, b: torch.Tensor) -> float:
