@@ -7,8 +7,9 @@ recalibration on the held-out split, and prints a markdown table (accuracy and t
 time). Learning rates: `--lr` is the QAT runs' and the layered run's (layered averages its
 widths' losses); the `eqnet` recipe sums the losses of its three LRH subnets, so with SGD it
 takes three times the per-subnet step at the same lr, and `--eqnet-lr` defaults to about a
-third of `--lr` (0.0033 at the default 0.01). Every run directory is resumable: rerunning the script continues unfinished runs
-(`--resume`) and skips finished ones, so the experiment can be split across sessions.
+third of `--lr` (0.0033 at the default 0.01). Every run directory is resumable: rerunning the
+script continues unfinished runs (`--resume`) and skips finished ones, so the experiment can be
+split across sessions.
 Never run it beside a benchmark.
 
     python bench/exp_cifar_supernet.py --data ../shared/data/cifar10.npz --model resnet20 \\

@@ -157,7 +157,7 @@ class _Context:
 
     def correct(self, cfg, loader):
         """Per-image correctness (bool [N]) of subnet cfg on loader, after its BN
-        re-estimation (what `accuracy` reduces to one number)."""
+        re-estimation; `accuracy` reduces it to top-1."""
         from eqnet.search.accuracy_data import supernet_correctness
 
         return supernet_correctness(
@@ -165,12 +165,9 @@ class _Context:
         )(cfg)
 
     def accuracy(self, cfg, loader) -> float:
-        from eqnet.search.accuracy_data import supernet_evaluator
+        from eqnet.search.accuracy_data import fraction_correct
 
-        evaluate = supernet_evaluator(
-            self.supernet, self.bn_loader, loader, self.bn_batches, self.device
-        )
-        return evaluate(cfg)
+        return fraction_correct(self.correct(cfg, loader))
 
 
 def _search_ga(args, ctx, budgets, out: Path):
