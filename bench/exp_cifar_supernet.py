@@ -53,14 +53,14 @@ def _run(root: Path, name: str, epochs: int, args: list[str]) -> Path:
 
 def _accuracy_at(run_dir: Path, widths, bn_batches: int) -> dict:
     from eqnet.convert import recalibrate_bn
-    from eqnet.data import eval_loader, load_data
+    from eqnet.data import eval_loader
     from eqnet.space import SubnetConfig
     from eqnet.train import evaluate, load_run
 
     run = load_run(run_dir)
     c = run.config
-    data = load_data(c.data, holdout=c.holdout, limit_train=c.limit_train, limit_test=c.limit_test)
-    holdout = eval_loader(data.holdout, c.batch_size)
+    data = run.load_data(augment=False)
+    holdout = run.bn_loader(data)
     test = eval_loader(data.test, c.eval_batch_size)
     model = run.model
     out = {}
@@ -72,7 +72,21 @@ def _accuracy_at(run_dir: Path, widths, bn_batches: int) -> dict:
             recalibrate_bn(model, holdout, batches=bn_batches)
         out[b] = evaluate(model, test)
     total_time = sum(r.get("time_s", 0.0) for r in run.metrics)
-    return {"acc": out, "train_time_s": total_time}
+    return {"acc": out, "train_time_s": total_time, "subnet_passes": _subnet_passes(run)}
+
+
+def _subnet_passes(run) -> int:
+    """Training cost in forward+backward passes of one subnet over one batch: optimizer steps
+    times the subnets each step trains (eqnet: lowest, highest and num_random; layered: one
+    per width; qat: one)."""
+    c = run.config
+    steps = int(run.metrics[-1]["step"]) if run.metrics else 0
+    per_step = {"eqnet": 2 + c.num_random, "multiquant": 2 + c.num_random, "qat": 1}
+    if c.recipe == "layered":
+        return steps * len(run.space.w_bits)
+    if c.recipe not in per_step:
+        raise ValueError(f"recipe {c.recipe!r}: no subnet-pass count for it")
+    return steps * per_step[c.recipe]
 
 
 def main() -> int:
@@ -90,6 +104,19 @@ def main() -> int:
         default=None,
         help="lr of the eqnet run (default: --lr / 3 to 2 significant digits: the recipe sums "
         "the losses of 3 subnets per step)",
+    )
+    p.add_argument(
+        "--eqnet-epochs",
+        type=int,
+        default=None,
+        help="epochs of the eqnet run (default --epochs); with --eqnet-steps-per-epoch this sets "
+        "its cost, which the table reports as subnet passes against the QAT runs' sum",
+    )
+    p.add_argument(
+        "--eqnet-steps-per-epoch",
+        type=int,
+        default=None,
+        help="cap on the eqnet run's steps per epoch (default: the whole train split)",
     )
     p.add_argument("--qat-widths", default="2,3,4,8")
     p.add_argument("--bn-batches", type=int, default=16)
@@ -120,12 +147,14 @@ def main() -> int:
     eqnet_lr = args.eqnet_lr if args.eqnet_lr is not None else float(f"{args.lr / 3:.2g}")
     runs = {}
     if "eqnet" not in skip:
-        runs["eqnet"] = _run(
-            root,
-            f"eqnet_lr{eqnet_lr:g}",
-            args.epochs,
-            quant + ["--lr", str(eqnet_lr), "--recipe", "eqnet"],
-        )
+        eq_epochs = args.eqnet_epochs or args.epochs
+        eq_name, eq_args = f"eqnet_lr{eqnet_lr:g}", ["--lr", str(eqnet_lr), "--recipe", "eqnet"]
+        if args.eqnet_epochs is not None or args.eqnet_steps_per_epoch is not None:
+            steps = args.eqnet_steps_per_epoch or "all"
+            eq_name += f"_{eq_epochs}x{steps}"
+            if args.eqnet_steps_per_epoch is not None:
+                eq_args += ["--max-steps-per-epoch", str(args.eqnet_steps_per_epoch)]
+        runs["eqnet"] = _run(root, eq_name, eq_epochs, quant + eq_args)
     quant += ["--lr", str(args.lr)]
     if "layered" not in skip:
         runs["layered"] = _run(root, "layered", args.epochs, quant + ["--recipe", "layered"])
@@ -141,15 +170,17 @@ def main() -> int:
     results = {name: _accuracy_at(d, widths, args.bn_batches) for name, d in runs.items()}
     table = Table(
         f"exp_supernet_{Path(args.data).stem}_{args.model}",
-        ["model", *[f"W{b}A{b}" for b in widths], "train_s"],
+        ["model", *[f"W{b}A{b}" for b in widths], "subnet_passes", "train_s"],
     )
-    qat_time = 0.0
+    qat_time, qat_passes = 0.0, 0
     qat_row = {"model": f"dedicated qat, one run per width (lr {args.lr:g})"}
     for b in widths:
         r = results.get(f"qat{b}")
         qat_row[f"W{b}A{b}"] = "" if r is None else round(100 * r["acc"][b], 2)
         qat_time += 0.0 if r is None else r["train_time_s"]
+        qat_passes += 0 if r is None else r["subnet_passes"]
     qat_row["train_s"] = round(qat_time)
+    qat_row["subnet_passes"] = qat_passes
     table.add(**qat_row)
     for name in ("eqnet", "layered"):
         if name in results:
@@ -159,6 +190,7 @@ def main() -> int:
             for b in widths:
                 row[f"W{b}A{b}"] = round(100 * r["acc"][b], 2) if b in r["acc"] else ""
             row["train_s"] = round(r["train_time_s"])
+            row["subnet_passes"] = r["subnet_passes"]
             table.add(**row)
     table.finish()
     print(
