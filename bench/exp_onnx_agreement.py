@@ -76,7 +76,6 @@ def main() -> int:
     )
     args = p.parse_args()
     from eqnet.convert import recalibrate_bn
-    from eqnet.data import eval_loader
     from eqnet.deploy.onnx import compare_onnx, export_onnx
     from eqnet.train import load_run
 
@@ -91,7 +90,7 @@ def main() -> int:
         supernet = run.model.eval()
         data = run.load_data(augment=False)
         test = data.test
-        holdout = eval_loader(data.holdout, run.config.batch_size)
+        holdout = run.bn_loader(data)
         n = len(test) if args.limit is None else min(args.limit, len(test))
         inputs = torch.stack([test[i][0] for i in range(n)])
         labels = torch.tensor([int(test[i][1]) for i in range(n)])

@@ -80,9 +80,6 @@ def recalibrate_widths(supernet, loader, batches: int) -> None:
 def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dict:
     """Export a trained run (BN statistics re-estimated on its held-out split first, unless
     bn_batches=0); returns the written header."""
-    import torch
-
-    from eqnet.data import load_data
     from eqnet.deploy import export
     from eqnet.train.trainer import load_run
 
@@ -91,9 +88,7 @@ def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dic
         raise ValueError(f"{run_dir}: a float run has no quantized supernet to export")
     batches = run.config.bn_batches if bn_batches is None else bn_batches
     if batches:
-        bundle = load_data(run.config.data, augment=False, holdout=run.config.holdout)
-        loader = torch.utils.data.DataLoader(bundle.holdout, batch_size=run.config.batch_size)
-        recalibrate_widths(run.model, loader, batches)
+        recalibrate_widths(run.model, run.bn_loader(), batches)
     return export(
         run.model,
         out,

@@ -106,12 +106,9 @@ def _shape(args, supernet):
 
 def _recalibrate(trained, supernet, config, batches: int) -> None:
     from eqnet.convert import recalibrate_bn
-    from eqnet.data import eval_loader
 
-    data = trained.load_data(augment=False)
-    images = data.holdout if data.holdout is not None and len(data.holdout) else data.train
     supernet.set_config(config)
-    recalibrate_bn(supernet, eval_loader(images, trained.config.batch_size), batches=batches)
+    recalibrate_bn(supernet, trained.bn_loader(), batches=batches)
     print(f"re-estimated the subnet's BN statistics on {batches} batches", file=sys.stderr)
 
 

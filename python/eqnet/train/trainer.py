@@ -474,6 +474,14 @@ class TrainedRun:
         kwargs.update(overrides)
         return load_data(c.data, **kwargs)
 
+    def bn_loader(self, data: DataBundle | None = None):
+        """Unaugmented batches of the images BN statistics are re-estimated on (the trainer's
+        choice): the held-out split, or the training split when the run kept none. `data`
+        reuses a bundle from `load_data(augment=False)`."""
+        data = self.load_data(augment=False) if data is None else data
+        images = data.holdout if data.holdout is not None and len(data.holdout) else data.train
+        return eval_loader(images, self.config.batch_size)
+
 
 def load_run(run_dir, map_location="cpu") -> TrainedRun:
     """Rebuild a trained network from a run directory (or its checkpoint file): the model
