@@ -42,11 +42,27 @@ def test_learns_additive_function():
     assert rep.n_val == 200 and rep.n_train == 600
     assert rep.kendall_tau > 0.9
     assert rep.pearson_r > 0.95
+    # the layers' sensitivities differ, so the learned ranking beats the plain mean width
+    assert rep.kendall_tau > rep.mean_bits_kendall_tau + 0.05
     # fresh configs, scored here independently of fit()'s own report
     g2 = table.uniform(np.random.default_rng(99), 300)
     acc2 = value[np.arange(table.n_layers), g2].sum(axis=1)
     pred = predictor_fitness(model, table)(g2)
     assert kendalltau(pred, acc2).statistic > 0.9
+
+
+def test_mean_bits_baseline():
+    table, genomes, _, _ = synthetic(n=200, seed=3)
+    x = table.encode(genomes)
+    bits = np.array([[(c.w_bits + c.a_bits) / 2 for _, c in table.decode(g)] for g in genomes])
+    model = AccuracyPredictor(x.shape[1], hidden=8, depth=1)
+    # accuracy that is the mean width itself: the baseline ranks it perfectly
+    rep = model.fit(x, torch.tensor(bits.mean(1)), epochs=1)
+    assert rep.mean_bits_kendall_tau == pytest.approx(1.0)
+    # accuracy set by the granularity flags alone, independent of width: no baseline rank
+    flags = np.array([[c.w_granularity == "channel" for _, c in table.decode(g)] for g in genomes])
+    rep = model.fit(x, torch.tensor(flags.sum(1), dtype=torch.float64), epochs=1)
+    assert abs(rep.mean_bits_kendall_tau) < 0.2
 
 
 def test_rank_metrics_reference():

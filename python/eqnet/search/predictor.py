@@ -31,6 +31,9 @@ class FitReport:
     n_val: int
     val_rmse: float
     train_rmse: float
+    # Kendall tau of the held-out configs' plain mean bit-width (weights and activations,
+    # every layer alike) against their accuracy: the no-learning baseline a predictor must beat
+    mean_bits_kendall_tau: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,6 +173,8 @@ class AccuracyPredictor(nn.Module):
         pv = self.predict(x[val_idx])
         pt = self.predict(xt)
         tau, r = rank_metrics(pv.numpy(), y[val_idx].numpy())
+        mean_bits = x[val_idx].reshape(n_val, self.n_layers, ENCODING_WIDTH)[..., :2].mean((1, 2))
+        baseline_tau, _ = rank_metrics(mean_bits.numpy(), y[val_idx].numpy())
         return FitReport(
             kendall_tau=tau,
             pearson_r=r,
@@ -177,6 +182,7 @@ class AccuracyPredictor(nn.Module):
             n_val=n_val,
             val_rmse=float(((pv - y[val_idx]) ** 2).mean().sqrt()),
             train_rmse=float(((pt - yt) ** 2).mean().sqrt()),
+            mean_bits_kendall_tau=baseline_tau,
         )
 
     # -- persistence (state dict + JSON meta; no pickled objects) --------------------------
