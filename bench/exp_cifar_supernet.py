@@ -118,6 +118,13 @@ def main() -> int:
         default=None,
         help="cap on the eqnet run's steps per epoch (default: the whole train split)",
     )
+    p.add_argument(
+        "--eqnet-uniform-prob",
+        type=float,
+        default=0.0,
+        help="eqnet train --uniform-prob: chance that the random subnet has one width for "
+        "every elastic layer (default 0, the paper's per-layer draw)",
+    )
     p.add_argument("--qat-widths", default="2,3,4,8")
     p.add_argument("--bn-batches", type=int, default=16)
     p.add_argument(
@@ -154,6 +161,9 @@ def main() -> int:
             eq_name += f"_{eq_epochs}x{steps}"
             if args.eqnet_steps_per_epoch is not None:
                 eq_args += ["--max-steps-per-epoch", str(args.eqnet_steps_per_epoch)]
+        if args.eqnet_uniform_prob:
+            eq_name += f"_u{args.eqnet_uniform_prob:g}"
+            eq_args += ["--uniform-prob", str(args.eqnet_uniform_prob)]
         runs["eqnet"] = _run(root, eq_name, eq_epochs, quant + eq_args)
     quant += ["--lr", str(args.lr)]
     if "layered" not in skip:
@@ -187,6 +197,10 @@ def main() -> int:
             r = results[name]
             lr = eqnet_lr if name == "eqnet" else args.lr
             row = {"model": f"{name} supernet (lr {lr:g})"}
+            if name == "eqnet" and args.eqnet_uniform_prob:
+                row["model"] = (
+                    f"eqnet supernet (lr {lr:g}, uniform-prob {args.eqnet_uniform_prob:g})"
+                )
             for b in widths:
                 row[f"W{b}A{b}"] = round(100 * r["acc"][b], 2) if b in r["acc"] else ""
             row["train_s"] = round(r["train_time_s"])

@@ -101,3 +101,49 @@ def test_uniform_widths():
 def test_bad_num_random():
     with pytest.raises(ValueError, match="num_random"):
         ConfigSampler(SPACE, _Net(), seed=0, forms=True).lrh(-1)
+
+
+def _is_uniform(cfg):
+    return len({(cfg[n].w_bits, cfg[n].a_bits) for n in ("a", "b")}) == 1
+
+
+def test_uniform_prob_zero_is_the_per_layer_stream():
+    default = ConfigSampler(SPACE, _Net(), seed=5, forms=True)
+    zero = ConfigSampler(SPACE, _Net(), seed=5, forms=True, uniform_prob=0.0)
+    g = torch.Generator().manual_seed(5)
+    reference = [SubnetConfig.random(SPACE, _Net(), g, forms=True) for _ in range(20)]
+    assert [default.random() for _ in range(20)] == reference
+    assert [zero.random() for _ in range(20)] == reference
+
+
+def test_uniform_prob_one_gives_one_width_per_subnet():
+    net = _Net()
+    sampler = ConfigSampler(SPACE, net, seed=2, forms=True, uniform_prob=1.0)
+    widths, grans = set(), set()
+    for _ in range(200):
+        cfg = sampler.random()
+        cfg.validate(SPACE, net)
+        assert _is_uniform(cfg)
+        assert cfg["first"] == net.first.fixed_choice and cfg["last"] == net.last.fixed_choice
+        # the activation width pairs as in uniform_widths: 3-bit weights take 2-bit activations
+        pair = (cfg["a"].w_bits, cfg["a"].a_bits)
+        assert pair in {(2, 2), (3, 2), (4, 4), (8, 8)}
+        widths.add(pair)
+        grans.update(cfg[n].w_granularity for n in ("a", "b"))
+    assert len(widths) == 4  # every weight width is drawn
+    assert grans == {"channel", "tensor"}  # forms are still drawn per layer
+
+
+def test_uniform_prob_half_mixes_both_draws():
+    sampler = ConfigSampler(SPACE, _Net(), seed=4, forms=True, uniform_prob=0.5)
+    n = 400
+    uniform = sum(_is_uniform(sampler.random()) for _ in range(n))
+    # P(uniform) = 0.5 + 0.5 * P(per-layer draw happens to be uniform) = 0.5 + 0.5 / 12;
+    # the bound is 5 binomial standard deviations (sd = 10 at n = 400)
+    expected = n * (0.5 + 0.5 / 12)
+    assert abs(uniform - expected) < 50
+
+
+def test_bad_uniform_prob():
+    with pytest.raises(ValueError, match="uniform_prob"):
+        ConfigSampler(SPACE, _Net(), seed=0, forms=True, uniform_prob=1.5)

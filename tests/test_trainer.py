@@ -193,6 +193,18 @@ def test_config_validation():
         TrainConfig(recipe="qat", w_bits=[2, 4])
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match="uniform_prob"):
+        TrainConfig(recipe="eqnet", uniform_prob=-0.1)
+
+
+def test_eqnet_uniform_prob_reaches_the_sampler(digits):
+    trainer = Trainer(tiny("eqnet", uniform_prob=1.0), data=digits)
+    from eqnet.space import layer_specs
+
+    elastic = [n for n, spec in layer_specs(trainer.model).items() if spec is None]
+    for _ in range(10):
+        cfg = trainer.sampler.random()
+        assert len({(cfg[n].w_bits, cfg[n].a_bits) for n in elastic}) == 1
 
 
 def test_warmup_cosine_schedule():

@@ -75,6 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--keep-first-last", choices=KEEP_FIRST_LAST, default=None)
     _bool_flag(s, "per-bit-bn", "one BN per weight width (default: on for layered)")
     s.add_argument("--num-random", type=int, default=None, help="K random subnets per step")
+    s.add_argument(
+        "--uniform-prob",
+        type=float,
+        default=None,
+        help="chance in [0, 1] that a random subnet has one width for every elastic layer "
+        "(default 0: the papers' per-layer draw)",
+    )
     _bool_flag(s, "oal", "online adaptive labels (default: on for multiquant)")
     s.add_argument("--zeta", type=float, default=None)
     _bool_flag(s, "wdr", "eqnet: weight distribution regularization")
@@ -99,7 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _CONFIG_KEYS = (
     "recipe model data epochs batch_size optimizer lr momentum weight_decay scale_lr_mult "
     "warmup_epochs grad_clip amp seed device init deterministic w_bits a_bits keep_first_last "
-    "per_bit_bn num_random oal zeta wdr gpg joint distill holdout limit_train limit_test "
+    "per_bit_bn num_random uniform_prob oal zeta wdr gpg joint distill holdout limit_train limit_test "
     "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch"
 ).split()
 

@@ -43,6 +43,9 @@ class TrainConfig:
     keep_first_last: str = "8bit"
     per_bit_bn: bool | None = None  # default: True for layered
     num_random: int = 1  # K random subnets per step (multiquant, eqnet)
+    # multiquant, eqnet: the chance that a random subnet has one width for all its elastic
+    # layers (forms still drawn per layer); 0 is the papers' per-layer draw
+    uniform_prob: float = 0.0
     oal: bool | None = None  # online adaptive labels; default: on for multiquant
     zeta: float = 0.5
     wdr: bool = True  # eqnet
@@ -91,6 +94,8 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "scale_lr_mult"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if not 0.0 <= self.uniform_prob <= 1.0:
+            raise ValueError(f"uniform_prob={self.uniform_prob!r}: must be in [0, 1]")
         if not 0.0 <= self.zeta <= 1.0:
             raise ValueError(f"zeta={self.zeta!r}: must be in [0, 1]")
         for name in ("w_bits", "a_bits"):

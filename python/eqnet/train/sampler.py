@@ -7,18 +7,30 @@ is the same on every rank of a distributed run that seeds it alike (issue 8).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from eqnet.space import ElasticSpace, SubnetConfig
+from eqnet.space import ElasticSpace, SubnetConfig, layer_specs
 
 
 class ConfigSampler:
     """Lowest-Random-Highest (MultiQuant) and uniform-width (LIMPQ, layered) config streams."""
 
-    def __init__(self, space: ElasticSpace, model: torch.nn.Module, seed: int, forms: bool):
+    def __init__(
+        self,
+        space: ElasticSpace,
+        model: torch.nn.Module,
+        seed: int,
+        forms: bool,
+        uniform_prob: float = 0.0,
+    ):
+        if not 0.0 <= uniform_prob <= 1.0:
+            raise ValueError(f"uniform_prob={uniform_prob!r}: must be in [0, 1]")
         self.space = space
         self.model = model
         self.forms = bool(forms)
+        self.uniform_prob = float(uniform_prob)
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def lowest(self) -> SubnetConfig:
@@ -28,7 +40,26 @@ class ConfigSampler:
         return SubnetConfig.highest(self.space, self.model)
 
     def random(self) -> SubnetConfig:
+        """Each elastic layer draws its widths (and, with forms, its granularity and
+        symmetries). With probability uniform_prob, one width instead holds for every elastic
+        layer: the per-layer draw reaches a uniform-width subnet, the one a single-target
+        deployment runs, almost never (7 widths over 18 layers)."""
+        # No extra draw at 0, so the papers' stream (and old checkpoints' resume) is unchanged.
+        if self.uniform_prob > 0 and float(torch.rand((), generator=self.generator)) < (
+            self.uniform_prob
+        ):
+            return self._uniform_width()
         return SubnetConfig.random(self.space, self.model, self.generator, forms=self.forms)
+
+    def _uniform_width(self) -> SubnetConfig:
+        w_bits = sorted(self.space.w_bits)
+        wb = w_bits[int(torch.randint(len(w_bits), (1,), generator=self.generator))]
+        ab = _activation_width(self.space, wb)
+        drawn = SubnetConfig.random(self.space, self.model, self.generator, forms=self.forms)
+        fixed = {n for n, spec in layer_specs(self.model).items() if spec is not None}
+        return SubnetConfig(
+            [(n, c if n in fixed else replace(c, w_bits=wb, a_bits=ab)) for n, c in drawn]
+        )
 
     def lrh(self, num_random: int) -> list[tuple[str, SubnetConfig]]:
         """[("highest", H), ("random", R_1) ... ("random", R_K), ("lowest", L)]: the randoms
@@ -50,10 +81,7 @@ class ConfigSampler:
         smallest)."""
         out = []
         for wb in sorted(self.space.w_bits, reverse=True):
-            below = [a for a in self.space.a_bits if a <= wb]
-            ab = (
-                wb if wb in self.space.a_bits else (max(below) if below else min(self.space.a_bits))
-            )
+            ab = _activation_width(self.space, wb)
             cfg = SubnetConfig.uniform(
                 self.space,
                 self.model,
@@ -72,6 +100,13 @@ class ConfigSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def _activation_width(space: ElasticSpace, wb: int) -> int:
+    """The activation width paired with weight width wb in a uniform config: wb itself when
+    the space has it, else the largest activation width below it (else the smallest)."""
+    below = [a for a in space.a_bits if a <= wb]
+    return wb if wb in space.a_bits else (max(below) if below else min(space.a_bits))
 
 
 def _prefer(values, preferred):

@@ -152,7 +152,9 @@ class Trainer:
         model, self.space = build_model(c, self.data.num_classes, float_init=load_init)
         self.model = model.to(self.device)
         if self.space is not None:
-            self.sampler = ConfigSampler(self.space, self.model, c.seed + 1, self.recipe.forms)
+            self.sampler = ConfigSampler(
+                self.space, self.model, c.seed + 1, self.recipe.forms, c.uniform_prob
+            )
             # The fixed random subnet evaluated every epoch comes from its own seed, so it does
             # not depend on how many subnets training has drawn.
             self.eval_random = SubnetConfig.random(
