@@ -12,7 +12,14 @@ Kendall tau and Pearson r between the dataset's accuracies and each re-measureme
 any predictor can reach against the dataset: a predictor of the true accuracy cannot rank the
 measured accuracies better than the measurement agrees with itself.
 
+The `pair` variant asks what a costlier measurement would buy: it measures the same configs
+twice at `--pair-bn-batches` BN batches (the first K training batches, then the next K) on the
+first `--pair-images` held-out images, and reports how well the two agree (the `other BN` row
+is the same comparison at the dataset's own setting).
+
     python bench/exp_search_noise.py runs/cifar/eqnet runs/cifar/eqnet/search-ga --configs 60
+    python bench/exp_search_noise.py RUN SEARCH --configs 60 --variants pair \
+        --pair-bn-batches 24 --pair-images 5000
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ def main() -> int:
     p.add_argument("run", help="the supernet run the search measured")
     p.add_argument("search", help="the search's --out directory (accuracy.jsonl)")
     p.add_argument("--configs", type=int, default=60, help="re-measure the first N configs")
-    p.add_argument("--variants", default="bn,bn+images", help="comma list: bn, bn+images")
+    p.add_argument("--variants", default="bn,bn+images", help="comma list: bn, bn+images, pair")
+    p.add_argument("--pair-bn-batches", type=int, default=24, help="BN batches of `pair`")
+    p.add_argument("--pair-images", type=int, default=5000, help="held-out images of `pair`")
     args = p.parse_args()
 
-    from eqnet.data import eval_loader, load_data
+    from eqnet.data import eval_loader
     from eqnet.search.accuracy_data import row_config, supernet_evaluator
     from eqnet.train import load_run
     from scipy.stats import kendalltau, pearsonr
@@ -50,7 +59,7 @@ def main() -> int:
         raise SystemExit(f"{search / 'accuracy.jsonl'}: {len(rows)} configs, need at least 3")
     run = load_run(args.run)
     c = run.config
-    data = load_data(c.data, holdout=c.holdout, limit_train=c.limit_train, augment=False)
+    data = run.load_data(augment=False)
     n_img, n_bn = setting["holdout_images"], setting["bn_batches"] * c.batch_size
     if 2 * n_img > len(data.holdout):
         raise SystemExit(
@@ -67,20 +76,43 @@ def main() -> int:
         "exp_search_noise",
         ["variant", "configs", "kendall_tau", "pearson_r", "mean_first", "mean_remeasured"],
     )
-    first = [r["accuracy"] for r in rows]
+    dataset = [r["accuracy"] for r in rows]
     for variant in args.variants.split(","):
-        if variant not in images:
-            raise SystemExit(f"--variants: {variant!r}; accepted values are bn, bn+images")
-        evaluate = supernet_evaluator(
-            run.model, bn_other, eval_loader(images[variant], c.eval_batch_size),
-            bn_batches=setting["bn_batches"],
-        )  # fmt: skip
+        if variant not in (*images, "pair"):
+            raise SystemExit(f"--variants: {variant!r}; accepted values are bn, bn+images, pair")
+        if variant == "pair":
+            k, m = args.pair_bn_batches, args.pair_images
+            if k < 1 or not 1 <= m <= len(data.holdout):
+                raise SystemExit(
+                    f"--pair-bn-batches={k} must be >= 1 and --pair-images={m} in "
+                    f"1..{len(data.holdout)}"
+                )
+            n_pair = k * c.batch_size
+            pair_images = eval_loader(subset(data.holdout, range(m)), c.eval_batch_size)
+            measure = {
+                half: supernet_evaluator(
+                    run.model,
+                    eval_loader(subset(data.train, range(lo, lo + n_pair)), c.batch_size),
+                    pair_images,
+                    bn_batches=k,
+                )
+                for half, lo in (("first", 0), ("second", n_pair))
+            }
+            first = [measure["first"](row_config(r)) for r in _progress(rows, "pair, first")]
+            label = f"two measurements, {k} BN batches each, {m} images"
+            evaluate = measure["second"]
+        else:
+            first, label = dataset, f"other {variant}"
+            evaluate = supernet_evaluator(
+                run.model, bn_other, eval_loader(images[variant], c.eval_batch_size),
+                bn_batches=setting["bn_batches"],
+            )  # fmt: skip
         again = []
         for i, row in enumerate(rows):
             again.append(evaluate(row_config(row)))
             print(f"[{variant}] {i + 1}/{len(rows)}: {first[i]:.4f} -> {again[-1]:.4f}", flush=True)
         table.add(
-            variant=f"other {variant}",
+            variant=label,
             configs=len(rows),
             kendall_tau=round(float(kendalltau(first, again).statistic), 3),
             pearson_r=round(float(pearsonr(first, again).statistic), 3),
@@ -89,6 +121,12 @@ def main() -> int:
         )
     table.finish()
     return 0
+
+
+def _progress(rows, label):
+    for i, row in enumerate(rows):
+        print(f"[{label}] {i + 1}/{len(rows)}", flush=True)
+        yield row
 
 
 if __name__ == "__main__":
