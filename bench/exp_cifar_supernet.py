@@ -60,7 +60,7 @@ def _accuracy_at(run_dir: Path, widths, bn_batches: int) -> dict:
     run = load_run(run_dir)
     c = run.config
     data = run.load_data(augment=False)
-    holdout = run.bn_loader(data)
+    holdout = run.bn_images(bn_batches, data)
     test = eval_loader(data.test, c.eval_batch_size)
     model = run.model
     out = {}

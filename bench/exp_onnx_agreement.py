@@ -90,7 +90,7 @@ def main() -> int:
         supernet = run.model.eval()
         data = run.load_data(augment=False)
         test = data.test
-        holdout = run.bn_loader(data)
+        holdout = run.bn_images(args.bn_batches, data) if args.bn_batches else None
         n = len(test) if args.limit is None else min(args.limit, len(test))
         inputs = torch.stack([test[i][0] for i in range(n)])
         labels = torch.tensor([int(test[i][1]) for i in range(n)])

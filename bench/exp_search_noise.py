@@ -1,8 +1,8 @@
 """How noisy is the search's accuracy dataset? (issue 6; run by hand, never beside a benchmark)
 
 `eqnet search --method ga` measures every sampled config once: BN statistics re-estimated on
-the first `bn_batches` unaugmented training batches, then top-1 on the first
-`--holdout-images` held-out images. This script re-measures the first N configs of that
+the first `bn_batches` batches of the augmented held-out images (`eqnet.data.bn_split`), then
+top-1 on the first `--holdout-images` held-out images. This script re-measures the first N configs of that
 `accuracy.jsonl` twice more, with the same evaluator:
 
 - `other BN`: the same held-out images, BN statistics from the next `bn_batches` batches;
@@ -13,7 +13,7 @@ any predictor can reach against the dataset: a predictor of the true accuracy ca
 measured accuracies better than the measurement agrees with itself.
 
 The `pair` variant asks what a costlier measurement would buy: it measures the same configs
-twice at `--pair-bn-batches` BN batches (the first K training batches, then the next K) on the
+twice at `--pair-bn-batches` BN batches (the first K batches, then the next K) on the
 first `--pair-images` held-out images, and reports how well the two agree (the `other BN` row
 is the same comparison at the dataset's own setting).
 
@@ -46,7 +46,7 @@ def main() -> int:
     p.add_argument("--pair-images", type=int, default=5000, help="held-out images of `pair`")
     args = p.parse_args()
 
-    from eqnet.data import eval_loader
+    from eqnet.data import bn_split, eval_loader, fixed_batches
     from eqnet.search.accuracy_data import row_config, supernet_evaluator
     from eqnet.train import load_run
     from scipy.stats import kendalltau, pearsonr
@@ -67,7 +67,18 @@ def main() -> int:
             f"needs 2 x {n_img}"
         )
     subset = torch.utils.data.Subset
-    bn_other = eval_loader(subset(data.train, range(n_bn, 2 * n_bn)), c.batch_size)
+    bn_images = bn_split(data)
+
+    def bn_block(start: int, batches: int) -> list:
+        """`batches` BN batches from image `start` of the BN split on."""
+        if start + batches * c.batch_size > len(bn_images):
+            raise SystemExit(
+                f"the BN split has {len(bn_images)} images: too few for {batches} more batches "
+                f"of {c.batch_size} after image {start}"
+            )
+        return fixed_batches(subset(bn_images, range(start, len(bn_images))), c.batch_size, batches)
+
+    bn_other = bn_block(n_bn, setting["bn_batches"])
     images = {
         "bn": subset(data.holdout, range(n_img)),
         "bn+images": subset(data.holdout, range(n_img, 2 * n_img)),
@@ -87,16 +98,10 @@ def main() -> int:
                     f"--pair-bn-batches={k} must be >= 1 and --pair-images={m} in "
                     f"1..{len(data.holdout)}"
                 )
-            n_pair = k * c.batch_size
             pair_images = eval_loader(subset(data.holdout, range(m)), c.eval_batch_size)
             measure = {
-                half: supernet_evaluator(
-                    run.model,
-                    eval_loader(subset(data.train, range(lo, lo + n_pair)), c.batch_size),
-                    pair_images,
-                    bn_batches=k,
-                )
-                for half, lo in (("first", 0), ("second", n_pair))
+                half: supernet_evaluator(run.model, bn_block(lo, k), pair_images, bn_batches=k)
+                for half, lo in (("first", 0), ("second", k * c.batch_size))
             }
             first = [measure["first"](row_config(r)) for r in _progress(rows, "pair, first")]
             label = f"two measurements, {k} BN batches each, {m} images"

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from eqnet.data import DataError, EpochShuffleSampler, load_data, train_loader
+from eqnet.data import (
+    DataError,
+    EpochShuffleSampler,
+    bn_split,
+    fixed_batches,
+    load_data,
+    train_loader,
+)
 
 
 def test_digits_split_is_fixed_and_complete():
@@ -75,6 +82,57 @@ def test_crop_flip_augmentation_is_a_shifted_crop(tmp_path):
     h = data.holdout
     for _ in range(5):
         assert torch.allclose(h[0][0], (h.images[0].float() / 255 - h.mean) / h.std)
+
+
+def _crops_and_flips(image_uint8, mean, std, pad=4):
+    """Every padded random crop of a [C, H, W] uint8 image, unflipped and flipped, normalized."""
+    h, w = image_uint8.shape[1:]
+    padded = torch.nn.functional.pad(image_uint8.double() / 255, (pad, pad, pad, pad))
+    out = []
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = (padded[:, dy : dy + h, dx : dx + w] - mean.double()) / std.double()
+            out += [crop, crop.flip(-1)]
+    return out
+
+
+def test_bn_split_is_the_holdout_under_training_augmentation(tmp_path):
+    path = tmp_path / "d.npz"
+    _write_npz(path, n_train=60)
+    # the BN split is augmented even when the training split is not
+    data = load_data(str(path), holdout=20, augment=False)
+    assert bn_split(data) is data.bn and len(data.bn) == len(data.holdout) == 20
+    h = data.holdout
+    assert torch.equal(data.bn.labels, h.labels)
+    for i in range(len(h)):
+        x, _ = data.bn[i]
+        assert any(
+            torch.allclose(x.double(), c, atol=1e-5)
+            for c in _crops_and_flips(h.images[i], h.mean, h.std)
+        )
+    # the digits are not augmented, so their BN split is the held-out split itself
+    digits = load_data("digits")
+    assert all(torch.equal(digits.bn[i][0], digits.holdout[i][0]) for i in range(10))
+
+
+def test_fixed_batches_are_reproducible_and_leave_the_global_rng(tmp_path):
+    path = tmp_path / "d.npz"
+    _write_npz(path, n_train=60)
+    data = load_data(str(path), holdout=20)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = fixed_batches(data.bn, batch_size=8, batches=2)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = fixed_batches(data.bn, batch_size=8, batches=2)
+    assert [x.shape[0] for x in a] == [8, 8]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # another seed draws other crops of the same images
+    c = fixed_batches(data.bn, batch_size=8, batches=2, seed=1)
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # fewer batches than asked when the split runs out; a bad count is refused
+    assert len(fixed_batches(data.bn, batch_size=8, batches=10)) == 3
+    with pytest.raises(ValueError, match="batches"):
+        fixed_batches(data.bn, batch_size=8, batches=0)
 
 
 def test_bad_inputs_fail_clearly(tmp_path):

@@ -78,8 +78,8 @@ def recalibrate_widths(supernet, loader, batches: int) -> None:
 
 
 def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dict:
-    """Export a trained run (BN statistics re-estimated on its held-out split first, unless
-    bn_batches=0); returns the written header."""
+    """Export a trained run (BN statistics re-estimated on its augmented held-out split first,
+    unless bn_batches=0); returns the written header."""
     from eqnet.deploy import export
     from eqnet.train.trainer import load_run
 
@@ -88,7 +88,7 @@ def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dic
         raise ValueError(f"{run_dir}: a float run has no quantized supernet to export")
     batches = run.config.bn_batches if bn_batches is None else bn_batches
     if batches:
-        recalibrate_widths(run.model, run.bn_loader(), batches)
+        recalibrate_widths(run.model, run.bn_images(batches), batches)
     return export(
         run.model,
         out,

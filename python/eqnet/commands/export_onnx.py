@@ -2,8 +2,9 @@
 
 Exports one subnet of a trained run's supernet as ONNX QDQ (eqnet.deploy.onnx). The BN
 statistics a supernet holds after training are a mix over the subnets it sampled, so the chosen
-subnet's BN statistics are re-estimated first (`--bn-batches`, on the run's held-out split as
-`eqnet export` and the trainer's evaluation do; 0 keeps the stored ones). With
+subnet's BN statistics are re-estimated first (`--bn-batches`, on the run's held-out split under
+the training augmentation, as `eqnet export` and the trainer's evaluation do; 0 keeps the
+stored ones). With
 `--check N` (N seeded random inputs) and/or `--check-test` (the run's test split) it then runs
 the file under onnxruntime (CPU, graph optimizations off) and prints its agreement with the
 fake-quant subnet as one JSON line per input set.
@@ -108,7 +109,7 @@ def _recalibrate(trained, supernet, config, batches: int) -> None:
     from eqnet.convert import recalibrate_bn
 
     supernet.set_config(config)
-    recalibrate_bn(supernet, trained.bn_loader(), batches=batches)
+    recalibrate_bn(supernet, trained.bn_images(batches), batches=batches)
     print(f"re-estimated the subnet's BN statistics on {batches} batches", file=sys.stderr)
 
 

@@ -112,7 +112,7 @@ class _Context:
     def __init__(self, args):
         import torch
 
-        from eqnet.data import eval_loader, load_data
+        from eqnet.data import bn_split, eval_loader, fixed_batches, load_data
         from eqnet.search.cost import CostModel
         from eqnet.train import load_run
 
@@ -124,7 +124,7 @@ class _Context:
         c = self.run.config
         self.device = torch.device(args.device)
         self.bn_batches = args.bn_batches or c.bn_batches
-        # unaugmented training images for BN statistics; the run's own held-out / test split
+        # the run's own held-out / test split; BN statistics from the augmented held-out images
         self.data = load_data(
             c.data,
             holdout=c.holdout,
@@ -132,7 +132,7 @@ class _Context:
             limit_test=c.limit_test,
             augment=False,
         )
-        self.bn_loader = eval_loader(self.data.train, c.batch_size)
+        self.bn_loader = fixed_batches(bn_split(self.data), c.batch_size, self.bn_batches)
         holdout = self.data.holdout
         n = getattr(args, "holdout_images", None)
         self.holdout_loader = eval_loader(

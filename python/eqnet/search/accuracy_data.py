@@ -91,19 +91,29 @@ def build_dataset(
 
 
 def supernet_correctness(supernet, bn_loader, eval_loader, bn_batches: int = 20, device=None):
-    """correct(config) -> bool [N]: set the subnet, re-estimate its BN statistics on
-    `bn_batches` batches of `bn_loader`, then mark which of `eval_loader`'s images (the same
-    fixed held-out images for every config) it classifies correctly."""
+    """correct(config) -> bool [N]: set the subnet, re-estimate its BN statistics on the
+    first `bn_batches` batches of `bn_loader` (input tensors or (input, label) pairs, e.g.
+    `eqnet.data.fixed_batches`), then mark which of `eval_loader`'s images (the same fixed
+    held-out images for every config) it classifies correctly. The BN batches are drawn once,
+    so every config is re-estimated on the same images."""
+    import itertools
+
     import torch
 
     from eqnet.convert import recalibrate_bn
 
     if device is None:
         device = next(supernet.parameters()).device
+    bn = [
+        (b[0] if isinstance(b, (tuple, list)) else b).to(device)
+        for b in itertools.islice(bn_loader, bn_batches)
+    ]
+    if not bn:
+        raise ValueError("supernet_correctness: bn_loader yielded no batches")
 
     def correct(cfg: SubnetConfig) -> torch.Tensor:
         supernet.set_config(cfg)
-        recalibrate_bn(supernet, ((x.to(device), y) for x, y in bn_loader), batches=bn_batches)
+        recalibrate_bn(supernet, bn, batches=len(bn))
         was_training = supernet.training
         supernet.eval()
         out = []

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from eqnet.data import DataBundle, eval_loader, load_data, train_loader
+from eqnet.data import (
+    DataBundle,
+    bn_split,
+    eval_loader,
+    fixed_batches,
+    load_data,
+    train_loader,
+)
 from eqnet.space import SubnetConfig
 
 from . import checkpoint as ckpt
@@ -147,6 +154,8 @@ class Trainer:
         )
         self.train_loader = train_loader(self.data.train, c.batch_size, c.seed, c.workers)
         self.holdout_loader = eval_loader(self.data.holdout, c.batch_size, c.workers)
+        # BN re-estimation before every evaluation: the same augmented held-out batches
+        self.bn_images = fixed_batches(bn_split(self.data), c.batch_size, c.bn_batches)
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size, c.workers)
         # On resume the checkpoint holds the weights: the float init need not exist any more.
         model, self.space = build_model(c, self.data.num_classes, float_init=load_init)
@@ -319,7 +328,7 @@ class Trainer:
 
     def evaluate_subnets(self) -> dict:
         """Test accuracy of the recipe's evaluation subnets (lowest, highest, the fixed random
-        one), each after BN recalibration on the held-out split. The training BN statistics
+        one), each after BN recalibration on the augmented held-out batches (`bn_split`). The training BN statistics
         are restored afterwards, so evaluation does not change the training state."""
         saved = _bn_buffers(self.model)
         active = self.model.config() if self.space is not None else None
@@ -329,7 +338,7 @@ class Trainer:
                 self.model.set_config(cfg)
                 if self.recipe.recalibrate_bn:
                     self.recalibrate(
-                        self._device_batches(self.holdout_loader), self.config.bn_batches
+                        [x.to(self.device) for x in self.bn_images], self.config.bn_batches
                     )
             results[f"acc_{name}"] = evaluate(self.model, self.test_loader, self.device)
         with torch.no_grad():
@@ -476,13 +485,11 @@ class TrainedRun:
         kwargs.update(overrides)
         return load_data(c.data, **kwargs)
 
-    def bn_loader(self, data: DataBundle | None = None):
-        """Unaugmented batches of the images BN statistics are re-estimated on (the trainer's
-        choice): the held-out split, or the training split when the run kept none. `data`
-        reuses a bundle from `load_data(augment=False)`."""
+    def bn_images(self, batches: int, data: DataBundle | None = None) -> list[torch.Tensor]:
+        """The trainer's BN re-estimation batches (`fixed_batches` of `bn_split`), at the run's
+        batch size; `data` reuses a loaded bundle."""
         data = self.load_data(augment=False) if data is None else data
-        images = data.holdout if data.holdout is not None and len(data.holdout) else data.train
-        return eval_loader(images, self.config.batch_size)
+        return fixed_batches(bn_split(data), self.config.batch_size, batches)
 
 
 def load_run(run_dir, map_location="cpu") -> TrainedRun:
