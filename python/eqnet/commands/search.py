@@ -132,7 +132,7 @@ class _Context:
             limit_test=c.limit_test,
             augment=False,
         )
-        self.bn_loader = fixed_batches(bn_split(self.data), c.batch_size, self.bn_batches)
+        self.bn_images = fixed_batches(bn_split(self.data), c.batch_size, self.bn_batches)
         holdout = self.data.holdout
         n = getattr(args, "holdout_images", None)
         self.holdout_loader = eval_loader(
@@ -161,7 +161,7 @@ class _Context:
         from eqnet.search.accuracy_data import supernet_correctness
 
         return supernet_correctness(
-            self.supernet, self.bn_loader, loader, self.bn_batches, self.device
+            self.supernet, self.bn_images, loader, self.bn_batches, self.device
         )(cfg)
 
     def accuracy(self, cfg, loader) -> float:

@@ -328,8 +328,9 @@ class Trainer:
 
     def evaluate_subnets(self) -> dict:
         """Test accuracy of the recipe's evaluation subnets (lowest, highest, the fixed random
-        one), each after BN recalibration on the augmented held-out batches (`bn_split`). The training BN statistics
-        are restored afterwards, so evaluation does not change the training state."""
+        one), each after BN recalibration on the augmented held-out batches (`bn_split`). The
+        training BN statistics are restored afterwards, so evaluation does not change the
+        training state."""
         saved = _bn_buffers(self.model)
         active = self.model.config() if self.space is not None else None
         results = {}
