@@ -132,7 +132,11 @@ class _Context:
             limit_test=c.limit_test,
             augment=False,
         )
-        self.bn_images = fixed_batches(bn_split(self.data), c.batch_size, self.bn_batches)
+        # on the device once: every config's re-estimation reads the same batches
+        self.bn_images = [
+            x.to(self.device)
+            for x in fixed_batches(bn_split(self.data), c.batch_size, self.bn_batches)
+        ]
         holdout = self.data.holdout
         n = getattr(args, "holdout_images", None)
         self.holdout_loader = eval_loader(

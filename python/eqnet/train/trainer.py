@@ -154,12 +154,16 @@ class Trainer:
         )
         self.train_loader = train_loader(self.data.train, c.batch_size, c.seed, c.workers)
         self.holdout_loader = eval_loader(self.data.holdout, c.batch_size, c.workers)
-        # BN re-estimation before every evaluation: the same augmented held-out batches
-        self.bn_images = fixed_batches(bn_split(self.data), c.batch_size, c.bn_batches)
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size, c.workers)
         # On resume the checkpoint holds the weights: the float init need not exist any more.
         model, self.space = build_model(c, self.data.num_classes, float_init=load_init)
         self.model = model.to(self.device)
+        # BN re-estimation before every evaluation: the same augmented held-out batches, moved
+        # to the device once
+        self.bn_images = [
+            x.to(self.device)
+            for x in fixed_batches(bn_split(self.data), c.batch_size, c.bn_batches)
+        ]
         if self.space is not None:
             self.sampler = ConfigSampler(
                 self.space, self.model, c.seed + 1, self.recipe.forms, c.uniform_prob
@@ -338,9 +342,7 @@ class Trainer:
             if cfg is not None:
                 self.model.set_config(cfg)
                 if self.recipe.recalibrate_bn:
-                    self.recalibrate(
-                        [x.to(self.device) for x in self.bn_images], self.config.bn_batches
-                    )
+                    self.recalibrate(self.bn_images, self.config.bn_batches)
             results[f"acc_{name}"] = evaluate(self.model, self.test_loader, self.device)
         with torch.no_grad():
             buffers = dict(self.model.named_buffers())
