@@ -92,6 +92,21 @@ def test_search_methods(layered_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_dataset_workers_write_the_sequential_dataset(layered_run, tmp_path, capsys):
+    """Two spawned workers measure the same accuracies, written in the same order, as the
+    main process alone: each re-estimates BN on the same batches, on the same images."""
+    common = ["--method", "ga", "--no-progress", "--no-uniform", "--rerank", "0",
+              "--threads", "1", "--constraint", "avg_w_bits<=3"] + TINY_GA  # fmt: skip
+    for name, extra in (("seq", []), ("par", ["--dataset-workers", "2"])):
+        code = main(["search", str(layered_run), "--out", str(tmp_path / name)] + common + extra)
+        assert code == 0, capsys.readouterr().err
+    assert "2 worker processes" in capsys.readouterr().err
+    seq = (tmp_path / "seq" / "accuracy.jsonl").read_text()
+    assert (tmp_path / "par" / "accuracy.jsonl").read_text() == seq
+    assert len(seq.splitlines()) == 12
+
+
+@pytest.mark.slow
 def test_infeasible_budget_is_a_clear_error(layered_run, tmp_path, capsys):
     code = main(
         ["search", str(layered_run), "--method", "limpq", "--out", str(tmp_path),
@@ -113,6 +128,12 @@ def test_unknown_metric_fails_before_loading(tmp_path, capsys):
     )  # fmt: skip
     assert code == 1
     assert "--rerank-z=-1.0: accepted values are finite and >= 0" in capsys.readouterr().err
+    code = main(
+        ["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "size<=1e6",
+         "--dataset-workers", "0"]
+    )  # fmt: skip
+    assert code == 1
+    assert "--dataset-workers=0: accepted values are >= 1" in capsys.readouterr().err
     code = main(["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "size<=1"])
     assert code == 1
     assert "eqnet search: error" in capsys.readouterr().err

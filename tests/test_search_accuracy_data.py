@@ -36,6 +36,29 @@ def test_resume_skips_done_and_survives_torn_line(tmp_path):
     assert json.loads(path.read_text().splitlines()[0])["bits"] == configs(1)[0].mean_bits()
 
 
+def test_imap_measures_only_the_missing_configs_and_keeps_their_order(tmp_path):
+    def accuracy(cfg):
+        return cfg["a"].w_bits / 10 + cfg["b"].a_bits / 100
+
+    seq, par = tmp_path / "seq.jsonl", tmp_path / "par.jsonl"
+    build_dataset(seq, configs(9), accuracy)
+    build_dataset(par, configs(4), accuracy)  # an interrupted parallel run, resumed
+    batches = []
+
+    def imap(cfgs):  # results come back in the list's order, as Pool.imap yields them
+        batches.append(list(cfgs))
+        return iter([accuracy(c) for c in cfgs])
+
+    def never(cfg):
+        raise AssertionError("evaluate is not called when imap is given")
+
+    rows = build_dataset(par, configs(9), never, imap=imap)
+    assert batches == [configs(9)[4:]]
+    assert par.read_text() == seq.read_text() and len(rows) == 9
+    build_dataset(par, configs(9), never, imap=imap)  # nothing left: imap is not called
+    assert len(batches) == 1
+
+
 def test_corrupt_middle_line_is_an_error(tmp_path):
     path = tmp_path / "acc.jsonl"
     path.write_text('not json\n{"key": 1, "config": {}, "accuracy": 0.5}\n')

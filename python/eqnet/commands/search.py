@@ -1,8 +1,9 @@
 """`eqnet search RUN --method ga|limpq|layered --constraint bitops<=X ...`
 
 Reads a trained run directory, searches one mixed-precision config per --constraint, then
-evaluates every chosen config and the uniform widths for real (BN re-estimated on training
-batches, accuracy on the test split). Writes to --out (default RUN/search-METHOD):
+evaluates every chosen config and the uniform widths for real (BN re-estimated on the held-out
+images under the training augmentation, accuracy on the test split). Writes to --out (default
+RUN/search-METHOD):
 
   configs.json     the chosen configs with their constraint, metrics and test accuracy
                    (ga: the predictor's K best and the uniform widths inside the budget are
@@ -10,7 +11,11 @@ batches, accuracy on the test split). Writes to --out (default RUN/search-METHOD
   pareto.csv/.png  accuracy vs BitOPs and vs size, chosen configs and uniform widths
   accuracy.jsonl   (ga) the Monte Carlo balanced accuracy dataset on the held-out split
                    (accuracy_setting.json: the images and BN batches it was measured with)
-  predictor.pt     (ga) the accuracy predictor; predictor.json its Kendall tau / Pearson r
+  predictor.pt     (ga) the accuracy predictor (predictor.json: its shape);
+                   predictor_report.json its Kendall tau / Pearson r on held-out configs
+
+Building the accuracy dataset is most of a GA search's time; --dataset-workers N measures its
+configs in N worker processes, each with its own copy of the run (see _DatasetWorkers).
 """
 
 from __future__ import annotations
@@ -65,6 +70,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="evaluate the accuracy dataset on the first N held-out images (default: all; "
         "the same fixed images for every config)",
+    )
+    g.add_argument(
+        "--dataset-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes that measure the accuracy dataset's configs in parallel (default 1; "
+        "each loads the run once and uses --threads threads, default cores / N)",
     )
     g.add_argument("--mc-metric", default="avg_bits", help="metric the MC sampler buckets")
     g.add_argument(
@@ -174,6 +187,61 @@ class _Context:
         return fraction_correct(self.correct(cfg, loader))
 
 
+class _DatasetWorkers:
+    """--dataset-workers: a pool of spawned processes that measure configs' held-out accuracy.
+
+    Every worker builds its own `_Context` from the same arguments, so it re-estimates BN on
+    the same fixed batches and measures the same images as the main process: a config's
+    accuracy does not depend on which process measured it. Processes rather than threads,
+    because one evaluation keeps a core busy only at a single intra-op thread on small batches;
+    spawned rather than forked, because a forked child of a process that has used OpenMP
+    threads may hang. `imap` is None with one worker (the main process evaluates)."""
+
+    def __init__(self, args):
+        self.args, self.pool = args, None
+        self.imap = self._imap if args.dataset_workers > 1 else None  # >= 1: checked in _run
+
+    def _imap(self, configs):
+        if self.pool is None:  # started only when there is something to measure
+            import multiprocessing
+
+            import torch
+
+            n = self.args.dataset_workers
+            threads = self.args.threads or max(1, torch.get_num_threads() // n)
+            _log(f"accuracy dataset: {n} worker processes, {threads} thread(s) each")
+            self.pool = multiprocessing.get_context("spawn").Pool(
+                n, initializer=_worker_start, initargs=(self.args, threads)
+            )
+        return self.pool.imap(_worker_accuracy, [c.to_json() for c in configs])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()  # on an error too: no orphaned workers
+            self.pool.join()
+        return False
+
+
+_worker_ctx = None
+
+
+def _worker_start(args, threads: int) -> None:
+    global _worker_ctx
+    import torch
+
+    torch.set_num_threads(threads)
+    _worker_ctx = _Context(args)
+
+
+def _worker_accuracy(config_json: str) -> float:
+    from eqnet.space import SubnetConfig
+
+    return _worker_ctx.accuracy(SubnetConfig.from_json(config_json), _worker_ctx.holdout_loader)
+
+
 def _search_ga(args, ctx, budgets, out: Path):
     import numpy as np
     import torch
@@ -210,13 +278,15 @@ def _search_ga(args, ctx, budgets, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps(setting))
     t0 = time.perf_counter()
-    rows = build_dataset(
-        out / "accuracy.jsonl",
-        [table.decode(g) for g in genomes],
-        lambda cfg: ctx.accuracy(cfg, ctx.holdout_loader),
-        ctx.cost.metrics,
-        progress=not args.no_progress,
-    )
+    with _DatasetWorkers(args) as workers:
+        rows = build_dataset(
+            out / "accuracy.jsonl",
+            [table.decode(g) for g in genomes],
+            lambda cfg: ctx.accuracy(cfg, ctx.holdout_loader),
+            ctx.cost.metrics,
+            progress=not args.no_progress,
+            imap=workers.imap,
+        )
     _log(f"accuracy dataset: {len(rows)} configs ({time.perf_counter() - t0:.1f} s)")
     enc = torch.stack([row_config(r).encode() for r in rows])
     acc = torch.tensor([r["accuracy"] for r in rows])
@@ -394,6 +464,8 @@ def _run(args) -> int:
     rerank_z = getattr(args, "rerank_z", 1.0)
     if not 0 <= rerank_z < float("inf"):
         raise ValueError(f"--rerank-z={rerank_z}: accepted values are finite and >= 0")
+    if getattr(args, "dataset_workers", 1) < 1:
+        raise ValueError(f"--dataset-workers={args.dataset_workers}: accepted values are >= 1")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads={args.threads}: must be >= 1")

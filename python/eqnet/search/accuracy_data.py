@@ -53,8 +53,14 @@ def build_dataset(
     evaluate: Callable[[SubnetConfig], float],
     metrics: Callable[[SubnetConfig], dict] | None = None,
     progress: bool = False,
+    imap: Callable[[list[SubnetConfig]], Iterable[float]] | None = None,
 ) -> list[dict]:
-    """Evaluate every config not yet in `path` and append it; returns all rows of the file."""
+    """Evaluate every config not yet in `path` and append it; returns all rows of the file.
+
+    imap: evaluates a list of configs elsewhere (e.g. in worker processes) and yields their
+    accuracies in the list's order, each as soon as it and all before it are done; `evaluate`
+    is then not called. Rows are appended in config order either way, so the file is the same
+    as a sequential run's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = read_dataset(path)
@@ -69,14 +75,18 @@ def build_dataset(
         if k not in seen:
             seen.add(k)
             todo.append((k, cfg))
-    it = todo
+    if imap is None:
+        accuracies = (evaluate(cfg) for _, cfg in todo)
+    else:
+        accuracies = imap([cfg for _, cfg in todo]) if todo else iter(())
+    it = zip(todo, accuracies)
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(todo, desc="accuracy dataset", unit="cfg")
+        it = tqdm(it, total=len(todo), desc="accuracy dataset", unit="cfg")
     with open(path, "a") as f:
-        for k, cfg in it:
-            acc = float(evaluate(cfg))
+        for (k, cfg), acc in it:
+            acc = float(acc)
             row = {
                 "key": k,
                 "config": {n: c.to_dict() for n, c in cfg},
