@@ -72,7 +72,9 @@ def test_search_methods(layered_run, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     assert (tmp_path / "ga" / "accuracy.jsonl").read_text().splitlines() == lines
-    assert json.loads((tmp_path / "ga" / "predictor_report.json").read_text())["n_val"] == 6
+    report = json.loads((tmp_path / "ga" / "predictor_report.json").read_text())
+    assert report["n_val"] == 6 and report["predictor"] == "noise-ridge"
+    assert (tmp_path / "ga" / "predictor-noise-ridge.json").exists()
     # rerank: the kept config is the best measured of the GA's best and the in-budget uniforms
     chosen = json.loads((tmp_path / "ga" / "configs.json").read_text())["chosen"]
     for c in chosen:
@@ -83,6 +85,15 @@ def test_search_methods(layered_run, tmp_path, capsys):
         if c["chosen_from"] == "ga" and c["z_vs_uniform"] is not None:
             assert c["z_vs_uniform"] >= 1.0  # a mixed config kept over a uniform one won clearly
         assert c["holdout_accuracy"] * 32 == pytest.approx(round(c["holdout_accuracy"] * 32))
+    # MultiQuant's MLP predictor on the same cached dataset
+    code = main(
+        ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"),
+         "--no-progress", "--no-uniform", "--constraint", "avg_w_bits<=3", "--predictor", "mlp"]
+        + TINY_GA
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "ga" / "predictor_report.json").read_text())
+    assert report["predictor"] == "mlp" and (tmp_path / "ga" / "predictor-mlp.pt").exists()
     # cached accuracies measured on other images are not mixed in
     code = main(
         ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"),

@@ -11,8 +11,9 @@ RUN/search-METHOD):
   pareto.csv/.png  accuracy vs BitOPs and vs size, chosen configs and uniform widths
   accuracy.jsonl   (ga) the Monte Carlo balanced accuracy dataset on the held-out split
                    (accuracy_setting.json: the images and BN batches it was measured with)
-  predictor.pt     (ga) the accuracy predictor (predictor.json: its shape);
-                   predictor_report.json its Kendall tau / Pearson r on held-out configs
+  predictor-noise-ridge.json or predictor-mlp.pt (+ .json, its shape)
+                   (ga) the accuracy predictor (--predictor); predictor_report.json its
+                   Kendall tau / Pearson r on the held-out configs
 
 Building the accuracy dataset is most of a GA search's time; --dataset-workers N measures its
 configs in N worker processes, each with its own copy of the run (see _DatasetWorkers).
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 METHODS = ("ga", "limpq", "layered")
+PREDICTORS = ("noise-ridge", "mlp")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mutations", type=int, default=50)
     g.add_argument("--crossovers", type=int, default=50)
     g.add_argument("--iterations", type=int, default=500)
-    g.add_argument("--predictor-epochs", type=int, default=200)
+    g.add_argument(
+        "--predictor",
+        choices=PREDICTORS,
+        default="noise-ridge",
+        help="noise-ridge (default): ridge regression on per-layer quantization-noise powers "
+        "(eqnet.search.noise_predictor); mlp: MultiQuant's MLP on the one-hot encoding",
+    )
+    g.add_argument("--predictor-epochs", type=int, default=200, help="mlp training epochs")
     g.add_argument(
         "--val-fraction",
         type=float,
@@ -250,7 +259,6 @@ def _search_ga(args, ctx, budgets, out: Path):
     from eqnet.search.genetic import genetic_search
     from eqnet.search.genome import Budget, ChoiceTable
     from eqnet.search.montecarlo import MonteCarloSampler
-    from eqnet.search.predictor import AccuracyPredictor, predictor_fitness
 
     table = ChoiceTable.from_model(ctx.space, ctx.supernet, forms=args.forms)
     mt = table.metric_table(ctx.cost, args.mc_metric)
@@ -290,19 +298,18 @@ def _search_ga(args, ctx, budgets, out: Path):
     _log(f"accuracy dataset: {len(rows)} configs ({time.perf_counter() - t0:.1f} s)")
     enc = torch.stack([row_config(r).encode() for r in rows])
     acc = torch.tensor([r["accuracy"] for r in rows])
-    predictor = AccuracyPredictor(enc.shape[1])
     t0 = time.perf_counter()
-    report = predictor.fit(
-        enc, acc, epochs=args.predictor_epochs, seed=args.seed, val_fraction=args.val_fraction
+    predictor, report, chosen = _fit_predictor(args, enc, acc, out)
+    (out / "predictor_report.json").write_text(
+        json.dumps({"predictor": args.predictor, **report.to_dict(), **chosen}, indent=2)
     )
-    predictor.save(out / "predictor.pt")
-    (out / "predictor_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     _log(
-        f"predictor: Kendall tau {report.kendall_tau:.3f}, Pearson r {report.pearson_r:.3f} "
-        f"on {report.n_val} held-out configs ({time.perf_counter() - t0:.1f} s; the plain "
-        f"mean bit-width ranks them with tau {report.mean_bits_kendall_tau:.3f})"
+        f"predictor ({args.predictor}): Kendall tau {report.kendall_tau:.3f}, Pearson r "
+        f"{report.pearson_r:.3f} on {report.n_val} held-out configs "
+        f"({time.perf_counter() - t0:.1f} s; the plain mean bit-width ranks them with tau "
+        f"{report.mean_bits_kendall_tau:.3f})"
     )
-    fitness = predictor_fitness(predictor, table)
+    fitness = predictor.fitness(table)
     results = []
     for spec, constraints in budgets:
         budget = Budget(table, ctx.cost, constraints)
@@ -350,7 +357,27 @@ def _search_ga(args, ctx, budgets, out: Path):
             )
         )
         _log(f"{spec}: GA best predicted {res.best_fitness:.4f} in {wall:.1f} s")
-    return results, {"predictor": report.to_dict()}
+    return results, {"predictor": {"kind": args.predictor, **report.to_dict(), **chosen}}
+
+
+def _fit_predictor(args, enc, acc, out: Path):
+    """The --predictor, fitted on the accuracy dataset and saved in `out`; returns it, its
+    FitReport and the hyperparameters it chose for itself (noise-ridge: alpha, gamma)."""
+    if args.predictor == "mlp":
+        from eqnet.search.predictor import AccuracyPredictor
+
+        predictor = AccuracyPredictor(enc.shape[1])
+        report = predictor.fit(
+            enc, acc, epochs=args.predictor_epochs, seed=args.seed, val_fraction=args.val_fraction
+        )
+        predictor.save(out / "predictor-mlp.pt")
+        return predictor, report, {}
+    from eqnet.search.noise_predictor import NoiseRidgePredictor
+
+    predictor = NoiseRidgePredictor(enc.shape[1])
+    report = predictor.fit(enc, acc, seed=args.seed, val_fraction=args.val_fraction)
+    predictor.save(out / "predictor-noise-ridge.json")
+    return predictor, report, {"alpha": predictor.alpha, "gamma": predictor.gamma}
 
 
 def _rerank(args, ctx, table, budget, res):

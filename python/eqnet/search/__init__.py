@@ -5,6 +5,7 @@ genome.py       ChoiceTable (configs as int arrays), Constraint / parse_constrai
 montecarlo.py   MonteCarloSampler (MultiQuant eq. 5-6) and the uniform rejection baseline
 accuracy_data.py  resumable JSONL (config, accuracy) dataset with BN recalibration
 predictor.py    AccuracyPredictor (MLP on SubnetConfig.encode()), Kendall tau / Pearson r
+noise_predictor.py  NoiseRidgePredictor (ridge on per-layer quantization-noise powers)
 genetic.py      genetic_search (EQ-Net Algorithm 1)
 ilp.py          choose_per_layer: one choice per layer under budgets (scipy milp / HiGHS)
 limpq.py        LIMPQ importance-indicator search
@@ -27,6 +28,7 @@ _EXPORTS = {
     "read_dataset": "eqnet.search.accuracy_data",
     "AccuracyPredictor": "eqnet.search.predictor",
     "predictor_fitness": "eqnet.search.predictor",
+    "NoiseRidgePredictor": "eqnet.search.noise_predictor",
     "rank_metrics": "eqnet.search.predictor",
     "genetic_search": "eqnet.search.genetic",
     "choose_per_layer": "eqnet.search.ilp",

@@ -52,6 +52,51 @@ def rank_metrics(pred, target) -> tuple[float, float]:
     return tau, r
 
 
+def check_xy(x, y, in_features: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, in_features] encodings and y [N] accuracies as `dtype` tensors, or a clear error."""
+    x = torch.as_tensor(x, dtype=dtype)
+    y = torch.as_tensor(y, dtype=dtype).flatten()
+    if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[1] != in_features:
+        raise ValueError(
+            f"x {tuple(x.shape)} / y {tuple(y.shape)}: expected x [N, {in_features}] and y [N]"
+        )
+    return x, y
+
+
+def split_indices(n: int, val_fraction: float, seed: int):
+    """The random train/validation split every predictor's fit uses: (val_idx, train_idx,
+    generator), the generator seeded with `seed` and advanced past the permutation (the MLP
+    draws its batch order from it). The same seed gives every predictor the same split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction}: must be in (0, 1)")
+    n_val = max(2, int(round(val_fraction * n)))
+    if n - n_val < 2:
+        raise ValueError(f"{n} samples are too few for a train/validation split")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    return perm[:n_val], perm[n_val:], gen
+
+
+def fit_report(x, y, pred, val_idx, train_idx) -> FitReport:
+    """Kendall tau, Pearson r and RMSEs of predictions `pred` [N] of all samples, on the
+    held-out and training parts, with the mean-bit-width baseline on the held-out part."""
+    pred, y = pred.double(), y.double()
+    pv, yv = pred[val_idx], y[val_idx]
+    tau, r = rank_metrics(pv.numpy(), yv.numpy())
+    n_layers = x.shape[1] // ENCODING_WIDTH
+    mean_bits = x[val_idx].reshape(len(val_idx), n_layers, ENCODING_WIDTH)[..., :2].mean((1, 2))
+    baseline_tau, _ = rank_metrics(mean_bits.double().numpy(), yv.numpy())
+    return FitReport(
+        kendall_tau=tau,
+        pearson_r=r,
+        n_train=len(train_idx),
+        n_val=len(val_idx),
+        val_rmse=float(((pv - yv) ** 2).mean().sqrt()),
+        train_rmse=float(((pred[train_idx] - y[train_idx]) ** 2).mean().sqrt()),
+        mean_bits_kendall_tau=baseline_tau,
+    )
+
+
 def expand_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., 5] per-layer encodings -> [..., 19]: one-hot widths over 1..8, then the flags."""
     bits = (x[..., :2] * 8).round().long().clamp(1, 8) - 1
@@ -130,22 +175,8 @@ class AccuracyPredictor(nn.Module):
             torch.set_num_threads(previous)
 
     def _fit(self, x, y, val_fraction, epochs, batch_size, lr, weight_decay, seed) -> FitReport:
-        x = torch.as_tensor(x, dtype=torch.float32)
-        y = torch.as_tensor(y, dtype=torch.float32).flatten()
-        if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[1] != self.in_features:
-            raise ValueError(
-                f"x {tuple(x.shape)} / y {tuple(y.shape)}: expected x [N, {self.in_features}] "
-                "and y [N]"
-            )
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction}: must be in (0, 1)")
-        n = x.shape[0]
-        n_val = max(2, int(round(val_fraction * n)))
-        if n - n_val < 2:
-            raise ValueError(f"{n} samples are too few for a train/validation split")
-        gen = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(n, generator=gen)
-        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        x, y = check_xy(x, y, self.in_features, torch.float32)
+        val_idx, tr_idx, gen = split_indices(x.shape[0], val_fraction, seed)
         xt, yt = x[tr_idx], y[tr_idx]
         et = self.expand(xt)
 
@@ -170,20 +201,11 @@ class AccuracyPredictor(nn.Module):
                 opt.step()
             sched.step()
         self.eval()
-        pv = self.predict(x[val_idx])
-        pt = self.predict(xt)
-        tau, r = rank_metrics(pv.numpy(), y[val_idx].numpy())
-        mean_bits = x[val_idx].reshape(n_val, self.n_layers, ENCODING_WIDTH)[..., :2].mean((1, 2))
-        baseline_tau, _ = rank_metrics(mean_bits.numpy(), y[val_idx].numpy())
-        return FitReport(
-            kendall_tau=tau,
-            pearson_r=r,
-            n_train=len(tr_idx),
-            n_val=n_val,
-            val_rmse=float(((pv - y[val_idx]) ** 2).mean().sqrt()),
-            train_rmse=float(((pt - yt) ** 2).mean().sqrt()),
-            mean_bits_kendall_tau=baseline_tau,
-        )
+        return fit_report(x, y, self.predict(x), val_idx, tr_idx)
+
+    def fitness(self, table):
+        """Batched GA fitness over `table`'s genomes: `predictor_fitness(self, table)`."""
+        return predictor_fitness(self, table)
 
     # -- persistence (state dict + JSON meta; no pickled objects) --------------------------
     def save(self, path: str | Path) -> None:
