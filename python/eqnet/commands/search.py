@@ -201,10 +201,11 @@ class _DatasetWorkers:
 
     Every worker builds its own `_Context` from the same arguments, so it re-estimates BN on
     the same fixed batches and measures the same images as the main process: a config's
-    accuracy does not depend on which process measured it. Processes rather than threads,
-    because one evaluation keeps a core busy only at a single intra-op thread on small batches;
-    spawned rather than forked, because a forked child of a process that has used OpenMP
-    threads may hang. `imap` is None with one worker (the main process evaluates)."""
+    accuracy does not depend on which process measured it. Workers split the configs where
+    intra-op threads split each forward; they help where the threads stop scaling (on 2 cores
+    both give the same rate, docs/search.md). Spawned rather than forked, because a forked
+    child of a process that has used OpenMP threads may hang. `imap` is None with one worker
+    (the main process evaluates)."""
 
     def __init__(self, args):
         self.args, self.pool = args, None
