@@ -127,24 +127,16 @@ def test_infeasible_budget_is_a_clear_error(layered_run, tmp_path, capsys):
     assert "infeasible" in capsys.readouterr().err
 
 
-def test_unknown_metric_fails_before_loading(tmp_path, capsys):
-    code = main(
-        ["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "latency<=3"]
-    )
-    assert code == 1
-    assert "accepted values are bitops" in capsys.readouterr().err
-    code = main(
-        ["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "size<=1e6",
-         "--rerank-z", "-1"]
-    )  # fmt: skip
-    assert code == 1
-    assert "--rerank-z=-1.0: accepted values are finite and >= 0" in capsys.readouterr().err
-    code = main(
-        ["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "size<=1e6",
-         "--dataset-workers", "0"]
-    )  # fmt: skip
-    assert code == 1
-    assert "--dataset-workers=0: accepted values are >= 1" in capsys.readouterr().err
-    code = main(["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", "size<=1"])
-    assert code == 1
-    assert "eqnet search: error" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "constraint, extra, message",
+    [
+        ("latency<=3", [], "accepted values are bitops"),
+        ("size<=1e6", ["--rerank-z", "-1"], "--rerank-z=-1.0: accepted values are finite and >= 0"),
+        ("size<=1e6", ["--dataset-workers", "0"], "--dataset-workers=0: accepted values are >= 1"),
+        ("size<=1", [], "eqnet search: error"),  # valid options, but no such run
+    ],
+)
+def test_bad_options_fail_before_loading(tmp_path, capsys, constraint, extra, message):
+    args = ["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", constraint]
+    assert main(args + extra) == 1
+    assert message in capsys.readouterr().err
