@@ -15,7 +15,7 @@ and the prediction is `bias + Σ_l weights[l] · features[l]`, fitted by ridge r
 (`sklearn.linear_model.RidgeCV`) on standardized features. Two penalties are chosen by
 leave-one-out error on the training configs only: the ridge `alpha`, and `gamma`, a factor on
 the standardized form terms (gamma < 1 penalizes them more; 0 drops them). When the forms barely
-matter the form terms only add variance, and the search then turns them down itself.
+matter the form terms only add variance, and the fit then turns them down itself.
 
 Why not only the MLP (`eqnet.search.predictor`): with a few hundred measured configs the MLP
 interpolates the training configs and ranks held-out ones no better than their mean width; this
