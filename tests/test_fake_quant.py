@@ -208,6 +208,9 @@ def test_ties_round_half_to_even(backend):
     assert torch.equal(codes, expected)  # even neighbour, independently of torch.round
 
 
+# x · (1/scale) overflows to inf on purpose here; the Triton interpreter runs that product in
+# numpy, which warns about it. The clamp must still give finite codes.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_far_out_of_range_and_fp32_overflow(backend):
     scale = torch.tensor([1e-3])
