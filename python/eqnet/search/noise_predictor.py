@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eqnet.search.predictor import FitReport, check_xy, fit_report, split_indices
+from eqnet.search.predictor import (
+    FitReport,
+    check_encodings,
+    check_xy,
+    fit_report,
+    split_indices,
+    table_encodings,
+)
 from eqnet.space import ENCODING_WIDTH
 
 FORMAT = "eqnet.NoiseRidgePredictor"
@@ -70,10 +77,7 @@ class NoiseRidgePredictor:
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(
-                f"encodings have shape {tuple(x.shape)}, expected [N, {self.in_features}]"
-            )
+        check_encodings(x, self.in_features)
         f = self.features(x)
         return (f * torch.from_numpy(self.weights)).sum((1, 2)) + self.bias
 
@@ -127,12 +131,7 @@ class NoiseRidgePredictor:
         """A batched fitness for genetic_search: genomes [N, L] -> predicted accuracy [N].
         The model is additive per layer, so each (layer, choice) value is computed once and
         a genome's fitness is the sum of its choices' values plus the bias."""
-        enc = table.encodings()  # [L, C, 5]
-        if enc.shape[0] * enc.shape[2] != self.in_features:
-            raise ValueError(
-                f"the predictor takes {self.in_features} features, the table encodes "
-                f"{enc.shape[0] * enc.shape[2]}"
-            )
+        enc = table_encodings(table, self.in_features)  # [L, C, 5]
         values = (noise_features(enc.double()).numpy() * self.weights[:, None, :]).sum(-1)
         layer_idx = np.arange(enc.shape[0])
 

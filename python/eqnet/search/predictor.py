@@ -63,6 +63,24 @@ def check_xy(x, y, in_features: int, dtype) -> tuple[torch.Tensor, torch.Tensor]
     return x, y
 
 
+def check_encodings(x: torch.Tensor, in_features: int) -> None:
+    """x must be [N, in_features] encodings (what `predict` takes)."""
+    if x.ndim != 2 or x.shape[1] != in_features:
+        raise ValueError(f"encodings have shape {tuple(x.shape)}, expected [N, {in_features}]")
+
+
+def table_encodings(table, in_features: int) -> torch.Tensor:
+    """`table.encodings()` [L, C, 5], checked against a predictor's input width (for the GA
+    fitness, which scores every (layer, choice) once)."""
+    enc = table.encodings()
+    if enc.shape[0] * enc.shape[2] != in_features:
+        raise ValueError(
+            f"the predictor takes {in_features} features, the table encodes "
+            f"{enc.shape[0] * enc.shape[2]}"
+        )
+    return enc
+
+
 def split_indices(n: int, val_fraction: float, seed: int):
     """The random train/validation split every predictor's fit uses: (val_idx, train_idx,
     generator), the generator seeded with `seed` and advanced past the permutation (the MLP
@@ -139,10 +157,7 @@ class AccuracyPredictor(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(
-                f"encodings have shape {tuple(x.shape)}, expected [N, {self.in_features}]"
-            )
+        check_encodings(x, self.in_features)
         was = self.training
         self.eval()
         out = self(x.float())
@@ -231,13 +246,8 @@ def predictor_fitness(predictor: AccuracyPredictor, table):
     sum over layers of a per-(layer, choice) vector; those vectors are computed once here and
     each call only gathers and sums them, then runs the remaining layers. This equals
     `predictor.predict(table.encode(genomes))` up to float32 summation order."""
-    enc = table.encodings()
-    n_layers, n_choices, width = enc.shape
-    if predictor.in_features != n_layers * width:
-        raise ValueError(
-            f"the predictor takes {predictor.in_features} features, the table encodes "
-            f"{n_layers * width}"
-        )
+    enc = table_encodings(table, predictor.in_features)
+    n_layers = enc.shape[0]
     first, rest = predictor.net[0], predictor.net[1:]
     with torch.no_grad():
         expanded = expand_rows(enc)  # [L, C, 19]
