@@ -14,8 +14,8 @@ from .nn.layers import QConv2d, QLinear
 from .nn.quantizer import CALIB_SAMPLES, ElasticQuantizer
 from .nn.supernet import Supernet
 from .space import ElasticSpace, LayerChoice
+from .train.config import KEEP_FIRST_LAST
 
-KEEP_FIRST_LAST = ("8bit", "fp", "elastic")
 _QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
 

@@ -72,7 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--w-bits", type=_bits, default=None, help="e.g. 2-8 or 2,3,4 (qat: one width)")
     s.add_argument("--a-bits", type=_bits, default=None)
     s.add_argument("--top-bits", type=int, default=None, help="layered: widths 2..TOP (4 or 8)")
-    s.add_argument("--keep-first-last", choices=KEEP_FIRST_LAST, default=None)
+    s.add_argument(
+        "--keep-first-last",
+        choices=KEEP_FIRST_LAST,
+        default=None,
+        help="first and last layers: 8bit (default) fixed at W8A8, fp kept float, elastic "
+        "switchable like the rest (lets a search move bits to them; docs/search.md)",
+    )
     _bool_flag(s, "per-bit-bn", "one BN per weight width (default: on for layered)")
     s.add_argument("--num-random", type=int, default=None, help="K random subnets per step")
     s.add_argument(

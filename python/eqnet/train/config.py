@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 RECIPES = ("float", "qat", "multiquant", "eqnet", "layered", "limpq")
 OPTIMIZERS = ("sgd", "adam")
 JOINT_LOSSES = ("us", "mgd")
+# first and last layers: fixed 8-bit, float, or elastic like the rest (convert.convert)
 KEEP_FIRST_LAST = ("8bit", "fp", "elastic")
 
 # Recipe defaults for the fields left at None (papers' settings scaled to small models).
@@ -110,8 +111,6 @@ class TrainConfig:
                 v = getattr(self, name)
                 if v is not None and len(v) != 1:
                     raise ValueError(f"{name}={v}: the qat recipe trains one width")
-        if self.recipe == "layered" and self.keep_first_last == "elastic":
-            pass  # allowed: every layer nested
         return self
 
     def resolved(self) -> TrainConfig:
