@@ -46,6 +46,30 @@ def _check_outputs(out, run, method, n_chosen):
         assert 0.0 <= c["test_accuracy"] <= 1.0
     with open(out / "pareto.csv") as f:
         rows = list(csv.DictReader(f))
+    uniform = {r["label"]: r for r in rows if r["kind"] == "uniform"}
+    n_test = 64  # TINY_TRAIN's --limit-test
+    for c in data["chosen"]:
+        # compared with the widest uniform width that meets every constraint of the budget
+        cons = [part.split("<=") for part in c["constraint"].split(",")]
+        inside = [
+            lab
+            for lab, r in uniform.items()
+            if all(float(r[m]) <= float(v) * (1 + 1e-9) for m, v in cons)
+        ]
+        if not inside:
+            assert c["uniform_at_budget"] is None and c["test_z_vs_uniform"] is None
+            continue
+        widest = max(inside, key=lambda lab: int(lab[1 : lab.index("A")]))
+        assert c["uniform_at_budget"] == widest
+        assert c["uniform_test_accuracy"] == pytest.approx(float(uniform[widest]["accuracy"]))
+        # McNemar: z = (n10 - n01) / sqrt(n10 + n01) and n10 - n01 = N * (acc - acc_uniform),
+        # with n10 + n01 <= N: the sign follows the accuracy gap and |z| >= sqrt(N) * |gap|
+        gap = c["test_accuracy"] - c["uniform_test_accuracy"]
+        z = c["test_z_vs_uniform"]
+        assert (z > 0) == (gap > 1e-9) and (z < 0) == (gap < -1e-9)
+        assert abs(z) >= n_test**0.5 * abs(gap) - 1e-9
+        if c.get("chosen_from") == f"uniform {widest}":
+            assert z == 0.0 and gap == 0.0
     kinds = [r["kind"] for r in rows]
     assert kinds.count(method) == n_chosen and kinds.count("uniform") == 3  # W2A2..W4A4
     assert (out / "pareto.png").stat().st_size > 0

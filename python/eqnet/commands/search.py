@@ -5,7 +5,9 @@ evaluates every chosen config and the uniform widths for real (BN re-estimated o
 images under the training augmentation, accuracy on the test split). Writes to --out (default
 RUN/search-METHOD):
 
-  configs.json     the chosen configs with their constraint, metrics and test accuracy
+  configs.json     the chosen configs with their constraint, metrics and test accuracy, and
+                   the widest uniform width inside the budget on the same test images
+                   (uniform_at_budget, uniform_test_accuracy, test_z_vs_uniform: McNemar z)
                    (ga: the predictor's K best and the uniform widths inside the budget are
                    measured on the held-out images and the most accurate is kept, --rerank)
   pareto.csv/.png  accuracy vs BitOPs and vs size, chosen configs and uniform widths
@@ -381,6 +383,31 @@ def _fit_predictor(args, enc, acc, out: Path):
     return predictor, report, {"alpha": predictor.alpha, "gamma": predictor.gamma}
 
 
+def _versus_uniform(correct, uniforms, constraints) -> dict:
+    """The chosen config's test result against the widest uniform width that meets all of
+    `constraints` (at a BitOPs budget set by a uniform width: that width). The z is McNemar's
+    on the same test images (eqnet.search.rerank.paired_z): positive when the chosen config is
+    better, 0 when both are right on the same images."""
+    import numpy as np
+
+    from eqnet.search.accuracy_data import fraction_correct
+    from eqnet.search.rerank import paired_z
+
+    inside = [
+        (label, c)
+        for label, metrics, c in uniforms
+        if all(con.ok(np.asarray(metrics[con.metric])) for con in constraints)
+    ]
+    if not inside:
+        return {"uniform_at_budget": None, "uniform_test_accuracy": None, "test_z_vs_uniform": None}
+    label, ref = inside[-1]
+    return {
+        "uniform_at_budget": label,
+        "uniform_test_accuracy": fraction_correct(ref),
+        "test_z_vs_uniform": paired_z(correct, ref),
+    }
+
+
 def _rerank(args, ctx, table, budget, res):
     """The predictor ranks; the held-out images decide among its K best configs and the
     uniform widths that meet the budget (eqnet.search.rerank: a mixed config is kept only if
@@ -508,30 +535,46 @@ def _run(args) -> int:
     else:
         results, extra = _search_ilp(args, ctx, budgets)
 
+    from eqnet.search.accuracy_data import fraction_correct
+
+    # the uniform widths first: each chosen config is compared with the widest one in its
+    # budget on the same test images (paired, so the z says whether the gap is real)
+    uniforms = []  # (label, metrics, per-image test correctness)
+    if not args.no_uniform:
+        for b in sorted(set(ctx.space.w_bits) & set(ctx.space.a_bits)):
+            cfg = SubnetConfig.uniform(ctx.space, ctx.supernet, b, b)
+            uniforms.append((f"W{b}A{b}", ctx.cost.metrics(cfg), ctx.correct(cfg, ctx.test_loader)))
+    constraints_of = dict(budgets)
     rows, chosen = [], []
     for spec, cfg, info in results:
         cfg.validate(ctx.space, ctx.supernet)
         metrics = ctx.cost.metrics(cfg)
-        acc = ctx.accuracy(cfg, ctx.test_loader)
+        correct = ctx.correct(cfg, ctx.test_loader)
+        acc = fraction_correct(correct)
+        versus = _versus_uniform(correct, uniforms, constraints_of[spec])
         chosen.append(
             {
                 "constraint": spec,
                 "method": args.method,
                 "test_accuracy": acc,
+                **versus,
                 **metrics,
                 **info,
                 "config": json.loads(cfg.to_json())["layers"],
             }
         )
         rows.append({"label": spec, "kind": args.method, "accuracy": acc, **metrics})
-        _log(f"{spec}: test accuracy {acc:.4f}, {cfg.summary()}")
-    if not args.no_uniform:
-        for b in sorted(set(ctx.space.w_bits) & set(ctx.space.a_bits)):
-            cfg = SubnetConfig.uniform(ctx.space, ctx.supernet, b, b)
-            acc = ctx.accuracy(cfg, ctx.test_loader)
-            rows.append(
-                {"label": f"W{b}A{b}", "kind": "uniform", "accuracy": acc, **ctx.cost.metrics(cfg)}
-            )
+        against = (
+            f"; uniform {versus['uniform_at_budget']} {versus['uniform_test_accuracy']:.4f}, "
+            f"paired z {versus['test_z_vs_uniform']:+.2f}"
+            if versus["uniform_at_budget"]
+            else ""
+        )
+        _log(f"{spec}: test accuracy {acc:.4f}{against}, {cfg.summary()}")
+    for label, metrics, correct in uniforms:
+        rows.append(
+            {"label": label, "kind": "uniform", "accuracy": fraction_correct(correct), **metrics}
+        )
     (out / "configs.json").write_text(
         json.dumps(
             {"run": str(args.run), "method": args.method, **extra, "chosen": chosen}, indent=2
