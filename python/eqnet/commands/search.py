@@ -197,6 +197,16 @@ class _Context:
 
         return fraction_correct(self.correct(cfg, loader))
 
+    def uniform_widths(self):
+        """[(label 'WbAb', config)] of every width both weights and activations take, narrowest
+        first: the baselines the rerank and the final comparison measure."""
+        from eqnet.space import SubnetConfig
+
+        return [
+            (f"W{b}A{b}", SubnetConfig.uniform(self.space, self.supernet, b, b))
+            for b in sorted(set(self.space.w_bits) & set(self.space.a_bits))
+        ]
+
 
 class _DatasetWorkers:
     """--dataset-workers: a pool of spawned processes that measure configs' held-out accuracy.
@@ -415,18 +425,17 @@ def _rerank(args, ctx, table, budget, res):
     import numpy as np
 
     from eqnet.search.rerank import Measured, choose
-    from eqnet.space import SubnetConfig
 
     candidates = {}  # genome -> (origin, predicted accuracy)
     for g, fit in zip(res.elites[: args.rerank], res.elite_fitness[: args.rerank]):
         candidates.setdefault(tuple(int(v) for v in g), ("ga", float(fit)))
-    for b in sorted(set(ctx.space.w_bits) & set(ctx.space.a_bits)):
+    for label, cfg in ctx.uniform_widths():
         try:
-            g = table.genome_of(SubnetConfig.uniform(ctx.space, ctx.supernet, b, b))
+            g = table.genome_of(cfg)
         except (KeyError, ValueError):  # the width is not among the table's choices
             continue
         if budget.ok(g[None])[0]:
-            candidates.setdefault(tuple(int(v) for v in g), (f"uniform W{b}A{b}", None))
+            candidates.setdefault(tuple(int(v) for v in g), (f"uniform {label}", None))
     genomes, measured = list(candidates), []
     for g in genomes:
         origin, predicted = candidates[g]
@@ -512,8 +521,8 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from eqnet.search import pareto
+    from eqnet.search.accuracy_data import fraction_correct
     from eqnet.search.genome import parse_constraints
-    from eqnet.space import SubnetConfig
 
     budgets = [(spec, parse_constraints(spec)) for spec in args.constraint]
     rerank_z = getattr(args, "rerank_z", 1.0)
@@ -535,15 +544,12 @@ def _run(args) -> int:
     else:
         results, extra = _search_ilp(args, ctx, budgets)
 
-    from eqnet.search.accuracy_data import fraction_correct
-
     # the uniform widths first: each chosen config is compared with the widest one in its
     # budget on the same test images (paired, so the z says whether the gap is real)
     uniforms = []  # (label, metrics, per-image test correctness)
     if not args.no_uniform:
-        for b in sorted(set(ctx.space.w_bits) & set(ctx.space.a_bits)):
-            cfg = SubnetConfig.uniform(ctx.space, ctx.supernet, b, b)
-            uniforms.append((f"W{b}A{b}", ctx.cost.metrics(cfg), ctx.correct(cfg, ctx.test_loader)))
+        for label, cfg in ctx.uniform_widths():
+            uniforms.append((label, ctx.cost.metrics(cfg), ctx.correct(cfg, ctx.test_loader)))
     constraints_of = dict(budgets)
     rows, chosen = [], []
     for spec, cfg, info in results:
