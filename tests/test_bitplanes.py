@@ -5,10 +5,11 @@ import contextlib
 
 import pytest
 import torch
+from conftest import need_kernel
 
 import eqkernels as E
 from eqkernels import _ext
-from eqkernels.ops.bitplanes import force_cpu_isa
+from eqkernels.backend import force_cpu_isa
 
 ISAS = ("portable", "avx2", "avx512")
 BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS]
@@ -18,8 +19,7 @@ def run_on(backend):
     """(backend name, context manager) for a test id like 'cpp-avx2'."""
     if backend == "torch":
         return "torch", contextlib.nullcontext()
-    if not _ext.has_kernel("unpack_bitplanes_cpu"):
-        pytest.skip("eqkernels._C has no bit-plane CPU kernels")
+    need_kernel("unpack_bitplanes_cpu")
     return "cpp", force_cpu_isa(backend.split("-", 1)[1])
 
 
