@@ -134,9 +134,7 @@ def default_configs(supernet) -> OrderedDict[str, SubnetConfig]:
             supernet,
             b,
             a,
-            "channel" if "channel" in space.w_granularities else space.w_granularities[0],
-            "sym" if "sym" in space.w_symmetries else space.w_symmetries[0],
-            "asym" if "asym" in space.a_symmetries else space.a_symmetries[0],
+            *space.preferred_forms(),
         )
     return configs
 
