@@ -2,7 +2,7 @@
 
 Every random configuration comes from one dedicated, seeded `torch.Generator` (never the
 global RNG), so the sequence of sampled subnets is reproducible, is saved in checkpoints, and
-is the same on every rank of a distributed run that seeds it alike (issue 8).
+is the same on every rank of a distributed run that seeds it alike.
 """
 
 from __future__ import annotations
