@@ -8,7 +8,7 @@ CPU (run here), weight-shaped int8 codes [N, K] at several widths. Providers:
                  weights once, a floor for unpacking into them
 Ratios are to the torch provider in the same run (higher is faster).
 
-Usage: python bench/bench_bitplanes.py [--quick]   (EQK_EXT_DIR=... to use a private _C build;
+Usage: python -m bench.bench_bitplanes [--quick]   (EQK_EXT_DIR=... to use a private _C build;
 EQK_BENCH_THREADS=n to set the thread count). Run it with nothing else on the machine.
 """
 
@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import eqkernels as E  # noqa: E402
-from bench.harness import Table, machine, threads_from_env, time_fn  # noqa: E402
+import eqkernels as E
+from bench.harness import Table, machine, threads_from_env, time_fn
 
 SHAPES = {"conv[512,4608]": (512, 4608), "linear[4096,4096]": (4096, 4096)}
 BITS = (2, 4, 8)
