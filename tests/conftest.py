@@ -73,3 +73,13 @@ def on(device, *tensors):
     result computed on the device flow back to CPU leaves."""
     moved = tuple(None if t is None else t.to(device) for t in tensors)
     return moved[0] if len(moved) == 1 else moved
+
+
+def call_on(device, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with every tensor argument moved to `device`; a tensor result is
+    checked to be on `device` and returned on the CPU."""
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    out = fn(*args, **kwargs)
+    assert out.device.type == torch.device(device).type, (out.device, device)
+    return out.cpu()
