@@ -79,6 +79,7 @@ def environment() -> dict:
     if nvcc is None:
         problems.append("nvcc not found (CUDA_HOME/bin or PATH)")
     info["cpus"] = os.cpu_count()
+    info["ninja"] = "yes" if ninja_available() else "no (forked parallel setuptools build)"
     return {"info": info, "problems": problems}
 
 
@@ -118,8 +119,22 @@ def stage_build(out: Path, env_report: dict) -> bool:
         MAX_JOBS=str(os.cpu_count() or 1),
         CUDA_HOME=os.environ.get("CUDA_HOME", str(Path(nvcc_path()).parent.parent)),
     )
-    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    # torch's ninja build is parallel; without ninja (not installable there) the sources are
+    # compiled by forked setuptools compilers, all cores at a time (bench/parallel_build.py).
+    if ninja_available():
+        cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    else:
+        cmd = [sys.executable, "-m", "bench.parallel_build", env["MAX_JOBS"]]
     return _run_logged(cmd, out / "build.log", env, LIMITS["build"]) == 0
+
+
+def ninja_available() -> bool:
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+
+        return is_ninja_available()
+    except ImportError:
+        return shutil.which("ninja") is not None
 
 
 def stage_tests(out: Path, env_report: dict) -> bool:

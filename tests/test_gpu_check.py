@@ -166,3 +166,26 @@ def shutil_which(name):
     import shutil
 
     return shutil.which(name)
+
+
+@pytest.mark.parametrize("ninja", [True, False])
+def test_build_stage_command_for_the_local_arch(monkeypatch, tmp_path, ninja):
+    """The build command and its environment (captured, not run: CI never rebuilds here)."""
+    seen = {}
+
+    def fake_run(cmd, log, env, timeout):
+        seen.update(cmd=cmd, env=env, log=log)
+        return 0
+
+    monkeypatch.setattr(gpu_check, "_run_logged", fake_run)
+    monkeypatch.setattr(gpu_check, "ninja_available", lambda: ninja)
+    report = {"info": {"arch": "9.0"}, "problems": []}
+    assert gpu_check.stage_build(tmp_path, report)
+    env = seen["env"]
+    assert env["EQK_BUILD_CUDA"] == "1" and env["EQK_CUDA_ARCHS"] == "9.0"
+    assert env["MAX_JOBS"] == str(os.cpu_count())
+    assert seen["cmd"][0] == sys.executable and seen["log"] == tmp_path / "build.log"
+    if ninja:
+        assert seen["cmd"][1:] == ["setup.py", "-q", "build_ext", "--inplace"]
+    else:
+        assert seen["cmd"][1:] == ["-m", "bench.parallel_build", str(os.cpu_count())]
