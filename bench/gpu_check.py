@@ -145,7 +145,9 @@ def stage_tests(out: Path, env_report: dict) -> bool:
     )
     xml = out / "tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-ra", "-m", "gpu", "-p", "no:cacheprovider"]
-    cmd += [f"--junitxml={xml}", "tests"]
+    # A test module that cannot import there (a missing optional package) must not stop the
+    # others: its error is reported in tests.md with the failures.
+    cmd += ["--continue-on-collection-errors", f"--junitxml={xml}", "tests"]
     code = _run_logged(cmd, out / "tests.log", env, LIMITS["tests"])
     _atomic_write(out / "tests.md", _junit_summary(xml, code))
     return code == 0
