@@ -75,6 +75,7 @@ def test_triton_specs_compile_to_cubin_without_spills(triton_compiled):
     for rec in records:
         _assert_clean(rec, f"{rec['module']}: {rec['label']} sm_{rec['arch']}")
     assert {r["target"] for r in records} == {"sm_80", "sm_90a"}
+    assert len({r["cubin"] for r in records}) == len(records)  # one cubin file per record
     assert triton_compiled["uncovered"] == {m.__name__: [] for m in aot.kernel_modules()}
 
 

@@ -4,8 +4,9 @@ Every kernel module of this package declares `AOT_SPECS`, a list of `(kernel, si
 constexprs)`: the `triton.compile` signature dict (`{"x_ptr": "*fp32", "n": "i32", "BLOCK":
 "constexpr", ...}`) and the constexpr values, one entry per specialization its launchers can
 produce. `compile_all` compiles each entry for a `GPUTarget("cuda", arch, 32)` down to a cubin,
-runs the cubin's PTX through ptxas -v (spill report) and the cubin through `cuobjdump
--res-usage` (registers, shared and local memory), and returns one record per (entry, arch).
+reads the spill report of Triton's own `ptxas -v` run (TRITON_DUMP_PTXAS_LOG; a triton without
+it gets its PTX run through ptxas -v again) and the cubin's `cuobjdump -res-usage` (registers,
+shared and local memory), and returns one record per (entry, arch).
 
 Under TRITON_INTERPRET=1 `@triton.jit` builds interpreter objects that the compiler cannot take,
 so `run_isolated` runs this module in a subprocess without that variable and with its own
@@ -16,7 +17,9 @@ TRITON_CACHE_DIR (a cached cubin would skip the front end):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import pkgutil
@@ -184,13 +187,19 @@ def compile_all(archs: list[int], out_dir: str) -> list[dict]:
                 rec = {"module": short, "kernel": kernel.fn.__name__, "label": label, "arch": arch}
                 try:
                     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-                    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-                    stem = out / _safe(f"{short}.{label}.sm{arch}")
-                    cubin = stem.with_suffix(".cubin")
+                    log = io.StringIO()
+                    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints here
+                        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+                    stem = _safe(f"{short}.{label}.sm{arch}")
+                    cubin = out / f"{stem}.cubin"
                     cubin.write_bytes(compiled.asm["cubin"])
-                    stores, loads, target = _ptx_spills(
-                        compiled.asm["ptx"], stem.with_suffix(".ptx")
-                    )
+                    target = re.search(r"^\.target\s+(\S+)", compiled.asm["ptx"], re.M).group(1)
+                    if _SPILL.search(log.getvalue()):
+                        stores, loads = ptxas_spills(log.getvalue())
+                    else:  # a triton without that log: run its PTX through ptxas -v again
+                        stores, loads, target = _ptx_spills(
+                            compiled.asm["ptx"], out / f"{stem}.ptx"
+                        )
                     usage = resource_usage(str(cubin))
                     name = compiled.metadata.name
                     rec |= {
@@ -214,6 +223,7 @@ def run_isolated(archs: list[int], out_dir: str, cache_dir: str, timeout: float 
     Returns {"records": [...], "uncovered": {module: [names]}, "versions": {...}}."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = cache_dir
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton's own ptxas -v report (spills), where supported
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "eqkernels.triton.aot", "--out", out_dir]
