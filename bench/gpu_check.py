@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
         took = time.monotonic() - t0
         print(f"[{stage}] {'ok' if ok else 'FAILED'} in {took:.1f} s", flush=True)
+        new_file = not (out / "stages.csv").exists()
         with open(out / "stages.csv", "a") as f:
+            if new_file:
+                f.write("stage,status,seconds\n")
             f.write(f"{stage},{'ok' if ok else 'failed'},{took:.1f}\n")
         if not ok:
             failed.append(stage)

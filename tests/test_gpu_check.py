@@ -189,3 +189,37 @@ def test_build_stage_command_for_the_local_arch(monkeypatch, tmp_path, ninja):
         assert seen["cmd"][1:] == ["setup.py", "-q", "build_ext", "--inplace"]
     else:
         assert seen["cmd"][1:] == ["-m", "bench.parallel_build", str(os.cpu_count())]
+
+
+def test_stage_loop_times_each_stage_and_keeps_going_after_a_failure(monkeypatch, tmp_path, capsys):
+    """The driver with a pretend GPU and stand-in stages: every stage is timed and recorded, a
+    failing test stage does not lose the benchmark after it, a failing build stops the run."""
+    report = {"info": {"gpu": "Pretend GPU", "arch": "9.0", "python": "3.12"}, "problems": []}
+    monkeypatch.setattr(gpu_check, "environment", lambda: report)
+    monkeypatch.setattr(gpu_check, "stage_build", lambda out, rep: True)
+
+    def broken_tests(out, rep):
+        raise RuntimeError("pytest exploded")
+
+    monkeypatch.setattr(gpu_check, "stage_tests", broken_tests)
+    monkeypatch.setattr(
+        gpu_check, "stage_bench", lambda name, out: (out / f"{name}.md").write_text("rows") > 0
+    )
+    out = tmp_path / "r"
+    assert gpu_check.main([str(out), "--stages", "env,build,tests,lowbit"]) == 1
+    text = capsys.readouterr().out
+    for stage, status in (("env", "ok"), ("build", "ok"), ("tests", "FAILED"), ("lowbit", "ok")):
+        assert f"[{stage}] {status} in " in text
+    assert "failed stages: tests" in text
+    assert "| gpu | Pretend GPU |" in (out / "env.md").read_text()
+    assert (out / "tests.error.txt").read_text() == "RuntimeError: pytest exploded\n"
+    assert (out / "lowbit.md").read_text() == "rows"
+    lines = (out / "stages.csv").read_text().splitlines()
+    assert lines[0] == "stage,status,seconds"
+    assert [line.split(",")[:2] for line in lines[1:]] == [
+        ["env", "ok"], ["build", "ok"], ["tests", "failed"], ["lowbit", "ok"]
+    ]  # fmt: skip
+    monkeypatch.setattr(gpu_check, "stage_build", lambda out, rep: False)
+    assert gpu_check.main([str(tmp_path / "r2"), "--stages", "build,lowbit"]) == 1
+    text = capsys.readouterr().out
+    assert "[build] FAILED" in text and "[lowbit]" not in text
