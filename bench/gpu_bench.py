@@ -70,7 +70,12 @@ def _safe(fn):
 # Fake quant
 
 
-def fake_quant_rows() -> list[dict]:
+def _ignore(rows: list[dict]) -> None:
+    pass
+
+
+def fake_quant_rows(emit=_ignore) -> list[dict]:
+    """emit(rows) after each dtype and form: partial results survive a cut-short run."""
     import eqkernels as E
 
     rows = []
@@ -118,6 +123,11 @@ def fake_quant_rows() -> list[dict]:
                             "error": error,
                         }
                     )
+            emit(_fake_quant_summary(rows))
+    return _fake_quant_summary(rows)
+
+
+def _fake_quant_summary(rows: list[dict]) -> list[dict]:
     _ratios(rows, ("dtype", "form", "mode"), "torch built-in", "x_vs_builtin")
     for row in rows:
         if row["provider"] == "eqkernels triton" and row["mode"] == "fwd+bwd":
@@ -153,7 +163,7 @@ def _ratios(rows, keys, baseline, column, time_key="us"):
 # Low-bit GEMM
 
 
-def lowbit_rows() -> list[dict]:
+def lowbit_rows(emit=_ignore) -> list[dict]:
     import eqkernels as E
 
     rows = []
@@ -193,6 +203,11 @@ def lowbit_rows() -> list[dict]:
                     "error": error,
                 }
             )
+        emit(_lowbit_summary(rows))
+    return _lowbit_summary(rows)
+
+
+def _lowbit_summary(rows: list[dict]) -> list[dict]:
     _ratios(rows, ("M",), "fp16 matmul", "x_vs_fp16")
     _ratios(rows, ("M",), "torch._int_mm int8", "x_vs_int_mm")
     for row in rows:
@@ -205,7 +220,7 @@ def lowbit_rows() -> list[dict]:
 # Supernet training step
 
 
-def supernet_rows(batch: int = 64) -> list[dict]:
+def supernet_rows(emit=_ignore, batch: int = 64) -> list[dict]:
     import eqnet
     from eqnet import models
     from eqnet.space import ElasticSpace, SubnetConfig
@@ -243,6 +258,11 @@ def supernet_rows(batch: int = 64) -> list[dict]:
                     "error": error,
                 }
             )
+            emit(_supernet_summary(rows))
+    return _supernet_summary(rows)
+
+
+def _supernet_summary(rows: list[dict]) -> list[dict]:
     _ratios(rows, ("precision",), "float", "x_vs_float", time_key="ms")
     return rows
 
@@ -296,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
+    note = f"Device: {device}, torch {torch.__version__}."
     for name in names:
-        write(name, STAGES[name](), out, note=f"Device: {device}, torch {torch.__version__}.")
+        write(name, STAGES[name](lambda rows, n=name: write(n, rows, out, note)), out, note)
     return 0
 
 

@@ -185,8 +185,8 @@ def stage_bench(name: str, out: Path) -> bool:
 
     from bench import gpu_bench
 
-    rows = gpu_bench.STAGES[name]()
     note = f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}."
+    rows = gpu_bench.STAGES[name](lambda partial: gpu_bench.write(name, partial, out, note))
     gpu_bench.write(name, rows, out, note=note)
     return not any(r.get("error") and "eqkernels" in r.get("provider", "") for r in rows)
 
