@@ -15,6 +15,7 @@ this project has run these benchmarks. Times are CUDA-event medians with the L2 
 (a 256 MiB write) before every timed call.
 
     python -m bench.gpu_bench OUTDIR [fake_quant|lowbit|supernet ...]
+(`make gpu-check` runs them; standalone, eqnet must be importable: installed or PYTHONPATH=python)
 """
 
 from __future__ import annotations
@@ -24,11 +25,6 @@ import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-for _p in (ROOT, ROOT / "python"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 TARGETS = {
     "fake_quant": "fwd+bwd at >= 80 % of the copy bandwidth (bytes that must move) and "

@@ -24,11 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from eqkernels.triton import aot
 
-from eqkernels.triton import aot  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ARCHS = (80, 90)
 DOC = ROOT / "docs" / "backends.md"

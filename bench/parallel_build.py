@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     patch(jobs)
     os.chdir(ROOT)
     sys.argv = ["setup.py", "-q", "build_ext", "--inplace"]
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT))  # what `python setup.py` would have on sys.path
     runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
     return 0
 

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import gpu_bench, gpu_check
 
-from bench import gpu_bench, gpu_check  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(args, env_extra=None):

@@ -24,13 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import gpu_resources
+from eqkernels.triton import aot
+from eqkernels.triton import fake_quant as tfq
 
-from bench import gpu_resources  # noqa: E402
-from eqkernels.triton import aot  # noqa: E402
-from eqkernels.triton import fake_quant as tfq  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ARCHS = (80, 90)
 
