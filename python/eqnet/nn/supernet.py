@@ -1,4 +1,9 @@
-"""The Supernet wrapper returned by `eqnet.convert`."""
+"""The Supernet wrapper returned by `eqnet.convert`.
+
+Its state_dict carries, besides the tensors, the space and the active config as plain
+JSON-able data (key "_extra_state"), so a checkpoint loads under `torch.load(...,
+weights_only=True)` and `load_state_dict` restores the active subnet too.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,16 @@ from collections import OrderedDict
 
 from torch import nn
 
-from ..space import ElasticSpace, SubnetConfig, layer_specs
+from ..space import ElasticSpace, LayerChoice, SubnetConfig, layer_specs
 from .batchnorm import SwitchableBatchNorm2d
 from .quantizer import ElasticQuantizer
 
 
 class Supernet(nn.Module):
     """A converted network (`.model`) plus its space; one active subnet at a time.
+
+    A wrapper: `supernet(x)` calls `supernet.model(x)`, the user's module tree with its
+    quantized layers in place (reach the converted model, its attributes and methods, there).
 
     Layer names are relative to the Supernet (e.g. "model.conv1"), as `layer_specs(supernet)`
     and the SubnetConfig constructors (always called with the Supernet as `model`) see them.
@@ -39,6 +47,31 @@ class Supernet(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def get_extra_state(self) -> dict:
+        return {
+            "space": self.space.to_dict(),
+            "config": {name: c.to_dict() for name, c in self.config()},
+            "keep_first_last": self.keep_first_last,
+            "per_bit_bn": self.per_bit_bn,
+        }
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or not {"space", "config"} <= set(state):
+            raise ValueError(
+                "Supernet state: expected a dict with 'space' and 'config', got "
+                f"{type(state).__name__}"
+            )
+        space = ElasticSpace.from_dict(state["space"])
+        if space != self.space:
+            raise ValueError(
+                f"Supernet state: the saved space {space} differs from this supernet's "
+                f"{self.space}; convert the model with the saved space first"
+            )
+        config = state["config"]
+        if not isinstance(config, dict) or not all(isinstance(c, dict) for c in config.values()):
+            raise ValueError("Supernet state: 'config' must map layer names to choice dicts")
+        self.set_config(SubnetConfig((n, LayerChoice(**c)) for n, c in config.items()))
 
     def quantized_layers(self) -> OrderedDict[str, nn.Module]:
         return OrderedDict(
