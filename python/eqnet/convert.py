@@ -22,7 +22,7 @@ from .nn.supernet import Supernet
 from .space import ElasticSpace, LayerChoice
 from .train.config import KEEP_FIRST_LAST
 
-__all__ = ["calibrate", "convert", "recalibrate_bn"]
+__all__ = ["calibrate", "convert", "make_projections_modules", "recalibrate_bn"]
 
 _QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
@@ -78,7 +78,7 @@ def convert(
         raise ValueError("model is already a Supernet")
     patterns = _patterns(exclude)
     model = copy.deepcopy(model)
-    _make_projections_modules(model)
+    make_projections_modules(model)
     layers = _convertible(model, patterns)  # unique, module order
     if not layers:
         raise ValueError("model has no nn.Conv2d or nn.Linear to convert")
@@ -165,7 +165,7 @@ def _convertible(model: nn.Module, patterns) -> list[nn.Module]:
     return layers
 
 
-def _make_projections_modules(model: nn.Module) -> None:
+def make_projections_modules(model: nn.Module) -> None:
     """Make every weight-bearing projection a called nn.Linear module (sharing Parameters)."""
     replacement: dict[int, nn.Module] = {}
     for m in model.modules():
