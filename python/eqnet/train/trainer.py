@@ -99,9 +99,13 @@ def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     from eqnet import models
 
     recipe = get_recipe(config.recipe)
-    net = models.get(config.model, num_classes)
+    net = models.get(config.model, num_classes, **(config.model_kwargs or {}))
+    if getattr(net, "eqnet_input_size", None) is None and config.input_shape:
+        net.eqnet_input_size = (1, *config.input_shape)
     if float_init and config.init:
-        net.load_state_dict(load_float_weights(config.init))
+        note = models.load_init(net, load_float_weights(config.init))
+        if note:
+            print(note, flush=True)
     space = recipe.space(config)
     if space is None:
         return net, None
@@ -155,6 +159,8 @@ class Trainer:
         self.train_loader = train_loader(self.data.train, c.batch_size, c.seed, c.workers)
         self.holdout_loader = eval_loader(self.data.holdout, c.batch_size, c.workers)
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size, c.workers)
+        if c.input_shape is None:
+            c.input_shape = list(self.data.input_shape)
         # On resume the checkpoint holds the weights: the float init need not exist any more.
         model, self.space = build_model(c, self.data.num_classes, float_init=load_init)
         self.model = model.to(self.device)
