@@ -20,11 +20,12 @@ from .nn.coverage import call_model, check_quantized_paths
 from .nn.layers import QConv2d, QLinear
 from .nn.supernet import Supernet
 from .space import ElasticSpace, LayerChoice
-from .train.config import KEEP_FIRST_LAST
 
 __all__ = ["calibrate", "convert", "make_projections_modules", "recalibrate_bn"]
 
 _QUANTIZABLE = (nn.Conv2d, nn.Linear)
+# first and last layers: fixed 8-bit, float, or elastic like the rest (see `convert`)
+KEEP_FIRST_LAST = ("8bit", "fp", "elastic")
 
 
 def convert(
