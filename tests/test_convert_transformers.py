@@ -318,3 +318,15 @@ def test_state_dict_restores_config_under_weights_only():
     other = eqnet.convert(model, ElasticSpace(w_bits=(4, 8), a_bits=(4, 8)), example_input=x)
     with pytest.raises(ValueError, match="space"):
         other.load_state_dict(state)
+
+
+def test_supernet_traces_with_its_extra_state():
+    """torch.jit.trace (the ONNX exporter's path) reads every state_dict value as a tensor."""
+    model, x = tiny.custom()
+    sn = eqnet.convert(model, SPACE, example_input=x).eval()
+    assert torch.is_tensor(sn.state_dict()["_extra_state"])
+    with torch.no_grad():
+        traced = torch.jit.trace(sn, x, check_trace=False)
+        torch.testing.assert_close(traced(x), sn(x))
+    with pytest.raises(ValueError, match="uint8"):
+        sn.set_extra_state(torch.zeros(3))

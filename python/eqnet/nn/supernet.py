@@ -1,14 +1,18 @@
 """The Supernet wrapper returned by `eqnet.convert`.
 
 Its state_dict carries, besides the tensors, the space and the active config as plain
-JSON-able data (key "_extra_state"), so a checkpoint loads under `torch.load(...,
-weights_only=True)` and `load_state_dict` restores the active subnet too.
+JSON data (key "_extra_state"), so a checkpoint loads under `torch.load(...,
+weights_only=True)` and `load_state_dict` restores the active subnet too. The JSON travels as
+UTF-8 bytes in a uint8 tensor: torch.jit.trace (and so the ONNX exporter) and other readers of
+a state_dict expect every value to be a tensor.
 """
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from ..space import ElasticSpace, LayerChoice, SubnetConfig, layer_specs
@@ -48,7 +52,8 @@ class Supernet(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def get_extra_state(self) -> dict:
+    def extra_state_dict(self) -> dict:
+        """The space and the active config as JSON-able data."""
         return {
             "space": self.space.to_dict(),
             "config": {name: c.to_dict() for name, c in self.config()},
@@ -56,7 +61,21 @@ class Supernet(nn.Module):
             "per_bit_bn": self.per_bit_bn,
         }
 
+    def get_extra_state(self) -> torch.Tensor:
+        text = json.dumps(self.extra_state_dict(), sort_keys=True).encode()
+        return torch.frombuffer(bytearray(text), dtype=torch.uint8)
+
     def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor):
+            if state.dtype != torch.uint8 or state.dim() != 1:
+                raise ValueError(
+                    "Supernet state: expected UTF-8 JSON in a 1-D uint8 tensor, got "
+                    f"{state.dtype} of shape {tuple(state.shape)}"
+                )
+            try:
+                state = json.loads(bytes(state.cpu().tolist()).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"Supernet state: not UTF-8 JSON ({e})") from e
         if not isinstance(state, dict) or not {"space", "config"} <= set(state):
             raise ValueError(
                 "Supernet state: expected a dict with 'space' and 'config', got "
