@@ -1,6 +1,6 @@
 """Model conversion: a float model -> an elastic quantization Supernet.
 
-Calibration and BN re-estimation live in eqnet.calibration (re-exported here).
+Calibration and BN re-estimation live in eqnet.nn.calibration (re-exported here).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .calibration import calibrate, recalibrate_bn
 from .nn.attention import ProjectedAttention, disable_fused_paths
 from .nn.batchnorm import SwitchableBatchNorm2d
+from .nn.calibration import calibrate, recalibrate_bn
 from .nn.coverage import call_model, check_quantized_paths
 from .nn.layers import QConv2d, QLinear
 from .nn.supernet import Supernet

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .nn.batchnorm import SwitchableBatchNorm2d
-from .nn.coverage import Call, call_model, check_quantized_paths, to_device
-from .nn.quantizer import CALIB_SAMPLES, ElasticQuantizer
+from .batchnorm import SwitchableBatchNorm2d
+from .coverage import Call, call_model, check_quantized_paths, to_device
+from .quantizer import CALIB_SAMPLES, ElasticQuantizer
 
 # Seconds of calibration before a progress bar appears (short runs print nothing).
 PROGRESS_DELAY_S = 1.0
