@@ -28,6 +28,15 @@ from torch.nn import functional as F
 
 NAMES = ("digits_cnn", "resnet20", "resnet56", "torchvision:<name>", "package.module:factory")
 
+
+def is_registered(name) -> bool:
+    """A name `get` builds from this package or torchvision alone (no user module imported):
+    the architectures a file may name for eqnet.load to rebuild."""
+    return isinstance(name, str) and (
+        name in ("digits_cnn", "resnet20", "resnet56") or name.startswith("torchvision:")
+    )
+
+
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -52,6 +61,8 @@ def get(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     else:
         raise ValueError(f"name={name!r}: accepted values are {', '.join(NAMES)}")
     model.eqnet_input_size = size
+    # What eqnet.export records so that eqnet.load rebuilds the network without `model=`.
+    model.eqnet_arch = {"name": name, "kwargs": {"num_classes": num_classes}}
     return model
 
 
