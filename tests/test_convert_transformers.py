@@ -328,3 +328,14 @@ def test_supernet_traces_with_its_extra_state():
         torch.testing.assert_close(traced(x), sn(x))
     with pytest.raises(ValueError, match="uint8"):
         sn.set_extra_state(torch.zeros(3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,size", [("swin_t", 64), ("vit_b_16", 224)])
+def test_full_size_torchvision_transformers_convert(arch, size):
+    """The real Swin-T and ViT-B/16 (random init): every projection converted and run in all
+    four modes (convert raises otherwise)."""
+    model = eqnet.models.get(f"torchvision:{arch}", num_classes=10)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    sn = eqnet.convert(model, SPACE, example_input=x)
+    assert len(sn.quantized_layers()) == _expected_layers(model)
