@@ -313,6 +313,10 @@ def test_state_dict_restores_config_under_weights_only():
     assert fresh.config() != cfg
     fresh.load_state_dict(state)
     assert fresh.config() == cfg
+    older = {k: v for k, v in state.items() if k != "_extra_state"}  # saved before the config
+    fresh.set_config(SubnetConfig.lowest(SPACE, fresh))
+    fresh.load_state_dict(older)
+    assert fresh.config() == SubnetConfig.lowest(SPACE, fresh)
     other = eqnet.convert(model, ElasticSpace(w_bits=(4, 8), a_bits=(4, 8)), example_input=x)
     with pytest.raises(ValueError, match="space"):
         other.load_state_dict(state)

@@ -65,6 +65,13 @@ class Supernet(nn.Module):
         text = json.dumps(self.extra_state_dict(), sort_keys=True).encode()
         return torch.frombuffer(bytearray(text), dtype=torch.uint8)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "_extra_state"
+        if key not in state_dict:
+            # A state_dict saved before it carried the space and config: keep the active one.
+            state_dict[key] = self.get_extra_state()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_extra_state(self, state) -> None:
         if isinstance(state, torch.Tensor):
             if state.dtype != torch.uint8 or state.dim() != 1:
