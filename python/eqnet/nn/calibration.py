@@ -179,7 +179,10 @@ def calibrate(model: nn.Module, data, batches: int = 4, method: str = "mse") -> 
         for m in _unique_modules(model):
             for k, v in bn_buffers.get(id(m), {}).items():
                 getattr(m, k).copy_(v)
-    for layer in layers:
+    from tqdm.auto import tqdm
+
+    # The per-form clipping search over every layer is the long part on large models.
+    for layer in tqdm(layers, desc="quantizer ranges", delay=PROGRESS_DELAY_S):
         layer.weight_quantizer.calibrate(layer.weight, method=method)
         values = observer.data(layer)
         if values is None:
