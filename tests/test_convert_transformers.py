@@ -118,13 +118,16 @@ def test_projected_attention_self_unbatched_causal():
         attn(x, x, x, is_causal=True)
 
 
-@pytest.mark.parametrize("name", ["vit", "swin", "encoder", "gpt2", "llama"])
+@pytest.mark.parametrize("name", ["vit", "swin", "swin_v2", "encoder", "gpt2", "llama"])
 def test_projection_modules_keep_the_float_function(name):
     """Before any quantization, the rewritten attention computes the original model's output
     (in eval mode without grad the originals take their fused fast paths)."""
-    model, x = tiny.BUILDERS[name]()
+    model, x = (tiny.swin_v2 if name == "swin_v2" else tiny.BUILDERS[name])()
     rewritten = copy.deepcopy(model)
     make_projections_modules(rewritten)
+    kinds = {type(m).__name__ for m in rewritten.modules()}
+    assert not kinds & {"MultiheadAttention", "Conv1D"}, kinds
+    assert not kinds & {"ShiftedWindowAttention", "ShiftedWindowAttentionV2"}, kinds
     for train, grad in MODES:
         model.train(train)
         rewritten.train(train)

@@ -48,6 +48,23 @@ def swin():
     return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+def swin_v2():
+    """The V2 blocks (cosine attention, log-spaced continuous position bias, no key bias)."""
+    import torchvision
+    from torchvision.models import swin_transformer as tvs
+
+    model = torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+        stochastic_depth_prob=0.0, num_classes=10, block=tvs.SwinTransformerBlockV2,
+        downsample_layer=tvs.PatchMergingV2,
+    )  # fmt: skip
+    with torch.no_grad():  # a nonzero key bias, which the V2 forward must ignore
+        for m in model.modules():
+            if isinstance(m, tvs.ShiftedWindowAttentionV2):
+                m.qkv.bias.normal_(generator=torch.Generator().manual_seed(4))
+    return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
 class EncoderClassifier(nn.Module):
     """nn.TransformerEncoder (batch_first, even heads: the fused fast path applies in eval mode
     without grad) over a linear token embedding, with a padding mask."""
