@@ -13,7 +13,6 @@ switches the same modules in place.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -22,6 +21,7 @@ from eqkernels.format import EqkFile, EqkFormatError, plane_tensor_name, read_eq
 
 from ..space import LayerChoice, SubnetConfig
 from .export import act_form_key, build_float_model
+from .record import check_network, check_record, check_values
 from .runtime import LayerTensors, _IntLayer, int_layer
 
 _PREFIX = "model."
@@ -205,7 +205,9 @@ class DeployedModel(nn.Module):
             need = sorted(
                 set(need) | set(self.header["widths"][str(_widest_within(self.header, max_bits))])
             )
+        before = set(self.eqk.tensors)
         self.eqk.upgrade(source, sections=need)
+        check_values({k: v for k, v in self.eqk.tensors.items() if k not in before})
         self.configure(cfg)
         return self
 
@@ -251,15 +253,20 @@ def _layer_tensors(header, tensors, lname, choice: LayerChoice) -> LayerTensors:
     )
 
 
+def _float_model(arch: dict, device: str) -> nn.Module:
+    try:
+        with torch.device(device):
+            return build_float_model(arch)
+    except (KeyError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
+        raise EqkFormatError(f"model.arch: cannot build {arch!r} ({exc})") from None
+
+
 def _build_network(header: dict) -> nn.Module:
     model, _ = _meta(header)
-    arch = model["arch"]
-    if not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str):
-        raise EqkFormatError("model record: 'arch' must hold the registered name and kwargs")
-    try:
-        net = build_float_model(arch)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise EqkFormatError(f"model record: cannot rebuild {arch!r} ({exc})") from None
+    # The declared network is checked on the meta device first (no memory): only a record
+    # whose every layer matches the file's tensors gets a real network allocated.
+    check_network(header, _float_model(model["arch"], "meta"))
+    net = _float_model(model["arch"], "cpu")
     # Wrap so that module names match the Supernet's ("model.<path>").
     root = nn.Module()
     root.model = net
@@ -319,6 +326,8 @@ def load(
     """
     eqk = read_eqk(path, max_bits=max_bits) if max_bits is not None else read_eqk(path)
     header = eqk.header
+    check_record(header)
+    check_values(eqk.tensors)
     if bits is None and config is None:
         if header["nested"]:
             bits = eqk.bits
