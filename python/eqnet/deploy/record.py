@@ -210,8 +210,10 @@ def _check_layer_forms(header, lname, geometry, qlayer, entries) -> None:
     for wkey, form in qlayer["weights"].items():
         path = f"quant.layers[{lname!r}].weights[{wkey!r}]"
         if form["N"] != n or form["K"] != k:
+            source = "in_features" if geometry["kind"] == "linear" else (
+                "in_channels / groups * kernel_size")  # fmt: skip
             raise fail(path, f"N={form['N']}, K={form['K']}; the layer's geometry gives N={n}, "
-                             f"K={k}")  # fmt: skip
+                             f"K={k} ({source})")  # fmt: skip
         bits = form["stored_bits"]
         if form["nested"]:
             granularity = wkey.removeprefix("nested-")
