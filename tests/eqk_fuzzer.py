@@ -305,9 +305,11 @@ SELECTIONS = [{}, {"bits": 2, "max_bits": 2}, {"bits": 3, "max_bits": 3}, {"bits
 
 
 def campaign(original: str, workdir: str, seed: int, count: int, workers: int = 2,
-             memory_bytes: int = 1 << 30, timeout: float = 60.0, env=None, log=None) -> dict:  # fmt: skip
+             memory_bytes: int = 1 << 30, timeout: float = 60.0, env=None, log=None,
+             selections=None) -> dict:  # fmt: skip
     """Run `count` crafted cases from `original`; returns counts per result and examples."""
     rng = random.Random(seed)
+    selections = SELECTIONS if selections is None else selections
     blob = open(original, "rb").read()
     env = dict(os.environ if env is None else env)
     pool = [Worker(original, memory_bytes, env) for _ in range(workers)]
@@ -324,7 +326,7 @@ def campaign(original: str, workdir: str, seed: int, count: int, workers: int = 
                 _collect(pending.pop(0), timeout, counts, examples)
             with open(path, "wb") as f:
                 f.write(data)
-            worker.send({"path": path, "kwargs": rng.choice(SELECTIONS)})
+            worker.send({"path": path, "kwargs": rng.choice(selections)})
             pending.append((worker, note, path))
             if log and (i + 1) % 1000 == 0:
                 log(f"{i + 1} cases, {time.time() - start:.0f} s, {counts}")
