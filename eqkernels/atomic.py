@@ -33,9 +33,19 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temp_in(directory: str, basename: str) -> tuple[int, str]:
     prefix = f".{basename}.pid{os.getpid()}."
-    return tempfile.mkstemp(dir=directory, prefix=prefix, suffix=TEMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=TEMP_SUFFIX)
+    # mkstemp creates 0600; give the file the permissions a plain open() would (umask).
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
 
 
 def _discard(tmp: str) -> None:

@@ -7,7 +7,8 @@ its CRC32), with every CRC, section digest and the identity recomputed, so only 
 validation can reject it. Cases are loaded by long-lived worker processes under an address-space
 limit (RLIMIT_AS) and a per-case time limit. A case passes when the load raises EqkFormatError
 or when the loaded model's outputs are bit-identical to the original file's at the same
-configuration.
+configuration ("absent": a valid crafted file that does not offer the width or config asked for
+raised the documented ValueError for that argument).
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def make_case(rng, blob: bytes) -> tuple[bytes, str]:
                 notes.append(corrupt_value(rng, header, data))
             else:
                 notes.append(mutator(rng, header))
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, struct.error):
             notes.append("mutation skipped")
     try:
         reseal(header, data)
@@ -222,6 +223,7 @@ import torch
 torch.set_num_threads(1)
 import eqnet
 from eqkernels import EqkFormatError
+from eqkernels.format import read_eqk_header
 from eqnet.deploy import load
 
 def vm_bytes():
@@ -255,6 +257,14 @@ for line in sys.stdin:
         out = {"result": "identical" if same else "WRONG"}
     except EqkFormatError as exc:
         out = {"result": "rejected", "message": str(exc)[:200]}
+    except ValueError as exc:
+        # A valid file that does not offer the selection asked for: an argument error.
+        header = read_eqk_header(case["path"])
+        asked = str(case["kwargs"].get("bits", case["kwargs"].get("config", "")))
+        offered = set(header["widths"]) & set(header["quant"]["configs"])
+        absent = asked and asked not in offered
+        out = {"result": "absent" if absent else "OTHER",
+               "message": f"ValueError: {str(exc)[:200]}", "trace": traceback.format_exc()[-800:]}
     except MemoryError:
         out = {"result": "MEMORY"}
     except BaseException as exc:
@@ -346,5 +356,5 @@ def _collect(item, timeout, counts, examples):
     out = worker.receive(timeout)
     result = out["result"]
     counts[result] = counts.get(result, 0) + 1
-    if result not in ("rejected", "identical"):
+    if result not in ("rejected", "identical", "absent"):
         examples.setdefault(result, []).append((note, out.get("message"), out.get("trace")))

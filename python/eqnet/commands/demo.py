@@ -88,6 +88,8 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
 
+    from eqkernels import atomic
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     float_dir, layered_dir, search_dir = out / "float", out / "layered", out / "search"
@@ -127,7 +129,7 @@ def _run(args) -> int:
     columns = ("selection", "mean_w_bits", "accuracy", "fake_quant_accuracy", "bytes_read",
                "file_bytes", "elastic_plane_bytes", "latency_ms_b1")  # fmt: skip
     text = markdown(table, columns)
-    (out / "results.md").write_text(text + "\n")
+    atomic.write_text(out / "results.md", text + "\n")
     write_csv(out / "results.csv", table, columns)
     total = time.perf_counter() - steps.start
     print()

@@ -169,7 +169,9 @@ def markdown(rows: list[dict], columns=COLUMNS) -> str:
 
 
 def write_csv(path, rows: list[dict], columns=COLUMNS) -> None:
-    with open(path, "w", newline="") as f:
+    from eqkernels import atomic
+
+    with atomic.atomic_write(path, "w") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)

@@ -109,9 +109,10 @@ def summary(header: dict) -> str:
 
 
 def run(args) -> int:
-    from eqkernels import EqkFormatError
+    from eqkernels import EqkFormatError, atomic
 
     try:
+        atomic.remove_stale_temps(Path(args.out).resolve().parent)
         configs = read_configs(args.configs, args.config)
         header = export_run(args.run, args.out, configs, args.bn_batches)
     except (FileNotFoundError, ValueError, NotImplementedError, EqkFormatError) as exc:

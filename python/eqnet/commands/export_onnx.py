@@ -116,10 +116,12 @@ def _recalibrate(trained, supernet, config, batches: int) -> None:
 def run(args) -> int:
     import torch
 
+    from eqkernels import atomic
     from eqnet.deploy.onnx import compare_onnx, export_onnx
     from eqnet.run import load_run
 
     try:
+        atomic.remove_stale_temps(Path(args.out).resolve().parent)
         trained = load_run(args.run)
         supernet = trained.model.eval()
         if not hasattr(supernet, "set_config"):

@@ -268,6 +268,7 @@ def _search_ga(args, ctx, budgets, out: Path):
     import numpy as np
     import torch
 
+    from eqkernels import atomic
     from eqnet.search.accuracy_data import build_dataset, row_config
     from eqnet.search.genetic import genetic_search
     from eqnet.search.genome import Budget, ChoiceTable
@@ -297,7 +298,8 @@ def _search_ga(args, ctx, budgets, out: Path):
             f"asks for {json.dumps(setting)}; choose another --out or the same settings"
         )
     out.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(setting))
+    atomic.remove_stale_temps(out)
+    atomic.write_text(meta, json.dumps(setting))
     t0 = time.perf_counter()
     with _DatasetWorkers(args) as workers:
         rows = build_dataset(
@@ -313,8 +315,9 @@ def _search_ga(args, ctx, budgets, out: Path):
     acc = torch.tensor([r["accuracy"] for r in rows])
     t0 = time.perf_counter()
     predictor, report, chosen = _fit_predictor(args, enc, acc, out)
-    (out / "predictor_report.json").write_text(
-        json.dumps({"predictor": args.predictor, **report.to_dict(), **chosen}, indent=2)
+    atomic.write_text(
+        out / "predictor_report.json",
+        json.dumps({"predictor": args.predictor, **report.to_dict(), **chosen}, indent=2),
     )
     _log(
         f"predictor ({args.predictor}): Kendall tau {report.kendall_tau:.3f}, Pearson r "
@@ -520,6 +523,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    from eqkernels import atomic
     from eqnet.search import pareto
     from eqnet.search.accuracy_data import fraction_correct
     from eqnet.search.genome import parse_constraints
@@ -581,10 +585,11 @@ def _run(args) -> int:
         rows.append(
             {"label": label, "kind": "uniform", "accuracy": fraction_correct(correct), **metrics}
         )
-    (out / "configs.json").write_text(
+    atomic.write_text(
+        out / "configs.json",
         json.dumps(
             {"run": str(args.run), "method": args.method, **extra, "chosen": chosen}, indent=2
-        )
+        ),
     )
     pareto.write_csv(out / "pareto.csv", rows)
     pareto.plot(out / "pareto.png", rows, title=f"{args.method}: {Path(args.run).name}")

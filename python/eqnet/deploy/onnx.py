@@ -50,6 +50,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from eqkernels import atomic
+
 from ..space import SubnetConfig
 from .onnx_presets import (
     BN_MODES,
@@ -635,7 +637,8 @@ def export_onnx(
     }
     onnx.helper.set_model_props(model, meta)
     onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, os.fspath(path))
+    with atomic.atomic_output(path) as tmp:
+        onnx.save(model, tmp)
     return model
 
 

@@ -153,10 +153,13 @@ def check_record(header: dict) -> None:
 
 
 def _check_width_sections(header: dict, entries: dict) -> None:
-    """A stored config named like a width must find its tensors in that width's sections
-    (what a prefix load of the width reads)."""
+    """Every width has a stored config of its name (the export writes one per width), which
+    finds its tensors in that width's sections (what a prefix load of the width reads)."""
     from .loader import config_from, required_tensors
 
+    missing = sorted(set(header["widths"]) - set(header["quant"]["configs"]))
+    if missing:
+        raise fail("quant.configs", f"lacks the config of width {missing[0]!r}")
     for key, needed in header["widths"].items():
         if key not in header["quant"]["configs"]:
             continue
