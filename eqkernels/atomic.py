@@ -11,6 +11,7 @@ when a command starts) deletes those whose writer process is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -59,7 +60,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     is fsynced and renamed over `path`. On any exception it is removed and `path` untouched."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a directory; give a file path")
+        raise IsADirectoryError(errno.EISDIR, "a directory, not a file path", path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _temp_in(directory, os.path.basename(path))
     os.close(fd)
@@ -82,7 +83,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         raise ValueError(f"mode: expected 'wb' or 'w', got {mode!r}")
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a directory; give a file path")
+        raise IsADirectoryError(errno.EISDIR, "a directory, not a file path", path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _temp_in(directory, os.path.basename(path))
     try:

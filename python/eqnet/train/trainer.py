@@ -72,7 +72,18 @@ def _bn_buffers(model):
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={name!r}: accepted values are auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: no CUDA device is available here; use auto or cpu")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} CUDA devices")
+    elif device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}: accepted values are auto, cpu, cuda, cuda:N")
+    return device
 
 
 class Trainer:
