@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--bn-batches",
-        type=count(0),
+        type=int,
         default=None,
         metavar="N",
         help="re-estimate the subnet's BN statistics on N held-out batches before export "

@@ -90,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--dataset-workers",
-        type=count(1),
+        type=int,
         default=1,
         metavar="N",
         help="processes that measure the accuracy dataset's configs in parallel (default 1; "
