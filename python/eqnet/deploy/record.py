@@ -31,6 +31,8 @@ from eqkernels.eqk.fields import (
     string,
 )
 
+from .layout import config_from, layer_geometry, required_tensors
+
 MAX_CHANNELS = 1 << 20
 MAX_KERNEL = 64
 MAX_STRIDE = 64
@@ -155,7 +157,6 @@ def check_record(header: dict) -> None:
 def _check_width_sections(header: dict, entries: dict) -> None:
     """Every width has a stored config of its name (the export writes one per width), which
     finds its tensors in that width's sections (what a prefix load of the width reads)."""
-    from .loader import config_from, required_tensors
 
     missing = sorted(set(header["widths"]) - set(header["quant"]["configs"]))
     if missing:
@@ -283,8 +284,6 @@ def _check_config(cname: str, cfg: dict, model: dict, quant: dict) -> None:
 
 
 def _module_geometry(module: nn.Module) -> dict | None:
-    from .export import layer_geometry
-
     try:
         return layer_geometry(module)
     except NotImplementedError:
