@@ -242,3 +242,44 @@ def test_a_1_1_file_without_digests_is_refused(files, tmp_path):
     crafted.write_bytes(repack(header, data))
     with pytest.raises(EqkFormatError, match="digests"):
         read_eqk(crafted)
+
+
+def _forge(header_bytes: bytes) -> bytes:
+    import zlib
+
+    head = b"EQK1" + struct.pack("<Q", len(header_bytes)) + header_bytes
+    return head + struct.pack("<I", zlib.crc32(header_bytes))
+
+
+def test_header_object_count_is_bounded_before_parsing(tmp_path):
+    from eqkernels.eqk.layout import MAX_JSON_CONTAINERS
+
+    body = b'{"format":"eqk","extra":[' + b"[]," * MAX_JSON_CONTAINERS + b"[]]}"  # valid JSON
+    path = tmp_path / "nested.eqk"
+    path.write_bytes(_forge(body))
+    with pytest.raises(EqkFormatError, match="JSON objects and arrays"):
+        read_eqk(path)
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda h: h.update(top_bits=9), "top_bits"),
+        (lambda h: h["sections"].extend([{"offset": 0, "nbytes": 0}] * 4096), "sections"),
+        (lambda h: h["tensors"][0].update(shape=[1] * 9, nbytes=4), "shape"),
+        (lambda h: h["tensors"][0].update(name="x" * 2000), "name"),
+        (lambda h: h.update(version=[1, "1"]), "version"),
+        (lambda h: h["tensors"][0].update(dtype="complex64"), "dtype"),
+        (lambda h: h["sections"][0].update(nbytes=-1), "nbytes"),
+        (lambda h: h["widths"].update({"9": [0]}), "widths"),
+        (lambda h: h["digests"].pop(), "digests"),
+    ],
+)
+def test_out_of_bound_header_fields_name_the_field(files, tmp_path, edit, field):
+    a, _ = files
+    header, data = split(a.read_bytes())
+    edit(header)
+    crafted = tmp_path / "bound.eqk"
+    crafted.write_bytes(repack(header, data))
+    with pytest.raises(EqkFormatError, match=field):
+        read_eqk(crafted)

@@ -12,7 +12,10 @@ FORMAT_NAME = "eqk"
 # add keys, which older readers ignore. 1.1 adds the per-section digests and the identity.
 VERSION_MAJOR = 1
 VERSION_MINOR = 1
-MAX_HEADER_BYTES = 64 * 1024 * 1024
+# Parsing JSON costs up to ~30 bytes of Python objects per header byte (a header of nested
+# empty arrays), so the header size and its object count are bounded before parsing.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_JSON_CONTAINERS = 1 << 20
 ALIGN = 64
 PREAMBLE = struct.Struct("<4sQ")  # magic, header length
 CRC = struct.Struct("<I")
@@ -21,7 +24,7 @@ READ_CHUNK = 1 << 24
 # Bounds on header counts: far above any real model, low enough that no loop or allocation
 # driven by a header value can run away.
 MAX_SECTIONS = 4096
-MAX_TENSORS = 1 << 20
+MAX_TENSORS = 1 << 18
 MAX_DIMS = 8
 MAX_TOP_BITS = 8
 MAX_NAME_CHARS = 1024

@@ -23,6 +23,7 @@ from .layout import (
     DTYPES,
     MAGIC,
     MAX_HEADER_BYTES,
+    MAX_JSON_CONTAINERS,
     PREAMBLE,
     READ_CHUNK,
     EqkFormatError,
@@ -45,7 +46,18 @@ def _unique_object(pairs):
     return result
 
 
+def json_containers(data: bytes) -> int:
+    """An upper bound on the JSON objects and arrays in `data` (brackets inside strings count
+    too), found without parsing."""
+    return data.count(b"{") + data.count(b"[")
+
+
 def _parse_header(data: bytes) -> dict:
+    containers = json_containers(data)
+    if containers > MAX_JSON_CONTAINERS:
+        raise EqkFormatError(
+            f"header: {containers} JSON objects and arrays exceed the {MAX_JSON_CONTAINERS} limit"
+        )
     try:
         header = json.loads(
             data.decode("utf-8"),

@@ -20,6 +20,7 @@ from .layout import (
     FORMAT_NAME,
     MAGIC,
     MAX_HEADER_BYTES,
+    MAX_JSON_CONTAINERS,
     MAX_TOP_BITS,
     PREAMBLE,
     VERSION_MAJOR,
@@ -232,6 +233,8 @@ def write_eqk(
         raise ValueError(
             f"header of {len(header_bytes)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit"
         )
+    if header_bytes.count(b"{") + header_bytes.count(b"[") > MAX_JSON_CONTAINERS:
+        raise ValueError(f"header: more than {MAX_JSON_CONTAINERS} JSON objects and arrays")
     with atomic_write(path, "wb") as f:
         head = PREAMBLE.pack(MAGIC, len(header_bytes)) + header_bytes
         head += CRC.pack(zlib.crc32(header_bytes) & 0xFFFFFFFF)
