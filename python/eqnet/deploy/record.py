@@ -366,7 +366,7 @@ def check_values(tensors: dict[str, torch.Tensor]) -> None:
     integer-valued. Raises EqkFormatError naming the first bad tensor."""
     for name, t in tensors.items():
         if not t.is_floating_point():
-            if name.endswith("/zero_point") and t.numel() and int(t.abs().max()) > 2**16:
+            if name.endswith("/zero_point") and t.numel() and int(t.long().abs().max()) > 2**16:
                 raise EqkFormatError(f"tensor {name!r}: a zero point is out of range")
             continue
         if not bool(torch.isfinite(t).all()):
