@@ -185,6 +185,19 @@ def corrupt_value(rng, header, data: bytearray):
     return f"value {entry['name']}[{index}] = {value}"
 
 
+def corrupt_zero_point(rng, header, data: bytearray):
+    ints = [t for t in header["tensors"] if t["dtype"] == "int32" and t["name"].endswith(
+        "/zero_point") and t["nbytes"]]  # fmt: skip
+    if not ints:
+        return corrupt_value(rng, header, data)
+    entry = rng.choice(ints)
+    sec = header["sections"][entry["section"]]
+    index = rng.randrange(entry["nbytes"] // 4)
+    value = rng.choice([2**31 - 1, -(2**31), 2**20, -(2**17)])
+    struct.pack_into("<i", data, sec["offset"] + entry["offset"] + 4 * index, value)
+    return f"value {entry['name']}[{index}] = {value}"
+
+
 MUTATORS = [
     (mutate_header_leaf, 4),
     (mutate_geometry, 3),
@@ -192,6 +205,7 @@ MUTATORS = [
     (mutate_arch, 1),
     (mutate_tensor_entry, 2),
     (corrupt_value, 3),
+    (corrupt_zero_point, 1),
 ]
 
 
@@ -202,8 +216,8 @@ def make_case(rng, blob: bytes) -> tuple[bytes, str]:
     for _ in range(rng.choice([1, 1, 1, 2])):
         mutator = rng.choices([m for m, _ in MUTATORS], [w for _, w in MUTATORS])[0]
         try:
-            if mutator is corrupt_value:
-                notes.append(corrupt_value(rng, header, data))
+            if mutator in (corrupt_value, corrupt_zero_point):
+                notes.append(mutator(rng, header, data))
             else:
                 notes.append(mutator(rng, header))
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, struct.error):
