@@ -316,7 +316,7 @@ def check_network(header: dict, net: nn.Module) -> None:
         bn = geometry["bn"]
         if bn is not None:
             bn_module = _submodule(root, bn)
-            if not isinstance(bn_module, nn.modules.batchnorm._BatchNorm):
+            if not isinstance(bn_module, nn.BatchNorm1d | nn.BatchNorm2d | nn.SyncBatchNorm):
                 raise EqkFormatError(f"layer {lname!r}: bn {bn!r} is not a BatchNorm module")
             if bn_module.num_features != _out_features(geometry):
                 raise EqkFormatError(f"layer {lname!r}: bn {bn!r} has {bn_module.num_features} "
