@@ -10,7 +10,7 @@ export EQK_CUDA_ARCHS ?= 8.0;9.0+PTX
 
 all: test
 
-.venv/.installed: requirements.txt setup.py
+.venv/.installed: requirements.txt setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -r requirements.txt
@@ -38,7 +38,7 @@ test-fast: build
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 bench: build
-	$(PY) bench/run_all.py
+	$(PY) -m bench.run_all
 
 demo: build-cpu
 	$(PY) -m eqnet.cli demo
