@@ -10,21 +10,27 @@ to the original file at the same config), absent (a valid file without the width
 asked for: the documented ValueError for that argument), WRONG (silent wrong load), OTHER (another
 exception), MEMORY, HANG, CRASH, and one example of each failure.
 
-    python bench/exp_fuzz_eqk.py --cases 6000 --seed 1
+    python -m bench.exp_fuzz_eqk --cases 6000 --seed 1
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from eqk_fuzzer import campaign  # noqa: E402
+
+def _fuzzer():
+    """The suite's fuzzer (tests/eqk_fuzzer.py), loaded from its file: tests is no package."""
+    spec = importlib.util.spec_from_file_location("eqk_fuzzer", ROOT / "tests" / "eqk_fuzzer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _export(workdir: str) -> dict[str, tuple[str, list]]:
@@ -72,7 +78,7 @@ def main() -> int:
     total: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as workdir:
         for name, (path, sel) in _export(workdir).items():
-            result = campaign(path, workdir, seed=args.seed, count=args.cases,
+            result = _fuzzer().campaign(path, workdir, seed=args.seed, count=args.cases,
                               workers=args.workers, env=env, selections=sel,
                               log=lambda m, n=name: print(f"[{n}] {m}", flush=True))  # fmt: skip
             print(f"{name}: {result['counts']} in {result['seconds']:.0f} s")
