@@ -6,7 +6,7 @@ export CUDA_HOME ?= /usr/local/cuda
 # One or two archs keep the CUDA build to minutes; CI builds sm_80 only (see .ci/run).
 export EQK_CUDA_ARCHS ?= 8.0;9.0+PTX
 
-.PHONY: all venv build build-cpu lint test test-fast bench demo clean
+.PHONY: all venv build build-cpu lint test test-fast bench demo clean gpu-check
 
 all: test
 
@@ -42,6 +42,13 @@ bench: build
 
 demo: build-cpu
 	$(PY) -m eqnet.cli demo
+
+# On a GPU machine: the installed python3 and its CUDA torch, never the venv and never pip.
+# Builds _C for the local GPU, runs the `gpu` tests and the GPU benchmarks into $(GPU_OUT).
+PYTHON  ?= python3
+GPU_OUT ?= gpu-check-results
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(GPU_OUT)
 
 clean:
 	rm -rf build eqkernels/_C*.so .pytest_cache
