@@ -42,9 +42,27 @@ def first_non_finite(tensors) -> str | None:
     return None
 
 
+def check_device(name) -> torch.device:
+    """`name` as a torch.device this machine has; ValueError naming it otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={name!r}: accepted values are cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}: no CUDA device is available here; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise ValueError(f"device={name!r}: accepted values are cpu, cuda, cuda:N")
+    return device
+
+
 def read_torch_file(path: Path, what: str, map_location="cpu"):
     """torch.load(weights_only=True) with every failure as one ValueError naming `what` (and
     never torch's advice to retry with weights_only=False)."""
+    if isinstance(map_location, str | torch.device):
+        check_device(map_location)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, OSError...

@@ -50,17 +50,9 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device={name!r}: accepted values are auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: no CUDA device is available here; use auto or cpu")
-    if device.type == "cuda" and device.index is not None:
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} CUDA devices")
-    elif device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={name!r}: accepted values are auto, cpu, cuda, cuda:N")
-    return device
+        return ckpt.check_device(name)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto)") from None
 
 
 class Trainer:
