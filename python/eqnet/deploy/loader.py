@@ -3,7 +3,9 @@
 `load(path, bits=b | config=cfg, max_bits=None)` rebuilds the float network from the file's
 model record (`eqnet.models.get(name, **kwargs)`), replaces every quantized layer by an
 `IntConv2d`/`IntLinear` and every folded BN by an identity, loads the remaining float tensors,
-and configures the integer layers for the requested width or mixed configuration.
+and configures the integer layers for the requested width or mixed configuration. Before any
+network is built the file's records, the declared network (on the meta device) and the loaded
+values are validated (record.py); a malformed file raises EqkFormatError naming the field.
 
 `max_bits` reads only the prefix of a nested file that width needs (a device that has received
 part of the file); `DeployedModel.upgrade(...)` reads the next sections of the same file and
@@ -103,7 +105,8 @@ class DeployedModel(nn.Module):
                 source=None) -> DeployedModel:  # fmt: skip
         """Read the sections a wider width/config needs from the same file (in place) and
         switch to it. `max_bits` alone reads that prefix and runs at the widest stored width
-        it completes."""
+        it completes. A `source` that is another export (other identity, or other bytes in a
+        section already loaded) raises EqkFormatError; new sections' values are validated."""
         source = self.source if source is None else source
         if bits is None and config is None:
             if max_bits is None:
