@@ -1,0 +1,164 @@
+"""The float-activation low-bit GEMM kernel (`_C.lowbit_linear_float_cpu`) against a float64
+oracle written from DESIGN.md's equations: the b-bit code q_b of the canonical planes, the
+weight `w = fl32((q_b + cz) * s)` with `cz = c_k - z_w` and `s` per output row and group of
+`group_size` consecutive columns (`[N, K // group_size]`; one group per row is per-channel),
+and `y = x @ w^T` summed in float64. fp32 activations agree within fp32 summation error;
+bf16 activations (vdpbf16ps: exact bf16 products, fp32 sums, each group's sum scaled in fp32)
+within the same bound, because the oracle takes the same bf16 values of x."""
+
+import pytest
+import torch
+
+from eqkernels import _ext
+
+# 0 portable, 1 AVX2, 2 AVX-512 (fp32), 3 AVX-512 + BF16 (vdpbf16ps for bf16 activations).
+LEVELS = (0, 1, 2, 3)
+
+
+def kernel():
+    if not _ext.has_kernel("lowbit_linear_float_cpu"):
+        pytest.fail("eqkernels._C is built but lacks lowbit_linear_float_cpu")
+    return _ext.kernel("lowbit_linear_float_cpu")
+
+
+@pytest.fixture(autouse=True)
+def _needs_ext():
+    if not _ext.available():
+        pytest.skip("eqkernels._C is not built")
+
+
+def level_or_skip(level):
+    got = _ext.kernel("lowbit_float_cpu_level")(level)
+    if got < level:
+        pytest.skip(f"this CPU runs the float low-bit GEMM at level {got} < {level}")
+
+
+def pack_planes(q, bits):
+    """Canonical planes int32[bits, N, ceil(K/32)]: plane 0 the sign bit, bit t of word j is
+    column 32 j + t, zero padding (written here from the layout's definition)."""
+    N, K = q.shape
+    W = (K + 31) // 32
+    code = q.to(torch.int64) % (1 << bits)
+    code = torch.nn.functional.pad(code, (0, 32 * W - K)).view(N, W, 32)
+    planes = [(((code >> (bits - 1 - j)) & 1) << torch.arange(32)).sum(-1) for j in range(bits)]
+    out = torch.stack(planes)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def oracle(x, q, s, cz, group_size):
+    """float64 x @ w^T with w = fl32((q + cz) * s) (q + cz is exact in fp32)."""
+    rep = lambda t: t.repeat_interleave(group_size, dim=1)  # noqa: E731
+    w = ((q.to(torch.float32) + rep(cz)) * rep(s)).to(torch.float64)
+    return x.to(torch.float64) @ w.T
+
+
+def fp32_bound(x, q, s, cz, group_size):
+    """A bound on fp32 summation error of sum_k x*w: K * 2^-23 * sum_k |x w| (a loose but
+    standard worst case; reordered sums stay inside it)."""
+    rep = lambda t: t.repeat_interleave(group_size, dim=1)  # noqa: E731
+    w = ((q.to(torch.float32) + rep(cz)) * rep(s)).to(torch.float64)
+    K = q.shape[1]
+    return (x.to(torch.float64).abs() @ w.abs().T) * (K * 2.0**-23) + 1e-30
+
+
+def make_case(M, N, K, bits, group_size, compensated, zero_point, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (N, K), generator=g, dtype=torch.int64)
+    G = K // group_size
+    s = torch.rand(N, G, generator=g) * 0.1 + 0.01
+    # c_k = (1 - 2^-k) / 2 of a nested b-bit weight cut from an 8-bit top width
+    c = 0.5 * (1 - 2.0 ** -(8 - bits)) if compensated else 0.0
+    cz = torch.full((N, G), c)
+    if zero_point:
+        cz = cz - torch.randint(-3, 4, (N, G), generator=g).to(torch.float32)
+    x = torch.randn(M, K, generator=g)
+    return x, q, pack_planes(q, bits), s, cz
+
+
+CASES = [  # M, N, K, group_size
+    (1, 17, 97, 97),  # per-channel, K not a multiple of 32, odd N
+    (3, 33, 256, 32),  # per-group, g = 32
+    (5, 20, 512, 128),
+    (70, 9, 320, 64),  # more activation rows than one row block
+    (2, 6, 4160, 64),  # K spans several panels
+    (4, 5, 4100, 4100),  # per-channel over several panels, K % 32 != 0
+]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}N{}K{}g{}".format(*c))
+def test_fp32_activations_match_float64_oracle(level, bits, case):
+    level_or_skip(min(level, 2))
+    M, N, K, gs = case
+    x, q, planes, s, cz = make_case(M, N, K, bits, gs, compensated=bits < 8, zero_point=bits == 8)
+    y = kernel()(x, planes, bits, K, s, cz, gs, level)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    ref = oracle(x, q, s, cz, gs)
+    err = (y.to(torch.float64) - ref).abs()
+    assert torch.all(err <= fp32_bound(x, q, s, cz, gs)), err.max()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("bits", [1, 2, 4, 7])
+@pytest.mark.parametrize("case", CASES[1:5], ids=lambda c: "M{}N{}K{}g{}".format(*c))
+def test_bf16_activations_match_float64_oracle(level, bits, case):
+    level_or_skip(min(level, 2))
+    M, N, K, gs = case
+    x, q, planes, s, cz = make_case(M, N, K, bits, gs, compensated=True, zero_point=False, seed=1)
+    xb = x.to(torch.bfloat16)
+    y = kernel()(xb, planes, bits, K, s, cz, gs, level)
+    ref = oracle(xb, q, s, cz, gs)
+    err = (y.to(torch.float64) - ref).abs()
+    assert torch.all(err <= fp32_bound(xb, q, s, cz, gs)), err.max()
+
+
+def test_planes_beyond_bits_are_not_read():
+    """A b-bit call reads only the first b planes (a file prefix): garbage after them changes
+    nothing."""
+    x, q, planes, s, cz = make_case(2, 8, 128, 3, 32, compensated=True, zero_point=False)
+    extra = torch.randint(-(2**31), 2**31 - 1, (2, 8, 4), dtype=torch.int32)
+    f = kernel()
+    assert torch.equal(f(x, planes, 3, 128, s, cz, 32, -1),
+                       f(x, torch.cat([planes, extra]), 3, 128, s, cz, 32, -1))  # fmt: skip
+
+
+def test_results_do_not_depend_on_thread_count():
+    x, q, planes, s, cz = make_case(9, 300, 640, 4, 64, compensated=True, zero_point=False)
+    f = kernel()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = f(x, planes, 4, 640, s, cz, 64, -1)
+        torch.set_num_threads(2)
+        two = f(x, planes, 4, 640, s, cz, 64, -1)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+def test_nan_activation_is_not_hidden():
+    x, q, planes, s, cz = make_case(2, 4, 64, 2, 32, compensated=True, zero_point=False)
+    x[1, 5] = float("nan")
+    y = kernel()(x, planes, 2, 64, s, cz, 32, -1)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(group_size=48), "group_size must divide K"),
+        (dict(group_size=16), "group_size must be a multiple of 32"),
+        (dict(bits=5), "bits must be in 1..4"),
+        (dict(K=200), "words per row"),
+        (dict(scale=torch.ones(8, 3)), "scale and cz must be"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(change, message):
+    x, q, planes, s, cz = make_case(2, 8, 128, 4, 32, compensated=True, zero_point=False)
+    args = dict(x=x, planes=planes, bits=4, K=128, scale=s, cz=cz, group_size=32)
+    args.update(change)
+    if "K" in change:
+        args["x"] = torch.randn(2, change["K"])
+    with pytest.raises(RuntimeError, match=message):
+        kernel()(*args.values(), -1)
