@@ -11,8 +11,9 @@ import torch
 
 from eqkernels import _ext
 
-# 0 portable, 1 AVX2, 2 AVX-512 (fp32), 3 AVX-512 + BF16 (vdpbf16ps for bf16 activations).
-LEVELS = (0, 1, 2, 3)
+# 0 portable, 1 AVX2, 2 AVX-512 (mask decode, fp32 FMA), 3 + VBMI/GFNI decode, 4 + BF16
+# (vdpbf16ps for bf16 activations).
+LEVELS = (0, 1, 2, 3, 4)
 
 
 def kernel():
@@ -89,7 +90,7 @@ CASES = [  # M, N, K, group_size
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}N{}K{}g{}".format(*c))
 def test_fp32_activations_match_float64_oracle(level, bits, case):
-    level_or_skip(min(level, 2))
+    level_or_skip(level)
     M, N, K, gs = case
     x, q, planes, s, cz = make_case(M, N, K, bits, gs, compensated=bits < 8, zero_point=bits == 8)
     y = kernel()(x, planes, bits, K, s, cz, gs, level)
@@ -103,7 +104,7 @@ def test_fp32_activations_match_float64_oracle(level, bits, case):
 @pytest.mark.parametrize("bits", [1, 2, 4, 7])
 @pytest.mark.parametrize("case", CASES[1:5], ids=lambda c: "M{}N{}K{}g{}".format(*c))
 def test_bf16_activations_match_float64_oracle(level, bits, case):
-    level_or_skip(min(level, 2))
+    level_or_skip(level)
     M, N, K, gs = case
     x, q, planes, s, cz = make_case(M, N, K, bits, gs, compensated=True, zero_point=False, seed=1)
     xb = x.to(torch.bfloat16)

@@ -21,6 +21,7 @@ struct Weights {
   const float* scale;  // [N, G]
   const float* cz;     // [N, G]
   int64_t G, gs;       // groups per row and columns per group (gs a multiple of 32)
+  bool gfni_decode;    // AVX-512 decode with VBMI + GFNI (the driver checks the CPU)
   const uint32_t* row(int j, int64_t n) const { return planes + ((int64_t)j * N + n) * W; }
   // The group of column k; the zero padding columns past K belong to the last group.
   int64_t group(int64_t k) const {
@@ -52,6 +53,12 @@ void panel_gemm_f32_avx2(const float* x, int64_t ldx, int64_t mb, const float* p
                          int64_t kc, float* out, int64_t ldo);
 void panel_gemm_f32_avx512(const float* x, int64_t ldx, int64_t mb, const float* panel,
                            int64_t nb, int64_t kc, float* out, int64_t ldo);
+
+// Up to 4 activation rows, b <= 4, GFNI decode: weights decoded in registers and multiplied
+// at once, out[m * ldo + n] = sum over the whole row for n in [n0, n1). False when not
+// applicable (the caller then uses panels).
+bool gemv_regs_avx512(const Weights& w, const float* x, int64_t ldx, int64_t M, int64_t n0,
+                      int64_t n1, float* out, int64_t ldo);
 
 // bf16 activations (AVX512_BF16): the panel holds the unscaled (q + cz) as bf16 (exact when
 // |q + cz| needs at most 8 significant bits, which holds for every nested width and for

@@ -11,8 +11,10 @@
 // accumulators, each reduced once per panel.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
+#include "common/lowbit_cpu_gfni.h"
 #include "common/lowbit_float_cpu.h"
 
 #define EQK_TARGET_F512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -181,6 +183,126 @@ EQK_TARGET_BF16 void decode_bf16_t(const Weights& w, int64_t n0, int64_t nb, int
   }
 }
 
+// With VBMI and GFNI, b <= 4: one 64-byte load per plane covers 512 columns of a row, and
+// two byte permutes and one gf2p8affineqb give the 64 sign-extended codes of 64 columns
+// (lowbit_cpu_gfni.h: a canonical row's 8 consecutive 64-column blocks sit exactly where a
+// tile's 8 rows do). A byte permute spreads 16 codes to the low bytes of 16 lanes, and the
+// low 4 bits (the code mod 16) index the group's table.
+#define EQK_TARGET_GFNI_F \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,bmi2,fma,avx512bf16")))
+
+template <int BITS, bool BF16>
+EQK_TARGET_GFNI_F void decode_gfni_t(const Weights& w, int64_t n0, int64_t nb, int64_t k0,
+                                     int64_t kc, void* panel_out) {
+  static_assert(BITS <= 4, "the table lookup covers codes of at most 4 bits");
+  eqk::lowbit::DecodeTable d;
+  eqk::lowbit::make_decode_table(BITS, d);
+  __m512i spread[4];
+  for (int v = 0; v < 4; ++v) {
+    alignas(64) uint8_t id[64] = {};
+    for (int l = 0; l < 16; ++l) id[4 * l] = static_cast<uint8_t>(16 * v + l);
+    spread[v] = _mm512_load_si512(id);
+  }
+  const int64_t row_bytes = 4 * w.W;
+  for (int64_t r = 0; r < nb; ++r) {
+    const int64_t n = n0 + r;
+    if (n + 2 < w.N) prefetch_row(w, n + 2, k0, kc, BITS);
+    const float* srow = w.scale + n * w.G;
+    const float* crow = w.cz + n * w.G;
+    int64_t g = w.group(k0);
+    int64_t g_end = g == w.G - 1 ? INT64_MAX : (g + 1) * w.gs;
+    __m512 table = group_table<BITS>(BF16 ? 1.0f : srow[g], crow[g]);
+    for (int64_t i = 0; i < kc; i += 512) {
+      const int64_t byte0 = (k0 + i) / 8, avail = row_bytes - byte0;
+      const __mmask64 lm = avail >= 64 ? ~__mmask64(0) : (__mmask64(1) << avail) - 1;
+      __m512i z[2 * ((BITS + 1) / 2)];
+      for (int j = 0; j < BITS; ++j)
+        z[j] = _mm512_maskz_loadu_epi8(lm, reinterpret_cast<const char*>(w.row(j, n)) + byte0);
+      if constexpr (BITS % 2 == 1) z[BITS] = z[0];
+      const int64_t blocks = std::min<int64_t>(8, (kc - i + 63) / 64);
+      for (int rb = 0; rb < blocks; ++rb) {
+        const __m512i codes = eqk::lowbit::decode_row<BITS>(z, d, rb);
+        const int64_t base = i + 64 * rb, nvec = std::min<int64_t>(4, (kc - base) / 16);
+        __m512 wv[4];
+        for (int v = 0; v < nvec; ++v) {
+          if (k0 + base + 16 * v >= g_end) {  // groups hold whole 32-column blocks
+            ++g;
+            g_end = g == w.G - 1 ? INT64_MAX : (g + 1) * w.gs;
+            table = group_table<BITS>(BF16 ? 1.0f : srow[g], crow[g]);
+          }
+          wv[v] = _mm512_permutexvar_ps(_mm512_permutexvar_epi8(spread[v], codes), table);
+        }
+        if constexpr (BF16) {
+          uint16_t* out = static_cast<uint16_t*>(panel_out) + r * kc + base;
+          for (int v = 0; v + 1 < nvec; v += 2)
+            _mm512_storeu_si512(out + 16 * v, (__m512i)_mm512_cvtne2ps_pbh(wv[v + 1], wv[v]));
+        } else {
+          float* out = static_cast<float*>(panel_out) + r * kc + base;
+          for (int v = 0; v < nvec; ++v) _mm512_storeu_ps(out + 16 * v, wv[v]);
+        }
+      }
+    }
+  }
+}
+
+// Few activation rows: decode in registers and multiply at once (a panel would be written and
+// read back for as few as one FMA per weight). Four accumulators per activation row hide the
+// FMA latency. out[m * ldo + n] = full-row sums for rows [n0, n1).
+template <int BITS, int MR>
+EQK_TARGET_GFNI_F void gemv_gfni_t(const Weights& w, const float* x, int64_t ldx, int64_t n0,
+                                   int64_t n1, float* out, int64_t ldo) {
+  eqk::lowbit::DecodeTable d;
+  eqk::lowbit::make_decode_table(BITS, d);
+  __m512i spread[4];
+  for (int v = 0; v < 4; ++v) {
+    alignas(64) uint8_t id[64] = {};
+    for (int l = 0; l < 16; ++l) id[4 * l] = static_cast<uint8_t>(16 * v + l);
+    spread[v] = _mm512_load_si512(id);
+  }
+  const int64_t row_bytes = 4 * w.W, kp = 32 * w.W;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (n + 2 < w.N) prefetch_row(w, n + 2, 0, kp, BITS);
+    const float* srow = w.scale + n * w.G;
+    const float* crow = w.cz + n * w.G;
+    int64_t g = 0;
+    int64_t g_end = w.G == 1 ? INT64_MAX : w.gs;
+    __m512 table = group_table<BITS>(srow[0], crow[0]);
+    __m512 acc[MR][4];
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < kp; i += 512) {
+      const int64_t avail = row_bytes - i / 8;
+      const __mmask64 lm = avail >= 64 ? ~__mmask64(0) : (__mmask64(1) << avail) - 1;
+      __m512i z[2 * ((BITS + 1) / 2)];
+      for (int j = 0; j < BITS; ++j)
+        z[j] = _mm512_maskz_loadu_epi8(lm, reinterpret_cast<const char*>(w.row(j, n)) + i / 8);
+      if constexpr (BITS % 2 == 1) z[BITS] = z[0];
+      const int64_t blocks = std::min<int64_t>(8, (kp - i + 63) / 64);
+      for (int rb = 0; rb < blocks; ++rb) {
+        const __m512i codes = eqk::lowbit::decode_row<BITS>(z, d, rb);
+        const int64_t base = i + 64 * rb, nvec = std::min<int64_t>(4, (kp - base) / 16);
+        for (int v = 0; v < nvec; ++v) {
+          if (base + 16 * v >= g_end) {
+            ++g;
+            g_end = g == w.G - 1 ? INT64_MAX : (g + 1) * w.gs;
+            table = group_table<BITS>(srow[g], crow[g]);
+          }
+          const __m512 wv =
+              _mm512_permutexvar_ps(_mm512_permutexvar_epi8(spread[v], codes), table);
+          for (int m = 0; m < MR; ++m)
+            acc[m][v] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + base + 16 * v), wv,
+                                        acc[m][v]);
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      out[m * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                            _mm512_add_ps(acc[m][2], acc[m][3])));
+  }
+}
+
+bool use_gfni(const Weights& w) { return w.gfni_decode && w.bits <= 4; }
+
 }  // namespace
 
 #define EQK_BITS_SWITCH(CALL)                                                             \
@@ -197,6 +319,14 @@ EQK_TARGET_BF16 void decode_bf16_t(const Weights& w, int64_t n0, int64_t nb, int
 
 void decode_panel_f32_avx512(const Weights& w, int64_t n0, int64_t nb, int64_t k0, int64_t kc,
                              float* panel) {
+  if (use_gfni(w)) {
+    switch (w.bits) {
+      case 1: return decode_gfni_t<1, false>(w, n0, nb, k0, kc, panel);
+      case 2: return decode_gfni_t<2, false>(w, n0, nb, k0, kc, panel);
+      case 3: return decode_gfni_t<3, false>(w, n0, nb, k0, kc, panel);
+      default: return decode_gfni_t<4, false>(w, n0, nb, k0, kc, panel);
+    }
+  }
 #define EQK_CALL(B) decode_f32_t<B>(w, n0, nb, k0, kc, panel)
   EQK_BITS_SWITCH(EQK_CALL)
 #undef EQK_CALL
@@ -204,6 +334,14 @@ void decode_panel_f32_avx512(const Weights& w, int64_t n0, int64_t nb, int64_t k
 
 void decode_panel_bf16_avx512bf16(const Weights& w, int64_t n0, int64_t nb, int64_t k0,
                                   int64_t kc, uint16_t* panel) {
+  if (use_gfni(w)) {
+    switch (w.bits) {
+      case 1: return decode_gfni_t<1, true>(w, n0, nb, k0, kc, panel);
+      case 2: return decode_gfni_t<2, true>(w, n0, nb, k0, kc, panel);
+      case 3: return decode_gfni_t<3, true>(w, n0, nb, k0, kc, panel);
+      default: return decode_gfni_t<4, true>(w, n0, nb, k0, kc, panel);
+    }
+  }
 #define EQK_CALL(B) decode_bf16_t<B>(w, n0, nb, k0, kc, panel)
   EQK_BITS_SWITCH(EQK_CALL)
 #undef EQK_CALL
@@ -235,6 +373,30 @@ void panel_gemm_bf16_avx512bf16(const uint16_t* x, int64_t ldx, int64_t mb, cons
     case 1: gemm_bf16_rows<1>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo); break;
     default: break;
   }
+}
+
+}  // namespace eqk::lowbit_float
+
+namespace eqk::lowbit_float {
+
+bool gemv_regs_avx512(const Weights& w, const float* x, int64_t ldx, int64_t M, int64_t n0,
+                      int64_t n1, float* out, int64_t ldo) {
+  if (!use_gfni(w) || M < 1 || M > 4) return false;
+#define EQK_M(B)                                                  \
+  switch (M) {                                                    \
+    case 1: gemv_gfni_t<B, 1>(w, x, ldx, n0, n1, out, ldo); break; \
+    case 2: gemv_gfni_t<B, 2>(w, x, ldx, n0, n1, out, ldo); break; \
+    case 3: gemv_gfni_t<B, 3>(w, x, ldx, n0, n1, out, ldo); break; \
+    default: gemv_gfni_t<B, 4>(w, x, ldx, n0, n1, out, ldo); break; \
+  }
+  switch (w.bits) {
+    case 1: EQK_M(1) break;
+    case 2: EQK_M(2) break;
+    case 3: EQK_M(3) break;
+    default: EQK_M(4) break;
+  }
+#undef EQK_M
+  return true;
 }
 
 }  // namespace eqk::lowbit_float

@@ -29,6 +29,7 @@ namespace lf = eqk::lowbit_float;
 constexpr int64_t kNb = 16;    // weight rows per panel
 constexpr int64_t kKc = 2048;  // columns per panel (rounded to whole groups)
 constexpr int64_t kMc = 64;    // activation rows sharing one decoded panel
+constexpr int64_t kRegsMaxM = 4;  // up to this many rows: decode in registers, no panel
 
 bool cpu_has_avx512bf16() {
 #if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
@@ -39,10 +40,13 @@ bool cpu_has_avx512bf16() {
 #endif
 }
 
-// 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 with BF16; capped by EQK_CPU_ISA and by `cap`.
+// 0 portable, 1 AVX2, 2 AVX-512 (mask decode, fp32 FMA), 3 + VBMI/GFNI decode, 4 + BF16
+// (vdpbf16ps for bf16 activations); capped by EQK_CPU_ISA and by `cap`.
 int float_kernel_level(int64_t cap) {
   int level = static_cast<int>(eqk::isa_level());
-  if (level == 2 && cpu_has_avx512bf16()) level = 3;
+  const auto& f = eqk::cpu_features();
+  if (level == 2 && f.avx512vbmi && f.gfni && f.avx512vnni) level = 3;
+  if (level == 3 && cpu_has_avx512bf16()) level = 4;
   if (cap >= 0 && cap < level) level = static_cast<int>(cap);
   return level;
 }
@@ -55,7 +59,7 @@ at::Tensor padded(const at::Tensor& x, int64_t kp) {
 }
 
 Weights check_weights(const at::Tensor& planes, int64_t bits, int64_t K, const at::Tensor& scale,
-                      const at::Tensor& cz, int64_t group_size) {
+                      const at::Tensor& cz, int64_t group_size, int level) {
   const char* fn = "lowbit_linear_float_cpu";
   TORCH_CHECK(planes.dim() == 3 && planes.scalar_type() == at::kInt && planes.is_contiguous(),
               fn, ": planes must be a contiguous int32 [planes, N, W] tensor");
@@ -77,7 +81,7 @@ Weights check_weights(const at::Tensor& planes, int64_t bits, int64_t K, const a
   const int64_t kp = 32 * planes.size(2);
   return Weights{reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>()), N,
                  planes.size(2), static_cast<int>(bits), scale.data_ptr<float>(),
-                 cz.data_ptr<float>(), G, G == 1 ? kp : group_size};
+                 cz.data_ptr<float>(), G, G == 1 ? kp : group_size, level >= 3};
 }
 
 void run_f32(const Weights& w, const float* x, int64_t M, int64_t kp, int64_t kc_step, int level,
@@ -139,20 +143,28 @@ at::Tensor lowbit_linear_float_cpu(const at::Tensor& x_in, const at::Tensor& pla
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K &&
                   (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "lowbit_linear_float_cpu: x must be a float32 or bfloat16 [M, K=", K, "] tensor");
-  const Weights w = check_weights(planes, bits, K, scale, cz, group_size);
+  const int level = float_kernel_level(isa);
+  const Weights w = check_weights(planes, bits, K, scale, cz, group_size, level);
   const int64_t M = x_in.size(0), kp = 32 * w.W;
   // Panels hold whole groups, so a group's scale applies to whole 32-column blocks.
   const int64_t kc_step = w.G == 1 ? std::min(kp, kKc) : w.gs * std::max<int64_t>(1, kKc / w.gs);
   auto out = at::zeros({M, w.N}, x_in.options().dtype(at::kFloat));
   if (M == 0) return out;
-  const int level = float_kernel_level(isa);
-  if (x_in.scalar_type() == at::kBFloat16 && level >= 3) {
+  if (x_in.scalar_type() == at::kBFloat16 && level >= 4 && !(M <= kRegsMaxM && w.bits <= 4)) {
     const at::Tensor xp = padded(x_in, kp);
     run_bf16(w, reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()), M, kp, kc_step,
              out.data_ptr<float>());
     return out;
   }
   const at::Tensor xp = padded(x_in.to(at::kFloat), kp);
+  if (level >= 3 && M <= kRegsMaxM && w.bits <= 4) {
+    const float* xf = xp.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
+      lf::gemv_regs_avx512(w, xf, kp, M, n0, n1, o, w.N);
+    });
+    return out;
+  }
   run_f32(w, xp.data_ptr<float>(), M, kp, kc_step, level, out.data_ptr<float>());
   return out;
 }
@@ -166,5 +178,5 @@ EQK_REGISTER(lowbit_float_cpu) {
         "float32 x @ ((q_b + cz) * s)^T from canonical planes, per-channel or per-group s, cz; "
         "x float32 or bfloat16 (vdpbf16ps)");
   m.def("lowbit_float_cpu_level", &lowbit_float_cpu_level,
-        "kernel level of lowbit_linear_float_cpu: 0 portable, 1 avx2, 2 avx512, 3 avx512+bf16");
+        "kernel level of lowbit_linear_float_cpu: 0 portable, 1 avx2, 2 avx512, 3 +gfni, 4 +bf16");
 }
