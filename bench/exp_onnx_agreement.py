@@ -1,4 +1,4 @@
-"""Evidence for issue 9: ONNX QDQ exports of trained supernets reproduce the fake-quant subnet
+"""Evidence that ONNX QDQ exports of trained supernets reproduce the fake-quant subnet
 (run by hand, after training; never beside a benchmark).
 
 For every run directory and every preset, one uniform and one mixed config in the forms the
@@ -77,7 +77,7 @@ def main() -> int:
     args = p.parse_args()
     from eqnet.convert import recalibrate_bn
     from eqnet.deploy.onnx import compare_onnx, export_onnx
-    from eqnet.train import load_run
+    from eqnet.run import load_run
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

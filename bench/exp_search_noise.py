@@ -1,4 +1,4 @@
-"""How noisy is the search's accuracy dataset? (issue 6; run by hand, never beside a benchmark)
+"""How noisy is the search's accuracy dataset? (run by hand, never beside a benchmark)
 
 `eqnet search --method ga` measures every sampled config once: BN statistics re-estimated on
 the first `bn_batches` batches of the augmented held-out images (`eqnet.data.bn_split`), then
@@ -47,8 +47,8 @@ def main() -> int:
     args = p.parse_args()
 
     from eqnet.data import bn_split, eval_loader, fixed_batches
+    from eqnet.run import load_run
     from eqnet.search.accuracy_data import row_config, supernet_evaluator
-    from eqnet.train import load_run
     from scipy.stats import kendalltau, pearsonr
 
     search = Path(args.search)
