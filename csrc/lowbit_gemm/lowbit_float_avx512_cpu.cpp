@@ -364,11 +364,11 @@ void panel_gemm_bf16_avx512bf16(const uint16_t* x, int64_t ldx, int64_t mb, cons
                                 int64_t gs_kc, float* out, int64_t ldo) {
   const float* s = w.scale + n0 * w.G + g0;
   const int64_t ldg = w.G;
+  // 3 x 4 blocks: a per-group partial and a running sum of each pair fit the 32 registers.
   int64_t m = 0;
-  for (; m + 4 <= mb; m += 4)
-    gemm_bf16_rows<4>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo);
+  for (; m + 3 <= mb; m += 3)
+    gemm_bf16_rows<3>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo);
   switch (mb - m) {
-    case 3: gemm_bf16_rows<3>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo); break;
     case 2: gemm_bf16_rows<2>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo); break;
     case 1: gemm_bf16_rows<1>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo); break;
     default: break;
