@@ -2,12 +2,14 @@
 // threads and ISA dispatch (kernels: lowbit_float_{portable,avx2,avx512}_cpu.cpp, interface and
 // arithmetic: common/lowbit_float_cpu.h).
 //
-// Blocking (per thread, threads split the output rows): for each block of kKc columns, for each
-// block of kMc activation rows (their kKc-column slice stays in L2), for each block of kNb
-// weight rows: decode the kNb x kKc panel (L2), then run the register-blocked dot products of
-// every activation row of the block against it. The panel is decoded ceil(M / kMc) times per
-// call, so decode work is bits/32 of a weight's bytes plus a few vector ops per 16 weights, and
-// a decoded weight never exceeds one panel per thread.
+// Up to kRegsMaxM activation rows and 4 bits (with VBMI + GFNI): each weight row is decoded in
+// registers and multiplied at once (gemv_regs_avx512); bf16 activations take this path as fp32.
+// Otherwise panels, per thread (threads split the output rows): for each block of kKc
+// columns, for each block of kMc activation rows (their kKc-column slice stays in L2), for each
+// block of kNb weight rows: decode the kNb x kKc panel (L2), then run the register-blocked dot
+// products of every activation row of the block against it. The panel is decoded
+// ceil(M / kMc) times per call, a few vector ops per 16 weights, and a decoded weight never
+// exceeds one panel per thread.
 // Every output is summed by one thread in a fixed order: results do not depend on the thread
 // count.
 #include <ATen/Parallel.h>
