@@ -163,3 +163,35 @@ def test_bad_arguments_raise_clear_errors(change, message):
         args["x"] = torch.randn(2, change["K"])
     with pytest.raises(RuntimeError, match=message):
         kernel()(*args.values(), -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("M", [1, 3, 40])
+def test_public_lowbit_linear_float_path_matches_float64_oracle(dtype, zero_point, M):
+    """`eqkernels.lowbit_linear` with float activations on the cpp backend runs this kernel:
+    `y = x @ ((floor(q_n / 2^k) + c_k - z_w) * 2^k s)^T + bias` from a 6-bit top width read at
+    4 bits, per-channel scale, optional integer weight zero point (then c_k is still applied)."""
+    import eqkernels as E
+
+    g = torch.Generator().manual_seed(3)
+    N, K, n, b = 12, 200, 6, 4
+    q = torch.randint(-(2 ** (n - 1)), 2 ** (n - 1), (N, K), generator=g)
+    planes = pack_planes(q, n)
+    scale = torch.rand(N, generator=g) * 0.05 + 0.01
+    bias = torch.randn(N, generator=g)
+    zw = torch.randint(-3, 4, (N,), generator=g).to(torch.float32) if zero_point else None
+    x = torch.randn(2, M, K, generator=g).to(dtype)
+    y = E.lowbit_linear(x, planes, scale, b, n, K=K, bias=bias, weight_zero_point=zw, backend="cpp")
+    k = n - b
+    w = torch.floor(q.to(torch.float64) / 2**k) + 0.5 * (1 - 2.0**-k)
+    if zw is not None:
+        w = w - zw.to(torch.float64).reshape(-1, 1)
+    w = w * (2.0**k * scale.to(torch.float32).to(torch.float64).reshape(-1, 1))
+    xd = x.to(torch.float64)
+    ref = xd @ w.T + bias.to(torch.float64)
+    bound = (xd.abs() @ w.abs().T) * (K * 2.0**-23) + bias.abs().to(torch.float64) * 2.0**-23
+    if dtype == torch.bfloat16:  # the fp32 result rounded once to bf16
+        bound = bound + ref.abs() * 2.0**-8
+    assert y.dtype == dtype and y.shape == (2, M, N)
+    assert torch.all((y.to(torch.float64) - ref).abs() <= bound)
