@@ -8,7 +8,9 @@ compensation is `c = (1 - 2^-k)/2`, `k = top_bits - bits` (0 when `compensate=Fa
 An optional integer weight zero point `z_w[N]` (asymmetric, non-nested weights) makes the
 effective weight `(q_b + c - z_w) * s_b`.
 
-* Float activations (`act_scale=None`): `y = x @ ((q_b + c - z_w) * s_b)^T + bias`.
+* Float activations (`act_scale=None`): `y = x @ ((q_b + c - z_w) * s_b)^T + bias`, summed in
+  fp32 (cpp: plane tiles decoded in registers or into cache-sized panels, fp32 FMA, or
+  `vdpbf16ps` for bf16 `x`; never a whole decoded weight), cast to x's dtype.
 * Integer activations: `x` is quantized inside the op exactly as fake_quant's forward
   (fp32: `inv = fl32(1/s_a)`, `v = fl32(x*inv)`, round half to even, `+ round(z_a)`, clamp)
   to codes `xq` (uint8 when `act_quant_min >= 0`, else int8); the integer part is accumulated
