@@ -195,3 +195,83 @@ def test_public_lowbit_linear_float_path_matches_float64_oracle(dtype, zero_poin
         bound = bound + ref.abs() * 2.0**-8
     assert y.dtype == dtype and y.shape == (2, M, N)
     assert torch.all((y.to(torch.float64) - ref).abs() <= bound)
+
+
+def group_case(seed, N=10, K=256, n=4, b=3, g=64, zero_point=None):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-(2 ** (n - 1)), 2 ** (n - 1), (N, K), generator=gen)
+    scale = torch.rand(N, K // g, generator=gen) * 0.05 + 0.01
+    zw = None
+    if zero_point == "group":
+        zw = torch.randint(-3, 4, (N, K // g), generator=gen).to(torch.float32)
+    elif zero_point == "channel":
+        zw = torch.randint(-3, 4, (N,), generator=gen).to(torch.float32)
+    return q, pack_planes(q, n), scale, zw
+
+
+def group_oracle(x, q, n, b, scale, zw, g, bias=None):
+    """float64 y = x @ ((floor(q_n / 2^k) + c_k - z) * 2^k s)^T with s, z repeated over each
+    group of g columns."""
+    k = n - b
+    w = torch.floor(q.to(torch.float64) / 2**k) + 0.5 * (1 - 2.0**-k)
+    if zw is not None:
+        z = zw.to(torch.float64)
+        w = w - (z.repeat_interleave(g, dim=1) if z.dim() == 2 else z.reshape(-1, 1))
+    w = w * (2.0**k * scale.to(torch.float64)).repeat_interleave(g, dim=1)
+    y = x.to(torch.float64) @ w.T
+    bound = (x.to(torch.float64).abs() @ w.abs().T) * (q.shape[1] * 2.0**-23)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+        bound = bound + bias.abs().to(torch.float64) * 2.0**-23
+    return y, bound
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g", [32, 64, 256])
+@pytest.mark.parametrize("zero_point", [None, "group", "channel"])
+def test_public_lowbit_linear_per_group_scales(backend, dtype, g, zero_point):
+    import eqkernels as E
+
+    q, planes, scale, zw = group_case(g + len(str(zero_point)), g=g, zero_point=zero_point)
+    bias = torch.randn(10)
+    x = torch.randn(7, 256).to(dtype)
+    kw = dict(K=256, bias=bias, weight_zero_point=zw, backend=backend, group_size=g)
+    y = E.lowbit_linear(x, planes, scale, 3, 4, **kw)
+    ref, bound = group_oracle(x, q, 4, 3, scale, zw, g, bias)
+    if dtype == torch.bfloat16:
+        bound = bound + ref.abs() * 2.0**-8
+    assert y.dtype == dtype and y.shape == (7, 10)
+    assert torch.all((y.to(torch.float64) - ref).abs() <= bound)
+    prepared = E.prepare_linear(planes, scale, 3, 4, **kw)
+    assert prepared.group_size == g and torch.equal(prepared(x), y)
+
+
+def test_per_group_opcheck():
+    q, planes, scale, zw = group_case(5, g=32, zero_point="group")
+    x = torch.randn(3, 256)
+    args = (x, planes, scale, 3, 4, 256, True, None, zw, None, None, None, None, "cpp", 32)
+    torch.library.opcheck(torch.ops.eqk.lowbit_linear.default, args)
+
+
+def test_per_group_bad_arguments():
+    import eqkernels as E
+
+    q, planes, scale, zw = group_case(6, g=64)
+    x = torch.randn(2, 256)
+    for g in (48, 16, 96, 0, True):
+        with pytest.raises(ValueError, match="group_size="):
+            E.lowbit_linear(x, planes, scale, 3, 4, K=256, group_size=g)
+    with pytest.raises(ValueError, match=r"scale: expected a float tensor of shape \[N=10, K/gr"):
+        E.lowbit_linear(x, planes, scale, 3, 4, K=256, group_size=32)
+    with pytest.raises(NotImplementedError, match="integer activations with per-group"):
+        E.lowbit_linear(x, planes, scale, 3, 4, K=256, group_size=64, act_scale=torch.tensor([0.1]),
+                        act_quant_min=-128, act_quant_max=127)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="integer activations with per-group"):
+        E.prepare_linear(
+            planes, scale, 3, 4, K=256, group_size=64, act=E.ActQuant(0.1, None, -128, 127)
+        )
+    with pytest.raises(ValueError, match="scale: expected a float tensor of shape"):
+        E.lowbit_conv2d(
+            torch.randn(1, 256, 1, 1), planes, scale, 3, 4, in_channels=256, kernel_size=1
+        )
