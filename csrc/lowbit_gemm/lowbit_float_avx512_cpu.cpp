@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/avx512_defined.h"
 #include "common/lowbit_cpu_gfni.h"
 #include "common/lowbit_float_cpu.h"
 
@@ -23,6 +24,26 @@
 
 namespace eqk::lowbit_float {
 namespace {
+
+// Unmasked forms whose GCC 12 expansion merges into an undefined register (-Wmaybe-uninitialized
+// at every use, see common/avx512_defined.h): the masked form with every lane selected.
+constexpr __mmask16 kAll = 0xFFFF;
+EQK_TARGET_F512 __attribute__((always_inline)) inline __m512i sext_low_bits(__m512i v,
+                                                                       int bits) {
+  const unsigned sh = 32u - static_cast<unsigned>(bits);
+  return _mm512_mask_srai_epi32(v, kAll, _mm512_mask_slli_epi32(v, kAll, v, sh), sh);
+}
+EQK_TARGET_F512 __attribute__((always_inline)) inline __m512 to_ps(__m512i v) {
+  return _mm512_mask_cvtepi32_ps(_mm512_setzero_ps(), kAll, v);
+}
+// Codes of 16 columns moved to the low bytes of 16 lanes (the rest don't matter to vpermps).
+__attribute__((target("avx512f,avx512bw,avx512vbmi"), always_inline)) inline __m512i spread_codes(
+    __m512i spread, __m512i codes) {
+  return _mm512_mask_permutexvar_epi8(codes, ~__mmask64(0), spread, codes);
+}
+EQK_TARGET_F512 __attribute__((always_inline)) inline __m512 lookup(__m512i idx, __m512 table) {
+  return _mm512_mask_permutexvar_ps(table, kAll, idx, table);
+}
 
 // A panel row is `bits` short plane streams (kc/8 bytes each): too short for the hardware
 // prefetchers to ramp up, so the row two ahead is fetched explicitly.
@@ -50,8 +71,8 @@ EQK_TARGET_F512 __attribute__((always_inline)) inline __m512i pattern16(
 template <int BITS>
 EQK_TARGET_F512 inline __m512 group_table(float s, float cz) {
   const __m512i p = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i q = _mm512_srai_epi32(_mm512_slli_epi32(p, 32 - BITS), 32 - BITS);
-  return _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(cz)),
+  const __m512i q = sext_low_bits(p, BITS);
+  return _mm512_mul_ps(_mm512_add_ps(to_ps(q), _mm512_set1_ps(cz)),
                        _mm512_set1_ps(s));
 }
 
@@ -61,10 +82,10 @@ EQK_TARGET_F512 __attribute__((always_inline)) inline __m512 decode16(
     const uint16_t* const* rows, int64_t c, __m512 table, __m512 czv, __m512 sv) {
   const __m512i idx = pattern16<BITS>(rows, c);
   if constexpr (BITS <= 4) {
-    return _mm512_permutexvar_ps(idx, table);
+    return lookup(idx, table);
   } else {
-    const __m512i q = _mm512_srai_epi32(_mm512_slli_epi32(idx, 32 - BITS), 32 - BITS);
-    const __m512 t = _mm512_add_ps(_mm512_cvtepi32_ps(q), czv);
+    const __m512i q = sext_low_bits(idx, BITS);
+    const __m512 t = _mm512_add_ps(to_ps(q), czv);
     return SCALED ? _mm512_mul_ps(t, sv) : t;
   }
 }
@@ -105,7 +126,7 @@ EQK_TARGET_F512 void gemm_f32_block(const float* x, int64_t ldx, const float* pa
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) out[m * ldo + n] += _mm512_reduce_add_ps(acc[m][n]);
+    for (int n = 0; n < NR; ++n) out[m * ldo + n] += eqk::avx512::reduce_add_ps(acc[m][n]);
 }
 
 template <int MR>
@@ -143,7 +164,7 @@ EQK_TARGET_BF16 void gemm_bf16_block(const uint16_t* x, int64_t ldx, const uint1
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) out[m * ldo + n] += _mm512_reduce_add_ps(acc[m][n]);
+    for (int n = 0; n < NR; ++n) out[m * ldo + n] += eqk::avx512::reduce_add_ps(acc[m][n]);
 }
 
 template <int MR>
@@ -188,8 +209,9 @@ EQK_TARGET_BF16 void decode_bf16_t(const Weights& w, int64_t n0, int64_t nb, int
 // (lowbit_cpu_gfni.h: a canonical row's 8 consecutive 64-column blocks sit exactly where a
 // tile's 8 rows do). A byte permute spreads 16 codes to the low bytes of 16 lanes, and the
 // low 4 bits (the code mod 16) index the group's table.
-#define EQK_TARGET_GFNI_F \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,bmi2,fma,avx512bf16")))
+#define EQK_TARGET_GFNI_F                                                                 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,bmi2," \
+                        "fma,avx512bf16")))
 
 template <int BITS, bool BF16>
 EQK_TARGET_GFNI_F void decode_gfni_t(const Weights& w, int64_t n0, int64_t nb, int64_t k0,
@@ -230,7 +252,7 @@ EQK_TARGET_GFNI_F void decode_gfni_t(const Weights& w, int64_t n0, int64_t nb, i
             g_end = g == w.G - 1 ? INT64_MAX : (g + 1) * w.gs;
             table = group_table<BITS>(BF16 ? 1.0f : srow[g], crow[g]);
           }
-          wv[v] = _mm512_permutexvar_ps(_mm512_permutexvar_epi8(spread[v], codes), table);
+          wv[v] = lookup(spread_codes(spread[v], codes), table);
         }
         if constexpr (BF16) {
           uint16_t* out = static_cast<uint16_t*>(panel_out) + r * kc + base;
@@ -288,7 +310,7 @@ EQK_TARGET_GFNI_F void gemv_gfni_t(const Weights& w, const float* x, int64_t ldx
             table = group_table<BITS>(srow[g], crow[g]);
           }
           const __m512 wv =
-              _mm512_permutexvar_ps(_mm512_permutexvar_epi8(spread[v], codes), table);
+              lookup(spread_codes(spread[v], codes), table);
           for (int m = 0; m < MR; ++m)
             acc[m][v] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + base + 16 * v), wv,
                                         acc[m][v]);
@@ -296,8 +318,8 @@ EQK_TARGET_GFNI_F void gemv_gfni_t(const Weights& w, const float* x, int64_t ldx
       }
     }
     for (int m = 0; m < MR; ++m)
-      out[m * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                                            _mm512_add_ps(acc[m][2], acc[m][3])));
+      out[m * ldo + n] = eqk::avx512::reduce_add_ps(
+          _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
   }
 }
 
@@ -369,9 +391,14 @@ void panel_gemm_bf16_avx512bf16(const uint16_t* x, int64_t ldx, int64_t mb, cons
   for (; m + 3 <= mb; m += 3)
     gemm_bf16_rows<3>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo);
   switch (mb - m) {
-    case 2: gemm_bf16_rows<2>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo); break;
-    case 1: gemm_bf16_rows<1>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo); break;
-    default: break;
+    case 2:
+      gemm_bf16_rows<2>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo);
+      break;
+    case 1:
+      gemm_bf16_rows<1>(x + m * ldx, ldx, panel, nb, kc, s, ldg, gs_kc, out + m * ldo, ldo);
+      break;
+    default:
+      break;
   }
 }
 
