@@ -93,8 +93,6 @@ def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dic
         run.model,
         out,
         configs=configs or None,
-        arch=run.config.model,
-        arch_kwargs={"num_classes": run.num_classes},
         extra={"data": run.config.data, "recipe": run.config.recipe, "run": str(run_dir)},
     )
 

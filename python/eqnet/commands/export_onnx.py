@@ -36,7 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--fold-bn", choices=BN_MODES, default=None, help="default: the preset's")
     p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default=None)
-    p.add_argument("--no-int4", action="store_true", help="no int4/uint4 containers")
+    p.add_argument(
+        "--int4",
+        action="store_true",
+        help="allow int4/uint4 containers (opset 21; onnxruntime runs them only up to "
+        "ORT_ENABLE_BASIC); default: int8/uint8 with clipped ranges",
+    )
+    # The default since int4 became opt-in; still accepted.
+    p.add_argument("--no-int4", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--input-shape",
         default=None,
@@ -135,12 +142,12 @@ def run(args) -> int:
             supernet,
             config,
             args.out,
-            shape,
+            input_shape=shape,
             opset=args.opset,
             preset=args.preset,
             fold_bn=args.fold_bn,
             weight_format=args.weight_format,
-            int4=not args.no_int4,
+            int4=args.int4 and not args.no_int4,
         )
     except (ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"eqnet export-onnx: {exc}", file=sys.stderr)

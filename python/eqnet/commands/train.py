@@ -38,9 +38,33 @@ def _bool_flag(parser, name, help_text):
     )
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"depth\": 4}'")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=RECIPES, default=None, help="default multiquant")
-    p.add_argument("--model", default=None, help="digits_cnn (default), resnet20, resnet56, ...")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="digits_cnn (default), resnet20, resnet56, torchvision:NAME, or a user's "
+        "package.module:factory",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="keyword arguments of a package.module:factory model, e.g. '{\"depth\": 4}'",
+    )
     p.add_argument(
         "--data", default=None, help="digits (default), X.npz, cifar10:DIR, imagefolder:DIR"
     )
@@ -133,7 +157,7 @@ def _add_distributed_arguments(parser) -> None:
 
 
 _CONFIG_KEYS = (
-    "recipe model data epochs batch_size optimizer lr momentum weight_decay scale_lr_mult "
+    "recipe model model_kwargs data epochs batch_size optimizer lr momentum weight_decay scale_lr_mult "
     "warmup_epochs grad_clip amp seed device init deterministic w_bits a_bits keep_first_last "
     "per_bit_bn num_random uniform_prob oal zeta wdr gpg joint distill holdout limit_train limit_test "
     "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch"

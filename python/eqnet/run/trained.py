@@ -37,9 +37,13 @@ def evaluate(model: torch.nn.Module, loader, device=None) -> float:
 def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     """The run's network and space: the float model (space None) for the float recipe, else
     the model converted to a Supernet over the recipe's space. `config` must be resolved."""
-    net = models.get(config.model, num_classes)
+    net = models.get(config.model, num_classes, **(config.model_kwargs or {}))
+    if getattr(net, "eqnet_input_size", None) is None and config.input_shape:
+        net.eqnet_input_size = (1, *config.input_shape)
     if float_init and config.init:
-        net.load_state_dict(load_float_weights(config.init))
+        note = models.load_init(net, load_float_weights(config.init))
+        if note:
+            print(note, flush=True)
     space = recipe_space(config)
     if space is None:
         return net, None

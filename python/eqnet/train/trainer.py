@@ -78,6 +78,8 @@ class Trainer:
         self.train_loader = train_loader(self.data.train, c.batch_size, c.seed, c.workers)
         self.holdout_loader = eval_loader(self.data.holdout, c.batch_size, c.workers)
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size, c.workers)
+        if c.input_shape is None:
+            c.input_shape = list(self.data.input_shape)
         # On resume the checkpoint holds the weights: the float init need not exist any more.
         model, self.space = build_model(c, self.data.num_classes, float_init=load_init)
         self.model = model.to(self.device)
