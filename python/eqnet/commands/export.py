@@ -18,6 +18,8 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
+from eqnet.commands.argtypes import count
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="trained run directory (eqnet train --out)")
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--bn-batches",
-        type=int,
+        type=count(0),
         default=None,
         help="held-out batches to re-estimate BN per width before export (default: the run's "
         "bn_batches; 0: keep the checkpoint's statistics)",
@@ -107,9 +109,10 @@ def summary(header: dict) -> str:
 
 
 def run(args) -> int:
-    from eqkernels import EqkFormatError
+    from eqkernels import EqkFormatError, atomic
 
     try:
+        atomic.remove_stale_temps(Path(args.out).resolve().parent)
         configs = read_configs(args.configs, args.config)
         header = export_run(args.run, args.out, configs, args.bn_batches)
     except (FileNotFoundError, ValueError, NotImplementedError, EqkFormatError) as exc:

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from eqnet.commands.argtypes import count
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from eqnet.deploy.onnx_presets import BN_MODES, PRESETS, WEIGHT_FORMATS
@@ -31,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     which.add_argument("--uniform", metavar="W,A", help="uniform weight,activation bits")
     which.add_argument("--lowest", action="store_true", help="the lowest subnet")
-    p.add_argument("--pick", type=int, default=0, help="which chosen config of configs.json")
+    p.add_argument("--pick", type=count(0), default=0, help="which chosen config of configs.json")
     p.add_argument("--preset", choices=sorted(PRESETS), default="generic")
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--fold-bn", choices=BN_MODES, default=None, help="default: the preset's")
@@ -51,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="default: the model's own input size (eqnet.models)",
     )
     p.add_argument(
-        "--check", type=int, default=0, metavar="N", help="validate on N seeded random inputs"
+        "--check", type=count(0), default=0, metavar="N", help="validate on N seeded random inputs"
     )
     p.add_argument(
         "--check-test",
@@ -103,9 +105,16 @@ def _config(args, supernet):
 def _shape(args, supernet):
     if args.input_shape:
         try:
-            return tuple(int(v) for v in args.input_shape.split(","))
+            shape = tuple(int(v) for v in args.input_shape.split(","))
         except ValueError:
             raise ValueError(f"--input-shape={args.input_shape!r}: expected N,C,H,W") from None
+        first = next((m for m in supernet.model.modules() if hasattr(m, "in_channels")), None)
+        if first is not None and len(shape) >= 3 and shape[-3] != first.in_channels:
+            raise ValueError(
+                f"--input-shape={args.input_shape!r}: the model's first layer takes "
+                f"{first.in_channels} channels, the shape gives {shape[-3]}"
+            )
+        return shape
     shape = getattr(supernet.model, "eqnet_input_size", None)
     if shape is None:
         raise ValueError("--input-shape is required: the model does not record its input size")
@@ -123,10 +132,12 @@ def _recalibrate(trained, supernet, config, batches: int) -> None:
 def run(args) -> int:
     import torch
 
+    from eqkernels import atomic
     from eqnet.deploy.onnx import compare_onnx, export_onnx
     from eqnet.run import load_run
 
     try:
+        atomic.remove_stale_temps(Path(args.out).resolve().parent)
         trained = load_run(args.run)
         supernet = trained.model.eval()
         if not hasattr(supernet, "set_config"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from eqnet.commands.argtypes import count
 from eqnet.run.config import JOINT_LOSSES, KEEP_FIRST_LAST, OPTIMIZERS, RECIPES
 
 
@@ -68,18 +69,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", default=None, help="digits (default), X.npz, cifar10:DIR, imagefolder:DIR"
     )
-    p.add_argument("--epochs", type=int, default=None, help="total epochs (default 10)")
+    p.add_argument("--epochs", type=count(1), default=None, help="total epochs (default 10)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue DIR's last checkpoint")
     p.add_argument(
         "--stop-after",
-        type=int,
+        type=count(1),
         default=None,
         metavar="K",
         help="stop after epoch K (resume later)",
     )
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--batch-size", type=count(1), default=None)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--momentum", type=float, default=None)
@@ -104,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "switchable like the rest (lets a search move bits to them; docs/search.md)",
     )
     _bool_flag(s, "per-bit-bn", "one BN per weight width (default: on for layered)")
-    s.add_argument("--num-random", type=int, default=None, help="K random subnets per step")
+    s.add_argument("--num-random", type=count(0), default=None, help="K random subnets per step")
     s.add_argument(
         "--uniform-prob",
         type=float,
@@ -119,14 +120,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--joint", choices=JOINT_LOSSES, default=None, help="layered joint loss")
     _bool_flag(s, "distill", "layered: cosine self-distillation")
     d = p.add_argument_group("data and evaluation")
-    d.add_argument("--holdout", type=int, default=None, help="held-out training samples")
-    d.add_argument("--limit-train", type=int, default=None)
-    d.add_argument("--limit-test", type=int, default=None)
-    d.add_argument("--calib-batches", type=int, default=None)
-    d.add_argument("--bn-batches", type=int, default=None)
-    d.add_argument("--eval-batch-size", type=int, default=None)
-    d.add_argument("--workers", type=int, default=None)
-    d.add_argument("--max-steps-per-epoch", type=int, default=None)
+    d.add_argument("--holdout", type=count(0), default=None, help="held-out training samples")
+    d.add_argument("--limit-train", type=count(1), default=None)
+    d.add_argument("--limit-test", type=count(1), default=None)
+    d.add_argument("--calib-batches", type=count(0), default=None)
+    d.add_argument("--bn-batches", type=count(0), default=None)
+    d.add_argument("--eval-batch-size", type=count(1), default=None)
+    d.add_argument("--workers", type=count(0), default=None)
+    d.add_argument("--max-steps-per-epoch", type=count(1), default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_distributed_arguments(p)
 

@@ -6,8 +6,10 @@ registered architecture from the file's model record (`eqnet.models.get(name, **
 makes its attention projections modules as `eqnet.convert` does, replaces every quantized
 layer by an `IntConv2d`/`IntLinear` and every folded BN by an identity, loads the remaining
 float tensors (by module path), and configures the integer layers for the requested width or
-mixed configuration. A `model` whose layers or tensors differ from the file's is refused with
-the names and shapes that differ.
+mixed configuration. Before any network is built the file's records and the loaded values are
+validated (record.py); a registered architecture is checked against the record on the meta
+device first. A malformed file raises EqkFormatError naming the field; a `model` whose layers
+or tensors differ from the file's is refused (ValueError) with the names and shapes that differ.
 
 `max_bits` reads only the prefix of a nested file that width needs (a device that has received
 part of the file); `DeployedModel.upgrade(...)` reads the next sections of the same file and
@@ -39,6 +41,7 @@ from .layout import (
     sections_needed,
     weight_key,
 )
+from .record import check_network, check_record, check_values
 from .runtime import IntConv2d, IntLinear, LayerTensors, int_layer
 
 _PREFIX = "model."
@@ -111,7 +114,8 @@ class DeployedModel(nn.Module):
                 source=None) -> DeployedModel:  # fmt: skip
         """Read the sections a wider width/config needs from the same file (in place) and
         switch to it. `max_bits` alone reads that prefix and runs at the widest stored width
-        it completes."""
+        it completes. A `source` that is another export (other identity, or other bytes in a
+        section already loaded) raises EqkFormatError; new sections' values are validated."""
         source = self.source if source is None else source
         if bits is None and config is None:
             if max_bits is None:
@@ -123,7 +127,9 @@ class DeployedModel(nn.Module):
             need = sorted(
                 set(need) | set(self.header["widths"][str(_widest_within(self.header, max_bits))])
             )
+        before = set(self.eqk.tensors)
         self.eqk.upgrade(source, sections=need)
+        check_values({k: v for k, v in self.eqk.tensors.items() if k not in before})
         self.configure(cfg)
         return self
 
@@ -169,6 +175,16 @@ def _layer_tensors(header, tensors, lname, choice: LayerChoice) -> LayerTensors:
     )
 
 
+def _float_model(arch: Mapping, device: str) -> nn.Module:
+    try:
+        with torch.device(device):
+            net = build_float_model(arch)
+    except (KeyError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
+        raise EqkFormatError(f"model.arch: cannot build {arch!r} ({exc})") from None
+    make_projections_modules(net)
+    return net
+
+
 def _build_network(header: dict, model: nn.Module | None) -> nn.Module:
     records, _ = deployment_records(header)
     if model is not None:
@@ -176,6 +192,7 @@ def _build_network(header: dict, model: nn.Module | None) -> nn.Module:
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         # A Supernet (or a DeployedModel) given by mistake: its network is what matches.
         net = copy.deepcopy(getattr(model, "model", model) if _is_wrapper(model) else model)
+        make_projections_modules(net)
     else:
         arch = records.get("arch")
         if arch is None:
@@ -185,15 +202,19 @@ def _build_network(header: dict, model: nn.Module | None) -> nn.Module:
             )
         if not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str):
             raise EqkFormatError("model record: 'arch' must hold the registered name and kwargs")
-        try:
-            net = build_float_model(arch)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise EqkFormatError(f"model record: cannot rebuild {arch!r} ({exc})") from None
-    make_projections_modules(net)
+        # The declared network is checked on the meta device first (no memory): only a record
+        # whose every layer matches the file's tensors gets a real network allocated.
+        check_network(header, _float_model(arch, "meta"))
+        net = _float_model(arch, "cpu")
     # Wrap so that module names match the Supernet's ("model.<path>").
     root = nn.Module()
     root.model = net
     _check_layers(root, records["layers"], given=model is not None)
+    if model is not None:
+        try:  # bias, BN and float state: the user's module against the validated record
+            check_network(header, net)
+        except EqkFormatError as exc:
+            raise ValueError(f"the model does not match the file: {exc}") from None
     for lname, geometry in records["layers"].items():
         _replace(root, lname, int_layer(geometry))
     for bn in records["bn_folds"]:
@@ -298,6 +319,8 @@ def load(
     """
     eqk = read_eqk(path, max_bits=max_bits) if max_bits is not None else read_eqk(path)
     header = eqk.header
+    check_record(header)
+    check_values(eqk.tensors)
     if bits is None and config is None:
         if header["nested"]:
             bits = eqk.bits

@@ -52,6 +52,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from eqkernels import atomic
+
 from ..space import SubnetConfig
 from .onnx_graph import PLACEHOLDER_DOMAIN, build_export_model, rewrite_placeholders
 from .onnx_presets import BN_MODES, WEIGHT_FORMATS, TargetProfile, get_preset, raise_problems
@@ -273,7 +275,8 @@ def export_onnx(
     }
     onnx.helper.set_model_props(model, meta)
     onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, os.fspath(path))
+    with atomic.atomic_output(path) as tmp:
+        onnx.save(model, tmp)
     return model
 
 

@@ -58,15 +58,22 @@ def load_float_weights(path: str) -> dict:
     p = ckpt.checkpoint_path(path)
     if not p.is_file():
         raise FileNotFoundError(f"init={path!r}: no float checkpoint there")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    if p.suffix == ".eqk":
+        raise ValueError(f"init={path!r}: a deployment file (.eqk); start from a float run")
+    state = ckpt.read_torch_file(p, f"init={path!r}")
     if isinstance(state, dict) and state.get("format") == ckpt.FORMAT:
         recipe = json.loads(state["config"])["recipe"]
         if recipe != "float":
             raise ValueError(f"init={path!r}: a {recipe!r} run; start from a float run")
-        return state["model"]
-    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return state
-    raise ValueError(f"init={path!r}: neither an eqnet float run nor a state_dict")
+        state = state["model"]
+    elif not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"init={path!r}: neither an eqnet float run nor a state_dict")
+    bad = ckpt.first_non_finite(state)
+    if bad is not None:
+        raise ValueError(
+            f"init={path!r}: tensor {bad!r} holds NaN or Inf; refusing to start from it"
+        )
+    return state
 
 
 @dataclass
