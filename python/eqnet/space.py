@@ -299,32 +299,51 @@ class SubnetConfig:
 
     @classmethod
     def random(
-        cls, space, model, generator: torch.Generator | None = None, *, forms: bool = True
+        cls,
+        space,
+        model,
+        generator: torch.Generator | None = None,
+        *,
+        forms: bool = True,
+        w_bits: int | None = None,
+        a_bits: int | None = None,
     ) -> SubnetConfig:
         """Each elastic layer draws its widths uniformly; with forms=True also its
-        granularity and symmetries (with forms=False the lowest/highest defaults)."""
+        granularity and symmetries (with forms=False the lowest/highest defaults).
+
+        `w_bits` / `a_bits` fix that width on every elastic layer instead of drawing it (the
+        forms are still drawn): EQ-Net's highest and lowest LRH subnets. Fixed layers keep
+        their fixed choice."""
 
         def pick(values):
             i = int(torch.randint(len(values), (1,), generator=generator).item())
             return values[i]
 
+        for name, value, values in (
+            ("w_bits", w_bits, space.w_bits),
+            ("a_bits", a_bits, space.a_bits),
+        ):
+            if value is not None and value not in values:
+                raise ValueError(f"{name}={value!r}: the space's widths are {list(values)}")
         layers = []
         for name, fixed in layer_specs(model).items():
             if fixed is not None:
                 layers.append((name, fixed))
                 continue
+            wb = pick(space.w_bits) if w_bits is None else w_bits
+            ab = pick(space.a_bits) if a_bits is None else a_bits
             if forms:
                 choice = LayerChoice(
-                    pick(space.w_bits),
-                    pick(space.a_bits),
+                    wb,
+                    ab,
                     pick(space.w_granularities),
                     pick(space.w_symmetries),
                     pick(space.a_symmetries),
                 )
             else:
                 choice = LayerChoice(
-                    pick(space.w_bits),
-                    pick(space.a_bits),
+                    wb,
+                    ab,
                     _prefer(space.w_granularities, "channel"),
                     _prefer(space.w_symmetries, "sym"),
                     _prefer(space.a_symmetries, "asym"),
