@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import eqnet
+import numpy as np
 import pytest
 import torch
 from eqnet import models
@@ -121,3 +122,25 @@ def test_set_narrow_weights_lets_tensorrt_export_code_minus_128(tmp_path):
     codes = torch.round(torch.from_numpy(w).double() / torch.from_numpy(s).double()[:, None])
     assert int(codes.min()) >= -127 and int(codes[0, 0]) == -127
     onnx.checker.check_model(onnx.load(tmp_path / "m.onnx"))
+
+
+def test_choice_table_in_one_target_form():
+    from eqnet.search.genome import ChoiceTable, layer_options
+
+    for name, form in FORMS.items():
+        opts = layer_options(ALL_FORMS, form=form)
+        assert len(opts) == len(ALL_FORMS.w_bits) * len(ALL_FORMS.a_bits), name
+        assert all(form.holds(c) for c in opts)
+        assert {(c.w_bits, c.a_bits) for c in opts} == {
+            (w, a) for w in ALL_FORMS.w_bits for a in ALL_FORMS.a_bits
+        }
+    sn = eqnet.convert(models.get("digits_cnn"), ALL_FORMS, keep_first_last="8bit")
+    table = ChoiceTable.from_model(ALL_FORMS, sn, form=FORMS["snpe"])
+    fixed = [n for n, f in zip(table.names, table.choices) if len(f) == 1]
+    assert len(fixed) == 2  # first and last keep their fixed choice
+    rng = np.random.default_rng(0)
+    for g in table.uniform(rng, 20):
+        cfg = table.decode(g)
+        assert all(FORMS["snpe"].holds(c) for n, c in cfg if n not in fixed)
+    with pytest.raises(ValueError, match="target form 'tensorrt' needs a_symmetry='sym'"):
+        layer_options(ElasticSpace(a_symmetries=("asym",)), form=FORMS["tensorrt"])

@@ -21,10 +21,15 @@ from eqnet.search.cost import METRICS, CostModel, check_metric
 from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig, _prefer, layer_specs
 
 
-def layer_options(space: ElasticSpace, forms: bool = True) -> list[LayerChoice]:
+def layer_options(space: ElasticSpace, forms: bool = True, form=None) -> list[LayerChoice]:
     """Every LayerChoice of an elastic layer; forms=False keeps the preferred granularity and
-    symmetries (per-channel, symmetric weights, asymmetric activations when available)."""
-    if forms:
+    symmetries (per-channel, symmetric weights, asymmetric activations when available).
+    `form` (an `eqnet.forms.TargetForm`) puts every choice in that one deployment form, bit
+    widths free; it overrides `forms` and must be a form the space holds."""
+    if form is not None:
+        form.check_space(space)
+        grans, wsyms, asyms = (form.w_granularity,), (form.w_symmetry,), (form.a_symmetry,)
+    elif forms:
         grans, wsyms, asyms = space.w_granularities, space.w_symmetries, space.a_symmetries
     else:
         grans = (_prefer(space.w_granularities, "channel"),)
@@ -52,9 +57,10 @@ class ChoiceTable:
 
     @classmethod
     def from_model(
-        cls, space: ElasticSpace, model: torch.nn.Module, forms: bool = True
+        cls, space: ElasticSpace, model: torch.nn.Module, forms: bool = True, form=None
     ) -> ChoiceTable:
-        opts = layer_options(space, forms)
+        """Fixed layers keep their one choice; elastic ones take `layer_options`."""
+        opts = layer_options(space, forms, form)
         specs = layer_specs(model)
         return cls(OrderedDict((n, [f] if f is not None else opts) for n, f in specs.items()))
 
