@@ -28,7 +28,7 @@ def layered_run(tmp_path_factory):
 
 
 def _check_outputs(out, run, method, n_chosen):
-    from eqnet.train import load_run
+    from eqnet.run import load_run
 
     data = json.loads((out / "configs.json").read_text())
     assert data["method"] == method and len(data["chosen"]) == n_chosen

@@ -137,8 +137,8 @@ class _Context:
         import torch
 
         from eqnet.data import bn_split, eval_loader, fixed_batches, load_data
+        from eqnet.run import load_run
         from eqnet.search.cost import CostModel
-        from eqnet.train import load_run
 
         self.run = load_run(args.run, map_location=args.device)
         if self.run.space is None:
@@ -466,7 +466,7 @@ def _search_ilp(args, ctx, budgets):
 
     results = []
     if args.method == "limpq":
-        from eqnet.train import importance_indicators
+        from eqnet.search.limpq import importance_indicators
 
         table = ChoiceTable.from_model(ctx.space, ctx.supernet, forms=False)
         indicators = importance_indicators(ctx.supernet)
