@@ -10,6 +10,7 @@ import torch
 from eqnet import models
 from eqnet.convert import convert
 from eqnet.data import DataBundle, bn_split, fixed_batches, load_data
+from eqnet.forms import set_narrow_weights
 from eqnet.space import ElasticSpace, SubnetConfig
 
 from . import checkpoint as ckpt
@@ -38,7 +39,10 @@ def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     """The run's network and space: the float model (space None) for the float recipe, else
     the model converted to a Supernet over the recipe's space. `config` must be resolved."""
     net = models.get(config.model, num_classes)
-    if float_init and config.init:
+    # a searched policy is fine-tuned from the supernet it was searched on; every other run
+    # starts from a float run
+    quantized_init = bool(float_init and config.init and config.policy is not None)
+    if float_init and config.init and not quantized_init:
         net.load_state_dict(load_float_weights(config.init))
     space = recipe_space(config)
     if space is None:
@@ -46,7 +50,43 @@ def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     supernet = convert(
         net, space, keep_first_last=config.keep_first_last, per_bit_bn=bool(config.per_bit_bn)
     )
+    form = config.target_form()
+    if form is not None and form.narrow_weights:  # e.g. tensorrt: trains on the narrow range
+        set_narrow_weights(supernet, True)
+    if quantized_init:
+        if not init_is_quantized(config.init):
+            raise ValueError(
+                f"init={config.init!r}: a policy is fine-tuned from the quantized run it was "
+                "searched on"
+            )
+        load_supernet_init(supernet, config.init)
     return supernet, space
+
+
+def init_is_quantized(path: str) -> bool:
+    """True when `path` is a run of a quantized recipe (a supernet to fine-tune from)."""
+    p = ckpt.checkpoint_path(path)
+    if not p.is_file():
+        return False
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and state.get("format") == ckpt.FORMAT:
+        return json.loads(state["config"])["recipe"] != "float"
+    return False
+
+
+def load_supernet_init(supernet, path: str) -> None:
+    """Start `supernet` from a trained quantized run: every parameter and buffer it has (its
+    forms' steps and zero points, weights, BN) comes from the run, which must hold them all with
+    the same shapes (a policy searched on that run does)."""
+    state = ckpt.load_checkpoint(path)["model"]
+    own = supernet.state_dict()
+    missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    if missing:
+        raise ValueError(
+            f"init={path!r}: the run lacks {len(missing)} of this model's tensors "
+            f"(e.g. {missing[:3]}); fine-tune a policy from the supernet it was searched on"
+        )
+    supernet.load_state_dict({k: state[k] for k in own})
 
 
 def load_float_weights(path: str) -> dict:
