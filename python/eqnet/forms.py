@@ -180,3 +180,8 @@ def set_narrow_weights(model, narrow: bool) -> int:
             module.narrow_range = bool(narrow)
             count += 1
     return count
+
+
+def narrow_preset(preset: str) -> bool:
+    """True when the ONNX preset `preset` runs a form with narrow-range weights (tensorrt)."""
+    return any(f.narrow_weights and f.onnx_preset == preset for f in FORMS.values())

@@ -230,6 +230,27 @@ class SubnetConfig:
         except TypeError as exc:
             raise ValueError(f"SubnetConfig.from_json: bad layer entry ({exc})") from None
 
+    @classmethod
+    def from_file(cls, path, pick: int = 0) -> SubnetConfig:
+        """A SubnetConfig JSON file, or an `eqnet search` configs.json (its `pick`-th chosen
+        config)."""
+        from pathlib import Path
+
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc})") from None
+        if isinstance(data, dict) and "chosen" in data:  # eqnet search's configs.json
+            chosen = data["chosen"]
+            if not isinstance(chosen, list) or not all(isinstance(c, dict) for c in chosen):
+                raise ValueError(f"{path}: 'chosen' must be a list of objects")
+            if isinstance(pick, bool) or not isinstance(pick, int) or not 0 <= pick < len(chosen):
+                raise ValueError(f"pick={pick!r}: {path} holds {len(chosen)} configs")
+            layers = chosen[pick].get("config")
+            text = json.dumps({"format": "eqnet.SubnetConfig", "version": 1, "layers": layers})
+        return cls.from_json(text)
+
     # -- validation ---------------------------------------------------------------------
     def validate(self, space: ElasticSpace, model: torch.nn.Module) -> SubnetConfig:
         """Check the config against the space and the model; returns self."""

@@ -151,9 +151,13 @@ class TrainConfig:
             if self.recipe != "qat":
                 raise ValueError("policy: the qat recipe fine-tunes a searched policy")
             policy = self.policy_config()
-            if form is not None or self.w_bits is not None or self.a_bits is not None:
+            widths = {
+                "w_bits": sorted({c.w_bits for _, c in policy}),
+                "a_bits": sorted({c.a_bits for _, c in policy}),
+            }
+            given = [k for k, v in widths.items() if getattr(self, k) not in (None, v)]
+            if form is not None or given:
                 raise ValueError("policy: the policy sets every layer's widths and form")
-            del policy
         if self.recipe == "qat" and self.policy is None:
             for name in ("w_bits", "a_bits"):
                 v = getattr(self, name)

@@ -59,7 +59,7 @@ def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
                 f"init={config.init!r}: a policy is fine-tuned from the quantized run it was "
                 "searched on"
             )
-        load_supernet_init(supernet, config.init)
+        load_supernet_init(supernet, config.init, config.policy_config())
     return supernet, space
 
 
@@ -74,19 +74,36 @@ def init_is_quantized(path: str) -> bool:
     return False
 
 
-def load_supernet_init(supernet, path: str) -> None:
-    """Start `supernet` from a trained quantized run: every parameter and buffer it has (its
-    forms' steps and zero points, weights, BN) comes from the run, which must hold them all with
-    the same shapes (a policy searched on that run does)."""
+def load_supernet_init(supernet, path: str, policy: SubnetConfig) -> None:
+    """Start `supernet` from a trained quantized run for fine-tuning `policy`: every weight,
+    BN tensor and every quantizer parameter the policy uses comes from the run, which must hold
+    them with the same shapes (a policy searched on that run does). Quantizer forms the policy
+    never runs (e.g. 8-bit steps of elastic layers, there only because the fixed edge layers
+    are 8-bit) keep their construction values."""
     state = ckpt.load_checkpoint(path)["model"]
     own = supernet.state_dict()
-    missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    names = {id(p): n for n, p in supernet.named_parameters()}
+    quantizer_keys = {n for n in own if "_quantizer." in n}
+    used = set()
+    for layer_name, choice in policy:
+        layer = supernet.get_submodule(layer_name)
+        forms = (
+            (layer.weight_quantizer, choice.w_bits, choice.w_granularity, choice.w_symmetry),
+            (layer.act_quantizer, choice.a_bits, "tensor", choice.a_symmetry),
+        )
+        for quantizer, bits, granularity, symmetry in forms:
+            for param in quantizer.raw_parameters(bits, granularity, symmetry):
+                if param is not None:
+                    used.add(names[id(param)])
+        used.add(f"{layer_name}.act_quantizer.signed_range")
+    needed = [k for k in own if k not in quantizer_keys or k in used]
+    missing = [k for k in needed if k not in state or state[k].shape != own[k].shape]
     if missing:
         raise ValueError(
-            f"init={path!r}: the run lacks {len(missing)} of this model's tensors "
+            f"init={path!r}: the run lacks {len(missing)} of the tensors this policy trains "
             f"(e.g. {missing[:3]}); fine-tune a policy from the supernet it was searched on"
         )
-    supernet.load_state_dict({k: state[k] for k in own})
+    supernet.load_state_dict({k: state[k] for k in needed}, strict=False)
 
 
 def load_float_weights(path: str) -> dict:
