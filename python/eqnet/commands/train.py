@@ -12,7 +12,6 @@ DIR receives checkpoint.pt (every epoch, atomic), config.json, metrics.jsonl, me
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from eqnet.run.config import (
@@ -180,7 +179,7 @@ def config_from_args(args):
         from eqnet.space import SubnetConfig
 
         policy = SubnetConfig.from_file(args.config, args.pick)
-        given["policy"] = json.loads(policy.to_json())
+        given["policy"] = policy.to_json()
     return TrainConfig(**given)
 
 

@@ -80,8 +80,9 @@ class TrainConfig:
     # layered: the paper's setup (per-tensor weight steps initialized 2 mean|w|/sqrt(2^top-1),
     # activation steps max|a|/(2^(i+1)-1) from the first batch, float first/last layers)
     vl_paper_init: bool = False
-    # qat: fine-tune this searched policy (a SubnetConfig as a dict) instead of one width
-    policy: dict | None = None
+    # qat: fine-tune this searched policy (a SubnetConfig JSON string: a string, so the layers
+    # keep the model's order through the sorted JSON of the run) instead of one width
+    policy: str | None = None
     # data and evaluation
     holdout: int | None = None
     limit_train: int | None = None
@@ -173,9 +174,9 @@ class TrainConfig:
         """The qat policy as a SubnetConfig (None when training one width)."""
         if self.policy is None:
             return None
-        if not isinstance(self.policy, dict):
-            raise ValueError("policy: expected a SubnetConfig as a JSON object")
-        return SubnetConfig.from_json(json.dumps(self.policy))
+        if not isinstance(self.policy, str):
+            raise ValueError("policy: expected a SubnetConfig JSON string")
+        return SubnetConfig.from_json(self.policy)
 
     def resolved(self) -> TrainConfig:
         """A copy with the recipe's defaults filled in for every field left at None."""

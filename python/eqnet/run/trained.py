@@ -39,9 +39,11 @@ def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     """The run's network and space: the float model (space None) for the float recipe, else
     the model converted to a Supernet over the recipe's space. `config` must be resolved."""
     net = models.get(config.model, num_classes)
-    # a searched policy is fine-tuned from the supernet it was searched on; every other run
-    # starts from a float run
-    quantized_init = bool(float_init and config.init and config.policy is not None)
+    # a searched policy is fine-tuned from the supernet it was searched on (or quantized from
+    # a float run); every other run starts from a float run
+    quantized_init = bool(
+        float_init and config.init and config.policy is not None and init_is_quantized(config.init)
+    )
     if float_init and config.init and not quantized_init:
         net.load_state_dict(load_float_weights(config.init))
     space = recipe_space(config)
@@ -54,11 +56,6 @@ def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     if form is not None and form.narrow_weights:  # e.g. tensorrt: trains on the narrow range
         set_narrow_weights(supernet, True)
     if quantized_init:
-        if not init_is_quantized(config.init):
-            raise ValueError(
-                f"init={config.init!r}: a policy is fine-tuned from the quantized run it was "
-                "searched on"
-            )
         load_supernet_init(supernet, config.init, config.policy_config())
     return supernet, space
 

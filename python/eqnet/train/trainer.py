@@ -24,7 +24,7 @@ from eqnet.data import (
     load_data,
     train_loader,
 )
-from eqnet.run import TrainConfig, build_model, evaluate
+from eqnet.run import TrainConfig, build_model, evaluate, init_is_quantized
 from eqnet.run import checkpoint as ckpt
 from eqnet.space import SubnetConfig
 
@@ -149,7 +149,7 @@ class Trainer:
         self.metrics: list[dict] = []
         # a quantized init (a supernet whose policy is fine-tuned) brings its own steps
         self.needs_calibration = self.space is not None and not (
-            load_init and c.init and c.policy is not None
+            load_init and c.init and c.policy is not None and init_is_quantized(c.init)
         )
         self._role = None
 
