@@ -119,8 +119,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--holdout-images limits the accuracy dataset: fewer images add noise that the max "
         "over candidates turns into a bias toward lucky configs)",
     )
+    tf = p.add_argument_group("target form (ga, limpq)")
+    tf.add_argument(
+        "--target-form",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="search bit widths with every elastic layer in a deployment form: tensorrt "
+        "(per-channel symmetric narrow-range weights, symmetric activations) or snpe "
+        "(per-tensor asymmetric weights and activations); repeat to search each budget once "
+        "per form with one form-conditioned predictor",
+    )
+    tf.add_argument("--w-form", default=None, metavar="G/S", help="explicit: channel/sym, ...")
+    tf.add_argument("--a-form", default=None, metavar="tensor/S", help="explicit: tensor/asym")
     lp = p.add_argument_group("limpq")
-    lp.add_argument("--alpha", type=float, default=1.0, help="weight of I_w (LIMPQ: 1-3)")
+    lp.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="weight of I_w (default: the LIMPQ supplementary's 3.0 / 2.0 / 1.0 for "
+        "resnet18 / resnet50 / mobilenet_v1, 1.0 for other models)",
+    )
     ly = p.add_argument_group("layered")
     ly.add_argument("--a-bits", type=int, default=None, help="activation width (default: max)")
 
@@ -130,6 +149,7 @@ def options_from_args(args: argparse.Namespace):
     from eqnet.search.pipeline import SearchOptions
 
     renamed = {"constraints": args.constraint, "uniform": not args.no_uniform}
+    renamed["target_forms"] = tuple(args.target_form or ())
     renamed["progress"] = not args.no_progress
     values = {
         f.name: renamed[f.name] if f.name in renamed else getattr(args, f.name)
@@ -144,7 +164,8 @@ def run(args) -> int:
     try:
         result = run_search(options_from_args(args))
     except OptionError as exc:
-        flag = "--" + {"constraints": "constraint"}.get(exc.field, exc.field).replace("_", "-")
+        names = {"constraints": "constraint", "target_forms": "target-form"}
+        flag = "--" + names.get(exc.field, exc.field).replace("_", "-")
         print(f"eqnet search: error: {flag}={exc.value}: {exc.accepted}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError) as exc:  # bad constraint, infeasible budget, no run
@@ -152,5 +173,8 @@ def run(args) -> int:
         return 1
     keys = ("constraint", "test_accuracy", "bitops", "size")
     summary = [{k: c[k] for k in keys} for c in result.chosen]
+    for row, c in zip(summary, result.chosen):
+        if "target_form" in c:
+            row["target_form"] = c["target_form"]["name"]
     print(json.dumps(summary))
     return 0

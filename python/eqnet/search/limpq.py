@@ -37,16 +37,21 @@ from eqnet.space import SubnetConfig
 _ROLE_KEYS = {"w": "w", "weight": "w", "a": "a", "activation": "a"}
 
 
-def importance_indicators(supernet) -> dict[str, dict[tuple[str, int], float]]:
+def importance_indicators(supernet, form=None) -> dict[str, dict[tuple[str, int], float]]:
     """LIMPQ's layer-wise importance indicators: layer -> {("w", bits): step, ("a", bits):
-    step} for every elastic layer and every width of the space. A per-channel weight step is
-    the mean over channels; nested weights report their effective step 2^(top-b) s_top. The
-    forms are those of the uniform configs (per-channel symmetric weights when the space has
-    them)."""
+    step} for every elastic layer and every width of the space, read in one form: `form` (an
+    `eqnet.forms.TargetForm`), else the uniform configs' default (per-channel symmetric weights
+    and asymmetric activations when the space has them). With per-tensor weights the weight
+    indicator is the layer-wise step itself, as in the paper; a per-channel step is the mean
+    over channels; nested weights report their effective step 2^(top-b) s_top."""
     space = supernet.space
-    w_gran = "channel" if "channel" in space.w_granularities else space.w_granularities[0]
-    w_sym = "sym" if "sym" in space.w_symmetries else space.w_symmetries[0]
-    a_sym = "asym" if "asym" in space.a_symmetries else space.a_symmetries[0]
+    if form is not None:
+        form.check_space(space)
+        w_gran, w_sym, a_sym = form.w_granularity, form.w_symmetry, form.a_symmetry
+    else:
+        w_gran = "channel" if "channel" in space.w_granularities else space.w_granularities[0]
+        w_sym = "sym" if "sym" in space.w_symmetries else space.w_symmetries[0]
+        a_sym = "asym" if "asym" in space.a_symmetries else space.a_symmetries[0]
     out = {}
     with torch.no_grad():
         for name, layer in supernet.quantized_layers().items():

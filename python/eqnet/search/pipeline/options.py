@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from eqnet.forms import TargetForm, get_form, resolve_form
 from eqnet.search.genome import parse_constraints
 
 METHODS = ("ga", "limpq", "layered")
@@ -37,8 +38,15 @@ class SearchOptions:
     `crossovers`, `iterations`; `forms` also searches granularity/symmetry), and the rerank of
     its `rerank` best configs with the in-budget uniform widths on `rerank_images` held-out
     images (None: all), keeping a mixed config only if it wins by `rerank_z` paired standard
-    errors. limpq: `alpha`, the weight of the weight indicators. layered: `a_bits`, the
-    activation width (None: the widest)."""
+    errors. limpq: `alpha`, the weight of the weight indicators (None: the LIMPQ
+    supplementary's value for the run's model, `eqnet.search.limpq.default_alpha`). layered:
+    `a_bits`, the activation width (None: the widest).
+
+    Target forms (ga, limpq): `target_forms` names deployment forms (`eqnet.forms`: tensorrt,
+    snpe), `w_form`/`a_form` one explicit form (channel/sym, tensor/asym); every elastic layer
+    of every candidate is then in one form, and each budget is searched once per form. The ga
+    accuracy dataset is split evenly between the forms and one predictor, conditioned on the
+    form through each layer's encoding, ranks them all (EQ-Net's conditional predictor)."""
 
     run: str | os.PathLike
     method: str
@@ -67,12 +75,19 @@ class SearchOptions:
     rerank: int = 8
     rerank_z: float = 1.0
     rerank_images: int | None = None
+    target_forms: tuple[str, ...] = ()
+    w_form: str | None = None
+    a_form: str | None = None
     # limpq
-    alpha: float = 1.0
+    alpha: float | None = None
     # layered
     a_bits: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.target_forms, str):
+            object.__setattr__(self, "target_forms", (self.target_forms,))
+        else:
+            object.__setattr__(self, "target_forms", tuple(self.target_forms))
         if isinstance(self.constraints, str):
             object.__setattr__(self, "constraints", (self.constraints,))
         else:
@@ -103,4 +118,38 @@ class SearchOptions:
                 raise OptionError(name, getattr(self, name), "accepted values are >= 0")
         if not 0.0 < self.val_fraction < 1.0:
             raise OptionError("val_fraction", self.val_fraction, "accepted values are in (0, 1)")
+        if self.alpha is not None and not (0 < self.alpha < math.inf):
+            raise OptionError("alpha", self.alpha, "accepted values are finite and > 0")
+        forms = self.form_list()
+        if forms and self.method == "layered":
+            raise OptionError(
+                "target_forms",
+                self.target_forms,
+                "the layered method searches nested "
+                "symmetric weights only; target forms are for ga and limpq",
+            )
+        if forms and self.forms:
+            raise OptionError("forms", self.forms, "target forms fix the forms; drop forms")
+        narrow = [f for f in forms if f.narrow_weights]
+        clash = [f for f in forms if not f.narrow_weights and f.w_symmetry == "sym"]
+        if narrow and clash:
+            raise OptionError(
+                "target_forms",
+                [f.name for f in forms],
+                f"{narrow[0].name} caps symmetric weights to the narrow range for the whole "
+                f"search, which {clash[0].name} does not use; search them separately",
+            )
         return self
+
+    def form_list(self) -> list[TargetForm]:
+        """The target forms, named ones first, then the explicit one; [] for none."""
+        try:
+            forms = [get_form(name) for name in self.target_forms]
+            explicit = resolve_form(None, self.w_form, self.a_form)
+        except ValueError as exc:
+            raise OptionError("target_forms", self.target_forms, str(exc)) from None
+        if explicit is not None:
+            forms.append(explicit)
+        if len({f.name for f in forms}) != len(forms):
+            raise OptionError("target_forms", self.target_forms, "each form once")
+        return forms
