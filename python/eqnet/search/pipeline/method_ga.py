@@ -158,7 +158,7 @@ def fit_predictor(options: SearchOptions, enc, acc, out: Path):
     """The options' predictor, fitted on the accuracy dataset and saved in `out`; returns it,
     its FitReport and the hyperparameters it chose for itself (noise-ridge: alpha, gamma)."""
     if options.predictor == "mlp":
-        predictor = AccuracyPredictor(enc.shape[1])
+        predictor = AccuracyPredictor(enc.shape[1], options.mlp_hidden, options.mlp_depth)
         report = predictor.fit(
             enc,
             acc,
@@ -167,7 +167,18 @@ def fit_predictor(options: SearchOptions, enc, acc, out: Path):
             val_fraction=options.val_fraction,
         )
         predictor.save(out / "predictor-mlp.pt")
-        return predictor, report, {}
+        extra = {"mlp_depth": options.mlp_depth, "mlp_hidden": options.mlp_hidden}
+        if options.paper:
+            # the package's noise ridge on the same held-out configs (same seed, same split)
+            ridge = NoiseRidgePredictor(enc.shape[1])
+            r = ridge.fit(enc, acc, seed=options.seed, val_fraction=options.val_fraction)
+            extra["noise_ridge_kendall_tau"] = r.kendall_tau
+            extra["noise_ridge_pearson_r"] = r.pearson_r
+            log(
+                f"predictor (mlp, paper): Kendall tau {report.kendall_tau:.3f}; noise-ridge on "
+                f"the same {r.n_val} held-out configs: {r.kendall_tau:.3f}"
+            )
+        return predictor, report, extra
     predictor = NoiseRidgePredictor(enc.shape[1])
     report = predictor.fit(enc, acc, seed=options.seed, val_fraction=options.val_fraction)
     predictor.save(out / "predictor-noise-ridge.json")

@@ -12,6 +12,29 @@ from eqnet.search.genome import parse_constraints
 METHODS = ("ga", "limpq", "layered")
 PREDICTORS = ("noise-ridge", "mlp")
 
+# The papers' search pipeline (MultiQuant section 3.3, EQ-Net Algorithm 1): a 7-layer, 150-wide
+# feed-forward predictor on one-hot encodings (7 linear layers: 6 hidden ReLU layers of 150 and
+# the output), a Monte Carlo accuracy dataset of 5K configs (MultiQuant Fig. 3), the genetic
+# search with OFA's evolution settings (population 100, a quarter kept as elites, 50 mutations
+# and 50 crossovers per generation, 500 generations), and its Top-1 taken as is (no rerank).
+PAPER_PRESET = {
+    "predictor": "mlp",
+    "mlp_depth": 6,
+    "mlp_hidden": 150,
+    "dataset_size": 5000,
+    "population": 100,
+    "elites": 25,
+    "mutations": 50,
+    "crossovers": 50,
+    "iterations": 500,
+    "rerank": 0,
+}
+
+
+def paper_preset(values: dict, given: set[str]) -> dict:
+    """`values` with PAPER_PRESET applied to every key not in `given` (what the user set)."""
+    return {**values, **{k: v for k, v in PAPER_PRESET.items() if k not in given}, "paper": True}
+
 
 class OptionError(ValueError):
     """A SearchOptions field with a value outside its accepted range; `field` names it, so a
@@ -67,6 +90,9 @@ class SearchOptions:
     iterations: int = 500
     predictor: str = "noise-ridge"
     predictor_epochs: int = 200
+    mlp_depth: int = 3  # hidden layers of the mlp predictor
+    mlp_hidden: int = 150
+    paper: bool = False  # the papers' pipeline (PAPER_PRESET): also report the noise ridge
     val_fraction: float = 0.2
     holdout_images: int | None = None
     dataset_workers: int = 1
@@ -106,7 +132,14 @@ class SearchOptions:
             parse_constraints(spec)  # a clear error for a bad spec before anything is loaded
         if not (0 <= self.rerank_z < math.inf):
             raise OptionError("rerank_z", self.rerank_z, "accepted values are finite and >= 0")
-        for name in ("dataset_workers", "dataset_size", "population", "iterations"):
+        for name in (
+            "dataset_workers",
+            "dataset_size",
+            "population",
+            "iterations",
+            "mlp_depth",
+            "mlp_hidden",
+        ):
             if getattr(self, name) < 1:
                 raise OptionError(name, getattr(self, name), "accepted values are >= 1")
         for name in ("threads", "bn_batches", "holdout_images", "rerank_images"):
