@@ -1,4 +1,4 @@
-"""Evidence for issue 5: one supernet vs dedicated QAT at each width (run by hand).
+"""One supernet vs dedicated QAT at each width (run by hand).
 
 Trains, with the `eqnet train` CLI in process, a float model, then from it an `eqnet` supernet
 (W/A 2-8), a `layered` supernet (nested, widths 2-4) and one dedicated `qat` model per width,

@@ -1,4 +1,4 @@
-"""Evidence for issue 9: ONNX QDQ exports of trained supernets reproduce the fake-quant subnet
+"""Evidence that ONNX QDQ exports of trained supernets reproduce the fake-quant subnet
 (run by hand, after training; never beside a benchmark).
 
 For every run directory and every preset, one uniform and one mixed config in the forms the

@@ -1,4 +1,4 @@
-"""How noisy is the search's accuracy dataset? (issue 6; run by hand, never beside a benchmark)
+"""How noisy is the search's accuracy dataset? (run by hand, never beside a benchmark)
 
 `eqnet search --method ga` measures every sampled config once: BN statistics re-estimated on
 the first `bn_batches` batches of the augmented held-out images (`eqnet.data.bn_split`), then
