@@ -144,3 +144,30 @@ def test_choice_table_in_one_target_form():
         assert all(FORMS["snpe"].holds(c) for n, c in cfg if n not in fixed)
     with pytest.raises(ValueError, match="target form 'tensorrt' needs a_symmetry='sym'"):
         layer_options(ElasticSpace(a_symmetries=("asym",)), form=FORMS["tensorrt"])
+
+
+def test_tensorrt_form_excludes_unsigned_8bit_activations():
+    from eqnet.search.genome import ChoiceTable
+
+    trt = FORMS["tensorrt"]
+    assert trt.allows(LayerChoice(4, 8), act_signed=True)  # [-128, 127] fits int8
+    assert not trt.allows(LayerChoice(4, 8), act_signed=False)  # [0, 255] does not
+    assert trt.allows(LayerChoice(4, 7), act_signed=False)  # [0, 127] does
+    assert FORMS["snpe"].allows(LayerChoice(4, 8), act_signed=False)
+    sn = eqnet.convert(models.get("digits_cnn"), ALL_FORMS, keep_first_last="elastic")
+    layers = sn.quantized_layers()
+    first, rest = list(layers)[0], list(layers)[1:]
+    for name in rest:  # as calibration leaves them after a ReLU
+        layers[name].act_quantizer.signed = False
+    table = ChoiceTable.from_model(ALL_FORMS, sn, form=trt)
+    opts = dict(zip(table.names, table.choices))
+    assert 8 in {c.a_bits for c in opts[first]}
+    for name in rest:
+        assert {c.a_bits for c in opts[name]} == {2, 3, 4}
+    snpe_table = ChoiceTable.from_model(ALL_FORMS, sn, form=FORMS["snpe"])
+    snpe = dict(zip(snpe_table.names, snpe_table.choices))
+    assert all(8 in {c.a_bits for c in snpe[n]} for n in rest)
+    w8 = SubnetConfig.uniform(ALL_FORMS, sn, 8, 8, "channel", "sym", "sym")
+    assert not trt.runs(w8, sn) and trt.runs(
+        SubnetConfig.uniform(ALL_FORMS, sn, 4, 4, "channel", "sym", "sym"), sn
+    )

@@ -36,6 +36,9 @@ class TargetForm:
     narrow_weights: bool = False  # symmetric weight codes on [-(2^(b-1)-1), 2^(b-1)-1]
     onnx_preset: str = "generic"  # the eqnet.deploy.onnx_presets profile that runs this form
     description: str = ""
+    # the engine's activation code range (zero point 0), or None for any: TensorRT's int8 holds
+    # a signed activation up to 8 bits but an unsigned (post-ReLU) one only up to 7
+    act_code_range: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.w_granularity not in GRANULARITIES:
@@ -53,6 +56,15 @@ class TargetForm:
 
     def choice(self, w_bits: int, a_bits: int) -> LayerChoice:
         return LayerChoice(w_bits, a_bits, self.w_granularity, self.w_symmetry, self.a_symmetry)
+
+    def allows(self, choice: LayerChoice, act_signed: bool = True) -> bool:
+        """True when the engine can run `choice` on a layer whose input activation is signed
+        (`act_signed`) or unsigned: its activation codes fit `act_code_range`."""
+        if self.act_code_range is None:
+            return True
+        b = choice.a_bits
+        lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if act_signed else (0, 2**b - 1)
+        return self.act_code_range[0] <= lo and hi <= self.act_code_range[1]
 
     def holds(self, choice: LayerChoice) -> bool:
         return (choice.w_granularity, choice.w_symmetry, choice.a_symmetry) == (
@@ -104,7 +116,17 @@ class TargetForm:
             "a_symmetry": self.a_symmetry,
             "narrow_weights": self.narrow_weights,
             "onnx_preset": self.onnx_preset,
+            "act_code_range": None if self.act_code_range is None else list(self.act_code_range),
         }
+
+    def runs(self, config: SubnetConfig, model) -> bool:
+        """True when every layer of `config` is one the engine runs on `model` (activation
+        signedness read from each layer's activation quantizer)."""
+        for name, choice in config:
+            quantizer = getattr(model.get_submodule(name), "act_quantizer", None)
+            if not self.allows(choice, bool(getattr(quantizer, "signed", True))):
+                return False
+        return True
 
 
 FORMS: dict[str, TargetForm] = {
@@ -115,6 +137,7 @@ FORMS: dict[str, TargetForm] = {
         "sym",
         narrow_weights=True,
         onnx_preset="tensorrt",
+        act_code_range=(-128, 127),
         description="per-channel symmetric narrow-range weights, per-tensor symmetric activations",
     ),
     "snpe": TargetForm(

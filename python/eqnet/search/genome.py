@@ -57,10 +57,23 @@ class ChoiceTable:
     def from_model(
         cls, space: ElasticSpace, model: torch.nn.Module, forms: bool = True, form=None
     ) -> ChoiceTable:
-        """Fixed layers keep their one choice; elastic ones take `layer_options`."""
+        """Fixed layers keep their one choice; elastic ones take `layer_options`. With a target
+        `form`, a layer keeps only the choices the engine can run on its input's signedness
+        (TensorRT's int8 takes no unsigned 8-bit activation)."""
         opts = layer_options(space, forms, form)
         specs = layer_specs(model)
-        return cls(OrderedDict((n, [f] if f is not None else opts) for n, f in specs.items()))
+        layers = OrderedDict()
+        for name, fixed in specs.items():
+            if fixed is not None:
+                layers[name] = [fixed]
+                continue
+            if form is None:
+                layers[name] = opts
+                continue
+            quantizer = getattr(model.get_submodule(name), "act_quantizer", None)
+            signed = bool(getattr(quantizer, "signed", True))
+            layers[name] = [c for c in opts if form.allows(c, signed)]
+        return cls(layers)
 
     @property
     def n_layers(self) -> int:

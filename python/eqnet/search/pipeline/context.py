@@ -84,10 +84,12 @@ class SearchContext:
                 for b in sorted(set(self.space.w_bits) & set(self.space.a_bits))
             ]
         g, ws, as_ = form.w_granularity, form.w_symmetry, form.a_symmetry
-        return [
+        configs = [
             (f"W{b}A{b}", SubnetConfig.uniform(self.space, self.supernet, b, b, g, ws, as_))
             for b in sorted(set(self.space.w_bits) & set(self.space.a_bits))
         ]
+        # only what the engine runs (TensorRT: no unsigned 8-bit activation in int8)
+        return [(label, c) for label, c in configs if form.runs(c, self.supernet)]
 
 
 def _first(dataset, n: int | None):
