@@ -62,10 +62,10 @@ def search_ga(options: SearchOptions, ctx: SearchContext, budgets, out: Path):
             progress=options.progress,
             imap=workers.imap,
         )
-    log(f"accuracy dataset: {len(rows)} configs ({time.perf_counter() - t0:.1f} s)")
-    if ctx.forms:  # only this search's forms: a cached file may hold other forms' rows
+    if ctx.forms:  # only this search's configs: a cached file may hold other forms' rows
         wanted = {config_key(c) for c in configs}
         rows = [r for r in rows if r["key"] in wanted]
+    log(f"accuracy dataset: {len(rows)} configs ({time.perf_counter() - t0:.1f} s)")
     enc = torch.stack([row_config(r).encode() for r in rows])
     acc = torch.tensor([r["accuracy"] for r in rows])
     t0 = time.perf_counter()
