@@ -53,7 +53,7 @@ def main() -> None:
     )
     net.set_config(SubnetConfig.uniform(space, net, 4, 4, "channel", "sym", "asym"))
     net.train()
-    backend = fq_ops._resolve(None, x.device, "fake_quant")
+    backend = fq_ops.resolve_backend(None, x.device, "fake_quant")
 
     table = Table("train_step", ["model", "subnet", "backend", "threads", "batch", "step_ms"])
     for label, model, subnet, be in [

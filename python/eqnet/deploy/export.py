@@ -63,28 +63,22 @@ def weight_codes(weight: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tens
     """
     w = weight.detach().to(torch.float32)
     N = w.shape[0]
-    scale = params.scale.detach().to(torch.float32)
-    if params.axis is not None:
-        if params.axis != 0:
-            raise NotImplementedError(
-                f"weight quantization along axis {params.axis}: deployment needs the output "
-                "channel axis 0"
-            )
-        scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
-    v = w * torch.reciprocal(scale)  # fl32(w * fl32(1/s)), as the forward computes it
-    r = torch.round(v)  # round half to even
+    if params.axis is not None and params.axis != 0:
+        raise NotImplementedError(
+            f"weight quantization along axis {params.axis}: deployment needs the output "
+            "channel axis 0"
+        )
+    scale = params.scale.detach()
     if params.nested:
         bits = params.top_bits
-        q = torch.clamp(r, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        q = eqkernels.quantize_codes(w, scale, None, lo, hi, axis=params.axis)
         return q.reshape(N, -1).to(torch.int32), None, bits
     bits = params.bits
-    z_r = None
-    if params.zero_point is not None:
-        z_r = torch.round(params.zero_point.detach().to(torch.float32))
-        if params.axis is not None:
-            z_r = z_r.reshape(-1, *([1] * (w.dim() - 1)))
-        r = r + z_r
-    q = torch.clamp(r, params.quant_min, params.quant_max).reshape(N, -1).to(torch.int32)
+    zp = None if params.zero_point is None else params.zero_point.detach()
+    q = eqkernels.quantize_codes(w, scale, zp, params.quant_min, params.quant_max, axis=params.axis)
+    q = q.reshape(N, -1).to(torch.int32)
+    z_r = None if zp is None else torch.round(zp.to(torch.float32))
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if params.quant_max - params.quant_min > hi - lo:
         raise ValueError(
