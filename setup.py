@@ -102,12 +102,13 @@ def _extensions():
     if with_cuda:
         archs = os.environ.get("EQK_CUDA_ARCHS", "8.0;9.0+PTX")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        nvcc = ["-O3", "-std=c++20", "-Xcompiler", "-Wall", *system]
         ext = CUDAExtension(
             "eqkernels._C",
             sources,
             include_dirs=include,
             define_macros=define,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
     else:

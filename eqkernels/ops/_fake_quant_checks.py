@@ -60,6 +60,10 @@ def _check_param(name: str, p, x: Tensor, axis: int) -> None:
         )
 
 
+# The smallest scale accepted: the smallest normal fp32 (2^-126), so fl32(1/s) is finite.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
 def _check_values(name: str, p: Tensor, positive: bool) -> None:
     # Host sync: only in eager mode on CPU or with EQK_CHECK=1 (backend.check_values_enabled).
     # One aminmax (NaN propagates into both) keeps the per-call cost to one small op. While
@@ -67,12 +71,16 @@ def _check_values(name: str, p: Tensor, positive: bool) -> None:
     if p.numel() == 0 or torch.compiler.is_compiling() or not _backend.check_values_enabled(p):
         return
     low, high = (float(t) for t in torch.aminmax(p.detach()))
-    if positive and low > 0 and high < math.inf:
+    if positive and low >= MIN_SCALE and high < math.inf:
         return
     if not positive and -QRANGE_LIMIT <= low and high <= QRANGE_LIMIT:
         return
     if not bool(torch.isfinite(p).all()):
         raise ValueError(f"{name} has non-finite values: accepted are finite values")
+    if positive and low > 0:
+        raise ValueError(
+            f"{name} has values below 2^-126: accepted are values whose fp32 reciprocal is finite"
+        )
     if positive:
         raise ValueError(f"{name} has values <= 0: accepted are positive values")
     raise ValueError(f"{name} has values beyond +-{QRANGE_LIMIT}: accepted are values within")

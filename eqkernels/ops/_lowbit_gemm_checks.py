@@ -15,13 +15,17 @@ def is_float_tensor(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype.is_floating_point
 
 
+# The smallest scale accepted: the smallest normal fp32 (2^-126), so fl32(1/s) is finite.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
 def _positive_finite(t):
     # One value (the common per-tensor case) as a Python float: three tensor ops cost ~20 us
     # per call, a fifth of a batch-1 layer.
     if t.numel() == 1:
         v = float(t.reshape(()))
-        return math.isfinite(v) and v > 0
-    return bool(torch.all((t > 0) & torch.isfinite(t)))
+        return math.isfinite(v) and v >= MIN_SCALE
+    return bool(torch.all((t >= MIN_SCALE) & torch.isfinite(t)))
 
 
 def check_x(x) -> None:
@@ -48,15 +52,16 @@ def check_weights(planes, scale, bits, top_bits, K, bias, weight_zero_point, dev
             f"{getattr(scale, 'shape', scale)!r}"
         )
     if check_values_enabled(scale) and not _positive_finite(scale):
-        raise ValueError("scale: accepted values are finite and > 0")
+        raise ValueError("scale: accepted values are finite and >= 2^-126 (1/scale finite)")
     if bias is not None and (not is_float_tensor(bias) or tuple(bias.shape) != (N,)):
         raise ValueError(f"bias: expected None or a float tensor of shape [N={N}]")
     if weight_zero_point is not None:
         z = weight_zero_point
         if not isinstance(z, torch.Tensor) or z.numel() not in (1, N) or z.dim() > 1:
             raise ValueError(f"weight_zero_point: expected None or a tensor of shape [N={N}]")
-        if check_values_enabled(z) and not bool(torch.all(z == torch.round(z.double()))):
-            raise ValueError("weight_zero_point: accepted values are integers")
+        zd = z.double()
+        if check_values_enabled(z) and not bool(torch.all((zd == torch.round(zd)) & zd.isfinite())):
+            raise ValueError("weight_zero_point: accepted values are finite integers")
 
 
 def check_act(act_scale, act_zero_point, act_quant_min, act_quant_max, dev=None) -> None:
@@ -78,11 +83,17 @@ def check_act(act_scale, act_zero_point, act_quant_min, act_quant_max, dev=None)
     if not is_float_tensor(act_scale) or act_scale.numel() != 1:
         raise ValueError("act_scale: expected None or a per-tensor float tensor of shape [1]")
     if check_values_enabled(act_scale) and not _positive_finite(act_scale):
-        raise ValueError("act_scale: accepted values are finite and > 0")
+        raise ValueError("act_scale: accepted values are finite and >= 2^-126 (1/scale finite)")
     if act_zero_point is not None and (
         not isinstance(act_zero_point, torch.Tensor) or act_zero_point.numel() != 1
     ):
         raise ValueError("act_zero_point: expected None or a tensor of shape [1]")
+    if (
+        act_zero_point is not None
+        and check_values_enabled(act_zero_point)
+        and not math.isfinite(float(act_zero_point.reshape(())))
+    ):
+        raise ValueError("act_zero_point: accepted values are finite")
     for name, v in (("act_quant_min", act_quant_min), ("act_quant_max", act_quant_max)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(

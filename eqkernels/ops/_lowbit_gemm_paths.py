@@ -11,6 +11,12 @@ from .. import _ext
 from ..backend import cpu_isa_cap
 from ._fake_quant_ref import quantize_codes, rounded_zero_point
 from ._lowbit_gemm_fused import fused_conv, fused_linear
+from ._lowbit_gemm_nonfinite import (
+    all_finite,
+    finite_stand_in,
+    nan_receptive_fields,
+    nan_rows,
+)
 from ._lowbit_gemm_weights import compensation, dequantized, rowsums, step, unpack
 from .bitplanes import unpack_bitplanes_ref
 
@@ -128,6 +134,17 @@ def linear_forward(
     x2 = x.reshape(-1, K)
     c = compensation(top_bits - bits) if compensate else 0.0
     act = (act_scale, act_zero_point, act_quant_min, act_quant_max)
+    if not all_finite(x2):  # the rules of _lowbit_gemm_nonfinite, the same for every backend
+        if act_scale is None:
+            s_b = step(scale, bits, top_bits, N)
+            w = dequantized(planes, bits, K, s_b, c, weight_zero_point, "torch")
+            y = x2.to(torch.float32) @ w.T
+            y = y if bias is None else y + bias.to(torch.float32)
+            return y.to(x.dtype).reshape(*lead, N)
+        stand_in = finite_stand_in(x2, *act)  # float32: finite by construction
+        args = (planes, scale, bits, top_bits, K, compensate, bias, weight_zero_point)
+        y = linear_forward(stand_in, *args, *act, backend)
+        return nan_rows(y, x2).to(x.dtype).reshape(*lead, N)
     if act_scale is not None and backend == "cpp":
         y = fused_linear(x2, planes, scale, bits, top_bits, K, c, bias, weight_zero_point, act)
         if y is not None:
@@ -204,6 +221,14 @@ def conv2d_forward(
     in_channels, (kh, kw), stride, padding, dilation, groups = geometry
     c = compensation(top_bits - bits) if compensate else 0.0
     act = (act_scale, act_zero_point, act_quant_min, act_quant_max)
+    if not all_finite(x):  # the rules of _lowbit_gemm_nonfinite, the same for every backend
+        if act_scale is None:
+            backend = "torch"  # IEEE fp32 convolution of the dequantized weights
+        else:
+            stand_in = finite_stand_in(x, *act)  # float32: finite by construction
+            rest = (compensate, bias, weight_zero_point, *act, backend)
+            y = conv2d_forward(stand_in, planes, scale, bits, top_bits, geometry, *rest)
+            return nan_receptive_fields(y, x, geometry).to(x.dtype)
     if act_scale is not None and backend == "cpp":
         y = fused_conv(x, planes, scale, bits, top_bits, geometry, c, bias, weight_zero_point, act)
         if y is not None:

@@ -224,9 +224,9 @@ class PreparedLinear:
     skip the dispatcher; graph capture (torch.compile, export, tracing) sees the registered
     op `eqk::lowbit_linear`. The tensors it holds must not be changed in place afterwards.
 
-    Attributes (read-only): planes, scale, bits, top_bits, K, compensate, bias,
-    weight_zero_point, act (ActQuant or None: float activations), backend (resolved),
-    device, out_features.
+    Attributes (what it runs with; to change one, prepare again): planes, scale, bits,
+    top_bits, K, compensate, bias, weight_zero_point, act (ActQuant or None: float
+    activations), backend (resolved), device, out_features.
     """
 
     def __init__(self, planes, scale, bits, top_bits, K, compensate, bias, wzp, act, backend):
@@ -254,17 +254,17 @@ class PreparedConv2d:
     made by `prepare_conv2d`; calling it with `x[B, in_channels, H, W]` checks only x and gives
     `lowbit_conv2d`'s result bit for bit (see `PreparedLinear`).
 
-    Attributes (read-only): planes, scale, bits, top_bits, geometry (in_channels,
-    kernel_size, stride, padding, dilation, groups; pairs as tuples), K, compensate, bias,
-    weight_zero_point, act, backend, device, out_channels.
+    Attributes (what it runs with; to change one, prepare again): planes, scale, bits,
+    top_bits, geometry (in_channels, kernel_size, stride, padding, dilation, groups; pairs as
+    tuples), K, compensate, bias, weight_zero_point, act, backend, device, out_channels.
     """
 
-    def __init__(self, planes, scale, bits, top_bits, geometry, compensate, bias, wzp, act,
-                 backend):  # fmt: skip
+    def __init__(
+        self, planes, scale, bits, top_bits, geometry, compensate, bias, wzp, act, backend
+    ):
         self.planes, self.scale, self.bits, self.top_bits = planes, scale, bits, top_bits
-        self.geometry, self.compensate, self.bias, self.weight_zero_point = (
-            geometry, compensate, bias, wzp
-        )  # fmt: skip
+        self.geometry, self.compensate = geometry, compensate
+        self.bias, self.weight_zero_point = bias, wzp
         self.act, self.backend = act, backend
         in_channels, (kh, kw), _, _, _, groups = geometry
         self.K = in_channels // groups * kh * kw
@@ -350,7 +350,7 @@ def prepare_conv2d(
         cin_g, (kh, kw) = in_channels // groups, geometry[1]
         if cin_g == 1 or int32_exact(K, 255, bits):
             conv_weights(planes, bits, cin_g, kh, kw, groups)
+    wzp = weight_zero_point
     return PreparedConv2d(
-        planes, scale, bits, top_bits, geometry, bool(compensate), bias, weight_zero_point, act,
-        name,
-    )  # fmt: skip
+        planes, scale, bits, top_bits, geometry, bool(compensate), bias, wzp, act, name
+    )

@@ -22,8 +22,10 @@ layer plus the extras (folded per-bit BN, activation steps) first needed at widt
 first sections are the lower-width model and `max_bits=b` reads only that prefix. Non-nested:
 section 0 holds what every exported configuration shares, each configuration its own section.
 
-The header's model record is the registered architecture name and its keyword arguments (for
-`eqnet.models.get`), the space, the convert options and the per-layer geometry; no code.
+The header's model record holds the registered architecture name and its keyword arguments
+(for `eqnet.models.get`; None for a user's own model, which `eqnet.load(path, model=...)`
+takes), the space, the convert options and the per-layer geometry; no code. Tensors are named
+by module path in the converted network, so the loader checks a given model against them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .layout import (
     RECORD_VERSION,
     act_form_key,
     bn_width_key,
-    build_float_model,
+    float_tensors,
     layer_geometry,
     model_record,
     required_tensors,
@@ -187,14 +189,14 @@ def export(
         of the space can be loaded. For a non-nested supernet, the configurations to store
         (default: one uniform config per weight width), each in its own section.
     arch, arch_kwargs: the registered architecture (eqnet.models.get) the network was built
-        from; needed unless the supernet records it.
+        from, for `eqnet.load` to rebuild it; by default what `eqnet.models.get` recorded on
+        the model, or none (a user's model: load with `eqnet.load(path, model=...)`).
     extra: a JSON object stored in the header as is (e.g. {"data": "digits"} for eqnet eval).
     """
     if not hasattr(supernet, "quantized_layers") or not hasattr(supernet, "space"):
         raise ValueError("supernet: expected an eqnet Supernet (eqnet.convert(...))")
     space: ElasticSpace = supernet.space
     record = model_record(supernet, arch, arch_kwargs)
-    float_model = build_float_model(record)
     nested = bool(space.nested)
     layers = supernet.quantized_layers()
     prefix = "model."
@@ -219,15 +221,13 @@ def export(
     supernet.eval()
     try:
         with torch.no_grad():
-            header = _write(
-                supernet, path, record, float_model, layers, fold_of_layer, stored, nested, extra
-            )
+            header = _write(supernet, path, record, layers, fold_of_layer, stored, nested, extra)
     finally:
         supernet.train(was_training)
     return header
 
 
-def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, nested, extra):
+def _write(supernet, path, record, layers, fold_of_layer, stored, nested, extra):
     space = supernet.space
     plan = _Plan()
     uses = _first_needed(supernet, layers, stored, nested)
@@ -243,7 +243,7 @@ def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, n
         quant_layers[name] = _plan_layer(
             plan, supernet, name, layer, uses[name], geometry["bn"], nested, bns
         )
-    _plan_float_tensors(plan, supernet, float_model, layers, fold_of_layer)
+    _plan_float_tensors(plan, supernet, layers, fold_of_layer)
 
     model = {
         "record_version": RECORD_VERSION,
@@ -408,34 +408,18 @@ def _config_dict(cfg: SubnetConfig) -> dict:
     return {n: c.to_dict() for n, c in cfg}
 
 
-def _plan_float_tensors(plan, supernet, float_model, layers, fold_of_layer):
-    """Store the tensors of every float-model module the runtime keeps as a float module."""
+def _plan_float_tensors(plan, supernet, layers, fold_of_layer):
+    """Store the state of every module of the converted network that the runtime keeps as a
+    float module (all but the quantized layers and the BNs folded into them), by path."""
     prefix = "model."
     replaced = {n[len(prefix) :] for n in layers}
     folded = {bn[len(prefix) :] for bn in fold_of_layer.values()}
     skip = replaced | folded
-    for mname, module in float_model.named_modules():
-        own = list(module.named_parameters(recurse=False)) + list(
-            module.named_buffers(recurse=False)
-        )
-        if not own or any(mname == s or mname.startswith(s + ".") for s in skip):
-            continue
-        try:
-            source = supernet.model.get_submodule(mname)
-        except AttributeError:
-            raise ValueError(
-                f"the rebuilt float model has module {mname!r} that the supernet lacks: the "
-                "arch record does not match the network"
-            ) from None
-        if is_switchable_bn(source):
+    for mname, module in supernet.model.named_modules():
+        if is_switchable_bn(module) and mname not in skip:
             raise NotImplementedError(
                 f"per-bit BN {prefix + mname!r} does not directly follow a quantized layer, so "
                 "it cannot be folded per width"
             )
-        for tname, tensor in own:
-            value = getattr(source, tname, None)
-            if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
-                raise ValueError(
-                    f"tensor {mname}.{tname}: the supernet's does not match the rebuilt model"
-                )
-            plan.add(f"float/{mname}.{tname}" if mname else f"float/{tname}", value, 0)
+    for tname, tensor in float_tensors(supernet.model, skip).items():
+        plan.add(f"float/{tname}", tensor, 0)

@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+<<<<<<< HEAD
 from eqnet.search.accuracy_data import build_dataset, config_key, row_config
+=======
+from eqkernels import atomic
+from eqnet.search.accuracy_data import build_dataset, row_config
+>>>>>>> main
 from eqnet.search.genetic import genetic_search
 from eqnet.search.genome import Budget, ChoiceTable
 from eqnet.search.montecarlo import MonteCarloSampler
@@ -51,7 +56,7 @@ def search_ga(options: SearchOptions, ctx: SearchContext, budgets, out: Path):
             f"asks for {json.dumps(setting)}; choose another --out or the same settings"
         )
     out.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(setting))
+    atomic.write_text(meta, json.dumps(setting))
     t0 = time.perf_counter()
     with DatasetWorkers(options) as workers:
         rows = build_dataset(
@@ -70,8 +75,9 @@ def search_ga(options: SearchOptions, ctx: SearchContext, budgets, out: Path):
     acc = torch.tensor([r["accuracy"] for r in rows])
     t0 = time.perf_counter()
     predictor, report, chosen = fit_predictor(options, enc, acc, out)
-    (out / "predictor_report.json").write_text(
-        json.dumps({"predictor": options.predictor, **report.to_dict(), **chosen}, indent=2)
+    atomic.write_text(
+        out / "predictor_report.json",
+        json.dumps({"predictor": options.predictor, **report.to_dict(), **chosen}, indent=2),
     )
     log(
         f"predictor ({options.predictor}): Kendall tau {report.kendall_tau:.3f}, Pearson r "
