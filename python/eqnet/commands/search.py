@@ -71,10 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="noise-ridge (default): ridge regression on per-layer quantization-noise powers "
         "(eqnet.search.noise_predictor); mlp: MultiQuant's MLP on the one-hot encoding",
     )
-<<<<<<< HEAD
-    g.add_argument("--predictor-epochs", type=int, default=200, help="mlp training epochs")
-    g.add_argument("--mlp-depth", type=int, default=3, help="mlp hidden layers (default 3)")
-    g.add_argument("--mlp-hidden", type=int, default=150, help="mlp width (default 150)")
+    g.add_argument("--predictor-epochs", type=count(1), default=200, help="mlp training epochs")
+    g.add_argument("--mlp-depth", type=count(1), default=3, help="mlp hidden layers (default 3)")
+    g.add_argument("--mlp-hidden", type=count(1), default=150, help="mlp width (default 150)")
     g.add_argument(
         "--paper",
         action="store_true",
@@ -83,9 +82,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Top-1 without rerank; options given with another value override; the noise ridge's "
         "Kendall tau on the same held-out configs is reported beside the MLP's",
     )
-=======
-    g.add_argument("--predictor-epochs", type=count(1), default=200, help="mlp training epochs")
->>>>>>> main
     g.add_argument(
         "--val-fraction",
         type=float,

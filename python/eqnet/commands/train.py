@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-<<<<<<< HEAD
+from eqnet.commands.argtypes import count
 from eqnet.run.config import (
     JOINT_LOSSES,
     KEEP_FIRST_LAST,
@@ -23,10 +23,6 @@ from eqnet.run.config import (
     OPTIMIZERS,
     RECIPES,
 )
-=======
-from eqnet.commands.argtypes import count
-from eqnet.run.config import JOINT_LOSSES, KEEP_FIRST_LAST, OPTIMIZERS, RECIPES
->>>>>>> main
 
 
 def _bits(text: str) -> list[int]:

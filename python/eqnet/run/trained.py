@@ -38,24 +38,18 @@ def evaluate(model: torch.nn.Module, loader, device=None) -> float:
 def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     """The run's network and space: the float model (space None) for the float recipe, else
     the model converted to a Supernet over the recipe's space. `config` must be resolved."""
-<<<<<<< HEAD
-    net = models.get(config.model, num_classes)
+    net = models.get(config.model, num_classes, **(config.model_kwargs or {}))
+    if getattr(net, "eqnet_input_size", None) is None and config.input_shape:
+        net.eqnet_input_size = (1, *config.input_shape)
     # a searched policy is fine-tuned from the supernet it was searched on (or quantized from
     # a float run); every other run starts from a float run
     quantized_init = bool(
         float_init and config.init and config.policy is not None and init_is_quantized(config.init)
     )
     if float_init and config.init and not quantized_init:
-        net.load_state_dict(load_float_weights(config.init))
-=======
-    net = models.get(config.model, num_classes, **(config.model_kwargs or {}))
-    if getattr(net, "eqnet_input_size", None) is None and config.input_shape:
-        net.eqnet_input_size = (1, *config.input_shape)
-    if float_init and config.init:
         note = models.load_init(net, load_float_weights(config.init))
         if note:
             print(note, flush=True)
->>>>>>> main
     space = recipe_space(config)
     if space is None:
         return net, None

@@ -6,7 +6,8 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-<<<<<<< HEAD
+from eqkernels import atomic
+
 COLUMNS = (
     "label",
     "kind",
@@ -20,11 +21,6 @@ COLUMNS = (
     "weighted_w_bits",
     "weighted_a_bits",
 )
-=======
-from eqkernels import atomic
-
-COLUMNS = ("label", "kind", "accuracy", "bitops", "size", "avg_bits", "avg_w_bits", "avg_a_bits")
->>>>>>> main
 
 
 def pareto_front(rows: Sequence[dict], cost: str = "bitops") -> list[dict]:

@@ -118,13 +118,9 @@ def run_search(options: SearchOptions) -> SearchResult:
             acc = fraction_correct(correct)
             rows.append({"label": label, "kind": "uniform", "accuracy": acc, **metrics})
     record = {"run": str(options.run), "method": options.method, **extra, "chosen": chosen}
-<<<<<<< HEAD
     if ctx.forms:
         record["target_forms"] = [f.to_dict() for f in ctx.forms]
-    (out / "configs.json").write_text(json.dumps(record, indent=2))
-=======
     atomic.write_text(out / "configs.json", json.dumps(record, indent=2))
->>>>>>> main
     pareto.write_csv(out / "pareto.csv", rows)
     pareto.plot(out / "pareto.png", rows, title=f"{options.method}: {Path(options.run).name}")
     log(f"wrote {out}/configs.json, pareto.csv, pareto.png")

@@ -10,12 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-<<<<<<< HEAD
-from eqnet.search.accuracy_data import build_dataset, config_key, row_config
-=======
 from eqkernels import atomic
-from eqnet.search.accuracy_data import build_dataset, row_config
->>>>>>> main
+from eqnet.search.accuracy_data import build_dataset, config_key, row_config
 from eqnet.search.genetic import genetic_search
 from eqnet.search.genome import Budget, ChoiceTable
 from eqnet.search.montecarlo import MonteCarloSampler
