@@ -113,9 +113,9 @@ def test_set_narrow_weights_lets_tensorrt_export_code_minus_128(tmp_path):
         layer.weight[0, 0] = -128 * step
     cfg = SubnetConfig.uniform(space, sn, 8, 4, "channel", "sym", "sym")
     with pytest.raises(ValueError, match="outside tensorrt's range"):
-        export_onnx(sn, cfg, tmp_path / "full.onnx", (1, 1, 8, 8), preset="tensorrt")
+        export_onnx(sn, cfg, tmp_path / "full.onnx", input_shape=(1, 1, 8, 8), preset="tensorrt")
     assert set_narrow_weights(sn, True) == len(sn.quantized_layers())
-    model = export_onnx(sn, cfg, tmp_path / "m.onnx", (1, 1, 8, 8), preset="tensorrt")
+    model = export_onnx(sn, cfg, tmp_path / "m.onnx", input_shape=(1, 1, 8, 8), preset="tensorrt")
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     node = next(n for n in model.graph.node if n.name.startswith("model.fc.weight/Quantize"))
     w, s = inits[node.input[0]], inits[node.input[1]]

@@ -97,7 +97,10 @@ def load_supernet_init(supernet, path: str, policy: SubnetConfig) -> None:
                 if param is not None:
                     used.add(names[id(param)])
         used.add(f"{layer_name}.act_quantizer.signed_range")
-    needed = [k for k in own if k not in quantizer_keys or k in used]
+    # the supernet's own space and config record stays (the run's describes its wider space)
+    needed = [
+        k for k in own if not k.endswith("_extra_state") and (k not in quantizer_keys or k in used)
+    ]
     missing = [k for k in needed if k not in state or state[k].shape != own[k].shape]
     if missing:
         raise ValueError(
