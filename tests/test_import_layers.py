@@ -4,7 +4,7 @@ Every `import` in python/eqnet and eqkernels is read with `ast` (nothing is exec
 the imports inside functions, and `importlib.import_module("...")` calls with a literal name.
 The layer order, lowest first:
 
-    eqkernels  <  space, data, models  <  nn  <  convert  <  run
+    eqkernels  <  space, data, models  <  nn, forms  <  convert  <  run
                <  train, search, deploy  <  cli (cli.py and commands/)  <  eqnet/__init__
 
 An arrow may only point to a lower rank; parts of the same rank never import one another
@@ -28,6 +28,7 @@ RANK = {
     "data": 1,
     "models": 1,
     "nn": 2,
+    "forms": 2,  # deployment forms: read by run, search and deploy
     "convert": 3,
     "run": 4,
     "train": 5,

@@ -101,3 +101,29 @@ def test_state_round_trip_and_validation():
         OnlineAdaptiveLabels(3, zeta=1.5)
     with pytest.raises(ValueError, match="classes"):
         oal.update([torch.rand(2, 3)], torch.tensor([0, 1]))
+
+
+def test_label_smoothing_targets_and_loss():
+    from eqnet.train.labels import SmoothedLabels, make_labels
+
+    n, eps = 4, 0.1
+    ls = make_labels("smooth", n)
+    assert isinstance(ls, SmoothedLabels) and ls.smoothing == eps
+    y = torch.tensor([0, 3, 2])
+    t = ls.targets(y)
+    for i, c in enumerate(y.tolist()):
+        want = [eps / n + (1 - eps) * (k == c) for k in range(n)]
+        assert t[i].tolist() == pytest.approx(want, abs=1e-7)
+    # static: updates change nothing
+    ls.update([torch.rand(3, n)], y)
+    ls.end_epoch()
+    assert torch.equal(ls.targets(y), t)
+    other = SmoothedLabels(n, 0.3)
+    other.load_state_dict(ls.state_dict())
+    assert other.smoothing == eps
+    assert make_labels("hard", n) is None
+    assert isinstance(make_labels("oal", n, zeta=0.25), OnlineAdaptiveLabels)
+    with pytest.raises(ValueError, match="labels='soft': accepted values are hard, oal, smooth"):
+        make_labels("soft", n)
+    with pytest.raises(ValueError, match="smoothing"):
+        SmoothedLabels(n, 1.0)

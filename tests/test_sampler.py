@@ -35,6 +35,9 @@ SPACE = ElasticSpace(
 )
 
 
+FORM_KEYS = ("w_granularity", "w_symmetry", "a_symmetry")
+
+
 def test_lrh_order_and_contents():
     net = _Net()
     sampler = ConfigSampler(SPACE, net, seed=3, forms=True)
@@ -45,12 +48,62 @@ def test_lrh_order_and_contents():
     for name in ("a", "b"):
         assert (high[name].w_bits, high[name].a_bits) == (8, 8)
         assert (low[name].w_bits, low[name].a_bits) == (2, 2)
-        assert low[name].w_granularity == "channel" and low[name].w_symmetry == "sym"
     for _, cfg in out:
         cfg.validate(SPACE, net)
         assert cfg["first"] == net.first.fixed_choice and cfg["last"] == net.last.fixed_choice
     means = [c.mean_bits() for _, c in out[1:-1]]
     assert means == sorted(means, reverse=True)
+
+
+@pytest.mark.parametrize("role", ["highest", "lowest"])
+def test_lrh_extremes_draw_every_form_per_layer(role):
+    """EQ-Net's rule: the highest and lowest subnets keep their widths but each elastic layer
+    draws weight granularity, weight symmetry and activation symmetry uniformly; fixed layers
+    keep their fixed choice."""
+    net = _Net()
+    sampler = ConfigSampler(SPACE, net, seed=7, forms=True)
+    n = 400
+    counts = {k: {} for k in FORM_KEYS}
+    differ = 0
+    for _ in range(n // 2):
+        cfg = dict(sampler.lrh(1))[role]
+        assert cfg["first"] == net.first.fixed_choice and cfg["last"] == net.last.fixed_choice
+        differ += cfg["a"] != cfg["b"]
+        for layer in ("a", "b"):
+            c = cfg[layer]
+            assert (c.w_bits, c.a_bits) == ((8, 8) if role == "highest" else (2, 2))
+            for key in FORM_KEYS:
+                value = getattr(c, key)
+                counts[key][value] = counts[key].get(value, 0) + 1
+    for key in FORM_KEYS:
+        assert len(counts[key]) == 2
+        # each of two values with p = 1/2 over n draws: sd = sqrt(n) / 2 = 10; 5 sd bound
+        for value in counts[key].values():
+            assert abs(value - n / 2) < 50
+    # layers draw independently: P(a == b in all three forms) = 1/8
+    assert differ > (n // 2) * 0.6
+
+
+def test_lrh_extremes_fixed_forms_option():
+    net = _Net()
+    sampler = ConfigSampler(SPACE, net, seed=3, forms=True, extreme_forms="fixed")
+    for _ in range(20):
+        out = dict(sampler.lrh(1))
+        for role in ("highest", "lowest"):
+            for layer in ("a", "b"):
+                c = out[role][layer]
+                assert (c.w_granularity, c.w_symmetry, c.a_symmetry) == ("channel", "sym", "asym")
+
+
+def test_lrh_without_forms_keeps_default_extremes():
+    sampler = ConfigSampler(SPACE, _Net(), seed=3, forms=False)
+    out = dict(sampler.lrh(1))
+    assert out["highest"] == sampler.highest() and out["lowest"] == sampler.lowest()
+
+
+def test_bad_extreme_forms():
+    with pytest.raises(ValueError, match="extreme_forms"):
+        ConfigSampler(SPACE, _Net(), seed=0, forms=True, extreme_forms="sometimes")
 
 
 def test_random_covers_space_with_forms():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from eqnet.search.cost import CostModel
+from eqnet.search.cost import METRICS, CostModel
 from eqnet.search.genome import Budget, ChoiceTable, Constraint, parse_constraints
 from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig
 from torch import nn
@@ -68,9 +68,53 @@ def test_metrics_hand_numbers():
     # conv: 18 weights * 4 bits, 2 channel scales, act scale + zero point, 2 bias (fp32)
     # linear: 72 weights * 2 bits, 1 scale + 1 zero point, 1 act scale
     assert m["size"] == pytest.approx(18 * 4 / 8 + 4 * (2 + 2 + 2) + 72 * 2 / 8 + 4 * (2 + 1))
-    assert m["avg_w_bits"] == pytest.approx((18 * 4 + 72 * 2) / 90)
-    assert m["avg_a_bits"] == pytest.approx((25 * 8 + 18 * 3) / 43)
-    assert m["avg_bits"] == pytest.approx(0.5 * ((18 * 4 + 72 * 2) / 90 + (25 * 8 + 18 * 3) / 43))
+    # weighted: by weight count (18, 72) and input elements (25, 18), every layer
+    assert m["weighted_w_bits"] == pytest.approx((18 * 4 + 72 * 2) / 90)
+    assert m["weighted_a_bits"] == pytest.approx((25 * 8 + 18 * 3) / 43)
+    assert m["weighted_bits"] == pytest.approx(
+        0.5 * ((18 * 4 + 72 * 2) / 90 + (25 * 8 + 18 * 3) / 43)
+    )
+    # the papers': plain mean over the elastic layers (both are elastic here)
+    assert m["avg_w_bits"] == pytest.approx((4 + 2) / 2)
+    assert m["avg_a_bits"] == pytest.approx((8 + 3) / 2)
+    assert m["avg_bits"] == pytest.approx(0.5 * (3 + 5.5))
+
+
+class FixedQConv(nn.Conv2d):
+    is_elastic_layer = True
+    fixed_choice = LayerChoice(8, 8)
+
+
+class FixedQLinear(nn.Linear):
+    is_elastic_layer = True
+    fixed_choice = LayerChoice(8, 8)
+
+
+def test_papers_average_excludes_fixed_layers():
+    model = nn.Sequential(
+        FixedQConv(1, 2, 3, padding=1),
+        FakeQConv(2, 2, 3, padding=1),
+        FakeQConv(2, 2, 3, padding=1),
+        nn.Flatten(),
+        FixedQLinear(50, 4),
+    )
+    cost = CostModel.trace(model, (1, 1, 5, 5))
+    assert [lc.elastic for lc in cost.layers.values()] == [False, True, True, False]
+    cfg = SubnetConfig(
+        [
+            ("0", LayerChoice(8, 8)),
+            ("1", LayerChoice(3, 2)),
+            ("2", LayerChoice(2, 4)),
+            ("4", LayerChoice(8, 8)),
+        ]
+    )
+    m = cost.metrics(cfg)
+    # a "W2.5A3" mixed config of the papers, whatever the fixed 8-bit edges hold
+    assert (m["avg_w_bits"], m["avg_a_bits"], m["avg_bits"]) == (2.5, 3.0, 2.75)
+    p = [18, 36, 36, 200]
+    a = [25, 50, 50, 50]
+    assert m["weighted_w_bits"] == pytest.approx((8 * p[0] + 3 * p[1] + 2 * p[2] + 8 * p[3]) / 290)
+    assert m["weighted_a_bits"] == pytest.approx((8 * a[0] + 2 * a[1] + 4 * a[2] + 8 * a[3]) / 175)
 
 
 def test_table_sums_equal_config_metrics():
@@ -85,7 +129,7 @@ def test_table_sums_equal_config_metrics():
     cost = CostModel.trace(model, (1, 1, 5, 5))
     table = ChoiceTable.from_model(space, model)
     genomes = table.uniform(np.random.default_rng(0), 50)
-    for metric in ("bitops", "size", "avg_bits", "avg_w_bits", "avg_a_bits"):
+    for metric in METRICS:
         sums = table.gather_sum(table.metric_table(cost, metric), genomes)
         direct = [cost.metrics(table.decode(g))[metric] for g in genomes]
         np.testing.assert_allclose(sums, direct, rtol=1e-12)

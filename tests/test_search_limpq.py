@@ -1,4 +1,5 @@
-"""LIMPQ integer program against brute force, with masking of non-monotone indicators."""
+"""LIMPQ integer program against brute force, with the official masking rule (a narrower
+width whose indicator is below the next wider one's costs 1e8) and the earlier monotone rule."""
 
 import itertools
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from eqnet.search.cost import CostModel, LayerCost
 from eqnet.search.genome import ChoiceTable, Constraint, layer_options
-from eqnet.search.limpq import limpq_search, monotone_mask
+from eqnet.search.limpq import default_alpha, limpq_search, monotone_mask, official_mask
 from eqnet.space import ElasticSpace, LayerChoice
 
 SPACE = ElasticSpace(w_bits=(2, 4, 8), a_bits=(4, 8))
@@ -27,9 +28,12 @@ INDICATORS = {
     # non-monotone: the 8-bit weight step is larger than the 4-bit one
     "c": {"weight": {2: 0.6, 4: 0.2, 8: 0.3}, "activation": {4: 0.3, 8: 0.05}},
 }
+# official rule: layer c's 4-bit weight (0.2 < 0.3 at 8 bits) is forbidden at 1e8;
+# monotone rule: layer c's 8-bit weight (not below 0.2 at 4 bits) is removed
+FORBIDDEN = {"official": ("c", 4), "monotone": ("c", 8)}
 
 
-def reference(alpha, bitops_limit, size_limit):
+def reference(alpha, bitops_limit, size_limit, mask="monotone"):
     """Brute force over every (w, a) per layer, written from the LIMPQ objective."""
     best, best_val = None, np.inf
     per_layer = [list(itertools.product((2, 4, 8), (4, 8))) for _ in LAYERS]
@@ -39,53 +43,83 @@ def reference(alpha, bitops_limit, size_limit):
         size = sum(LAYERS[n][1] * w / 8 + 4 * (4 + 2) for n, (w, a) in zip(LAYERS, combo))
         if bitops > bitops_limit or size > size_limit:
             continue
-        if combo[2][0] == 8:  # masked: layer c's 8-bit weight indicator is not below 4-bit's
+        hits = combo[2][0] == FORBIDDEN[mask][1]
+        if hits and mask == "monotone":
             continue
         val = sum(
             INDICATORS[n]["activation"][a] + alpha * INDICATORS[n]["weight"][w]
             for n, (w, a) in zip(LAYERS, combo)
-        )
+        ) + (1e8 if hits else 0.0)
         if val < best_val:
             best, best_val = combo, val
     return best, best_val
 
 
+@pytest.mark.parametrize("mask", ["official", "monotone"])
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
-@pytest.mark.parametrize("frac", [0.2, 0.5])
-def test_matches_brute_force(alpha, frac):
+@pytest.mark.parametrize("frac", [0.02, 0.2, 0.5])
+def test_matches_brute_force(alpha, frac, mask):
     cost, table = setup()
     lo = sum(m * 2 * 4 for m, _ in LAYERS.values())
     hi = sum(m * 8 * 8 for m, _ in LAYERS.values())
     bitops_limit = lo + frac * (hi - lo)
     size_limit = 250.0
-    want, want_val = reference(alpha, bitops_limit, size_limit)
+    want, want_val = reference(alpha, bitops_limit, size_limit, mask)
     res = limpq_search(
         table,
         cost,
         INDICATORS,
         [Constraint("bitops", "<=", bitops_limit), Constraint("size", "<=", size_limit)],
         alpha=alpha,
+        mask=mask,
     )
     got = tuple((c.w_bits, c.a_bits) for _, c in res.config)
-    assert res.objective == pytest.approx(want_val)
+    assert res.objective == pytest.approx(want_val, rel=1e-12)
     assert got == want
-    assert res.masked["c"] == {"w": [8], "a": []}
+    assert res.masked["c"] == {"w": [FORBIDDEN[mask][1]], "a": []}
     assert cost.bitops(res.config) <= bitops_limit and cost.size_bytes(res.config) <= size_limit
 
 
 def test_fixed_layer_and_errors():
     cost, table = setup(fixed_last=True)
     ind = {k: v for k, v in INDICATORS.items() if k != "c"}
-    res = limpq_search(table, cost, ind, [Constraint("avg_w_bits", "<=", 7.0)])
+    # the fixed 8-bit layer counts in the weighted average (not in the papers' avg_w_bits)
+    res = limpq_search(table, cost, ind, [Constraint("weighted_w_bits", "<=", 7.0)])
     assert res.config["c"] == LayerChoice(8, 8)
     with pytest.raises(ValueError, match="infeasible"):
-        limpq_search(table, cost, ind, [Constraint("avg_w_bits", "<=", 6.5)])
+        limpq_search(table, cost, ind, [Constraint("weighted_w_bits", "<=", 6.5)])
     with pytest.raises(ValueError, match="alpha"):
         limpq_search(table, cost, ind, [], alpha=-1.0)
     with pytest.raises(ValueError, match="no importance indicators"):
         limpq_search(table, cost, {"a": ind["a"]}, [])
     with pytest.raises(ValueError, match="accepted roles"):
         limpq_search(table, cost, {**ind, "a": {"w": {2: 1.0}, "bias": {2: 1.0}}}, [])
+
+
+def test_official_mask():
+    # 3 < 4 at (3, 4): 3 forbidden; 4 > 0.5 at (4, 5): kept; the widest is never forbidden
+    assert official_mask({2: 1.0, 3: 0.5, 4: 0.7, 5: 0.4}) == {2: True, 3: False, 4: True, 5: True}
+    assert official_mask({2: 0.1, 4: 0.1}) == {2: True, 4: True}  # equal: not an outlier
+    assert official_mask({2: 0.1, 4: 0.2, 8: 0.3}) == {2: False, 4: False, 8: True}
+
+
+def test_paper_alpha_table():
+    assert [default_alpha(m) for m in ("resnet18", "resnet50", "mobilenet_v1")] == [3.0, 2.0, 1.0]
+    assert default_alpha("resnet20") == 1.0 and default_alpha(None) == 1.0
+
+
+def test_forbidden_width_taken_only_when_the_budget_needs_it():
+    # layer "a": the 2-bit weight is forbidden (0.1 < 0.5); a budget that admits only 2-bit
+    # weights on "a" still gets an answer, at 1e8 per forbidden width
+    cost, table = setup()
+    ind = {**INDICATORS, "a": {"weight": {2: 0.1, 4: 0.5, 8: 0.05}, "activation": {4: 0.4, 8: 0.1}}}
+    tight = sum(m * 2 * 4 for m, _ in LAYERS.values())
+    res = limpq_search(table, cost, ind, [Constraint("bitops", "<=", tight)])
+    assert res.config["a"].w_bits == 2 and res.objective > 1e8
+    loose = limpq_search(table, cost, ind, [Constraint("bitops", "<=", 10 * tight)])
+    assert loose.config["a"].w_bits != 2 and loose.objective < 1e8
+    with pytest.raises(ValueError, match="mask='max'"):
+        limpq_search(table, cost, ind, [], mask="max")
 
 
 def test_monotone_mask():

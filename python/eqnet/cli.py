@@ -1,4 +1,4 @@
-"""The `eqnet` command line: train, search, export, eval, export-onnx, demo.
+"""The `eqnet` command line: train, search, export, eval, export-onnx, ptq, demo.
 
 Each subcommand lives in its own module under eqnet.commands, with `add_arguments(parser)` and
 `run(args) -> int`; modules are imported only when their subcommand runs, so `eqnet --help`
@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("eqnet.commands.export", "export a trained supernet to one .eqk file"),
     "eval": ("eqnet.commands.eval", "evaluate an .eqk file at each width (integer runtime)"),
     "export-onnx": ("eqnet.commands.export_onnx", "export one subnet as ONNX QDQ"),
+    "ptq": ("eqnet.commands.ptq", "post-training quantization of a float run at one config"),
     "demo": ("eqnet.commands.demo", "the end-to-end job on the embedded digits data"),
 }
 

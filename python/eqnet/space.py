@@ -240,6 +240,27 @@ class SubnetConfig:
         except TypeError as exc:
             raise ValueError(f"SubnetConfig.from_json: bad layer entry ({exc})") from None
 
+    @classmethod
+    def from_file(cls, path, pick: int = 0) -> SubnetConfig:
+        """A SubnetConfig JSON file, or an `eqnet search` configs.json (its `pick`-th chosen
+        config)."""
+        from pathlib import Path
+
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc})") from None
+        if isinstance(data, dict) and "chosen" in data:  # eqnet search's configs.json
+            chosen = data["chosen"]
+            if not isinstance(chosen, list) or not all(isinstance(c, dict) for c in chosen):
+                raise ValueError(f"{path}: 'chosen' must be a list of objects")
+            if isinstance(pick, bool) or not isinstance(pick, int) or not 0 <= pick < len(chosen):
+                raise ValueError(f"pick={pick!r}: {path} holds {len(chosen)} configs")
+            layers = chosen[pick].get("config")
+            text = json.dumps({"format": "eqnet.SubnetConfig", "version": 1, "layers": layers})
+        return cls.from_json(text)
+
     # -- validation ---------------------------------------------------------------------
     def validate(self, space: ElasticSpace, model: torch.nn.Module) -> SubnetConfig:
         """Check the config against the space and the model; returns self."""
@@ -305,32 +326,51 @@ class SubnetConfig:
 
     @classmethod
     def random(
-        cls, space, model, generator: torch.Generator | None = None, *, forms: bool = True
+        cls,
+        space,
+        model,
+        generator: torch.Generator | None = None,
+        *,
+        forms: bool = True,
+        w_bits: int | None = None,
+        a_bits: int | None = None,
     ) -> SubnetConfig:
         """Each elastic layer draws its widths uniformly; with forms=True also its
-        granularity and symmetries (with forms=False the lowest/highest defaults)."""
+        granularity and symmetries (with forms=False the lowest/highest defaults).
+
+        `w_bits` / `a_bits` fix that width on every elastic layer instead of drawing it (the
+        forms are still drawn): EQ-Net's highest and lowest LRH subnets. Fixed layers keep
+        their fixed choice."""
 
         def pick(values):
             i = int(torch.randint(len(values), (1,), generator=generator).item())
             return values[i]
 
+        for name, value, values in (
+            ("w_bits", w_bits, space.w_bits),
+            ("a_bits", a_bits, space.a_bits),
+        ):
+            if value is not None and value not in values:
+                raise ValueError(f"{name}={value!r}: the space's widths are {list(values)}")
         layers = []
         for name, fixed in layer_specs(model).items():
             if fixed is not None:
                 layers.append((name, fixed))
                 continue
+            wb = pick(space.w_bits) if w_bits is None else w_bits
+            ab = pick(space.a_bits) if a_bits is None else a_bits
             if forms:
                 choice = LayerChoice(
-                    pick(space.w_bits),
-                    pick(space.a_bits),
+                    wb,
+                    ab,
                     pick(space.w_granularities),
                     pick(space.w_symmetries),
                     pick(space.a_symmetries),
                 )
             else:
                 choice = LayerChoice(
-                    pick(space.w_bits),
-                    pick(space.a_bits),
+                    wb,
+                    ab,
                     *space.preferred_forms(),
                 )
             layers.append((name, choice))

@@ -76,15 +76,7 @@ def _config(args, supernet):
 
     space = supernet.space
     if args.config:
-        text = Path(args.config).read_text()
-        data = json.loads(text)
-        if isinstance(data, dict) and "chosen" in data:  # eqnet search's configs.json
-            chosen = data["chosen"]
-            if not 0 <= args.pick < len(chosen):
-                raise ValueError(f"--pick={args.pick}: {args.config} holds {len(chosen)} configs")
-            layers = chosen[args.pick]["config"]
-            text = json.dumps({"format": "eqnet.SubnetConfig", "version": 1, "layers": layers})
-        return SubnetConfig.from_json(text)
+        return SubnetConfig.from_file(args.config, args.pick)
     if args.lowest:
         return SubnetConfig.lowest(space, supernet)
     if args.uniform:
@@ -134,6 +126,7 @@ def run(args) -> int:
 
     from eqkernels import atomic
     from eqnet.deploy.onnx import compare_onnx, export_onnx
+    from eqnet.forms import narrow_preset, set_narrow_weights
     from eqnet.run import load_run
 
     try:
@@ -142,6 +135,9 @@ def run(args) -> int:
         supernet = trained.model.eval()
         if not hasattr(supernet, "set_config"):
             raise ValueError(f"run {args.run!r} holds a float model, not a supernet")
+        if narrow_preset(args.preset):
+            # the preset's form caps weight codes to the narrow range, as the search measured
+            set_narrow_weights(supernet, True)
         config = _config(args, supernet)
         shape = _shape(args, supernet)
         bn_batches = trained.config.bn_batches if args.bn_batches is None else args.bn_batches

@@ -4,6 +4,7 @@
     eqnet train --recipe float --model resnet20 --data cifar10.npz --epochs 12 --out runs/f
     eqnet train --recipe layered --init runs/f --model resnet20 --data cifar10.npz ...
     eqnet train --out runs/eqnet --epochs 20 --resume                  # continue to epoch 20
+    eqnet train --recipe qat --config runs/limpq/search-limpq/configs.json --init runs/limpq ...
 
 DIR receives checkpoint.pt (every epoch, atomic), config.json, metrics.jsonl, metrics.csv.
 """
@@ -14,7 +15,14 @@ import argparse
 import sys
 
 from eqnet.commands.argtypes import count
-from eqnet.run.config import JOINT_LOSSES, KEEP_FIRST_LAST, OPTIMIZERS, RECIPES
+from eqnet.run.config import (
+    JOINT_LOSSES,
+    KEEP_FIRST_LAST,
+    LABELS,
+    LRH_FORMS,
+    OPTIMIZERS,
+    RECIPES,
+)
 
 
 def _bits(text: str) -> list[int]:
@@ -115,6 +123,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     _bool_flag(s, "oal", "online adaptive labels (default: on for multiquant)")
     s.add_argument("--zeta", type=float, default=None)
+    s.add_argument(
+        "--labels",
+        choices=LABELS,
+        default=None,
+        help="training targets: hard, oal (online adaptive labels), smooth (label smoothing, "
+        "MultiQuant's L_LS); default oal for multiquant, else hard",
+    )
+    s.add_argument("--label-smoothing", type=float, default=None, help="epsilon (default 0.1)")
+    s.add_argument(
+        "--lrh-forms",
+        choices=LRH_FORMS,
+        default=None,
+        help="eqnet: the highest/lowest subnets draw every layer's form (drawn, the official "
+        "EQ-Net rule; default) or keep per-channel sym weights / asym activations (fixed)",
+    )
+    s.add_argument(
+        "--form",
+        default=None,
+        metavar="NAME",
+        help="qat, multiquant, limpq: every elastic layer in a deployment form "
+        "(tensorrt: per-channel sym narrow-range weights, sym activations; snpe: per-tensor "
+        "asym weights and activations)",
+    )
+    s.add_argument("--w-form", default=None, metavar="G/S", help="e.g. channel/sym, tensor/asym")
+    s.add_argument("--a-form", default=None, metavar="tensor/S", help="e.g. tensor/asym")
+    _bool_flag(
+        s,
+        "vl-paper-init",
+        "layered: the paper's setup (per-tensor weight steps 2 mean|w|/sqrt(2^top-1), activation "
+        "steps max|a|/(2^(i+1)-1) from the first batch, float first/last layers)",
+    )
+    s.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="qat: fine-tune this searched policy (a SubnetConfig JSON or a search's "
+        "configs.json with --pick); --init names the supernet run it was searched on",
+    )
+    s.add_argument("--pick", type=int, default=0, help="which chosen config of configs.json")
     _bool_flag(s, "wdr", "eqnet: weight distribution regularization")
     _bool_flag(s, "gpg", "eqnet: group progressive guidance")
     s.add_argument("--joint", choices=JOINT_LOSSES, default=None, help="layered joint loss")
@@ -161,7 +208,8 @@ _CONFIG_KEYS = (
     "recipe model model_kwargs data epochs batch_size optimizer lr momentum weight_decay scale_lr_mult "
     "warmup_epochs grad_clip amp seed device init deterministic w_bits a_bits keep_first_last "
     "per_bit_bn num_random uniform_prob oal zeta wdr gpg joint distill holdout limit_train limit_test "
-    "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch"
+    "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch labels label_smoothing "
+    "lrh_forms form w_form a_form vl_paper_init"
 ).split()
 
 
@@ -175,6 +223,11 @@ def config_from_args(args):
         given.setdefault("w_bits", list(range(2, args.top_bits + 1)))
         given.setdefault("a_bits", list(range(2, args.top_bits + 1)))
     given["progress"] = not args.no_progress
+    if getattr(args, "config", None) is not None:
+        from eqnet.space import SubnetConfig
+
+        policy = SubnetConfig.from_file(args.config, args.pick)
+        given["policy"] = policy.to_json()
     return TrainConfig(**given)
 
 

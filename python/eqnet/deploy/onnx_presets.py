@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from eqnet.forms import FORMS
+
 # name -> (lowest code, highest code, first opset whose QuantizeLinear/DequantizeLinear take it)
 CONTAINERS: dict[str, tuple[int, int, int]] = {
     "int4": (-8, 7, 21),
@@ -74,9 +76,10 @@ PRESETS: dict[str, TargetProfile] = {
         description="int8; weights per-channel symmetric [-127, 127]; activations symmetric",
         weight_containers=("int8",),
         act_containers=("int8",),
-        w_granularities=("channel",),
-        w_symmetries=("sym",),
-        a_symmetries=("sym",),
+        # the engine's form, as the search's `--target-form tensorrt` uses it
+        w_granularities=(FORMS["tensorrt"].w_granularity,),
+        w_symmetries=(FORMS["tensorrt"].w_symmetry,),
+        a_symmetries=(FORMS["tensorrt"].a_symmetry,),
         weight_code_range=(-127, 127),
         shift_codes=False,  # TensorRT takes zero point 0 only
         fold_bn="scale",
@@ -87,7 +90,8 @@ PRESETS: dict[str, TargetProfile] = {
         description="uint8 with offset; per-tensor weights and activations",
         weight_containers=("uint8",),
         act_containers=("uint8",),
-        w_granularities=("tensor",),
+        # per-tensor as the `snpe` form; a symmetric tensor is the offset-2^(b-1) special case
+        w_granularities=(FORMS["snpe"].w_granularity,),
     ),
 }
 

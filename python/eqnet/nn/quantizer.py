@@ -128,6 +128,9 @@ class ElasticQuantizer(nn.Module):
         self.axis = int(axis)
         self.top_bits = max(self.bits)
         self.backend: str | None = None  # None: EQK_BACKEND or auto
+        # Symmetric weight codes on [-(2^(b-1)-1), 2^(b-1)-1] instead of [-2^(b-1), ...]:
+        # TensorRT's narrow int8 range carried to every width (eqnet.forms, `tensorrt`).
+        self.narrow_range = False
 
         # Activation signedness is data-dependent (set by calibration). It lives in a buffer
         # so it travels with the state_dict, and is mirrored in a Python bool so the forward
@@ -203,6 +206,8 @@ class ElasticQuantizer(nn.Module):
                 self.top_bits,
             )
         qmin, qmax = qrange(bits, self._signed)
+        if self.narrow_range and self.role == "weight" and symmetry == "sym" and qmax >= 1:
+            qmin = -qmax
         return QuantParams(
             _positive(scale), zp, qmin, qmax, self.axis if per_channel else None, False, bits
         )

@@ -8,6 +8,7 @@ from .trained import (
     build_model,
     build_supernet_from_run,
     evaluate,
+    init_is_quantized,
     load_float_weights,
     load_run,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "build_model",
     "build_supernet_from_run",
     "evaluate",
+    "init_is_quantized",
     "load_checkpoint",
     "load_float_weights",
     "load_run",

@@ -7,11 +7,18 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from eqnet.convert import KEEP_FIRST_LAST
-from eqnet.space import ElasticSpace
+from eqnet.forms import resolve_form
+from eqnet.space import ElasticSpace, SubnetConfig
 
 RECIPES = ("float", "qat", "multiquant", "eqnet", "layered", "limpq")
 OPTIMIZERS = ("sgd", "adam")
 JOINT_LOSSES = ("us", "mgd")
+LABELS = ("hard", "oal", "smooth")
+# eqnet: forms of the LRH highest and lowest subnets, drawn per layer (the official EQ-Net code)
+# or fixed at the default form (per-channel symmetric weights, asymmetric activations)
+LRH_FORMS = ("drawn", "fixed")
+# recipes that train one quantization form, which form/w_form/a_form choose
+FIXED_FORM_RECIPES = ("qat", "multiquant", "limpq")
 
 # Recipe defaults for the fields left at None (papers' settings scaled to small models).
 _DEFAULT_BITS = {
@@ -63,6 +70,24 @@ class TrainConfig:
     joint: str = "us"  # layered: unitary scalarization or MGD
     distill: bool = True  # layered: cosine self-distillation
     init: str | None = None  # float checkpoint (run dir or .pt) to start from
+    # eqnet: the LRH highest/lowest subnets draw every layer's form ("drawn") or keep "fixed"
+    lrh_forms: str = "drawn"
+    # qat, multiquant, limpq: the one form of every elastic layer, a named deployment form
+    # (eqnet.forms: tensorrt, snpe) or w_form GRANULARITY/SYMMETRY + a_form tensor/SYMMETRY;
+    # None keeps per-channel symmetric weights and asymmetric activations
+    form: str | None = None
+    w_form: str | None = None
+    a_form: str | None = None
+    # training targets: hard, oal (online adaptive labels), smooth (label smoothing);
+    # None follows `oal`
+    labels: str | None = None
+    label_smoothing: float = 0.1
+    # layered: the paper's setup (per-tensor weight steps initialized 2 mean|w|/sqrt(2^top-1),
+    # activation steps max|a|/(2^(i+1)-1) from the first batch, float first/last layers)
+    vl_paper_init: bool = False
+    # qat: fine-tune this searched policy (a SubnetConfig JSON string: a string, so the layers
+    # keep the model's order through the sorted JSON of the run) instead of one width
+    policy: str | None = None
     # data and evaluation
     holdout: int | None = None
     limit_train: int | None = None
@@ -115,12 +140,50 @@ class TrainConfig:
                 if not v or any(b < 1 or b > 8 for b in v):
                     raise ValueError(f"{name}={v!r}: every entry must be an int in 1..8")
                 setattr(self, name, sorted(set(v)))
-        if self.recipe == "qat":
+        choice("lrh_forms", LRH_FORMS)
+        if self.labels is not None:
+            choice("labels", LABELS)
+            if self.oal is not None and self.oal != (self.labels == "oal"):
+                raise ValueError(f"oal={self.oal} contradicts labels={self.labels!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing!r}: must be in [0, 1)")
+        form = self.target_form()  # raises on a bad name or spelling
+        if form is not None and self.recipe not in FIXED_FORM_RECIPES:
+            raise ValueError(
+                f"form: the {self.recipe} recipe trains its own forms; a fixed form is for "
+                f"{', '.join(FIXED_FORM_RECIPES)}"
+            )
+        if self.vl_paper_init and self.recipe != "layered":
+            raise ValueError("vl_paper_init: the layered recipe's option")
+        if self.policy is not None:
+            if self.recipe != "qat":
+                raise ValueError("policy: the qat recipe fine-tunes a searched policy")
+            policy = self.policy_config()
+            widths = {
+                "w_bits": sorted({c.w_bits for _, c in policy}),
+                "a_bits": sorted({c.a_bits for _, c in policy}),
+            }
+            given = [k for k, v in widths.items() if getattr(self, k) not in (None, v)]
+            if form is not None or given:
+                raise ValueError("policy: the policy sets every layer's widths and form")
+        if self.recipe == "qat" and self.policy is None:
             for name in ("w_bits", "a_bits"):
                 v = getattr(self, name)
                 if v is not None and len(v) != 1:
                     raise ValueError(f"{name}={v}: the qat recipe trains one width")
         return self
+
+    def target_form(self):
+        """The fixed form (`eqnet.forms.TargetForm`) of form/w_form/a_form, or None."""
+        return resolve_form(self.form, self.w_form, self.a_form)
+
+    def policy_config(self) -> SubnetConfig | None:
+        """The qat policy as a SubnetConfig (None when training one width)."""
+        if self.policy is None:
+            return None
+        if not isinstance(self.policy, str):
+            raise ValueError("policy: expected a SubnetConfig JSON string")
+        return SubnetConfig.from_json(self.policy)
 
     def resolved(self) -> TrainConfig:
         """A copy with the recipe's defaults filled in for every field left at None."""
@@ -133,8 +196,16 @@ class TrainConfig:
                 d["a_bits"] = list(bits[1])
         if d["per_bit_bn"] is None:
             d["per_bit_bn"] = self.recipe == "layered"
-        if d["oal"] is None:
-            d["oal"] = self.recipe == "multiquant"
+        if d["labels"] is None:
+            oal = self.recipe == "multiquant" if d["oal"] is None else d["oal"]
+            d["labels"] = "oal" if oal else "hard"
+        d["oal"] = d["labels"] == "oal"
+        if self.vl_paper_init and d["keep_first_last"] == "8bit":
+            d["keep_first_last"] = "fp"  # the paper keeps the first and last layers float
+        policy = self.policy_config()
+        if policy is not None:  # the space holds exactly the policy's widths
+            d["w_bits"] = sorted({c.w_bits for _, c in policy})
+            d["a_bits"] = sorted({c.a_bits for _, c in policy})
         return TrainConfig(**d)
 
     def to_dict(self) -> dict:
@@ -159,6 +230,24 @@ def recipe_space(config: TrainConfig) -> ElasticSpace | None:
     if config.recipe == "float":
         return None
     w_bits, a_bits = tuple(config.w_bits), tuple(config.a_bits)
+    policy = config.policy_config()
+    if policy is not None:  # exactly the forms the policy uses
+        return ElasticSpace(
+            w_bits=w_bits,
+            a_bits=a_bits,
+            w_granularities=tuple(sorted({c.w_granularity for _, c in policy})),
+            w_symmetries=tuple(sorted({c.w_symmetry for _, c in policy})),
+            a_symmetries=tuple(sorted({c.a_symmetry for _, c in policy})),
+        )
+    form = config.target_form()
+    if form is not None:
+        return ElasticSpace(
+            w_bits=w_bits,
+            a_bits=a_bits,
+            w_granularities=(form.w_granularity,),
+            w_symmetries=(form.w_symmetry,),
+            a_symmetries=(form.a_symmetry,),
+        )
     if config.recipe == "eqnet":
         return ElasticSpace(
             w_bits=w_bits,
@@ -168,5 +257,7 @@ def recipe_space(config: TrainConfig) -> ElasticSpace | None:
             a_symmetries=("asym", "sym"),
         )
     if config.recipe == "layered":
-        return ElasticSpace(w_bits=w_bits, a_bits=a_bits, nested=True)
+        # the paper's steps are per tensor; the package's default per channel
+        grans = ("tensor",) if config.vl_paper_init else ("channel",)
+        return ElasticSpace(w_bits=w_bits, a_bits=a_bits, w_granularities=grans, nested=True)
     return ElasticSpace(w_bits=w_bits, a_bits=a_bits)

@@ -10,6 +10,7 @@ import torch
 from eqnet import models
 from eqnet.convert import convert
 from eqnet.data import DataBundle, bn_split, fixed_batches, load_data
+from eqnet.forms import set_narrow_weights
 from eqnet.space import ElasticSpace, SubnetConfig
 
 from . import checkpoint as ckpt
@@ -40,7 +41,12 @@ def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     net = models.get(config.model, num_classes, **(config.model_kwargs or {}))
     if getattr(net, "eqnet_input_size", None) is None and config.input_shape:
         net.eqnet_input_size = (1, *config.input_shape)
-    if float_init and config.init:
+    # a searched policy is fine-tuned from the supernet it was searched on (or quantized from
+    # a float run); every other run starts from a float run
+    quantized_init = bool(
+        float_init and config.init and config.policy is not None and init_is_quantized(config.init)
+    )
+    if float_init and config.init and not quantized_init:
         note = models.load_init(net, load_float_weights(config.init))
         if note:
             print(note, flush=True)
@@ -50,7 +56,58 @@ def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     supernet = convert(
         net, space, keep_first_last=config.keep_first_last, per_bit_bn=bool(config.per_bit_bn)
     )
+    form = config.target_form()
+    if form is not None and form.narrow_weights:  # e.g. tensorrt: trains on the narrow range
+        set_narrow_weights(supernet, True)
+    if quantized_init:
+        load_supernet_init(supernet, config.init, config.policy_config())
     return supernet, space
+
+
+def init_is_quantized(path: str) -> bool:
+    """True when `path` is a run of a quantized recipe (a supernet to fine-tune from)."""
+    p = ckpt.checkpoint_path(path)
+    if not p.is_file():
+        return False
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and state.get("format") == ckpt.FORMAT:
+        return json.loads(state["config"])["recipe"] != "float"
+    return False
+
+
+def load_supernet_init(supernet, path: str, policy: SubnetConfig) -> None:
+    """Start `supernet` from a trained quantized run for fine-tuning `policy`: every weight,
+    BN tensor and every quantizer parameter the policy uses comes from the run, which must hold
+    them with the same shapes (a policy searched on that run does). Quantizer forms the policy
+    never runs (e.g. 8-bit steps of elastic layers, there only because the fixed edge layers
+    are 8-bit) keep their construction values."""
+    state = ckpt.load_checkpoint(path)["model"]
+    own = supernet.state_dict()
+    names = {id(p): n for n, p in supernet.named_parameters()}
+    quantizer_keys = {n for n in own if "_quantizer." in n}
+    used = set()
+    for layer_name, choice in policy:
+        layer = supernet.get_submodule(layer_name)
+        forms = (
+            (layer.weight_quantizer, choice.w_bits, choice.w_granularity, choice.w_symmetry),
+            (layer.act_quantizer, choice.a_bits, "tensor", choice.a_symmetry),
+        )
+        for quantizer, bits, granularity, symmetry in forms:
+            for param in quantizer.raw_parameters(bits, granularity, symmetry):
+                if param is not None:
+                    used.add(names[id(param)])
+        used.add(f"{layer_name}.act_quantizer.signed_range")
+    # the supernet's own space and config record stays (the run's describes its wider space)
+    needed = [
+        k for k in own if not k.endswith("_extra_state") and (k not in quantizer_keys or k in used)
+    ]
+    missing = [k for k in needed if k not in state or state[k].shape != own[k].shape]
+    if missing:
+        raise ValueError(
+            f"init={path!r}: the run lacks {len(missing)} of the tensors this policy trains "
+            f"(e.g. {missing[:3]}); fine-tune a policy from the supernet it was searched on"
+        )
+    supernet.load_state_dict({k: state[k] for k in needed}, strict=False)
 
 
 def load_float_weights(path: str) -> dict:

@@ -15,9 +15,20 @@ in a one-hot choice per layer (which is what the integer program in `ilp.py` nee
     * the bias in fp32 if the layer has one.
   BatchNorm and layers that are not quantized are not counted (BN folds into the scales and
   bias at deployment; float layers are the same for every config).
-- `avg_w_bits`: weight widths weighted by each layer's weight count.
-- `avg_a_bits`: activation widths weighted by each layer's input size (elements per sample).
-- `avg_bits`: the mean of `avg_w_bits` and `avg_a_bits`.
+
+Average bit widths come in two kinds. The papers' (MultiQuant's tau_w / tau_a, EQ-Net's and
+LIMPQ's "3-bit MP"): a plain mean over the *elastic* layers, so the fixed 8-bit first and last
+layers do not count (over every layer when none is elastic); with E the elastic layers,
+
+- `avg_w_bits` = (1/|E|) sum_{l in E} b_w,l,  `avg_a_bits` = (1/|E|) sum_{l in E} b_a,l,
+- `avg_bits` = (avg_w_bits + avg_a_bits) / 2.
+
+The package's weighted averages, over every quantized layer (fixed ones included), with P_l the
+layer's weight count and A_l its input elements per sample:
+
+- `weighted_w_bits` = sum_l P_l b_w,l / sum_l P_l (bits per stored weight),
+- `weighted_a_bits` = sum_l A_l b_a,l / sum_l A_l (bits per activation element read),
+- `weighted_bits` = (weighted_w_bits + weighted_a_bits) / 2.
 """
 
 from __future__ import annotations
@@ -31,7 +42,16 @@ import torch
 
 from eqnet.space import LayerChoice, SubnetConfig
 
-METRICS = ("bitops", "size", "avg_bits", "avg_w_bits", "avg_a_bits")
+METRICS = (
+    "bitops",
+    "size",
+    "avg_bits",
+    "avg_w_bits",
+    "avg_a_bits",
+    "weighted_bits",
+    "weighted_w_bits",
+    "weighted_a_bits",
+)
 FP32_BYTES = 4
 
 
@@ -45,6 +65,7 @@ class LayerCost:
     out_channels: int  # number of per-channel weight scales
     act_numel: int  # input activation elements per sample
     bias: int  # bias elements (0 if none)
+    elastic: bool = True  # False for fixed-width layers (excluded from the papers' averages)
 
     def size_bytes(self, choice: LayerChoice) -> float:
         n_scales = self.out_channels if choice.w_granularity == "channel" else 1
@@ -80,6 +101,7 @@ def _layer_cost(name: str, module: torch.nn.Module, inp: torch.Tensor, out: torc
         out_channels=int(out_channels),
         act_numel=int(inp.numel() // batch),
         bias=int(bias),
+        elastic=getattr(module, "fixed_choice", None) is None,
     )
 
 
@@ -92,6 +114,10 @@ class CostModel:
             raise ValueError("CostModel needs at least one layer")
         self.total_params = sum(lc.params for lc in self.layers.values())
         self.total_act = sum(lc.act_numel for lc in self.layers.values())
+        # the papers' averages run over the elastic layers (every layer when none is elastic)
+        n_elastic = sum(lc.elastic for lc in self.layers.values())
+        self._averaged = {n: (lc.elastic or n_elastic == 0) for n, lc in self.layers.items()}
+        self.n_averaged = n_elastic or len(self.layers)
 
     @classmethod
     def trace(cls, model: torch.nn.Module, input_size: Sequence[int]) -> CostModel:
@@ -119,6 +145,7 @@ class CostModel:
                             lc.out_channels,
                             prev.act_numel + lc.act_numel,
                             lc.bias,
+                            lc.elastic,
                         )
                     records[name] = lc
 
@@ -160,20 +187,32 @@ class CostModel:
 
     def avg_w_bits(self, config: SubnetConfig) -> float:
         self._check(config)
-        return sum(self.layers[n].params * c.w_bits for n, c in config) / self.total_params
+        return sum(self.layer_term("avg_w_bits", n, c) for n, c in config)
 
     def avg_a_bits(self, config: SubnetConfig) -> float:
+        self._check(config)
+        return sum(self.layer_term("avg_a_bits", n, c) for n, c in config)
+
+    def weighted_w_bits(self, config: SubnetConfig) -> float:
+        self._check(config)
+        return sum(self.layers[n].params * c.w_bits for n, c in config) / self.total_params
+
+    def weighted_a_bits(self, config: SubnetConfig) -> float:
         self._check(config)
         return sum(self.layers[n].act_numel * c.a_bits for n, c in config) / self.total_act
 
     def metrics(self, config: SubnetConfig) -> dict[str, float]:
         w, a = self.avg_w_bits(config), self.avg_a_bits(config)
+        ww, wa = self.weighted_w_bits(config), self.weighted_a_bits(config)
         return {
             "bitops": self.bitops(config),
             "size": self.size_bytes(config),
             "avg_bits": 0.5 * (w + a),
             "avg_w_bits": w,
             "avg_a_bits": a,
+            "weighted_bits": 0.5 * (ww + wa),
+            "weighted_w_bits": ww,
+            "weighted_a_bits": wa,
         }
 
     # -- per-layer terms (the linear form the search uses) --------------------------------
@@ -184,11 +223,16 @@ class CostModel:
             return lc.bitops(choice)
         if metric == "size":
             return lc.size_bytes(choice)
-        if metric == "avg_w_bits":
+        if metric in ("avg_w_bits", "avg_a_bits", "avg_bits"):
+            if not self._averaged[name]:
+                return 0.0
+            w, a = choice.w_bits / self.n_averaged, choice.a_bits / self.n_averaged
+            return {"avg_w_bits": w, "avg_a_bits": a, "avg_bits": 0.5 * (w + a)}[metric]
+        if metric == "weighted_w_bits":
             return lc.params * choice.w_bits / self.total_params
-        if metric == "avg_a_bits":
+        if metric == "weighted_a_bits":
             return lc.act_numel * choice.a_bits / self.total_act
-        if metric == "avg_bits":
+        if metric == "weighted_bits":
             return 0.5 * (
                 lc.params * choice.w_bits / self.total_params
                 + lc.act_numel * choice.a_bits / self.total_act

@@ -21,13 +21,18 @@ from eqnet.search.cost import METRICS, CostModel, check_metric
 from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig, layer_specs
 
 
-def layer_options(space: ElasticSpace, forms: bool = True) -> list[LayerChoice]:
+def layer_options(space: ElasticSpace, forms: bool = True, form=None) -> list[LayerChoice]:
     """Every LayerChoice of an elastic layer; forms=False keeps the preferred granularity and
-    symmetries (per-channel, symmetric weights, asymmetric activations when available)."""
-    if forms:
+    symmetries (per-channel, symmetric weights, asymmetric activations when available).
+    `form` (an `eqnet.forms.TargetForm`) puts every choice in that one deployment form, bit
+    widths free; it overrides `forms` and must be a form the space holds."""
+    if form is not None:
+        form.check_space(space)
+        grans, wsyms, asyms = (form.w_granularity,), (form.w_symmetry,), (form.a_symmetry,)
+    elif forms:
         grans, wsyms, asyms = space.w_granularities, space.w_symmetries, space.a_symmetries
     else:
-        grans, wsyms, asyms = ((form,) for form in space.preferred_forms())
+        grans, wsyms, asyms = ((value,) for value in space.preferred_forms())
     return [
         LayerChoice(w, a, g, ws, as_)
         for w, a, g, ws, as_ in itertools.product(space.w_bits, space.a_bits, grans, wsyms, asyms)
@@ -50,11 +55,25 @@ class ChoiceTable:
 
     @classmethod
     def from_model(
-        cls, space: ElasticSpace, model: torch.nn.Module, forms: bool = True
+        cls, space: ElasticSpace, model: torch.nn.Module, forms: bool = True, form=None
     ) -> ChoiceTable:
-        opts = layer_options(space, forms)
+        """Fixed layers keep their one choice; elastic ones take `layer_options`. With a target
+        `form`, a layer keeps only the choices the engine can run on its input's signedness
+        (TensorRT's int8 takes no unsigned 8-bit activation)."""
+        opts = layer_options(space, forms, form)
         specs = layer_specs(model)
-        return cls(OrderedDict((n, [f] if f is not None else opts) for n, f in specs.items()))
+        layers = OrderedDict()
+        for name, fixed in specs.items():
+            if fixed is not None:
+                layers[name] = [fixed]
+                continue
+            if form is None:
+                layers[name] = opts
+                continue
+            quantizer = getattr(model.get_submodule(name), "act_quantizer", None)
+            signed = bool(getattr(quantizer, "signed", True))
+            layers[name] = [c for c in opts if form.allows(c, signed)]
+        return cls(layers)
 
     @property
     def n_layers(self) -> int:

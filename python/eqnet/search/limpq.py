@@ -10,13 +10,15 @@ trained with the `limpq` recipe) and then solves, for every layer l and its (w_b
 A narrower width has a larger step, so the objective pulls every layer to wide widths and the
 budget decides where width is spent; layers whose steps grow fastest when narrowed (important
 ones) keep their width. The supplement uses alpha = 3.0 / 2.0 / 1.0 for ResNet18 / ResNet50 /
-MobileNetV1.
+MobileNetV1 (`PAPER_ALPHA`, `default_alpha`); other models take 1.0 unless alpha is given.
 
-Masking. The indicator of a layer is trusted only where it decreases with width: a width whose
-indicator is not strictly below the indicator of every narrower width of the same layer and
-role (its step did not shrink, so the training gave no evidence that the extra bits help) is
-removed from that layer's choices. The narrowest width is never masked, so every layer keeps a
-choice. Fixed-width layers keep their one choice with objective 0.
+Masking (`mask="official"`, as the official search). A narrower width must have a larger step.
+For consecutive candidate widths b' < b of one layer and role, an indicator at b' *smaller* than
+the one at b is an outlier of the joint training, and width b' is forbidden: its term costs
+`MASK_COST` = 1e8, so the program takes it only when nothing else meets the budget. Weights and
+activations are masked separately. `mask="monotone"` is the package's earlier rule: a width
+whose indicator is not strictly below that of every narrower width is removed (the narrowest
+is never removed). Fixed-width layers keep their one choice with objective 0.
 """
 
 from __future__ import annotations
@@ -35,14 +37,19 @@ from eqnet.space import SubnetConfig
 _ROLE_KEYS = {"w": "w", "weight": "w", "a": "a", "activation": "a"}
 
 
-def importance_indicators(supernet) -> dict[str, dict[tuple[str, int], float]]:
+def importance_indicators(supernet, form=None) -> dict[str, dict[tuple[str, int], float]]:
     """LIMPQ's layer-wise importance indicators: layer -> {("w", bits): step, ("a", bits):
-    step} for every elastic layer and every width of the space. A per-channel weight step is
-    the mean over channels; nested weights report their effective step 2^(top-b) s_top. The
-    forms are those of the uniform configs (per-channel symmetric weights when the space has
-    them)."""
+    step} for every elastic layer and every width of the space, read in one form: `form` (an
+    `eqnet.forms.TargetForm`), else the uniform configs' default (per-channel symmetric weights
+    and asymmetric activations when the space has them). With per-tensor weights the weight
+    indicator is the layer-wise step itself, as in the paper; a per-channel step is the mean
+    over channels; nested weights report their effective step 2^(top-b) s_top."""
     space = supernet.space
-    w_gran, w_sym, a_sym = space.preferred_forms()
+    if form is not None:
+        form.check_space(space)
+        w_gran, w_sym, a_sym = form.w_granularity, form.w_symmetry, form.a_symmetry
+    else:
+        w_gran, w_sym, a_sym = space.preferred_forms()
     out = {}
     with torch.no_grad():
         for name, layer in supernet.quantized_layers().items():
@@ -99,6 +106,29 @@ def normalize_indicators(indicators: Mapping) -> dict[str, dict[str, dict[int, f
     return out
 
 
+MASKS = ("official", "monotone")
+MASK_COST = 1e8  # the official search's cost of a forbidden width
+
+# alpha of the LIMPQ supplementary (section 1), by the package's model name
+PAPER_ALPHA = {"resnet18": 3.0, "resnet50": 2.0, "mobilenet_v1": 1.0}
+
+
+def default_alpha(model: str | None) -> float:
+    """The supplementary's alpha for `model`, 1.0 for every other model."""
+    return PAPER_ALPHA.get(str(model).lower(), 1.0) if model is not None else 1.0
+
+
+def official_mask(values: Mapping[int, float]) -> dict[int, bool]:
+    """bits -> allowed: for consecutive widths b' < b, b' is forbidden when value[b'] <
+    value[b] (its step is smaller than the wider width's, against quantization's order)."""
+    widths = sorted(values)
+    allowed = {b: True for b in widths}
+    for narrow, wide in zip(widths, widths[1:]):
+        if values[narrow] < values[wide]:
+            allowed[narrow] = False
+    return allowed
+
+
 def monotone_mask(values: Mapping[int, float]) -> dict[int, bool]:
     """bits -> kept: kept when the value is strictly below that of every narrower width."""
     kept, best = {}, np.inf
@@ -122,15 +152,21 @@ def limpq_search(
     indicators: Mapping,
     constraints: Sequence[Constraint],
     alpha: float = 1.0,
+    mask: str = "official",
 ) -> LimpqResult:
-    """The LIMPQ integer program over `table` (one form per layer: build it with forms=False)."""
+    """The LIMPQ integer program over `table` (one form per layer: build it with forms=False
+    or a target form)."""
     if not np.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha={alpha}: must be a positive number")
+    if mask not in MASKS:
+        raise ValueError(f"mask={mask!r}: accepted values are {', '.join(MASKS)}")
+    masker = official_mask if mask == "official" else monotone_mask
     ind = normalize_indicators(indicators)
-    objective, masked = [], {}
+    objective, forbidden, masked = [], [], {}
     for name, opts in zip(table.names, table.choices):
         if len(opts) == 1 and name not in ind:  # fixed-width layer
             objective.append(np.zeros(1))
+            forbidden.append(np.zeros(1))
             continue
         if name not in ind:
             raise ValueError(f"no importance indicators for elastic layer {name!r}")
@@ -142,20 +178,28 @@ def limpq_search(
                 f"indicators of layer {name!r} miss weight widths {sorted(need_w)} / "
                 f"activation widths {sorted(need_a)}"
             )
-        kw, ka = monotone_mask(iw), monotone_mask(ia)
+        kw, ka = masker(iw), masker(ia)
         masked[name] = {
             "w": [b for b, k in kw.items() if not k],
             "a": [b for b, k in ka.items() if not k],
         }
-        objective.append(
-            np.array(
-                [
-                    ia[c.a_bits] + alpha * iw[c.w_bits] if kw[c.w_bits] and ka[c.a_bits] else np.inf
-                    for c in opts
-                ]
-            )
-        )
+        objective.append(np.array([ia[c.a_bits] + alpha * iw[c.w_bits] for c in opts]))
+        forbidden.append(np.array([(not kw[c.w_bits]) + (not ka[c.a_bits]) for c in opts], float))
     costs, limits = budget_rows(table, cost, constraints)
-    chosen = choose_per_layer(objective, costs, limits)
-    total = float(sum(o[i] for o, i in zip(objective, chosen)))
+    if mask == "monotone":
+        chosen = choose_per_layer(
+            [np.where(f > 0, np.inf, o) for o, f in zip(objective, forbidden)], costs, limits
+        )
+        total = float(sum(o[i] for o, i in zip(objective, chosen)))
+        return LimpqResult(table.decode(chosen), total, masked)
+    # Each forbidden width costs MASK_COST: the fewest forbidden widths first, then the least
+    # objective. Solved with a penalty just above the objective's whole spread (exactly the
+    # same order as 1e8 while that exceeds the spread, which it does for step sizes), so the
+    # solver's tolerances still see the objective's differences.
+    spread = sum(float(o.max() - o.min()) for o in objective)
+    penalty = max(1.0, 2.0 * spread)
+    chosen = choose_per_layer(
+        [o + penalty * f for o, f in zip(objective, forbidden)], costs, limits
+    )
+    total = float(sum(o[i] + MASK_COST * f[i] for o, f, i in zip(objective, forbidden, chosen)))
     return LimpqResult(table.decode(chosen), total, masked)

@@ -8,7 +8,19 @@ from pathlib import Path
 
 from eqkernels import atomic
 
-COLUMNS = ("label", "kind", "accuracy", "bitops", "size", "avg_bits", "avg_w_bits", "avg_a_bits")
+COLUMNS = (
+    "label",
+    "kind",
+    "accuracy",
+    "bitops",
+    "size",
+    "avg_bits",
+    "avg_w_bits",
+    "avg_a_bits",
+    "weighted_bits",
+    "weighted_w_bits",
+    "weighted_a_bits",
+)
 
 
 def pareto_front(rows: Sequence[dict], cost: str = "bitops") -> list[dict]:

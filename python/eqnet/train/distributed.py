@@ -329,7 +329,7 @@ class DistributedTrainer(Trainer):
 
     def train_epoch(self) -> dict:
         row = super().train_epoch()
-        if self.labels is not None:
+        if hasattr(self.labels, "accumulator"):  # online adaptive labels (smoothing has none)
             # fit() normalizes the accumulator right after this: sum it over ranks first.
             all_reduce_sum_(self.labels.accumulator)
         return mean_over_ranks(row)

@@ -1,4 +1,7 @@
-"""Online adaptive labels (MultiQuant, eq. 3-4).
+"""Training targets of the supernet recipes: online adaptive labels (MultiQuant, eq. 3-4) and
+label smoothing (MultiQuant's L_LS baseline, Szegedy et al. 2016).
+
+Online adaptive labels.
 
 During epoch e every training sample that at least one sampled subnet classifies correctly
 adds the mean of the subnets' predicted distributions to its class's row of an N x N
@@ -85,3 +88,52 @@ class OnlineAdaptiveLabels:
         self.accumulator = state["accumulator"].to(torch.float64).clone()
         soft = state["soft"]
         self.soft = None if soft is None else soft.to(torch.float64).clone()
+
+
+LABELS = ("hard", "oal", "smooth")
+SMOOTHING = 0.1  # Szegedy et al.'s epsilon
+
+
+class SmoothedLabels:
+    """Label smoothing: target = (1 - eps) one_hot + eps / N for every class (the L_LS column
+    of MultiQuant's Table 2). Static, so update/end_epoch do nothing; the same interface as
+    OnlineAdaptiveLabels lets the trainer hold either."""
+
+    def __init__(self, num_classes: int, smoothing: float = SMOOTHING):
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes={num_classes!r}: must be an int >= 2")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing={smoothing!r}: must be in [0, 1)")
+        self.num_classes = num_classes
+        self.smoothing = float(smoothing)
+
+    def update(self, probs, targets) -> None:
+        return None
+
+    def end_epoch(self, reduce=None) -> None:
+        return None
+
+    def targets(self, y: torch.Tensor) -> torch.Tensor:
+        one_hot = torch.nn.functional.one_hot(y.long(), self.num_classes).to(torch.float32)
+        return (1.0 - self.smoothing) * one_hot + self.smoothing / self.num_classes
+
+    def state_dict(self) -> dict:
+        return {"num_classes": self.num_classes, "smoothing": self.smoothing}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_classes") != self.num_classes or "smoothing" not in state:
+            raise ValueError(
+                f"label-smoothing state {sorted(state)} does not match {self.num_classes} classes"
+            )
+        self.smoothing = float(state["smoothing"])
+
+
+def make_labels(kind: str, num_classes: int, zeta: float = 0.5, smoothing: float = SMOOTHING):
+    """The trainer's target source: None for hard labels (plain cross-entropy)."""
+    if kind not in LABELS:
+        raise ValueError(f"labels={kind!r}: accepted values are {', '.join(LABELS)}")
+    if kind == "oal":
+        return OnlineAdaptiveLabels(num_classes, zeta)
+    if kind == "smooth":
+        return SmoothedLabels(num_classes, smoothing)
+    return None

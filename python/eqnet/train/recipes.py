@@ -51,16 +51,22 @@ class FloatRecipe(Recipe):
 
 
 class QATRecipe(Recipe):
-    """Dedicated single-width QAT (LSQ/LSQ+ quantizers), the baseline of the supernets."""
+    """Dedicated QAT (LSQ/LSQ+ quantizers), the baseline of the supernets: one width
+    throughout, or a searched mixed-precision policy (`policy`, LIMPQ's fine-tuning)."""
 
     name = "qat"
-    recalibrate_bn = False  # the running statistics are those of the one trained width
+    recalibrate_bn = False  # the running statistics are those of the one trained config
+
+    @staticmethod
+    def target(trainer) -> SubnetConfig:
+        policy = trainer.config.policy_config()
+        return trainer.sampler.highest() if policy is None else policy
 
     def eval_configs(self, trainer):
-        return {"qat": trainer.sampler.highest()}
+        return {"qat": self.target(trainer)}
 
     def step(self, trainer, x, y):
-        logits = trainer.forward(trainer.sampler.highest(), x)
+        logits = trainer.forward(self.target(trainer), x)
         loss = trainer.ce(logits, y)
         trainer.backward(loss, "qat")
         return {"loss": float(loss.detach())}

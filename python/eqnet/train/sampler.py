@@ -13,6 +13,11 @@ import torch
 
 from eqnet.space import ElasticSpace, SubnetConfig, layer_specs
 
+# How the highest and lowest LRH subnets get their forms when forms are sampled:
+# "drawn": per layer, uniformly, as every random subnet (the official EQ-Net code);
+# "fixed": the default form (per-channel symmetric weights, asymmetric activations) throughout.
+EXTREME_FORMS = ("drawn", "fixed")
+
 
 class ConfigSampler:
     """Lowest-Random-Highest (MultiQuant) and uniform-width (LIMPQ, layered) config streams."""
@@ -24,20 +29,43 @@ class ConfigSampler:
         seed: int,
         forms: bool,
         uniform_prob: float = 0.0,
+        extreme_forms: str = "drawn",
     ):
         if not 0.0 <= uniform_prob <= 1.0:
             raise ValueError(f"uniform_prob={uniform_prob!r}: must be in [0, 1]")
+        if extreme_forms not in EXTREME_FORMS:
+            raise ValueError(
+                f"extreme_forms={extreme_forms!r}: accepted values are {', '.join(EXTREME_FORMS)}"
+            )
         self.space = space
         self.model = model
         self.forms = bool(forms)
+        self.extreme_forms = extreme_forms
         self.uniform_prob = float(uniform_prob)
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def lowest(self) -> SubnetConfig:
+        """The lowest widths in the default forms (deterministic: evaluation uses it)."""
         return SubnetConfig.lowest(self.space, self.model)
 
     def highest(self) -> SubnetConfig:
+        """The highest widths in the default forms (deterministic: evaluation and qat use it)."""
         return SubnetConfig.highest(self.space, self.model)
+
+    def _extreme(self, which: str) -> SubnetConfig:
+        """The LRH highest or lowest subnet: with forms sampled and extreme_forms="drawn",
+        every elastic layer draws its granularity and symmetries as a random subnet does."""
+        if not (self.forms and self.extreme_forms == "drawn"):
+            return self.highest() if which == "highest" else self.lowest()
+        pick = max if which == "highest" else min
+        return SubnetConfig.random(
+            self.space,
+            self.model,
+            self.generator,
+            forms=True,
+            w_bits=pick(self.space.w_bits),
+            a_bits=pick(self.space.a_bits),
+        )
 
     def random(self) -> SubnetConfig:
         """Each elastic layer draws its widths (and, with forms, its granularity and
@@ -66,14 +94,12 @@ class ConfigSampler:
         are sorted by mean bits, highest first (the order in which GPG teaches)."""
         if not isinstance(num_random, int) or num_random < 0:
             raise ValueError(f"num_random={num_random!r}: must be an int >= 0")
+        highest = self._extreme("highest")
         randoms = [self.random() for _ in range(num_random)]
+        lowest = self._extreme("lowest")
         # sorted() is stable: equal mean bits keep their draw order.
         randoms = sorted(randoms, key=lambda c: -c.mean_bits())
-        return (
-            [("highest", self.highest())]
-            + [("random", c) for c in randoms]
-            + [("lowest", self.lowest())]
-        )
+        return [("highest", highest)] + [("random", c) for c in randoms] + [("lowest", lowest)]
 
     def uniform_widths(self) -> list[tuple[str, SubnetConfig]]:
         """One uniform config per weight width, widest first. The activation width is the same

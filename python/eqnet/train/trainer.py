@@ -23,11 +23,11 @@ from eqnet.data import (
     load_data,
     train_loader,
 )
-from eqnet.run import TrainConfig, build_model, evaluate
+from eqnet.run import TrainConfig, build_model, evaluate, init_is_quantized
 from eqnet.run import checkpoint as ckpt
 from eqnet.space import SubnetConfig
 
-from .labels import OnlineAdaptiveLabels
+from .labels import make_labels
 from .losses import soft_cross_entropy
 from .recipes import get_recipe
 from .sampler import ConfigSampler
@@ -94,7 +94,12 @@ class Trainer:
         ]
         if self.space is not None:
             self.sampler = ConfigSampler(
-                self.space, self.model, c.seed + 1, self.recipe.forms, c.uniform_prob
+                self.space,
+                self.model,
+                c.seed + 1,
+                self.recipe.forms,
+                c.uniform_prob,
+                extreme_forms=c.lrh_forms,
             )
             # The fixed random subnet evaluated every epoch comes from its own seed, so it does
             # not depend on how many subnets training has drawn.
@@ -107,7 +112,7 @@ class Trainer:
         else:
             self.sampler = None
             self.eval_random = None
-        self.labels = OnlineAdaptiveLabels(self.data.num_classes, c.zeta) if c.oal else None
+        self.labels = make_labels(c.labels, self.data.num_classes, c.zeta, c.label_smoothing)
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = len(self.train_loader)
         if c.max_steps_per_epoch is not None:
@@ -124,7 +129,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
         self.epoch = 0
         self.metrics: list[dict] = []
-        self.needs_calibration = self.space is not None
+        # a quantized init (a supernet whose policy is fine-tuned) brings its own steps
+        self.needs_calibration = self.space is not None and not (
+            load_init and c.init and c.policy is not None and init_is_quantized(c.init)
+        )
         self._role = None
 
     # -- setup -----------------------------------------------------------------------------
@@ -160,7 +168,23 @@ class Trainer:
                 self._device_batches(self.holdout_loader),
                 batches=self.config.calib_batches,
             )
+            if self.config.vl_paper_init:
+                self._vl_paper_init()
             self.needs_calibration = False
+
+    def _vl_paper_init(self) -> None:
+        """The vertical-layering paper's steps, over the calibration's: weights from their
+        mean |w|, activations from the first training batch at the top width (eval mode, so the
+        float model's BN statistics normalize it and none is changed)."""
+        from .paper_init import vl_activation_steps, vl_weight_steps
+
+        vl_weight_steps(self.model)
+        x, _ = next(iter(self.train_loader))
+        was_training = self.model.training
+        self.model.eval()
+        self.model.set_config(self.sampler.highest())
+        vl_activation_steps(self.model, x.to(self.device))
+        self.model.train(was_training)
 
     def _device_batches(self, loader):
         return ((x.to(self.device), y.to(self.device)) for x, y in loader)

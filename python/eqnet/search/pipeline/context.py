@@ -9,6 +9,7 @@ import sys
 import torch
 
 from eqnet.data import bn_split, eval_loader, fixed_batches, load_data
+from eqnet.forms import set_narrow_weights
 from eqnet.run import load_run
 from eqnet.search.accuracy_data import fraction_correct, supernet_correctness
 from eqnet.search.cost import CostModel
@@ -54,6 +55,14 @@ class SearchContext:
         self.rerank_loader = eval_loader(_first(holdout, options.rerank_images), c.eval_batch_size)
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size)
         self.cost = CostModel.trace(self.supernet, (1, *self.data.input_shape))
+        self.forms = options.form_list()
+        for form in self.forms:
+            form.check_space(self.space)
+        # a narrow-range form (tensorrt) is measured as it deploys: every symmetric weight code
+        # on [-(2^(b-1)-1), 2^(b-1)-1] for the whole search (options forbid a clashing form)
+        self.narrow = any(f.narrow_weights for f in self.forms)
+        if self.narrow:
+            set_narrow_weights(self.supernet, True)
 
     def correct(self, cfg, loader):
         """Per-image correctness (bool [N]) of subnet cfg on loader, after its BN
@@ -65,13 +74,22 @@ class SearchContext:
     def accuracy(self, cfg, loader) -> float:
         return fraction_correct(self.correct(cfg, loader))
 
-    def uniform_widths(self):
+    def uniform_widths(self, form=None):
         """[(label 'WbAb', config)] of every width both weights and activations take, narrowest
-        first: the baselines the rerank and the final comparison measure."""
-        return [
-            (f"W{b}A{b}", SubnetConfig.uniform(self.space, self.supernet, b, b))
+        first: the baselines the rerank and the final comparison measure; in the default forms,
+        or with every elastic layer in target form `form`."""
+        if form is None:
+            return [
+                (f"W{b}A{b}", SubnetConfig.uniform(self.space, self.supernet, b, b))
+                for b in sorted(set(self.space.w_bits) & set(self.space.a_bits))
+            ]
+        g, ws, as_ = form.w_granularity, form.w_symmetry, form.a_symmetry
+        configs = [
+            (f"W{b}A{b}", SubnetConfig.uniform(self.space, self.supernet, b, b, g, ws, as_))
             for b in sorted(set(self.space.w_bits) & set(self.space.a_bits))
         ]
+        # only what the engine runs (TensorRT: no unsigned 8-bit activation in int8)
+        return [(label, c) for label, c in configs if form.runs(c, self.supernet)]
 
 
 def _first(dataset, n: int | None):

@@ -73,10 +73,15 @@ def run_search(options: SearchOptions) -> SearchResult:
 
     # the uniform widths first: each chosen config is compared with the widest one in its
     # budget on the same test images (paired, so the z says whether the gap is real)
-    uniforms = []  # (label, metrics, per-image test correctness)
+    # (a target-form search: per form, in that form)
+    uniforms_of = {}  # form name (None: default forms) -> [(label, metrics, correctness)]
     if options.uniform:
-        for label, cfg in ctx.uniform_widths():
-            uniforms.append((label, ctx.cost.metrics(cfg), ctx.correct(cfg, ctx.test_loader)))
+        for form in ctx.forms or [None]:
+            name = None if form is None else form.name
+            uniforms_of[name] = [
+                (label, ctx.cost.metrics(cfg), ctx.correct(cfg, ctx.test_loader))
+                for label, cfg in ctx.uniform_widths(form)
+            ]
     constraints_of = dict(budgets)
     rows, chosen = [], []
     for spec, cfg, info in results:
@@ -84,6 +89,8 @@ def run_search(options: SearchOptions) -> SearchResult:
         metrics = ctx.cost.metrics(cfg)
         correct = ctx.correct(cfg, ctx.test_loader)
         acc = fraction_correct(correct)
+        form_name = info.get("target_form", {}).get("name")
+        uniforms = uniforms_of.get(form_name, [])
         versus = versus_uniform(correct, uniforms, constraints_of[spec])
         chosen.append(
             {
@@ -96,19 +103,23 @@ def run_search(options: SearchOptions) -> SearchResult:
                 "config": json.loads(cfg.to_json())["layers"],
             }
         )
-        rows.append({"label": spec, "kind": options.method, "accuracy": acc, **metrics})
+        label = spec if form_name is None else f"{spec} {form_name}"
+        rows.append({"label": label, "kind": options.method, "accuracy": acc, **metrics})
         against = (
             f"; uniform {versus['uniform_at_budget']} {versus['uniform_test_accuracy']:.4f}, "
             f"paired z {versus['test_z_vs_uniform']:+.2f}"
             if versus["uniform_at_budget"]
             else ""
         )
-        log(f"{spec}: test accuracy {acc:.4f}{against}, {cfg.summary()}")
-    for label, metrics, correct in uniforms:
-        rows.append(
-            {"label": label, "kind": "uniform", "accuracy": fraction_correct(correct), **metrics}
-        )
+        log(f"{label}: test accuracy {acc:.4f}{against}, {cfg.summary()}")
+    for form_name, uniforms in uniforms_of.items():
+        for label, metrics, correct in uniforms:
+            label = label if form_name is None else f"{label} {form_name}"
+            acc = fraction_correct(correct)
+            rows.append({"label": label, "kind": "uniform", "accuracy": acc, **metrics})
     record = {"run": str(options.run), "method": options.method, **extra, "chosen": chosen}
+    if ctx.forms:
+        record["target_forms"] = [f.to_dict() for f in ctx.forms]
     atomic.write_text(out / "configs.json", json.dumps(record, indent=2))
     pareto.write_csv(out / "pareto.csv", rows)
     pareto.plot(out / "pareto.png", rows, title=f"{options.method}: {Path(options.run).name}")

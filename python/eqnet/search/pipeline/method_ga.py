@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from eqkernels import atomic
-from eqnet.search.accuracy_data import build_dataset, row_config
+from eqnet.search.accuracy_data import build_dataset, config_key, row_config
 from eqnet.search.genetic import genetic_search
 from eqnet.search.genome import Budget, ChoiceTable
 from eqnet.search.montecarlo import MonteCarloSampler
@@ -27,21 +27,22 @@ def search_ga(options: SearchOptions, ctx: SearchContext, budgets, out: Path):
     """One config per (spec, constraints) of `budgets`: [(spec, SubnetConfig, info)] and the
     method's record (the predictor and its fit). Writes the accuracy dataset and the predictor
     into `out`."""
-    table = ChoiceTable.from_model(ctx.space, ctx.supernet, forms=options.forms)
-    mt = table.metric_table(ctx.cost, options.mc_metric)
-    sampler = MonteCarloSampler(table, mt, options.mc_metric, seed=options.seed)
-    # the dataset spans the whole budget range: every populated bucket equally often;
-    # distinct configs only (a small space repeats draws), as many as the space holds
-    anywhere = Budget(table, ctx.cost, [])
-    genomes = np.empty((0, table.n_layers), dtype=np.int64)
-    for _ in range(20):
-        more, _ = sampler.sample(options.dataset_size, anywhere)
-        genomes = np.concatenate([genomes, more])
-        _, first = np.unique(genomes, axis=0, return_index=True)
-        genomes = genomes[np.sort(first)]
-        if len(genomes) >= options.dataset_size:
-            break
-    genomes = genomes[: options.dataset_size]
+    forms = ctx.forms or [None]
+    tables = {
+        f: ChoiceTable.from_model(ctx.space, ctx.supernet, forms=options.forms, form=f)
+        for f in forms
+    }
+    samplers = {
+        f: MonteCarloSampler(
+            t, t.metric_table(ctx.cost, options.mc_metric), options.mc_metric, seed=options.seed
+        )
+        for f, t in tables.items()
+    }
+    # the dataset split evenly between the target forms (the first takes the remainder)
+    configs = []
+    for i, f in enumerate(forms):
+        n = options.dataset_size // len(forms) + (i == 0) * (options.dataset_size % len(forms))
+        configs += [tables[f].decode(g) for g in _distinct_genomes(tables[f], samplers[f], ctx, n)]
     # the cached accuracies are only comparable under the same evaluation
     setting = {"holdout_images": len(ctx.holdout_loader.dataset), "bn_batches": ctx.bn_batches}
     meta = out / "accuracy_setting.json"
@@ -56,12 +57,15 @@ def search_ga(options: SearchOptions, ctx: SearchContext, budgets, out: Path):
     with DatasetWorkers(options) as workers:
         rows = build_dataset(
             out / "accuracy.jsonl",
-            [table.decode(g) for g in genomes],
+            configs,
             lambda cfg: ctx.accuracy(cfg, ctx.holdout_loader),
             ctx.cost.metrics,
             progress=options.progress,
             imap=workers.imap,
         )
+    if ctx.forms:  # only this search's configs: a cached file may hold other forms' rows
+        wanted = {config_key(c) for c in configs}
+        rows = [r for r in rows if r["key"] in wanted]
     log(f"accuracy dataset: {len(rows)} configs ({time.perf_counter() - t0:.1f} s)")
     enc = torch.stack([row_config(r).encode() for r in rows])
     acc = torch.tensor([r["accuracy"] for r in rows])
@@ -77,64 +81,86 @@ def search_ga(options: SearchOptions, ctx: SearchContext, budgets, out: Path):
         f"({time.perf_counter() - t0:.1f} s; the plain mean bit-width ranks them with tau "
         f"{report.mean_bits_kendall_tau:.3f})"
     )
-    fitness = predictor.fitness(table)
     results = []
-    for spec, constraints in budgets:
-        budget = Budget(table, ctx.cost, constraints)
-        main = constraints[0].metric
-        init_sampler = (
-            sampler
-            if main == options.mc_metric
-            else MonteCarloSampler(
-                table, table.metric_table(ctx.cost, main), main, seed=options.seed
+    for form in forms:
+        table = tables[form]
+        fitness = predictor.fitness(table)
+        for spec, constraints in budgets:
+            results.append(
+                _search_budget(
+                    options, ctx, table, fitness, samplers[form], spec, constraints, form
+                )
             )
-        )
-        try:
-            init, rep = init_sampler.sample(options.population, budget)
-        except ValueError:
-            # a budget at the very edge of the range (e.g. exactly the all-lowest config)
-            # leaves no bucket to sample from; start from the cheapest config instead
-            cheapest = np.nanargmin(budget.tables[main], axis=1)[None]
-            if not budget.ok(cheapest).all():
-                raise
-            init, rep = cheapest, None
-        t0 = time.perf_counter()
-        res = genetic_search(
-            table,
-            fitness,
-            budget,
-            initial=init,
-            population=options.population,
-            elites=options.elites,
-            mutations=options.mutations,
-            crossovers=options.crossovers,
-            iterations=options.iterations,
-            seed=options.seed,
-        )
-        wall = time.perf_counter() - t0
-        best, info = res.best, {"predicted_accuracy": res.best_fitness}
-        if options.rerank > 0:
-            best, info = rerank(options, ctx, table, budget, res)
-        results.append(
-            (
-                spec,
-                table.decode(best),
-                {
-                    **info,
-                    "search_seconds": wall,
-                    "mc_trials_per_sample": rep.trials_per_sample if rep else None,
-                },
-            )
-        )
-        log(f"{spec}: GA best predicted {res.best_fitness:.4f} in {wall:.1f} s")
     return results, {"predictor": {"kind": options.predictor, **report.to_dict(), **chosen}}
+
+
+def _distinct_genomes(table, sampler, ctx, n: int) -> np.ndarray:
+    """n distinct Monte Carlo genomes spanning the whole budget range (every populated bucket
+    equally often), or as many as the space holds."""
+    anywhere = Budget(table, ctx.cost, [])
+    genomes = np.empty((0, table.n_layers), dtype=np.int64)
+    for _ in range(20):
+        more, _ = sampler.sample(max(n, 1), anywhere)
+        genomes = np.concatenate([genomes, more])
+        _, first = np.unique(genomes, axis=0, return_index=True)
+        genomes = genomes[np.sort(first)]
+        if len(genomes) >= n:
+            break
+    return genomes[:n]
+
+
+def _search_budget(options, ctx, table, fitness, sampler, spec, constraints, form):
+    """(spec, SubnetConfig, info) of one budget in one form (None: the table's own forms)."""
+    budget = Budget(table, ctx.cost, constraints)
+    main = constraints[0].metric
+    init_sampler = (
+        sampler
+        if main == options.mc_metric
+        else MonteCarloSampler(table, table.metric_table(ctx.cost, main), main, seed=options.seed)
+    )
+    try:
+        init, rep = init_sampler.sample(options.population, budget)
+    except ValueError:
+        # a budget at the very edge of the range (e.g. exactly the all-lowest config)
+        # leaves no bucket to sample from; start from the cheapest config instead
+        cheapest = np.nanargmin(budget.tables[main], axis=1)[None]
+        if not budget.ok(cheapest).all():
+            raise
+        init, rep = cheapest, None
+    t0 = time.perf_counter()
+    res = genetic_search(
+        table,
+        fitness,
+        budget,
+        initial=init,
+        population=options.population,
+        elites=options.elites,
+        mutations=options.mutations,
+        crossovers=options.crossovers,
+        iterations=options.iterations,
+        seed=options.seed,
+    )
+    wall = time.perf_counter() - t0
+    best, info = res.best, {"predicted_accuracy": res.best_fitness}
+    if options.rerank > 0:
+        best, info = rerank(options, ctx, table, budget, res, form)
+    info = {
+        **info,
+        "search_seconds": wall,
+        "mc_trials_per_sample": rep.trials_per_sample if rep else None,
+    }
+    if form is not None:
+        info["target_form"] = form.to_dict()
+    where = f" ({form.name})" if form is not None else ""
+    log(f"{spec}{where}: GA best predicted {res.best_fitness:.4f} in {wall:.1f} s")
+    return spec, table.decode(best), info
 
 
 def fit_predictor(options: SearchOptions, enc, acc, out: Path):
     """The options' predictor, fitted on the accuracy dataset and saved in `out`; returns it,
     its FitReport and the hyperparameters it chose for itself (noise-ridge: alpha, gamma)."""
     if options.predictor == "mlp":
-        predictor = AccuracyPredictor(enc.shape[1])
+        predictor = AccuracyPredictor(enc.shape[1], options.mlp_hidden, options.mlp_depth)
         report = predictor.fit(
             enc,
             acc,
@@ -143,14 +169,25 @@ def fit_predictor(options: SearchOptions, enc, acc, out: Path):
             val_fraction=options.val_fraction,
         )
         predictor.save(out / "predictor-mlp.pt")
-        return predictor, report, {}
+        extra = {"mlp_depth": options.mlp_depth, "mlp_hidden": options.mlp_hidden}
+        if options.paper:
+            # the package's noise ridge on the same held-out configs (same seed, same split)
+            ridge = NoiseRidgePredictor(enc.shape[1])
+            r = ridge.fit(enc, acc, seed=options.seed, val_fraction=options.val_fraction)
+            extra["noise_ridge_kendall_tau"] = r.kendall_tau
+            extra["noise_ridge_pearson_r"] = r.pearson_r
+            log(
+                f"predictor (mlp, paper): Kendall tau {report.kendall_tau:.3f}; noise-ridge on "
+                f"the same {r.n_val} held-out configs: {r.kendall_tau:.3f}"
+            )
+        return predictor, report, extra
     predictor = NoiseRidgePredictor(enc.shape[1])
     report = predictor.fit(enc, acc, seed=options.seed, val_fraction=options.val_fraction)
     predictor.save(out / "predictor-noise-ridge.json")
     return predictor, report, {"alpha": predictor.alpha, "gamma": predictor.gamma}
 
 
-def rerank(options: SearchOptions, ctx: SearchContext, table, budget, res):
+def rerank(options: SearchOptions, ctx: SearchContext, table, budget, res, form=None):
     """The predictor ranks; the held-out images decide among its K best configs and the
     uniform widths that meet the budget (eqnet.search.rerank: a mixed config is kept only if
     it beats the best uniform one by `rerank_z` paired standard errors)."""
@@ -158,7 +195,7 @@ def rerank(options: SearchOptions, ctx: SearchContext, table, budget, res):
     k = options.rerank
     for g, fit in zip(res.elites[:k], res.elite_fitness[:k]):
         candidates.setdefault(tuple(int(v) for v in g), ("ga", float(fit)))
-    for label, cfg in ctx.uniform_widths():
+    for label, cfg in ctx.uniform_widths(form):
         try:
             g = table.genome_of(cfg)
         except (KeyError, ValueError):  # the width is not among the table's choices

@@ -7,32 +7,33 @@ import time
 
 from eqnet.search.genome import ChoiceTable
 from eqnet.search.layered import layer_errors, layered_search, weights_from_supernet
-from eqnet.search.limpq import importance_indicators, limpq_search
+from eqnet.search.limpq import default_alpha, importance_indicators, limpq_search
 
 from .context import SearchContext
 from .options import OptionError, SearchOptions
 
 
 def search_limpq(options: SearchOptions, ctx: SearchContext, budgets):
-    """[(spec, SubnetConfig, info)] for every budget, and the method's record (alpha)."""
-    table = ChoiceTable.from_model(ctx.space, ctx.supernet, forms=False)
-    indicators = importance_indicators(ctx.supernet)
+    """[(spec, SubnetConfig, info)] for every budget (and target form), and the method's record
+    (alpha: the option, else the supplementary's value for the run's model)."""
+    alpha = options.alpha if options.alpha is not None else default_alpha(ctx.run.config.model)
     results = []
-    for spec, constraints in budgets:
-        t0 = time.perf_counter()
-        res = limpq_search(table, ctx.cost, indicators, constraints, alpha=options.alpha)
-        results.append(
-            (
-                spec,
-                res.config,
-                {
-                    "objective": res.objective,
-                    "search_seconds": time.perf_counter() - t0,
-                    "masked": res.masked,
-                },
-            )
-        )
-    return results, {"alpha": options.alpha}
+    for form in ctx.forms or [None]:
+        table = ChoiceTable.from_model(ctx.space, ctx.supernet, forms=False, form=form)
+        # the indicators of the form searched: layer-wise steps for per-tensor weights
+        indicators = importance_indicators(ctx.supernet, form)
+        for spec, constraints in budgets:
+            t0 = time.perf_counter()
+            res = limpq_search(table, ctx.cost, indicators, constraints, alpha=alpha)
+            info = {
+                "objective": res.objective,
+                "search_seconds": time.perf_counter() - t0,
+                "masked": res.masked,
+            }
+            if form is not None:
+                info["target_form"] = form.to_dict()
+            results.append((spec, res.config, info))
+    return results, {"alpha": alpha}
 
 
 def search_layered(options: SearchOptions, ctx: SearchContext, budgets):
