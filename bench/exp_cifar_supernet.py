@@ -34,7 +34,7 @@ from harness import Table, threads_from_env  # noqa: E402
 
 def _run(root: Path, name: str, epochs: int, args: list[str]) -> Path:
     from eqnet.cli import main
-    from eqnet.train.checkpoint import load_checkpoint
+    from eqnet.run.checkpoint import load_checkpoint
 
     out = root / name
     if (out / "checkpoint.pt").exists():
@@ -54,8 +54,8 @@ def _run(root: Path, name: str, epochs: int, args: list[str]) -> Path:
 def _accuracy_at(run_dir: Path, widths, bn_batches: int) -> dict:
     from eqnet.convert import recalibrate_bn
     from eqnet.data import eval_loader
+    from eqnet.run import evaluate, load_run
     from eqnet.space import SubnetConfig
-    from eqnet.train import evaluate, load_run
 
     run = load_run(run_dir)
     c = run.config

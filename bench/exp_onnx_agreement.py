@@ -77,7 +77,7 @@ def main() -> int:
     args = p.parse_args()
     from eqnet.convert import recalibrate_bn
     from eqnet.deploy.onnx import compare_onnx, export_onnx
-    from eqnet.train import load_run
+    from eqnet.run import load_run
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,8 @@ def main() -> int:
     args = p.parse_args()
 
     from eqnet.data import bn_split, eval_loader, fixed_batches
+    from eqnet.run import load_run
     from eqnet.search.accuracy_data import row_config, supernet_evaluator
-    from eqnet.train import load_run
     from scipy.stats import kendalltau, pearsonr
 
     search = Path(args.search)

@@ -27,8 +27,8 @@ def layered_run(tmp_path_factory):
 
 def _fake_quant_accuracy(run_dir, bits):
     from eqnet.data import load_data
+    from eqnet.run import load_run
     from eqnet.space import SubnetConfig
-    from eqnet.train.trainer import load_run
 
     run = load_run(run_dir)
     sn = run.model
@@ -45,8 +45,8 @@ def test_export_and_eval(layered_run, capsys):
     root = layered_run
     path = root / "model.eqk"
     cfg_file = root / "halfway.json"
+    from eqnet.run import load_run
     from eqnet.space import SubnetConfig
-    from eqnet.train.trainer import load_run
 
     run = load_run(root / "l")
     cfg = SubnetConfig.random(run.space, run.model, torch.Generator().manual_seed(0), forms=False)

@@ -28,7 +28,7 @@ def layered_run(tmp_path_factory):
 
 
 def _check_outputs(out, run, method, n_chosen):
-    from eqnet.train import load_run
+    from eqnet.run import load_run
 
     data = json.loads((out / "configs.json").read_text())
     assert data["method"] == method and len(data["chosen"]) == n_chosen
@@ -164,3 +164,46 @@ def test_bad_options_fail_before_loading(tmp_path, capsys, constraint, extra, me
     args = ["search", str(tmp_path / "no-run"), "--method", "ga", "--constraint", constraint]
     assert main(args + extra) == 1
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_python_api_writes_what_the_cli_writes(layered_run, tmp_path):
+    from eqnet.search.pipeline import SearchOptions, run_search
+
+    cons = ["avg_w_bits<=3", "bitops<=7000000"]
+    argv = ["search", str(layered_run), "--method", "limpq", "--out", str(tmp_path / "cli")]
+    assert main(argv + ["--no-progress", "--alpha", "2", "--constraint", cons[0],
+                        "--constraint", cons[1]]) == 0  # fmt: skip
+    options = SearchOptions(
+        str(layered_run), "limpq", cons, out=tmp_path / "api", alpha=2.0, progress=False
+    )
+    result = run_search(options)
+    cli = json.loads((tmp_path / "cli" / "configs.json").read_text())
+    api = json.loads((tmp_path / "api" / "configs.json").read_text())
+    assert result.record == api and result.out == tmp_path / "api"
+    for record in (cli, api):
+        for c in record["chosen"]:
+            c.pop("search_seconds")
+    assert api == cli
+    assert (tmp_path / "api" / "pareto.csv").read_text() == (
+        tmp_path / "cli" / "pareto.csv"
+    ).read_text()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("method", "bogus", "accepted values are ga, limpq, layered"),
+        ("rerank_z", float("nan"), "accepted values are finite and >= 0"),
+        ("holdout_images", 0, "accepted values are >= 1"),
+        ("val_fraction", 1.0, "accepted values are in (0, 1)"),
+        ("constraints", ["latency<=3"], "accepted values are bitops"),
+    ],
+)
+def test_search_options_name_the_bad_field(field, value, message):
+    from eqnet.search.pipeline import SearchOptions
+
+    kwargs = {"run": "no-run", "method": "ga", "constraints": ["size<=1e6"], field: value}
+    with pytest.raises(ValueError, match=field if field != "constraints" else "metric") as exc:
+        SearchOptions(**kwargs)
+    assert message in str(exc.value)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 from eqnet.cli import main
-from eqnet.train.checkpoint import load_checkpoint
+from eqnet.run.checkpoint import load_checkpoint
 
 TINY = [
     "--limit-train", "96", "--limit-test", "64", "--holdout", "32", "--batch-size", "32",

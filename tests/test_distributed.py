@@ -61,7 +61,7 @@ def _patch_models():
 
 
 def _config(**kw):
-    from eqnet.train.config import TrainConfig
+    from eqnet.run.config import TrainConfig
 
     base = dict(
         recipe="multiquant",
@@ -104,8 +104,8 @@ def _record_configs(trainer, log: list):
 def _bn_model():
     from eqnet.convert import calibrate
     from eqnet.data import eval_loader
+    from eqnet.run import build_model
     from eqnet.space import SubnetConfig
-    from eqnet.train.trainer import build_model
 
     torch.manual_seed(11)
     model, _ = build_model(_config(model="digits_cnn").resolved(), 10, float_init=False)
@@ -135,6 +135,7 @@ def _worker(out: Path) -> None:
     torch.set_num_threads(1)
     _patch_models()
     from eqnet.data import eval_loader
+    from eqnet.search.distributed_dataset import build_dataset_distributed
     from eqnet.train import distributed
     from eqnet.train.distributed import DistributedTrainer
 
@@ -167,7 +168,7 @@ def _worker(out: Path) -> None:
     res["bn"] = _bn_stats(model)
 
     rank = env.rank
-    res["dataset"] = distributed.build_dataset_distributed(
+    res["dataset"] = build_dataset_distributed(
         out / "accuracy.jsonl",
         _dataset_configs(model),
         lambda cfg: cfg.mean_bits() / 8,
@@ -380,7 +381,7 @@ def test_killed_rank_ends_the_job(tmp_path):
     # the killed worker, is a race; the exit status is not)
     assert proc.returncode != 0, err.decode()[-3000:]
     # the last checkpoint written by rank 0 is intact
-    from eqnet.train.checkpoint import load_checkpoint
+    from eqnet.run.checkpoint import load_checkpoint
 
     assert load_checkpoint(run)["epoch"] >= 1
 

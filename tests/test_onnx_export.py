@@ -486,7 +486,7 @@ def test_cli_export_onnx_reestimates_bn(tmp_path, capsys):
     from eqnet.cli import main
     from eqnet.convert import recalibrate_bn
     from eqnet.data import eval_loader
-    from eqnet.train import load_run
+    from eqnet.run import load_run
 
     run = tmp_path / "run"
     tiny = [

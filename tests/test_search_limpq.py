@@ -94,7 +94,7 @@ def test_monotone_mask():
 
 
 def test_trainer_indicator_format():
-    # eqnet.train.importance_indicators gives {layer: {("w", bits): v, ("a", bits): v}}
+    # eqnet.search.limpq.importance_indicators gives {layer: {("w", bits): v, ("a", bits): v}}
     cost, table = setup()
     flat = {
         n: {

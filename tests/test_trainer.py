@@ -6,15 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from eqnet.data import DataError, load_data
-from eqnet.train import (
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-    evaluate,
-    importance_indicators,
-    load_run,
-)
-from eqnet.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from eqnet.run import TrainConfig, evaluate, load_run
+from eqnet.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from eqnet.search.limpq import importance_indicators
+from eqnet.train import NonFiniteLossError, Trainer
 from eqnet.train.recipes import RECIPE_CLASSES
 from eqnet.train.sampler import ConfigSampler
 

@@ -14,9 +14,10 @@ from .nn.layers import QConv2d, QLinear
 from .nn.quantizer import CALIB_SAMPLES, ElasticQuantizer
 from .nn.supernet import Supernet
 from .space import ElasticSpace, LayerChoice
-from .train.config import KEEP_FIRST_LAST
 
 _QUANTIZABLE = (nn.Conv2d, nn.Linear)
+# first and last layers: fixed 8-bit, float, or elastic like the rest (see `convert`)
+KEEP_FIRST_LAST = ("8bit", "fp", "elastic")
 
 
 def convert(

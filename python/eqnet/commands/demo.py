@@ -148,7 +148,7 @@ def _export(args, layered_dir: Path, search_dir: Path, eqk_path: Path) -> dict:
     from eqnet.commands.export import read_configs, recalibrate_widths
     from eqnet.data import load_data
     from eqnet.deploy import export
-    from eqnet.train.trainer import evaluate, load_run
+    from eqnet.run import evaluate, load_run
 
     run = load_run(layered_dir)
     bundle = load_data("digits", augment=False, holdout=run.config.holdout)

@@ -81,7 +81,7 @@ def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dic
     """Export a trained run (BN statistics re-estimated on its augmented held-out split first,
     unless bn_batches=0); returns the written header."""
     from eqnet.deploy import export
-    from eqnet.train.trainer import load_run
+    from eqnet.run import load_run
 
     run = load_run(run_dir)
     if run.space is None:

@@ -117,7 +117,7 @@ def run(args) -> int:
     import torch
 
     from eqnet.deploy.onnx import compare_onnx, export_onnx
-    from eqnet.train.trainer import load_run
+    from eqnet.run import load_run
 
     try:
         trained = load_run(args.run)

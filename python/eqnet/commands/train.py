@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eqnet.train.config import JOINT_LOSSES, KEEP_FIRST_LAST, OPTIMIZERS, RECIPES
+from eqnet.run.config import JOINT_LOSSES, KEEP_FIRST_LAST, OPTIMIZERS, RECIPES
 
 
 def _bits(text: str) -> list[int]:
@@ -118,7 +118,7 @@ _CONFIG_KEYS = (
 
 
 def config_from_args(args):
-    from eqnet.train.config import TrainConfig
+    from eqnet.run.config import TrainConfig
 
     given = {k: getattr(args, k) for k in _CONFIG_KEYS if getattr(args, k, None) is not None}
     if args.top_bits is not None:
@@ -159,7 +159,7 @@ def run(args) -> int:
         else:
             from pathlib import Path
 
-            from eqnet.train.checkpoint import CHECKPOINT_NAME
+            from eqnet.run.checkpoint import CHECKPOINT_NAME
 
             if (Path(args.out) / CHECKPOINT_NAME).exists():
                 raise ValueError(

@@ -4,6 +4,7 @@ cost.py         CostModel: per-layer MACs, params; BitOPs, size, average widths 
 genome.py       ChoiceTable (configs as int arrays), Constraint / parse_constraints, Budget
 montecarlo.py   MonteCarloSampler (MultiQuant eq. 5-6) and the uniform rejection baseline
 accuracy_data.py  resumable JSONL (config, accuracy) dataset with BN recalibration
+distributed_dataset.py  the same dataset built by the ranks of a torchrun job
 predictor.py    AccuracyPredictor (MLP on SubnetConfig.encode()), Kendall tau / Pearson r
 noise_predictor.py  NoiseRidgePredictor (ridge on per-layer quantization-noise powers)
 genetic.py      genetic_search (EQ-Net Algorithm 1)
@@ -26,6 +27,7 @@ _EXPORTS = {
     "uniform_sample": "eqnet.search.montecarlo",
     "build_dataset": "eqnet.search.accuracy_data",
     "read_dataset": "eqnet.search.accuracy_data",
+    "build_dataset_distributed": "eqnet.search.distributed_dataset",
     "AccuracyPredictor": "eqnet.search.predictor",
     "predictor_fitness": "eqnet.search.predictor",
     "NoiseRidgePredictor": "eqnet.search.noise_predictor",
@@ -33,6 +35,7 @@ _EXPORTS = {
     "genetic_search": "eqnet.search.genetic",
     "choose_per_layer": "eqnet.search.ilp",
     "limpq_search": "eqnet.search.limpq",
+    "importance_indicators": "eqnet.search.limpq",
     "downsampling_error": "eqnet.search.layered",
     "layered_allocation": "eqnet.search.layered",
     "layered_search": "eqnet.search.layered",

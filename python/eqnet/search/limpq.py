@@ -1,7 +1,8 @@
 """LIMPQ mixed-precision search: learned importance indicators + integer program.
 
 LIMPQ trains one step size per layer and width (its "importance indicators"; for per-channel
-weights the mean over channels; `eqnet.train.importance_indicators(supernet)` reads them) and then solves, for every layer l and its (w_bits, a_bits),
+weights the mean over channels; `importance_indicators(supernet)` reads them from a supernet
+trained with the `limpq` recipe) and then solves, for every layer l and its (w_bits, a_bits),
 
     minimize  sum_l  I_a^l(a_bits) + alpha * I_w^l(w_bits)
     subject to BitOPs and size limits (any additive cost-model limit here).
@@ -34,8 +35,37 @@ from eqnet.space import SubnetConfig
 _ROLE_KEYS = {"w": "w", "weight": "w", "a": "a", "activation": "a"}
 
 
+def importance_indicators(supernet) -> dict[str, dict[tuple[str, int], float]]:
+    """LIMPQ's layer-wise importance indicators: layer -> {("w", bits): step, ("a", bits):
+    step} for every elastic layer and every width of the space. A per-channel weight step is
+    the mean over channels; nested weights report their effective step 2^(top-b) s_top. The
+    forms are those of the uniform configs (per-channel symmetric weights when the space has
+    them)."""
+    space = supernet.space
+    w_gran = "channel" if "channel" in space.w_granularities else space.w_granularities[0]
+    w_sym = "sym" if "sym" in space.w_symmetries else space.w_symmetries[0]
+    a_sym = "asym" if "asym" in space.a_symmetries else space.a_symmetries[0]
+    out = {}
+    with torch.no_grad():
+        for name, layer in supernet.quantized_layers().items():
+            if layer.fixed_choice is not None:
+                continue
+            entry = {}
+            for b in space.w_bits:
+                p = layer.weight_quantizer.params(b, w_gran, w_sym)
+                step = p.scale.float().mean()
+                if p.nested:
+                    step = step * 2.0 ** (p.top_bits - b)
+                entry[("w", b)] = float(step)
+            for b in space.a_bits:
+                p = layer.act_quantizer.params(b, "tensor", a_sym)
+                entry[("a", b)] = float(p.scale.float().mean())
+            out[name] = entry
+    return out
+
+
 def normalize_indicators(indicators: Mapping) -> dict[str, dict[str, dict[int, float]]]:
-    """Accepts {layer: {(role, bits): value}} (what eqnet.train.importance_indicators gives)
+    """Accepts {layer: {(role, bits): value}} (what importance_indicators gives)
     or {layer: {role: {bits: value}}}, role in w/weight/a/activation; values may be tensors
     (averaged, as for per-channel steps). Returns {layer: {"w": {bits: v}, "a": {bits: v}}}
     with positive finite values."""

@@ -1,5 +1,6 @@
-"""Supernet training: recipes (float, qat, multiquant, eqnet, layered, limpq), the Trainer,
-evaluation, checkpoints, and loading a trained run (`load_run`, `build_supernet_from_run`).
+"""Supernet training: recipes (float, qat, multiquant, eqnet, layered, limpq), the Trainer and
+its distributed form. Reading a trained run lives in `eqnet.run`; `TrainConfig`, `load_run`,
+`evaluate` are re-exported here for callers of the training API.
 
 Names are imported lazily so `import eqnet.train` builds nothing and touches no device.
 """
@@ -8,13 +9,12 @@ import importlib
 
 _EXPORTS = {
     "Trainer": "eqnet.train.trainer",
-    "TrainConfig": "eqnet.train.config",
-    "evaluate": "eqnet.train.trainer",
-    "load_run": "eqnet.train.trainer",
-    "build_supernet_from_run": "eqnet.train.trainer",
-    "TrainedRun": "eqnet.train.trainer",
+    "TrainConfig": "eqnet.run.config",
+    "evaluate": "eqnet.run.trained",
+    "load_run": "eqnet.run.trained",
+    "build_supernet_from_run": "eqnet.run.trained",
+    "TrainedRun": "eqnet.run.trained",
     "NonFiniteLossError": "eqnet.train.trainer",
-    "importance_indicators": "eqnet.train.recipes",
     "OnlineAdaptiveLabels": "eqnet.train.labels",
     "ConfigSampler": "eqnet.train.sampler",
 }

@@ -1,4 +1,4 @@
-"""Multi-process supernet training on torch.distributed (issue 8).
+"""Multi-process supernet training on torch.distributed.
 
 `eqnet train` runs unchanged under `torchrun --nproc_per_node N [--nnodes M ...]`: torchrun sets
 RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT, `setup()` then initializes the process group
@@ -31,19 +31,17 @@ What changes across ranks, and why the result equals one process:
   batches (`recalibrate_bn`).
 * The online-adaptive-label accumulator is summed over ranks at the end of each epoch; training
   metrics are averaged over ranks before logging.
-* Rank 0 alone writes config.json, checkpoints (atomic, see checkpoint.py) and metrics; every
-  rank resumes by reading the checkpoint, so the run directory must be on a filesystem all ranks
-  share.
+* Rank 0 alone writes config.json, checkpoints (atomic, see eqnet.run.checkpoint) and
+  metrics; every rank resumes by reading the checkpoint, so the run directory must be on a
+  filesystem all ranks share.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -479,61 +477,3 @@ def failure_message(exc: BaseException) -> str | None:
         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
         "(another rank failed, was killed or exceeded --dist-timeout)"
     )
-
-
-# -- the search's accuracy dataset -----------------------------------------------------------
-
-
-def build_dataset_distributed(path, configs, evaluate, metrics=None, progress: bool = False):
-    """`eqnet.search.accuracy_data.build_dataset` with the configs split across ranks.
-
-    The configs still missing from `path` are taken in chunks of world_size; rank r evaluates
-    the r-th config of each chunk on its own (a whole evaluation, BN recalibration included, is
-    local: `evaluate` must not use collectives), the chunk's rows are gathered and rank 0
-    appends them in config order, flushed, so an interrupted run keeps what it finished. Every
-    rank returns all rows. `configs` must be the same sequence on every rank."""
-    from eqnet.search.accuracy_data import build_dataset, config_key, read_dataset
-
-    env = current_env()
-    if env.world_size == 1:
-        return build_dataset(path, configs, evaluate, metrics, progress)
-    path = Path(path)
-    if env.is_main:
-        build_dataset(path, [], evaluate)  # creates the file, drops a torn tail
-    dist.barrier()
-    rows = read_dataset(path)
-    seen = {r["key"] for r in rows}
-    todo = []
-    for cfg in configs:
-        k = config_key(cfg)
-        if k not in seen:
-            seen.add(k)
-            todo.append((k, cfg))
-    chunks = range(0, len(todo), env.world_size)
-    if progress and env.is_main:
-        from tqdm import tqdm
-
-        chunks = tqdm(chunks, desc=f"accuracy dataset ({env.world_size} ranks)", unit="chunk")
-    for start in chunks:
-        chunk = todo[start : start + env.world_size]
-        row = None
-        if env.rank < len(chunk):
-            k, cfg = chunk[env.rank]
-            row = {
-                "key": k,
-                "config": {n: c.to_dict() for n, c in cfg},
-                "accuracy": float(evaluate(cfg)),
-                **(metrics(cfg) if metrics else {}),
-            }
-        gathered: list = [None] * env.world_size
-        dist.all_gather_object(gathered, row)
-        new = [r for r in gathered if r is not None]
-        if env.is_main:
-            with open(path, "a") as f:
-                for r in new:
-                    f.write(json.dumps(r) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        rows.extend(new)
-    dist.barrier()
-    return rows

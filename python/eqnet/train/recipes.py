@@ -3,14 +3,15 @@
 Each recipe's `step(trainer, x, y)` runs the forward and backward passes of every subnet it
 trains on the batch, accumulating gradients (the trainer zeroes them before and takes one
 optimizer step after), and returns float metrics. Teachers' outputs are detached, so each
-subnet's graph is freed by its own backward and memory stays that of one subnet.
+subnet's graph is freed by its own backward and memory stays that of one subnet. The space
+each recipe trains is `eqnet.run.recipe_space`, so reading a run needs no training code.
 """
 
 from __future__ import annotations
 
 import torch
 
-from eqnet.space import ElasticSpace, SubnetConfig
+from eqnet.space import SubnetConfig
 
 from .losses import cosine_distill, gpg_loss, min_norm_weights, wdr_loss
 
@@ -20,9 +21,6 @@ class Recipe:
     quantized = True
     forms = False  # random granularity / symmetry per layer in random subnets
     recalibrate_bn = True  # BN recalibration before evaluating each subnet
-
-    def space(self, cfg) -> ElasticSpace | None:
-        return ElasticSpace(w_bits=tuple(cfg.w_bits), a_bits=tuple(cfg.a_bits))
 
     def eval_configs(self, trainer) -> dict[str, SubnetConfig]:
         return {
@@ -41,9 +39,6 @@ class FloatRecipe(Recipe):
     name = "float"
     quantized = False
     recalibrate_bn = False
-
-    def space(self, cfg):
-        return None
 
     def eval_configs(self, trainer):
         return {"float": None}
@@ -101,15 +96,6 @@ class EQNetRecipe(Recipe):
     name = "eqnet"
     forms = True
 
-    def space(self, cfg):
-        return ElasticSpace(
-            w_bits=tuple(cfg.w_bits),
-            a_bits=tuple(cfg.a_bits),
-            w_granularities=("channel", "tensor"),
-            w_symmetries=("sym", "asym"),
-            a_symmetries=("asym", "sym"),
-        )
-
     def step(self, trainer, x, y):
         c = trainer.config
         metrics, probs = {}, []
@@ -144,9 +130,6 @@ class LayeredRecipe(Recipe):
     (eq. 11), per-bit BN (set by the trainer's per_bit_bn default)."""
 
     name = "layered"
-
-    def space(self, cfg):
-        return ElasticSpace(w_bits=tuple(cfg.w_bits), a_bits=tuple(cfg.a_bits), nested=True)
 
     def eval_configs(self, trainer):
         configs = {name: cfg for name, cfg in trainer.sampler.uniform_widths()}
@@ -254,32 +237,3 @@ def shared_parameter_ids(supernet) -> set[int]:
         if hasattr(module, "bns") and isinstance(module.bns, torch.nn.ModuleDict):
             own.update(id(p) for p in module.parameters())
     return {id(p) for p in supernet.parameters() if id(p) not in own}
-
-
-def importance_indicators(supernet) -> dict[str, dict[tuple[str, int], float]]:
-    """LIMPQ's layer-wise importance indicators: layer -> {("w", bits): step, ("a", bits):
-    step} for every elastic layer and every width of the space. A per-channel weight step is
-    the mean over channels; nested weights report their effective step 2^(top-b) s_top. The
-    forms are those of the uniform configs (per-channel symmetric weights when the space has
-    them)."""
-    space = supernet.space
-    w_gran = "channel" if "channel" in space.w_granularities else space.w_granularities[0]
-    w_sym = "sym" if "sym" in space.w_symmetries else space.w_symmetries[0]
-    a_sym = "asym" if "asym" in space.a_symmetries else space.a_symmetries[0]
-    out = {}
-    with torch.no_grad():
-        for name, layer in supernet.quantized_layers().items():
-            if layer.fixed_choice is not None:
-                continue
-            entry = {}
-            for b in space.w_bits:
-                p = layer.weight_quantizer.params(b, w_gran, w_sym)
-                step = p.scale.float().mean()
-                if p.nested:
-                    step = step * 2.0 ** (p.top_bits - b)
-                entry[("w", b)] = float(step)
-            for b in space.a_bits:
-                p = layer.act_quantizer.params(b, "tensor", a_sym)
-                entry[("a", b)] = float(p.scale.float().mean())
-            out[name] = entry
-    return out

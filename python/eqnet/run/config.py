@@ -1,15 +1,17 @@
-"""TrainConfig: every setting of a training run, JSON round-trip, recipe defaults."""
+"""TrainConfig: every setting of a training run (the schema of a run's config), JSON round-trip,
+recipe defaults, and the elastic space each recipe trains."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
 
+from eqnet.convert import KEEP_FIRST_LAST
+from eqnet.space import ElasticSpace
+
 RECIPES = ("float", "qat", "multiquant", "eqnet", "layered", "limpq")
 OPTIMIZERS = ("sgd", "adam")
 JOINT_LOSSES = ("us", "mgd")
-# first and last layers: fixed 8-bit, float, or elastic like the rest (convert.convert)
-KEEP_FIRST_LAST = ("8bit", "fp", "elastic")
 
 # Recipe defaults for the fields left at None (papers' settings scaled to small models).
 _DEFAULT_BITS = {
@@ -141,3 +143,23 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)}")
         return cls(**d)
+
+
+def recipe_space(config: TrainConfig) -> ElasticSpace | None:
+    """The elastic space the recipe of `config` (resolved: bit lists filled in) trains; None
+    for the float recipe. EQ-Net adds random granularity and symmetry per layer; vertical
+    layering nests the weights (top width = max w_bits)."""
+    if config.recipe == "float":
+        return None
+    w_bits, a_bits = tuple(config.w_bits), tuple(config.a_bits)
+    if config.recipe == "eqnet":
+        return ElasticSpace(
+            w_bits=w_bits,
+            a_bits=a_bits,
+            w_granularities=("channel", "tensor"),
+            w_symmetries=("sym", "asym"),
+            a_symmetries=("asym", "sym"),
+        )
+    if config.recipe == "layered":
+        return ElasticSpace(w_bits=w_bits, a_bits=a_bits, nested=True)
+    return ElasticSpace(w_bits=w_bits, a_bits=a_bits)

@@ -4,7 +4,7 @@ A checkpoint is a dict of tensors and primitive containers only, so it loads wit
 `torch.load(weights_only=True)` (nothing is unpickled but tensors, dicts, lists, strings and
 numbers). Writes go to a temporary file in the same directory, are fsynced, renamed over the
 old file and the directory is fsynced: a crash leaves either the old or the new checkpoint.
-All writing goes through this module so a distributed run needs one rank-0 guard (issue 8).
+All writing goes through this module so a distributed run needs one rank-0 guard.
 """
 
 from __future__ import annotations

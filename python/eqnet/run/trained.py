@@ -1,0 +1,116 @@
+"""Reading a trained run: rebuild its network from the checkpoint, with its config and splits."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from eqnet import models
+from eqnet.convert import convert
+from eqnet.data import DataBundle, bn_split, fixed_batches, load_data
+from eqnet.space import ElasticSpace, SubnetConfig
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, recipe_space
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device=None) -> float:
+    """Top-1 accuracy (a fraction in [0, 1]) of `model` in eval mode over `loader`."""
+    was_training = model.training
+    model.eval()
+    if device is None:
+        device = next(model.parameters()).device
+    correct = total = 0
+    for x, y in loader:
+        out = model(x.to(device))
+        correct += int((out.argmax(dim=1).cpu() == y).sum())
+        total += len(y)
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate: the loader yielded no samples")
+    return correct / total
+
+
+def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
+    """The run's network and space: the float model (space None) for the float recipe, else
+    the model converted to a Supernet over the recipe's space. `config` must be resolved."""
+    net = models.get(config.model, num_classes)
+    if float_init and config.init:
+        net.load_state_dict(load_float_weights(config.init))
+    space = recipe_space(config)
+    if space is None:
+        return net, None
+    supernet = convert(
+        net, space, keep_first_last=config.keep_first_last, per_bit_bn=bool(config.per_bit_bn)
+    )
+    return supernet, space
+
+
+def load_float_weights(path: str) -> dict:
+    """The model state of a float run (directory or checkpoint), or a plain state_dict file."""
+    p = ckpt.checkpoint_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"init={path!r}: no float checkpoint there")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and state.get("format") == ckpt.FORMAT:
+        recipe = json.loads(state["config"])["recipe"]
+        if recipe != "float":
+            raise ValueError(f"init={path!r}: a {recipe!r} run; start from a float run")
+        return state["model"]
+    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    raise ValueError(f"init={path!r}: neither an eqnet float run nor a state_dict")
+
+
+@dataclass
+class TrainedRun:
+    model: torch.nn.Module
+    config: TrainConfig
+    space: ElasticSpace | None
+    eval_random: SubnetConfig | None
+    metrics: list[dict]
+    epoch: int
+    num_classes: int
+
+    def load_data(self, **overrides) -> DataBundle:
+        """The run's data set with the same splits (its holdout is the split for BN
+        recalibration and search); `overrides` go to `eqnet.data.load_data`."""
+        c = self.config
+        kwargs = dict(holdout=c.holdout, limit_train=c.limit_train, limit_test=c.limit_test)
+        kwargs.update(overrides)
+        return load_data(c.data, **kwargs)
+
+    def bn_images(self, batches: int, data: DataBundle | None = None) -> list[torch.Tensor]:
+        """The trainer's BN re-estimation batches (`fixed_batches` of `bn_split`), at the run's
+        batch size; `data` reuses a loaded bundle."""
+        data = self.load_data(augment=False) if data is None else data
+        return fixed_batches(bn_split(data), self.config.batch_size, batches)
+
+
+def load_run(run_dir, map_location="cpu") -> TrainedRun:
+    """Rebuild a trained network from a run directory (or its checkpoint file): the model
+    (a Supernet for quantized recipes, the float network for `float`) in eval mode with the
+    trained weights, quantizer parameters and BN statistics, plus the run's config."""
+    state = ckpt.load_checkpoint(run_dir, map_location=map_location)
+    config = TrainConfig.from_dict(json.loads(state["config"]))
+    model, space = build_model(config, int(state["num_classes"]), float_init=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    eval_random = SubnetConfig.from_json(state["eval_random"]) if state.get("eval_random") else None
+    return TrainedRun(
+        model=model,
+        config=config,
+        space=space,
+        eval_random=eval_random,
+        metrics=json.loads(state["metrics"]),
+        epoch=int(state["epoch"]),
+        num_classes=int(state["num_classes"]),
+    )
+
+
+def build_supernet_from_run(run_dir, map_location="cpu"):
+    """The trained Supernet (or float model) of `run_dir`, in eval mode."""
+    return load_run(run_dir, map_location).model
