@@ -7,6 +7,8 @@ The counting backend is AOTAutograd with the graphs run as traced (what "aot_eag
 the backward is a compiled graph too and every form's parameter is an input of it.
 """
 
+import copy
+
 import eqnet
 import pytest
 import torch
@@ -112,8 +114,8 @@ class GraphCounter:
 
 
 FULL = ElasticSpace(
-    w_bits=(2, 3, 4, 8),
-    a_bits=(2, 4, 8),
+    w_bits=(2, 4, 8),
+    a_bits=(2, 8),
     w_granularities=("tensor", "channel"),
     w_symmetries=("sym", "asym"),
     a_symmetries=("sym", "asym"),
@@ -121,7 +123,7 @@ FULL = ElasticSpace(
 NESTED = ElasticSpace(w_bits=(2, 3, 4), a_bits=(2, 3, 4), nested=True)
 
 
-def _net(space):
+def _net(space, per_bit_bn=False):
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3),
         nn.BatchNorm2d(4),
@@ -130,7 +132,10 @@ def _net(space):
         nn.Flatten(),
         nn.Linear(4 * 4 * 4, 3),
     )
-    net = eqnet.convert(model, space, keep_first_last="elastic")
+    example = torch.randn(1, 1, 8, 8)
+    net = eqnet.convert(
+        model, space, keep_first_last="elastic", per_bit_bn=per_bit_bn, example_input=example
+    )
     eqnet.calibrate(net, [(torch.randn(8, 1, 8, 8), None)], batches=1, method="lsq")
     return net
 
@@ -147,16 +152,25 @@ def _step(model, x, configs, net):
     return outs, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("space", [FULL, NESTED], ids=["forms", "nested"])
-def test_random_per_layer_configs_compile_one_graph(space):
+@pytest.mark.parametrize(
+    "space, per_bit_bn",
+    [(FULL, False), pytest.param(NESTED, True, marks=pytest.mark.slow)],
+    ids=["forms", "nested-per-bit-bn"],
+)
+def test_random_per_layer_configs_compile_one_graph(space, per_bit_bn):
     torch._dynamo.reset()
-    net = _net(space).train()
+    net = _net(space, per_bit_bn).train()
     counter = GraphCounter()
     compiled = torch.compile(net, backend=counter.backend)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 1, 8, 8)
     for i in range(20):
-        cfgs = [SubnetConfig.random(space, net, generator=gen) for _ in range(1 + i % 2)]
+        if i % 5:  # a new random subnet: forward and backward through the compiled graph
+            net.set_config(SubnetConfig.random(space, net, generator=gen))
+            compiled(x).square().sum().backward()
+            continue
+        # Every 5th step against eager: two subnets' gradients accumulated (sandwich rule).
+        cfgs = [SubnetConfig.random(space, net, generator=gen) for _ in range(2)]
         got, got_grads = _step(compiled, x, cfgs, net)
         want, want_grads = _step(net, x, cfgs, net)
         for a, b in zip(got, want):
@@ -194,3 +208,23 @@ def test_state_dict_keys_unchanged_by_the_form_buffers():
     for q_old, q_new in zip(net.quantizers().values(), fresh.quantizers().values()):
         # The activation range table follows the loaded signedness.
         assert torch.equal(q_old.form_table, q_new.form_table)
+
+
+def test_per_bit_batchnorm_running_stats_follow_the_active_width():
+    """One compiled training step updates exactly the active width's BN statistics, as eager."""
+    torch._dynamo.reset()
+    net = _net(NESTED, per_bit_bn=True).train()
+    twin = copy.deepcopy(net)
+    counter = GraphCounter()
+    compiled = torch.compile(net, backend=counter.backend)
+    x = torch.randn(5, 1, 8, 8)
+    for bits in (2, 4, 3):
+        cfg = SubnetConfig.uniform(NESTED, net, bits, bits)
+        net.set_config(cfg)
+        twin.set_config(cfg)
+        compiled(x)
+        twin(x)
+        for (name, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
+            if "running" in name or "num_batches" in name:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert counter.forward_graphs == 1

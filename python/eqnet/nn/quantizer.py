@@ -153,7 +153,8 @@ class ElasticQuantizer(nn.Module):
         self.active_index = 0
         self.register_buffer("form_index", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("form_table", form_data.form_table(self), persistent=False)
-        form_data.install_grad_gate(self)
+        self.form_owners = form_data.form_owners(self)
+        form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
 
     # -- forms --------------------------------------------------------------------------------
     def form_keys(self):
@@ -187,7 +188,8 @@ class ElasticQuantizer(nn.Module):
         self._check_form(bits, granularity, symmetry)
         self.active_index = self._form_list.index((bits, granularity, symmetry))
         self.form_index.fill_(self.active_index)
-        form_data.install_grad_gate(self)  # parameters replaced since (load with assign=True)
+        # Parameters replaced since construction (load_state_dict(assign=True)) get hooks too.
+        form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
 
     @property
     def active_form(self) -> tuple[int, str, str]:
