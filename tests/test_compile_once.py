@@ -39,11 +39,13 @@ def oracle(x, s, z, qmin, qmax, k, comp, axis, dy, g):
     y = a * _b(s, x, axis)
     inside = (u >= qmin) & (u <= qmax)
     dyd = dy.double()
-    dx = torch.where(inside, dyd, 0.0)
+    nan = torch.isnan(v)  # the NaN rule: a NaN input gives NaN out, NaN dx, NaN group grads
+    dx = torch.where(nan, torch.nan, torch.where(inside, dyd, 0.0))
     t = torch.where(inside, a - v, a)
     dims = [d for d in range(x.dim()) if d != axis] if axis is not None else list(range(x.dim()))
     ds = g * (dyd * t).sum(dims)
-    dz = g * (dyd * torch.where(inside, 0.0, -_b(s, x, axis))).sum(dims)
+    dz_e = torch.where(nan, torch.nan, dyd * torch.where(inside, 0.0, -_b(s, x, axis)))
+    dz = g * dz_e.sum(dims)
     return y, dx, ds.reshape(s.shape), dz.reshape(s.shape)
 
 
@@ -58,6 +60,7 @@ BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp)]
 def test_fake_quant_form_matches_oracle(backend, kind, axis):
     x = torch.randn(6, 5, 3) * 2
     x[0, 0, 0] = 40.0  # outside the grid: clamped, scale gradient from the outside branch
+    x[1, 2, 1] = float("nan")
     c = x.shape[0] if axis is not None else 1
     s = torch.rand(c) * 0.3 + 0.05
     z = torch.zeros(c)
@@ -80,10 +83,22 @@ def test_fake_quant_form_matches_oracle(backend, kind, axis):
     dy = torch.randn_like(x)
     y.backward(dy)
     ref_y, ref_dx, ref_ds, ref_dz = oracle(x, s, z, qmin, qmax, k, comp, axis, dy, 0.37)
-    assert torch.equal(y, ref_y.float())
-    assert torch.equal(xs.grad, ref_dx.float())
-    torch.testing.assert_close(ss.grad.double(), ref_ds, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(zs.grad.double(), ref_dz, rtol=1e-5, atol=1e-5)
+    exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(y, ref_y.float(), **exact)
+    torch.testing.assert_close(xs.grad, ref_dx.float(), **exact)
+    torch.testing.assert_close(ss.grad.double(), ref_ds, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(zs.grad.double(), ref_dz, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isnan(ss.grad).any()  # the NaN is not hidden
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fake_quant_form_opcheck(backend):
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    s = (torch.rand(4) * 0.2 + 0.05).requires_grad_()
+    z = torch.full((4,), 2.0, requires_grad=True)
+    form = torch.tensor(eqkernels.form_row(-8, 7), dtype=torch.float64)
+    args = (x, s, z, form, torch.tensor(0.5, dtype=torch.float64), 0, backend)
+    torch.library.opcheck(torch.ops.eqk.fake_quant_form.default, args)
 
 
 def test_fake_quant_form_rejects_bad_form_shape():
