@@ -6,11 +6,11 @@ export CUDA_HOME ?= /usr/local/cuda
 # One or two archs keep the CUDA build to minutes; CI builds sm_80 only (see .ci/run).
 export EQK_CUDA_ARCHS ?= 8.0;9.0+PTX
 
-.PHONY: all venv build build-cpu lint test test-fast bench demo clean
+.PHONY: all venv build build-cpu lint test test-fast bench demo clean gpu-check
 
 all: test
 
-.venv/.installed: requirements.txt setup.py
+.venv/.installed: requirements.txt setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -r requirements.txt
@@ -38,10 +38,17 @@ test-fast: build
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 bench: build
-	$(PY) bench/run_all.py
+	$(PY) -m bench.run_all
 
 demo: build-cpu
 	$(PY) -m eqnet.cli demo
+
+# On a GPU machine: the installed python3 and its CUDA torch, never the venv and never pip.
+# Builds _C for the local GPU, runs the `gpu` tests and the GPU benchmarks into $(GPU_OUT).
+PYTHON  ?= python3
+GPU_OUT ?= gpu-check-results
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(GPU_OUT)
 
 clean:
 	rm -rf build eqkernels/_C*.so .pytest_cache

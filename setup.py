@@ -1,4 +1,4 @@
-"""Build and install the `eqkernels` and `eqnet` packages.
+"""Build the `eqkernels._C` extension; the packages' metadata is in pyproject.toml.
 
 `eqkernels._C` is built with torch.utils.cpp_extension (ninja):
   * the C++ CPU sources under csrc/ always;
@@ -15,7 +15,7 @@ import glob
 import os
 import shutil
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -112,21 +112,4 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="eqkernels",
-    version="0.1.0",
-    description="Kernel-accelerated elastic quantization: train once, deploy at every bit width",
-    packages=find_packages(include=["eqkernels", "eqkernels.*"])
-    + find_packages("python", include=["eqnet", "eqnet.*"]),
-    package_dir={"eqnet": "python/eqnet"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.10",
-    install_requires=["torch", "numpy"],
-    extras_require={
-        "eqnet": ["torchvision", "scipy", "tqdm", "matplotlib", "scikit-learn"],
-        "onnx": ["onnx", "onnxruntime"],
-    },
-    entry_points={"console_scripts": ["eqnet=eqnet.cli:main"]},
-    zip_safe=False,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,7 +1,7 @@
 """Deployed ResNet-20 from one .eqk file vs the float torch model vs the fake-quant subnet.
 
-    .venv/bin/python bench/bench_deploy.py                 # batch 1 and 64
-    EQK_EXT_DIR=/tmp/me/lib/eqkernels .venv/bin/python bench/bench_deploy.py
+    .venv/bin/python -m bench.bench_deploy                 # batch 1 and 64
+    EQK_EXT_DIR=/tmp/me/lib/eqkernels .venv/bin/python -m bench.bench_deploy
 
 ResNet-20 (random init; latency does not depend on the weights' values), converted to a
 nested supernet (W 2-4, A 2/3/4/8, first/last layer 8-bit, per-bit BN), calibrated on random
@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deploy_vs_ort import compare  # noqa: E402
-from harness import Table, threads_from_env, time_fn  # noqa: E402
+from bench.deploy_vs_ort import compare
+from bench.harness import Table, threads_from_env, time_fn
 
 # model -> (input size, batches, rotation timing per batch)
 ORT_MODELS = {

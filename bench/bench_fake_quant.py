@@ -15,7 +15,7 @@ Ratios are to the built-in in the same run (higher is faster).
 CUDA: when a GPU is present the script also times the Triton kernels with
 triton.testing.do_bench. That path exists but has not been run: no machine here has a GPU.
 
-Usage: python bench/bench_fake_quant.py   (EQK_EXT_DIR=... to use a private _C build;
+Usage: python -m bench.bench_fake_quant   (EQK_EXT_DIR=... to use a private _C build;
 EQK_BENCH_THREADS=n to set the thread count). Run it with nothing else on the machine.
 """
 
@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.harness import Table, machine, threads_from_env, time_fn  # noqa: E402
-from eqkernels import fake_quant  # noqa: E402
+from bench.harness import Table, machine, threads_from_env, time_fn
+from eqkernels import fake_quant
 
 SHAPES = {
     "act[64,256,32,32]": ((64, 256, 32, 32), 1, (0, 255)),

@@ -11,25 +11,19 @@ Weights are cache-resident: one weight set is reused every call (ggml's perf mod
 "weight MB" column is the bytes of weights one call reads (planes: bits * N * ceil(K/32) * 4);
 "GB/s" is that over the time. Ratios are baseline time / our time (higher = faster).
 
-Usage: `python bench/bench_lowbit_gemm.py [--quick] [--m 1 16]` (EQK_BENCH_THREADS sets threads; run with
+Usage: `python -m bench.bench_lowbit_gemm [--quick] [--m 1 16]` (EQK_BENCH_THREADS sets threads; run with
 nothing else on the machine; EQK_EXT_DIR selects a private build of eqkernels._C).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from harness import Table, threads_from_env, time_fn  # noqa: E402
-
-import eqkernels as E  # noqa: E402
+import eqkernels as E
+from bench.harness import Table, threads_from_env, time_fn
 
 BITS = (2, 3, 4, 8)
 ACT = dict(act_scale=torch.tensor([0.02]), act_quant_min=-128, act_quant_max=127)

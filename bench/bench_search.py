@@ -8,7 +8,7 @@
    baseline: its LP relaxation (scipy linprog, HiGHS) on the same problem. Target: under 1 s.
 3. Monte Carlo sampling vs uniform rejection sampling: trials per accepted config.
 
-Run: .venv/bin/python bench/bench_search.py   (EQK_BENCH_QUICK=1: fewer GA generations)
+Run: .venv/bin/python -m bench.bench_search   (EQK_BENCH_QUICK=1: fewer GA generations)
 `cpu_seconds` is the process CPU time: on a shared machine it shows what the wall time would
 be without the other jobs.
 """
@@ -16,25 +16,22 @@ be without the other jobs.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
+import eqnet
 import numpy as np
 import torch
+from eqnet.models import get as get_model
+from eqnet.search.cost import CostModel
+from eqnet.search.genetic import genetic_search
+from eqnet.search.genome import Budget, ChoiceTable, Constraint, parse_constraints
+from eqnet.search.ilp import budget_rows, choose_per_layer
+from eqnet.search.montecarlo import MonteCarloSampler, uniform_sample
+from eqnet.search.noise_predictor import NoiseRidgePredictor
+from eqnet.search.predictor import AccuracyPredictor, predictor_fitness
+from eqnet.space import ElasticSpace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import eqnet  # noqa: E402
-from eqnet.models import get as get_model  # noqa: E402
-from eqnet.search.cost import CostModel  # noqa: E402
-from eqnet.search.genetic import genetic_search  # noqa: E402
-from eqnet.search.genome import Budget, ChoiceTable, Constraint, parse_constraints  # noqa: E402
-from eqnet.search.ilp import budget_rows, choose_per_layer  # noqa: E402
-from eqnet.search.montecarlo import MonteCarloSampler, uniform_sample  # noqa: E402
-from eqnet.search.noise_predictor import NoiseRidgePredictor  # noqa: E402
-from eqnet.search.predictor import AccuracyPredictor, predictor_fitness  # noqa: E402
-from eqnet.space import ElasticSpace  # noqa: E402
-from harness import Table, threads_from_env  # noqa: E402
+from bench.harness import Table, threads_from_env
 
 
 def resnet18_space():

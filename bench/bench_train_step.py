@@ -10,27 +10,22 @@ step with the compiled float step (target <= 1.2x).
 
 The fake-quant backend is whatever `auto` resolves to (the C++ kernel when eqkernels._C has
 it, else the pure-torch reference); the table says which. Run with nothing else on the
-machine: `EQK_EXT_DIR=<private build>/eqkernels .venv/bin/python bench/bench_train_step.py`.
+machine: `EQK_EXT_DIR=<private build>/eqkernels .venv/bin/python -m bench.bench_train_step`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
+import eqnet
 import torch
+from eqnet import models
+from eqnet.space import ElasticSpace, SubnetConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import eqnet  # noqa: E402
-from eqnet import models  # noqa: E402
-from eqnet.space import ElasticSpace, SubnetConfig  # noqa: E402
-from harness import Table, threads_from_env, time_fn  # noqa: E402
-
-from eqkernels import _ext  # noqa: E402
-from eqkernels.ops import fake_quant as fq_ops  # noqa: E402
+from bench.harness import Table, threads_from_env, time_fn
+from eqkernels import _ext
+from eqkernels.ops import fake_quant as fq_ops
 
 BATCH = int(os.environ.get("EQK_BENCH_BATCH", 128))
 COMPILE_BACKEND = os.environ.get("EQK_BENCH_COMPILE", "inductor")

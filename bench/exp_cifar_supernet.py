@@ -1,4 +1,4 @@
-"""Evidence for issue 5: one supernet vs dedicated QAT at each width (run by hand).
+"""One supernet vs dedicated QAT at each width (run by hand).
 
 Trains, with the `eqnet train` CLI in process, a float model, then from it an `eqnet` supernet
 (W/A 2-8), a `layered` supernet (nested, widths 2-4) and one dedicated `qat` model per width,
@@ -12,9 +12,9 @@ script continues unfinished runs (`--resume`) and skips finished ones, so the ex
 split across sessions.
 Never run it beside a benchmark.
 
-    python bench/exp_cifar_supernet.py --data ../shared/data/cifar10.npz --model resnet20 \\
+    python -m bench.exp_cifar_supernet --data ../shared/data/cifar10.npz --model resnet20 \\
         --float-epochs 12 --epochs 2 --root runs/cifar
-    python bench/exp_cifar_supernet.py --data digits --model digits_cnn --float-epochs 3 \\
+    python -m bench.exp_cifar_supernet --data digits --model digits_cnn --float-epochs 3 \\
         --epochs 2 --root /tmp/exp_digits          # a smoke run in about a minute
 """
 
@@ -27,9 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import Table, threads_from_env  # noqa: E402
+from bench.harness import Table, threads_from_env
 
 
 def _run(root: Path, name: str, epochs: int, args: list[str]) -> Path:

@@ -1,4 +1,4 @@
-"""Evidence for issue 9: ONNX QDQ exports of trained supernets reproduce the fake-quant subnet
+"""Evidence that ONNX QDQ exports of trained supernets reproduce the fake-quant subnet
 (run by hand, after training; never beside a benchmark).
 
 For every run directory and every preset, one uniform and one mixed config in the forms the
@@ -9,7 +9,7 @@ on the run's held-out split (as `eqnet export-onnx` does), are exported with
 split, and compared with the fake-quant subnet: top-1 agreement, and the largest output
 difference relative to the largest output. Prints a markdown table.
 
-    python bench/exp_onnx_agreement.py runs/cifar/eqnet runs/mbv2/eqnet --out /tmp/onnx_exp
+    python -m bench.exp_onnx_agreement runs/cifar/eqnet runs/mbv2/eqnet --out /tmp/onnx_exp
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import Table  # noqa: E402
+from bench.harness import Table
 
 PRESET_FORMS = {  # preset -> (weight granularity, weight symmetry, activation symmetry)
     "generic": ("channel", "asym", "asym"),

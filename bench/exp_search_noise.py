@@ -1,4 +1,4 @@
-"""How noisy is the search's accuracy dataset? (issue 6; run by hand, never beside a benchmark)
+"""How noisy is the search's accuracy dataset? (run by hand, never beside a benchmark)
 
 `eqnet search --method ga` measures every sampled config once: BN statistics re-estimated on
 the first `bn_batches` batches of the augmented held-out images (`eqnet.data.bn_split`), then
@@ -17,8 +17,8 @@ twice at `--pair-bn-batches` BN batches (the first K batches, then the next K) o
 first `--pair-images` held-out images, and reports how well the two agree (the `other BN` row
 is the same comparison at the dataset's own setting).
 
-    python bench/exp_search_noise.py runs/cifar/eqnet runs/cifar/eqnet/search-ga --configs 60
-    python bench/exp_search_noise.py RUN SEARCH --configs 60 --variants pair \
+    python -m bench.exp_search_noise runs/cifar/eqnet runs/cifar/eqnet/search-ga --configs 60
+    python -m bench.exp_search_noise RUN SEARCH --configs 60 --variants pair \
         --pair-bn-batches 24 --pair-images 5000
 """
 
@@ -31,9 +31,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import Table  # noqa: E402
+from bench.harness import Table
 
 
 def main() -> int:

@@ -1,23 +1,30 @@
 """pack_bitplanes / unpack_bitplanes against an oracle built from the layout definition
-(DESIGN.md "Bit planes and the low-bit GEMM"), on every backend and CPU ISA path."""
+(DESIGN.md "Bit planes and the low-bit GEMM"), on every backend and CPU ISA path, and on each
+device of the `device` fixture (the torch and cuda backends on CUDA tensors when a GPU is there)."""
 
 import contextlib
+import os
 
 import pytest
 import torch
+from conftest import on
 
 import eqkernels as E
 from eqkernels import _ext
 from eqkernels.ops.bitplanes import force_cpu_isa
 
 ISAS = ("portable", "avx2", "avx512")
-BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS]
+BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS] + ["cuda"]
 
 
 def run_on(backend):
     """(backend name, context manager) for a test id like 'cpp-avx2'."""
     if backend == "torch":
         return "torch", contextlib.nullcontext()
+    if backend == "cuda":
+        if os.environ.get("EQK_REQUIRE_EXT") != "1" and not _ext.has_kernel("pack_bitplanes_cuda"):
+            pytest.skip("eqkernels._C was built without its CUDA kernels")
+        return "cuda", contextlib.nullcontext()
     if not _ext.has_kernel("unpack_bitplanes_cpu"):
         pytest.skip("eqkernels._C has no bit-plane CPU kernels")
     return "cpp", force_cpu_isa(backend.split("-", 1)[1])
@@ -45,63 +52,64 @@ def random_codes(N, K, bits):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("N,K", [(1, 1), (1, 31), (3, 33), (2, 97), (5, 64)])
-def test_pack_unpack_exact(backend, bits, N, K):
+def test_pack_unpack_exact(backend, bits, N, K, device):
     name, ctx = run_on(backend)
     q = random_codes(N, K, bits)
     # Make the extremes appear whatever the draw.
     q[0, 0] = -(1 << (bits - 1))
     q[-1, -1] = (1 << (bits - 1)) - 1
     with ctx:
-        planes = E.pack_bitplanes(q.to(torch.int8), bits, backend=name)
+        planes = E.pack_bitplanes(on(device, q.to(torch.int8)), bits, backend=name)
         assert planes.dtype == torch.int32 and planes.shape == (bits, N, (K + 31) // 32)
-        assert torch.equal(planes, oracle_pack(q, bits))
+        assert planes.device == device
+        assert torch.equal(planes.cpu(), oracle_pack(q, bits))
         back = E.unpack_bitplanes(planes, bits, K, backend=name)
-    assert back.dtype == torch.int8
-    assert torch.equal(back.to(torch.int64), q)
+    assert back.dtype == torch.int8 and back.device == device
+    assert torch.equal(back.cpu().to(torch.int64), q)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
-def test_prefix_property(backend, n):
+def test_prefix_property(backend, n, device):
     name, ctx = run_on(backend)
     N, K = 7, 97
     q = random_codes(N, K, n)
-    planes = oracle_pack(q, n)
+    planes = on(device, oracle_pack(q, n))
     with ctx:
         for b in range(1, n + 1):
             expect = torch.floor(q.to(torch.float64) / 2.0 ** (n - b)).to(torch.int64)
-            got = E.unpack_bitplanes(planes, b, K, backend=name).to(torch.int64)
+            got = E.unpack_bitplanes(planes, b, K, backend=name).cpu().to(torch.int64)
             assert torch.equal(got, expect), b
             # A file prefix holds exactly b planes.
             prefix = planes[:b].clone()
-            got = E.unpack_bitplanes(prefix, b, K, backend=name).to(torch.int64)
+            got = E.unpack_bitplanes(prefix, b, K, backend=name).cpu().to(torch.int64)
             assert torch.equal(got, expect), b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pack_any_integer_dtype_and_noncontiguous(backend):
+def test_pack_any_integer_dtype_and_noncontiguous(backend, device):
     name, ctx = run_on(backend)
     q = random_codes(40, 9, 5)
     expect = oracle_pack(q.T, 5)
     with ctx:
         for dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
-            got = E.pack_bitplanes(q.to(dtype).T, 5, backend=name)  # a transposed view
-            assert torch.equal(got, expect), dtype
-        planes_nc = torch.cat([expect, expect], dim=2)[:, :, :2]  # non-contiguous planes
+            got = E.pack_bitplanes(on(device, q.to(dtype)).T, 5, backend=name)  # transposed view
+            assert torch.equal(got.cpu(), expect), dtype
+        planes_nc = on(device, torch.cat([expect, expect], dim=2))[:, :, :2]  # non-contiguous
         assert not planes_nc.is_contiguous()
         got = E.unpack_bitplanes(planes_nc, 5, 40, backend=name)
-    assert torch.equal(got.to(torch.int64), q.T)
+    assert torch.equal(got.cpu().to(torch.int64), q.T)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pack_out_of_range_raises(backend):
+def test_pack_out_of_range_raises(backend, device):
     name, ctx = run_on(backend)
     with ctx:
         for bits, bad in ((1, 1), (1, -2), (4, 8), (4, -9), (8, 128)):
             q = torch.zeros((2, 3), dtype=torch.int32)
             q[1, 2] = bad
             with pytest.raises(ValueError, match="q: values"):
-                E.pack_bitplanes(q, bits, backend=name)
+                E.pack_bitplanes(on(device, q), bits, backend=name)
 
 
 def test_bad_arguments():

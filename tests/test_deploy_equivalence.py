@@ -1,4 +1,4 @@
-"""Deployed integer model == fake-quant subnet (issue 7 item 3).
+"""Deployed integer model == fake-quant subnet.
 
 For every width and a mixed config, on a seeded batch:
 - the integer codes of every quantized activation equal the fake-quant subnet's, except at

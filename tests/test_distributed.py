@@ -1,4 +1,4 @@
-"""Multi-process training (issue 8) on CPU with gloo: 2 ranks launched by torchrun.
+"""Multi-process training on CPU with gloo: 2 ranks launched by torchrun.
 
 One 2-rank job (this file run as a script under torchrun) trains, resumes and recalibrates;
 its results are compared with a single process in the test itself: 2 ranks x batch B must give

@@ -8,7 +8,10 @@ arithmetic shift, not with floor. Forwards must match bit for bit; gradient sums
 float32 summation error bound (n + 4) * 2^-24 * sum |terms| of the group.
 
 Backends: "ref" (fake_quant_ref), "torch", "cpp" (needs eqkernels._C) and "triton" (run on CPU
-tensors under TRITON_INTERPRET=1, set by conftest.py; cases kept to a few hundred elements).
+tensors under TRITON_INTERPRET=1, set by conftest.py when there is no GPU; cases kept to a few
+hundred elements). The op tests also take the `device` fixture: on `cuda` (marked `gpu`, skipped
+without a GPU) the inputs are moved to the GPU, the op runs there (Triton compiled), and the
+results come back to the CPU for the same float64 oracle.
 """
 
 import math
@@ -18,7 +21,7 @@ import sys
 
 import pytest
 import torch
-from conftest import requires_cpp
+from conftest import on, requires_cpp
 
 import eqkernels
 from eqkernels import fake_quant, fake_quant_layered, fake_quant_layered_ref, fake_quant_ref, qrange
@@ -121,20 +124,29 @@ def assert_sum_close(got, want, terms, g, axis, n):
 # Helpers
 
 
-def run_fq(backend, x, scale, zero_point, qmin, qmax, axis=None, grad_factor=None):
+def run_fq(backend, x, scale, zero_point, qmin, qmax, axis=None, grad_factor=None, device="cpu"):
+    """The op on `device`; the result (and, through the copies, the gradients) on the CPU."""
+    x, scale, zero_point = on(device, x, scale, zero_point)
     if backend == "ref":
-        return fake_quant_ref(x, scale, zero_point, qmin, qmax, axis=axis, grad_factor=grad_factor)
-    return fake_quant(
-        x, scale, zero_point, qmin, qmax, axis=axis, grad_factor=grad_factor, backend=backend
-    )
+        y = fake_quant_ref(x, scale, zero_point, qmin, qmax, axis=axis, grad_factor=grad_factor)
+    else:
+        y = fake_quant(
+            x, scale, zero_point, qmin, qmax, axis=axis, grad_factor=grad_factor, backend=backend
+        )
+    assert y.device == x.device
+    return y.cpu()
 
 
-def run_layered(backend, x, scale, bits, top_bits, axis=None, compensate=True):
+def run_layered(backend, x, scale, bits, top_bits, axis=None, compensate=True, device="cpu"):
+    x, scale = on(device, x, scale)
     if backend == "ref":
-        return fake_quant_layered_ref(x, scale, bits, top_bits, axis=axis, compensate=compensate)
-    return fake_quant_layered(
-        x, scale, bits, top_bits, axis=axis, compensate=compensate, backend=backend
-    )
+        y = fake_quant_layered_ref(x, scale, bits, top_bits, axis=axis, compensate=compensate)
+    else:
+        y = fake_quant_layered(
+            x, scale, bits, top_bits, axis=axis, compensate=compensate, backend=backend
+        )
+    assert y.device == x.device
+    return y.cpu()
 
 
 def assert_same(got, want):
@@ -181,11 +193,11 @@ FORMS = [
 @pytest.mark.parametrize("axis,shape", FORMS)
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_forward_matches_oracle_every_width(backend, axis, shape, asym, signed):
+def test_forward_matches_oracle_every_width(backend, axis, shape, asym, signed, device):
     for bits in range(1, 9):
         qmin, qmax = qrange(bits, signed)
         x, scale, zp = make_case(shape, axis, qmin, qmax, asym)
-        y = run_fq(backend, x, scale, zp, qmin, qmax, axis=axis)
+        y = run_fq(backend, x, scale, zp, qmin, qmax, axis=axis, device=device)
         assert y.dtype == x.dtype and y.shape == x.shape
         assert_same(y, oracle_fake_quant(x, scale, zp, qmin, qmax, axis))
 
@@ -196,12 +208,12 @@ def test_qrange():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ties_round_half_to_even(backend):
+def test_ties_round_half_to_even(backend, device):
     # Power-of-two scale: x / s is exact, so these are exact .5 ties.
     scale = torch.tensor([0.25])
     k = torch.arange(-12, 12, dtype=torch.float32)
     x = (k + 0.5) * 0.25
-    y = run_fq(backend, x, scale, None, -8, 7)
+    y = run_fq(backend, x, scale, None, -8, 7, device=device)
     assert_same(y, oracle_fake_quant(x, scale, None, -8, 7, None))
     codes = (y / 0.25).double()
     expected = torch.clamp(torch.where(torch.remainder(k, 2) == 0, k, k + 1).double(), -8, 7)
@@ -212,51 +224,52 @@ def test_ties_round_half_to_even(backend):
 # numpy, which warns about it. The clamp must still give finite codes.
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_far_out_of_range_and_fp32_overflow(backend):
+def test_far_out_of_range_and_fp32_overflow(backend, device):
     scale = torch.tensor([1e-3])
     x = torch.tensor([3e38, -3e38, float("inf"), -float("inf"), 1e30, -1e30, 0.0, 2e-3])
     zp = torch.tensor([3.4])
     for z in (None, zp):
-        y = run_fq(backend, x, scale, z, 0, 15)
+        y = run_fq(backend, x, scale, z, 0, 15, device=device)
         assert_same(y, oracle_fake_quant(x, scale, z, 0, 15, None))
         assert torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("size", [1, 97, 1025])
-def test_odd_sizes(backend, size):
+def test_odd_sizes(backend, size, device):
     qmin, qmax = qrange(4, True)
     x, scale, zp = make_case((size,), None, qmin, qmax, asym=True)
     assert_same(
-        run_fq(backend, x, scale, zp, qmin, qmax), oracle_fake_quant(x, scale, zp, qmin, qmax, None)
+        run_fq(backend, x, scale, zp, qmin, qmax, device=device),
+        oracle_fake_quant(x, scale, zp, qmin, qmax, None),
     )
     x2, s2, _ = make_case((3, size), 0, qmin, qmax, asym=False)
     assert_same(
-        run_fq(backend, x2, s2, None, qmin, qmax, axis=0),
+        run_fq(backend, x2, s2, None, qmin, qmax, axis=0, device=device),
         oracle_fake_quant(x2, s2, None, qmin, qmax, 0),
     )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_equals_contiguous(backend):
+def test_non_contiguous_equals_contiguous(backend, device):
     qmin, qmax = qrange(3, False)
     base, scale, zp = make_case((6, 5, 8), 1, qmin, qmax, asym=True)
-    x = base.transpose(0, 2)[::2]  # [4, 5, 6], strided; channel axis stays 1
+    x = base.to(device).transpose(0, 2)[::2]  # [4, 5, 6], strided on the device; channel axis 1
     assert not x.is_contiguous()
-    y = run_fq(backend, x, scale, zp, qmin, qmax, axis=1)
-    assert_same(y, run_fq(backend, x.contiguous(), scale, zp, qmin, qmax, axis=1))
-    assert_same(y, oracle_fake_quant(x, scale, zp, qmin, qmax, 1))
+    y = run_fq(backend, x, scale, zp, qmin, qmax, axis=1, device=device)
+    assert_same(y, run_fq(backend, x.contiguous(), scale, zp, qmin, qmax, axis=1, device=device))
+    assert_same(y, oracle_fake_quant(x.cpu(), scale, zp, qmin, qmax, 1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_dtypes(backend, dtype):
+def test_half_dtypes(backend, dtype, device):
     qmin, qmax = qrange(8, False)
     x, scale, zp = make_case((4, 30), 0, qmin, qmax, asym=True, far=False)
     x = x.to(dtype)
     dy = torch.randn(x.shape).to(dtype)
     xg, sg, zg = (t.clone().requires_grad_() for t in (x, scale, zp))
-    y = run_fq(backend, xg, sg, zg, qmin, qmax, axis=0)
+    y = run_fq(backend, xg, sg, zg, qmin, qmax, axis=0, device=device)
     y.backward(dy)
     want, dx, ds, dz, n, (te, ze, g) = oracle_fake_quant(x, scale, zp, qmin, qmax, 0, dy=dy)
     assert y.dtype == dtype and xg.grad.dtype == dtype
@@ -274,7 +287,7 @@ def test_half_dtypes(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("axis,shape", FORMS)
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
-def test_gradients_match_oracle(backend, axis, shape, asym):
+def test_gradients_match_oracle(backend, axis, shape, asym, device):
     for bits, signed in ((2, True), (4, False), (8, True)):
         qmin, qmax = qrange(bits, signed)
         x, scale, zp = make_case(shape, axis, qmin, qmax, asym)
@@ -282,7 +295,10 @@ def test_gradients_match_oracle(backend, axis, shape, asym):
         leaves = [x.clone().requires_grad_(), scale.clone().requires_grad_()]
         if asym:
             leaves.append(zp.clone().requires_grad_())
-        y = run_fq(backend, leaves[0], leaves[1], leaves[2] if asym else None, qmin, qmax, axis)
+        y = run_fq(
+            backend, leaves[0], leaves[1], leaves[2] if asym else None, qmin, qmax, axis,
+            device=device,
+        )  # fmt: skip
         y.backward(dy)
         _, dx, ds, dz, n, (te, ze, g) = oracle_fake_quant(x, scale, zp, qmin, qmax, axis, dy=dy)
         assert_same(leaves[0].grad, dx.float())
@@ -293,11 +309,11 @@ def test_gradients_match_oracle(backend, axis, shape, asym):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_explicit_grad_factor_and_scalar_scale(backend):
+def test_explicit_grad_factor_and_scalar_scale(backend, device):
     x, scale, zp = make_case((50,), None, 0, 15, asym=True)
     s0, z0 = scale.reshape(()).clone().requires_grad_(), zp.reshape(()).clone().requires_grad_()
     dy = torch.randn(50)
-    run_fq(backend, x, s0, z0, 0, 15, grad_factor=0.5).backward(dy)
+    run_fq(backend, x, s0, z0, 0, 15, grad_factor=0.5, device=device).backward(dy)
     _, _, ds, dz, n, (te, ze, g) = oracle_fake_quant(x, scale, zp, 0, 15, None, dy, 0.5)
     assert s0.grad.shape == () and z0.grad.shape == ()
     assert_sum_close(s0.grad, ds, te, g, None, n)
@@ -311,16 +327,17 @@ def test_explicit_grad_factor_and_scalar_scale(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("axis,shape", FORMS[:2])
 @pytest.mark.parametrize("compensate", [True, False])
-def test_layered_forward_and_gradients(backend, axis, shape, compensate):
+def test_layered_forward_and_gradients(backend, axis, shape, compensate, device):
     for top_bits in (4, 8):
         lo, hi = qrange(top_bits, True)
         x, scale, _ = make_case(shape, axis, lo, hi, asym=False)
         dy = torch.randn(shape)
         # Every width on the fast backends; the interpreter gets the ends and one middle.
-        widths = (1, top_bits // 2, top_bits) if backend == "triton" else range(1, top_bits + 1)
+        interpreted = backend == "triton" and device.type == "cpu"
+        widths = (1, top_bits // 2, top_bits) if interpreted else range(1, top_bits + 1)
         for bits in widths:
             xg, sg = x.clone().requires_grad_(), scale.clone().requires_grad_()
-            y = run_layered(backend, xg, sg, bits, top_bits, axis, compensate)
+            y = run_layered(backend, xg, sg, bits, top_bits, axis, compensate, device=device)
             y.backward(dy)
             want, dx, ds, n, (te, g) = oracle_layered(
                 x, scale, bits, top_bits, axis, compensate, dy=dy
@@ -335,18 +352,18 @@ def test_layered_forward_and_gradients(backend, axis, shape, compensate):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_input_poisons_its_element_and_group_only(backend):
+def test_nan_input_poisons_its_element_and_group_only(backend, device):
     x, scale, zp = make_case((3, 8), 0, 0, 15, asym=True, far=False)
     x[1, 2] = NAN
     xg, sg, zg = (t.clone().requires_grad_() for t in (x, scale, zp))
-    y = run_fq(backend, xg, sg, zg, 0, 15, axis=0)
+    y = run_fq(backend, xg, sg, zg, 0, 15, axis=0, device=device)
     y.sum().backward()
     assert torch.isnan(y).nonzero().tolist() == [[1, 2]]
     assert torch.isnan(sg.grad).tolist() == [False, True, False]
     assert torch.isnan(zg.grad).tolist() == [False, True, False]
     assert torch.isnan(xg.grad).nonzero().tolist() == [[1, 2]]
     xl, sl = x.clone().requires_grad_(), scale.clone().requires_grad_()
-    yl = run_layered(backend, xl, sl, 2, 4, axis=0)
+    yl = run_layered(backend, xl, sl, 2, 4, axis=0, device=device)
     yl.sum().backward()
     assert torch.isnan(yl).nonzero().tolist() == [[1, 2]]
     assert torch.isnan(sl.grad).tolist() == [False, True, False]

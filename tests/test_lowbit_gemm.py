@@ -1,25 +1,33 @@
 """lowbit_linear / lowbit_conv2d against float64 oracles written from DESIGN.md's equations:
 the weight is `(floor(q_n / 2^k) + c_k - z_w) * 2^k s_n`, integer activations are
 `(xq - z_a) * s_a` with `xq` computed exactly as fake_quant's forward (`fl32(x * fl32(1/s))`,
-round half to even, + round(z), clamp), and integer convolution pads with real zero."""
+round half to even, + round(z), clamp), and integer convolution pads with real zero.
+The backend tests also take the `device` fixture: the torch and cuda backends run on CUDA
+tensors when a GPU is there (marked `gpu`), checked against the same oracles on the CPU."""
 
 import contextlib
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import call_on
 
 import eqkernels as E
 from eqkernels import _ext
 from eqkernels.ops.bitplanes import force_cpu_isa
 
 ISAS = ("portable", "avx2", "avx512", "avx512gfni")
-BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS]
+BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS] + ["cuda"]
 
 
 def run_on(backend):
     if backend == "torch":
         return "torch", contextlib.nullcontext
+    if backend == "cuda":
+        if os.environ.get("EQK_REQUIRE_EXT") != "1" and not _ext.has_kernel("lowbit_gemm_int_cuda"):
+            pytest.skip("eqkernels._C was built without its CUDA kernels")
+        return "cuda", contextlib.nullcontext
     if not _ext.has_kernel("lowbit_gemm_int_cpu"):
         pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
     isa = backend.split("-", 1)[1]
@@ -86,7 +94,7 @@ ACT_RANGES = [(None, None), (-128, 127), (0, 255), (-127, 127), (0, 15)]
     "M,N,K,n,b",
     [(1, 5, 97, 4, 2), (3, 70, 33, 8, 8), (17, 9, 300, 8, 3), (1, 1, 1, 1, 1), (5, 33, 64, 6, 6)],
 )
-def test_linear(backend, act, M, N, K, n, b):
+def test_linear(backend, act, M, N, K, n, b, device):
     name, ctx = run_on(backend)
     qmin, qmax = act
     q = torch.randint(-(1 << (n - 1)), 1 << (n - 1), (N, K))
@@ -114,8 +122,8 @@ def test_linear(backend, act, M, N, K, n, b):
                 ref = ref + bias.double()
                 bound = bound + bias.double().abs()
             with ctx():
-                y = E.lowbit_linear(x, planes, scale, b, n, K=K, compensate=compensate,
-                                    bias=bias, backend=name, **kwargs)  # fmt: skip
+                y = call_on(device, E.lowbit_linear, x, planes, scale, b, n, K=K,
+                            compensate=compensate, bias=bias, backend=name, **kwargs)  # fmt: skip
             assert y.shape == (M, N) and y.dtype == torch.float32
             # Integer path: exact up to the float epilogue; float path: fp32 GEMM error.
             rel = 1e-6 if qmin is not None else 4e-6 * max(1.0, K**0.5)
@@ -124,7 +132,7 @@ def test_linear(backend, act, M, N, K, n, b):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", [(None, None), (-128, 127), (0, 255)])
-def test_linear_weight_zero_point_leading_dims_noncontiguous(backend, act):
+def test_linear_weight_zero_point_leading_dims_noncontiguous(backend, act, device):
     name, ctx = run_on(backend)
     qmin, qmax = act
     N, K, n = 6, 45, 4
@@ -132,7 +140,7 @@ def test_linear_weight_zero_point_leading_dims_noncontiguous(backend, act):
     planes = pack(q, n)
     zw = torch.randint(-3, 4, (N,))
     scale = torch.rand(N) + 0.1
-    x = (torch.randn(2, K, 3) * 2).transpose(1, 2)  # [2, 3, K], non-contiguous
+    x = (torch.randn(2, K, 3) * 2).to(device).transpose(1, 2)  # [2, 3, K], non-contiguous
     w = weight64(q, n, n, scale, True, zw)
     kwargs = {}
     if qmin is None:
@@ -140,12 +148,12 @@ def test_linear_weight_zero_point_leading_dims_noncontiguous(backend, act):
     else:
         s_a, z_a = torch.tensor([0.03]), torch.tensor([1.0 if qmin < 0 else 100.0])
         kwargs = dict(act_scale=s_a, act_zero_point=z_a, act_quant_min=qmin, act_quant_max=qmax)
-        xq, zr = act_codes64(x, s_a, z_a, qmin, qmax)
+        xq, zr = act_codes64(x.cpu(), s_a, z_a, qmin, qmax)
         xd = (xq - zr) * s_a.double()
     ref = xd @ w.T
     with ctx():
-        y = E.lowbit_linear(x, planes, scale, n, n, K=K, weight_zero_point=zw, backend=name,
-                            **kwargs)  # fmt: skip
+        y = call_on(device, E.lowbit_linear, x, planes, scale, n, n, K=K, weight_zero_point=zw,
+                    backend=name, **kwargs)  # fmt: skip
     assert y.shape == (2, 3, N)
     assert_close_to(y, ref, xd.abs() @ w.abs().T, 1e-5)
 
@@ -288,7 +296,7 @@ KS = (3, 3)
      (16, 16, 16, 2, 1, 1)],
 )  # fmt: skip
 @pytest.mark.parametrize("act", [None, "signed", "unsigned"])
-def test_conv2d(backend, cin, cout, groups, stride, padding, dilation, act):
+def test_conv2d(backend, cin, cout, groups, stride, padding, dilation, act, device):
     name, ctx = run_on(backend)
     n, b = 4, 3
     K = cin // groups * 9
@@ -306,15 +314,15 @@ def test_conv2d(backend, cin, cout, groups, stride, padding, dilation, act):
         kwargs = dict(act_scale=a[0], act_zero_point=a[1], act_quant_min=a[2], act_quant_max=a[3])
     ref, bound = conv_oracle(x, q, n, b, scale, True, a, stride, padding, dilation, groups, bias)
     with ctx():
-        y = E.lowbit_conv2d(x, planes, scale, b, n, in_channels=cin, kernel_size=3,
-                            stride=stride, padding=padding, dilation=dilation, groups=groups,
-                            bias=bias, backend=name, **kwargs)  # fmt: skip
+        y = call_on(device, E.lowbit_conv2d, x, planes, scale, b, n, in_channels=cin,
+                    kernel_size=3, stride=stride, padding=padding, dilation=dilation,
+                    groups=groups, bias=bias, backend=name, **kwargs)  # fmt: skip
     assert y.shape == ref.shape
     assert_close_to(y, ref, bound, 1e-6 if act else 2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_conv2d_zero_point_padding_at_borders(backend):
+def test_conv2d_zero_point_padding_at_borders(backend, device):
     """A zero input with a large activation zero point: every output, borders included, is
     exactly the bias (code-0 padding would give nonzero borders)."""
     name, ctx = run_on(backend)
@@ -322,10 +330,10 @@ def test_conv2d_zero_point_padding_at_borders(backend):
     x = torch.zeros(1, 2, 5, 5)
     bias = torch.tensor([0.5, -1.0, 2.0])
     with ctx():
-        y = E.lowbit_conv2d(x, pack(q, 4), torch.tensor([0.1]), 4, 4, in_channels=2,
-                            kernel_size=3, padding=2, bias=bias, act_scale=torch.tensor([0.1]),
-                            act_zero_point=torch.tensor([128.0]), act_quant_min=0,
-                            act_quant_max=255, backend=name)  # fmt: skip
+        y = call_on(device, E.lowbit_conv2d, x, pack(q, 4), torch.tensor([0.1]), 4, 4,
+                    in_channels=2, kernel_size=3, padding=2, bias=bias,
+                    act_scale=torch.tensor([0.1]), act_zero_point=torch.tensor([128.0]),
+                    act_quant_min=0, act_quant_max=255, backend=name)  # fmt: skip
     assert torch.equal(y, bias.view(1, 3, 1, 1).expand(1, 3, 7, 7))
 
 
@@ -576,7 +584,7 @@ def test_fused_conv_and_linear_do_not_depend_on_thread_count(isa):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unchecked_entry_points(backend):
+def test_unchecked_entry_points(backend, device):
     """lowbit_conv2d_unchecked / lowbit_linear_unchecked (the registered ops' positional
     arguments, no dispatcher; used by the deploy runtime) against the float64 oracles."""
     from eqkernels.ops.lowbit_gemm import lowbit_conv2d_unchecked, lowbit_linear_unchecked
@@ -588,14 +596,14 @@ def test_unchecked_entry_points(backend):
     bias = torch.randn(6)
     x = torch.randn(2, 4, 5, 6)
     with ctx():
-        y = lowbit_conv2d_unchecked(x, planes, scale, 3, 4, 4, [3, 3], [1, 2], [1, 1], [1, 1],
-                                    1, True, bias, None, s_a, z_a, 0, 255, name)  # fmt: skip
+        y = call_on(device, lowbit_conv2d_unchecked, x, planes, scale, 3, 4, 4, [3, 3], [1, 2],
+                    [1, 1], [1, 1], 1, True, bias, None, s_a, z_a, 0, 255, name)  # fmt: skip
     ref, bound = conv_oracle(x, q, 4, 3, scale, True, (s_a, z_a, 0, 255), (1, 2), 1, 1, 1, bias)
     assert_close_to(y, ref, bound, 1e-6)
     xl = torch.randn(3, 36)
     with ctx():
-        y = lowbit_linear_unchecked(xl, planes, scale, 3, 4, 36, True, bias, None, s_a, z_a,
-                                    0, 255, name)  # fmt: skip
+        y = call_on(device, lowbit_linear_unchecked, xl, planes, scale, 3, 4, 36, True, bias,
+                    None, s_a, z_a, 0, 255, name)  # fmt: skip
     xq, zr = act_codes64(xl, s_a, z_a, 0, 255)
     xd = (xq - zr) * s_a.double()
     w = weight64(q, 4, 3, scale, True)

@@ -241,6 +241,10 @@ def test_signedness_travels_with_state_dict():
     assert b.signed is True
     b.load_state_dict(a.state_dict())
     assert b.signed is False
-    assert torch.equal(b(torch.rand(10), 4), b(torch.rand(10), 4)) is not None
     x = torch.rand(50)
     assert torch.equal(a(x, 4), b(x, 4))
+    # the loaded quantizer uses the unsigned 4-bit range: clamp(round(x * fl32(1/s)), 0, 15) s
+    p = b.params(4, "tensor", "sym")
+    assert (p.quant_min, p.quant_max) == (0, 15)
+    codes = torch.clamp(torch.round(x * torch.reciprocal(p.scale.float())).double(), 0, 15)
+    assert torch.allclose(b(x, 4).double(), codes * p.scale.double(), rtol=0, atol=1e-7)

@@ -203,7 +203,7 @@ def test_eqnet_uniform_prob_reaches_the_sampler(digits):
 
 
 def test_warmup_cosine_schedule():
-    from eqnet.train.trainer import WarmupCosine
+    from eqnet.train.schedule import WarmupCosine
 
     s = WarmupCosine(total=10, warmup=4)
     got = [s.factor(i) for i in range(10)]

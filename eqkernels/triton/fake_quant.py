@@ -12,6 +12,15 @@ layout are a torch sum (deterministic: no atomics).
 or divisible by 16 (e.g. quant_max = 1 at 1 bit, quant_min = -16 at 5 bits), which would compile
 a new variant per width. The layered op's width enters through float arguments (`inv_step`,
 `step`, `comp`), which Triton never specializes, so switching width reuses the compiled kernel.
+`channels` and `blocks_per_row` are `do_not_specialize` too (per-tensor, channels = 1, would
+otherwise be a variant of its own); `inner` stays specialized, because its divisibility by 16 lets
+the compiler vectorize the loads and stores.
+
+`AOT_SPECS` lists every (kernel, signature, constexprs) the launchers below can produce: input
+dtype fp32/fp16/bf16 (bf16 outputs through an int16 view, `OUT_BF16`), `inner` as i32, as i64
+(> 2^31 - 1 elements per row) or the constant 1 (Triton turns an integer argument equal to 1
+into a constexpr). The launchers keep the grid below 2^31 programs, so `channels` and
+`blocks_per_row` are always i32. tests/test_triton_aot.py compiles each entry for sm_80 and sm_90.
 """
 
 from __future__ import annotations
@@ -23,8 +32,11 @@ import triton.language as tl
 BLOCK = 1024
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 to the nearest integer, ties to even,
 # exactly for |v| < 2^22 (libdevice.rint fails in the interpreter; this works everywhere).
-MAGIC = 12582912.0
-NO_SPECIALIZE = ("quant_min", "quant_max")
+# A tl.constexpr: the compiler reads no other module globals inside @triton.jit functions.
+MAGIC = tl.constexpr(12582912.0)
+NO_SPECIALIZE = ("quant_min", "quant_max", "channels", "blocks_per_row")
+# CUDA's grid x dimension holds at most 2^31 - 1 programs.
+MAX_PROGRAMS = 2**31 - 1
 
 
 @triton.jit
@@ -143,7 +155,13 @@ def fake_quant_bwd_kernel(
 def _layout(x3: torch.Tensor):
     outer, channels, inner = x3.shape
     blocks_per_row = max(triton.cdiv(inner, BLOCK), 1)
-    return outer, channels, inner, blocks_per_row, outer * channels * blocks_per_row
+    items = outer * channels * blocks_per_row
+    if items > MAX_PROGRAMS:
+        raise ValueError(
+            f"x: {x3.numel()} elements in {outer * channels} rows need {items} Triton programs; "
+            f"accepted are at most {MAX_PROGRAMS} (use backend='torch')"
+        )
+    return outer, channels, inner, blocks_per_row, items
 
 
 def _out(t: torch.Tensor) -> torch.Tensor:
@@ -179,3 +197,32 @@ def backward(dy3, x3, s, inv_s, zr, quant_min, quant_max, inv_step, step, comp):
     sum_t = part_t.view(outer, channels, blocks_per_row).sum(dim=(0, 2))
     sum_o = part_o.view(outer, channels, blocks_per_row).sum(dim=(0, 2))
     return dx3, sum_t, -s * sum_o
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time specializations (see the module docstring)
+
+_PARAMS = ("s_ptr", "inv_s_ptr", "zr_ptr")
+_RUNTIME = {"quant_min": "i32", "quant_max": "i32", "inv_step": "fp32", "step": "fp32"}
+_RUNTIME |= {"comp": "fp32", "channels": "i32", "blocks_per_row": "i32"}
+
+
+def _signature(kernel, dtype: str, inner) -> tuple[dict, dict]:
+    out = "i16" if dtype == "bf16" else dtype
+    types = {"x_ptr": f"*{dtype}", "dy_ptr": f"*{dtype}", "y_ptr": f"*{out}", "dx_ptr": f"*{out}"}
+    types |= {p: "*fp32" for p in _PARAMS + ("part_t_ptr", "part_o_ptr")} | _RUNTIME
+    constexprs = {"BLOCK_SIZE": BLOCK, "OUT_BF16": dtype == "bf16"}
+    if isinstance(inner, int):
+        constexprs["inner"] = inner
+    else:
+        types["inner"] = inner
+    signature = {a: "constexpr" if a in constexprs else types[a] for a in kernel.arg_names}
+    return signature, constexprs
+
+
+AOT_SPECS = [
+    (kernel, *_signature(kernel, dtype, inner))
+    for kernel in (fake_quant_fwd_kernel, fake_quant_bwd_kernel)
+    for dtype in ("fp32", "fp16", "bf16")
+    for inner in ("i32", "i64", 1)
+]

@@ -6,6 +6,8 @@ optional dependencies load only when that part is used.
 
 import importlib
 
+from eqkernels import __version__ as __version__
+
 # `convert` is both a submodule (eqnet/convert.py) and the function users call. Importing the
 # submodule anywhere (`from eqnet.convert import calibrate`) would set the package attribute
 # `eqnet.convert` to the module object on first load; binding the function here, while that
@@ -13,8 +15,6 @@ import importlib
 from .convert import calibrate as calibrate
 from .convert import convert as convert
 from .convert import recalibrate_bn as recalibrate_bn
-
-__version__ = "0.1.0"
 
 _EXPORTS = {
     "ElasticSpace": "eqnet.space",

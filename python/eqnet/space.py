@@ -79,6 +79,16 @@ class ElasticSpace:
         """The widest weight width (the stored width of nested weights)."""
         return max(self.w_bits)
 
+    def preferred_forms(self) -> tuple[str, str, str]:
+        """(w_granularity, w_symmetry, a_symmetry) of the uniform, lowest and highest configs:
+        per-channel symmetric weights and asymmetric activations where the space has them,
+        else its first form."""
+        return (
+            _prefer(self.w_granularities, "channel"),
+            _prefer(self.w_symmetries, "sym"),
+            _prefer(self.a_symmetries, "asym"),
+        )
+
     def to_dict(self) -> dict:
         return {
             f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -280,9 +290,7 @@ class SubnetConfig:
             model,
             min(space.w_bits),
             min(space.a_bits),
-            _prefer(space.w_granularities, "channel"),
-            _prefer(space.w_symmetries, "sym"),
-            _prefer(space.a_symmetries, "asym"),
+            *space.preferred_forms(),
         )
 
     @classmethod
@@ -292,9 +300,7 @@ class SubnetConfig:
             model,
             max(space.w_bits),
             max(space.a_bits),
-            _prefer(space.w_granularities, "channel"),
-            _prefer(space.w_symmetries, "sym"),
-            _prefer(space.a_symmetries, "asym"),
+            *space.preferred_forms(),
         )
 
     @classmethod
@@ -325,9 +331,7 @@ class SubnetConfig:
                 choice = LayerChoice(
                     pick(space.w_bits),
                     pick(space.a_bits),
-                    _prefer(space.w_granularities, "channel"),
-                    _prefer(space.w_symmetries, "sym"),
-                    _prefer(space.a_symmetries, "asym"),
+                    *space.preferred_forms(),
                 )
             layers.append((name, choice))
         return cls(layers)

@@ -81,7 +81,7 @@ def selections(header: dict, bits=None, configs=None) -> list[tuple[str, dict]]:
 
 def prefix_bits(header: dict, config_name: str) -> int:
     """The smallest stored width whose file prefix holds everything `config_name` needs."""
-    from eqnet.deploy.loader import config_from, sections_needed
+    from eqnet.deploy.layout import config_from, sections_needed
 
     last = max(sections_needed(header, config_from(header, None, config_name)))
     fits = [int(k) for k, need in header["widths"].items() if last in need]
@@ -103,7 +103,7 @@ def _latency_ms(model, x, runs: int) -> float:
 
 
 def _selection_bytes(deployed) -> int:
-    from eqnet.deploy.loader import required_tensors
+    from eqnet.deploy.layout import required_tensors
 
     sizes = {t["name"]: t["nbytes"] for t in deployed.header["tensors"]}
     return sum(sizes[n] for n in required_tensors(deployed.header, deployed.active_config))

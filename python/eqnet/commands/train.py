@@ -104,9 +104,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    from eqnet.train.distributed import add_arguments as add_distributed_arguments
+    _add_distributed_arguments(p)
 
-    add_distributed_arguments(p)
+
+def _add_distributed_arguments(parser) -> None:
+    """`eqnet train` options of a torchrun launch (ignored, except --sync-bn, without one)."""
+    from eqnet.train.process_group import DEFAULT_TIMEOUT_S
+
+    g = parser.add_argument_group("distributed (under torchrun)")
+    g.add_argument(
+        "--dist-backend",
+        choices=("auto", "nccl", "gloo"),
+        default="auto",
+        help="process-group backend (auto: nccl on CUDA, gloo on CPU)",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds a collective may wait for the other ranks (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="SyncBatchNorm: batch statistics over all ranks (CUDA only)",
+    )
 
 
 _CONFIG_KEYS = (
@@ -136,8 +159,12 @@ def run(args) -> int:
     from eqnet.train.trainer import NonFiniteLossError
 
     try:
-        # Under torchrun: joins the process group, DistributedTrainer (issue 8).
-        Trainer = distributed.launch(args)  # noqa: N806
+        if args.sync_bn and not distributed.launched_by_torchrun():
+            raise ValueError("--sync-bn: needs a distributed launch (torchrun --nproc_per_node N)")
+        # Under torchrun: joins the process group, DistributedTrainer.
+        trainer_cls = distributed.launch(
+            args.dist_backend, args.dist_timeout, args.device, args.sync_bn
+        )
         if args.resume:
             overrides = {"progress": not args.no_progress}
             if args.device is not None:
@@ -154,7 +181,7 @@ def run(args) -> int:
                     f"eqnet train: --resume keeps the run's settings; ignoring {' '.join(ignored)}",
                     file=sys.stderr,
                 )
-            trainer = Trainer.from_run(args.out, epochs=args.epochs, **overrides)
+            trainer = trainer_cls.from_run(args.out, epochs=args.epochs, **overrides)
             print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
         else:
             from pathlib import Path
@@ -166,13 +193,13 @@ def run(args) -> int:
                     f"--out {args.out} already holds a checkpoint: pass --resume to continue "
                     "it, or choose another directory"
                 )
-            trainer = Trainer(config_from_args(args), args.out)
+            trainer = trainer_cls(config_from_args(args), args.out)
         trainer.fit(stop_after=args.stop_after)
     except (DataError, FileNotFoundError, ValueError, NonFiniteLossError) as exc:
         print(f"eqnet train: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        message = distributed.failure_message(exc)
+        message = _failure_message(exc)
         if message is None:
             raise
         print(message, file=sys.stderr)
@@ -185,3 +212,17 @@ def run(args) -> int:
         )
     distributed.cleanup()
     return 0
+
+
+def _failure_message(exc: BaseException) -> str | None:
+    """A one-line error for a failed collective in a distributed run (None otherwise)."""
+    from eqnet.train import process_group
+
+    if not process_group.initialized():
+        return None
+    env = process_group.current_env()
+    return (
+        f"eqnet train: rank {env.rank}/{env.world_size}: distributed error: "
+        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        "(another rank failed, was killed or exceeded --dist-timeout)"
+    )

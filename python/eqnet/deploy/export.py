@@ -1,4 +1,4 @@
-"""Export a trained supernet to one .eqk file (DESIGN.md "The .eqk file", issue 7 item 1).
+"""Export a trained supernet to one .eqk file (DESIGN.md "The .eqk file").
 
 What the file holds (names are the tensor names in the file; `<layer>` is the quantized layer's
 name relative to the Supernet, e.g. "model.conv1"):
@@ -33,16 +33,22 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
 import eqkernels
 from eqkernels.format import split_planes, write_eqk
 
 from ..space import ElasticSpace, LayerChoice, SubnetConfig
 from .fold import bn_affine, bn_for_width, find_foldable_bn, fold_affine, is_switchable_bn
-
-RECORD_VERSION = 1
-
+from .layout import (
+    RECORD_VERSION,
+    act_form_key,
+    bn_width_key,
+    build_float_model,
+    layer_geometry,
+    model_record,
+    required_tensors,
+    weight_form_key,
+)
 
 # ------------------------------------------------------------------------------- weight codes
 
@@ -97,80 +103,6 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return eqkernels.pack_bitplanes(codes, bits)
 
 
-# ------------------------------------------------------------------------------- model record
-
-
-def model_record(supernet, arch: str | None, arch_kwargs: Mapping | None) -> dict:
-    """The architecture name + kwargs eqnet.models.get rebuilds the float network from."""
-    if arch is None:
-        rec = getattr(supernet, "arch", None) or getattr(supernet.model, "eqnet_arch", None)
-        if isinstance(rec, Mapping):
-            arch, arch_kwargs = rec.get("name"), rec.get("kwargs", arch_kwargs)
-        elif isinstance(rec, str):
-            arch = rec
-            arch_kwargs = arch_kwargs or getattr(supernet.model, "eqnet_arch_kwargs", None)
-    if not isinstance(arch, str) or not arch:
-        raise ValueError(
-            "arch: the registered model name (as given to eqnet.models.get) is needed to "
-            "rebuild the network at load time; pass arch=... and arch_kwargs=..."
-        )
-    return {"name": arch, "kwargs": dict(arch_kwargs or {})}
-
-
-def build_float_model(record: Mapping) -> nn.Module:
-    from .. import models
-
-    return models.get(record["name"], **record["kwargs"])
-
-
-def layer_geometry(module: nn.Module) -> dict:
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            raise NotImplementedError(
-                f"padding_mode={module.padding_mode!r}: the integer conv pads with zeros only"
-            )
-        if isinstance(module.padding, str):
-            raise NotImplementedError(
-                f"padding={module.padding!r}: give explicit padding for deployment"
-            )
-        return {
-            "kind": "conv2d",
-            "in_channels": module.in_channels,
-            "out_channels": module.out_channels,
-            "kernel_size": list(module.kernel_size),
-            "stride": list(module.stride),
-            "padding": list(module.padding),
-            "dilation": list(module.dilation),
-            "groups": module.groups,
-        }
-    if isinstance(module, nn.Linear):
-        return {
-            "kind": "linear",
-            "in_features": module.in_features,
-            "out_features": module.out_features,
-        }
-    raise NotImplementedError(
-        f"deploying a quantized {type(module).__name__} is not implemented (Conv2d, Linear only)"
-    )
-
-
-# ------------------------------------------------------------------------------- naming
-
-
-def weight_form_key(params, choice: LayerChoice) -> str:
-    if params.nested:
-        return f"nested-{choice.w_granularity}"
-    return f"w{choice.w_bits}-{choice.w_granularity}-{choice.w_symmetry}"
-
-
-def act_form_key(choice: LayerChoice) -> str:
-    return f"a{choice.a_bits}-{choice.a_symmetry}"
-
-
-def bn_width_key(bn: nn.Module, w_bits: int) -> str:
-    return f"w{w_bits}" if is_switchable_bn(bn) else "w*"
-
-
 # ------------------------------------------------------------------------------- planning
 
 
@@ -202,9 +134,7 @@ def default_configs(supernet) -> OrderedDict[str, SubnetConfig]:
             supernet,
             b,
             a,
-            "channel" if "channel" in space.w_granularities else space.w_granularities[0],
-            "sym" if "sym" in space.w_symmetries else space.w_symmetries[0],
-            "asym" if "asym" in space.a_symmetries else space.a_symmetries[0],
+            *space.preferred_forms(),
         )
     return configs
 
@@ -266,8 +196,6 @@ def export(
         from; needed unless the supernet records it.
     extra: a JSON object stored in the header as is (e.g. {"data": "digits"} for eqnet eval).
     """
-    from ..nn import Supernet  # noqa: F401  (import check: export needs the eqnet modules)
-
     if not hasattr(supernet, "quantized_layers") or not hasattr(supernet, "space"):
         raise ValueError("supernet: expected an eqnet Supernet (eqnet.convert(...))")
     space: ElasticSpace = supernet.space
@@ -307,103 +235,20 @@ def export(
 
 def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, nested, extra):
     space = supernet.space
-    top = space.top_bits
-    min_bits = min(space.w_bits)
     plan = _Plan()
+    uses = _first_needed(supernet, layers, stored, nested)
     quant_layers: dict[str, dict] = {}
     model_layers: dict[str, dict] = {}
     bns: dict[str, dict] = {}
-
-    # Which (layer, choice) pairs are stored, and where each first becomes needed.
-    if nested:
-        # Level of a choice = the widest nested weight width of the cheapest uniform config
-        # using it; everything else at the level of its own widths.
-        uses = {name: {} for name in layers}
-        for name, layer in layers.items():
-            for choice in _all_forms(layer, supernet):
-                level = 0 if layer.fixed_choice is not None else choice.w_bits
-                uses[name][choice] = level
-        for cfg in stored.values():
-            need = max(c.w_bits for n, c in cfg if layers[n].fixed_choice is None)
-            for n, c in cfg:
-                if layers[n].fixed_choice is None and c in uses[n]:
-                    uses[n][c] = min(uses[n][c], max(need, c.w_bits))
-    else:
-        uses = {name: {} for name in layers}
-        for index, cfg in enumerate(stored.values()):
-            for n, c in cfg:
-                where = 0 if layers[n].fixed_choice is not None else index + 1
-                uses[n][c] = min(uses[n].get(c, where), where)
-
     for name, layer in layers.items():
         geometry = layer_geometry(layer)
         geometry["has_bias"] = layer.bias is not None
         geometry["fixed"] = None if layer.fixed_choice is None else layer.fixed_choice.to_dict()
-        bn_name = fold_of_layer.get(name)
-        geometry["bn"] = bn_name
+        geometry["bn"] = fold_of_layer.get(name)
         model_layers[name] = geometry
-        wforms, aforms = {}, {}
-        for choice, where in uses[name].items():
-            qp = layer.weight_quantizer.params(
-                choice.w_bits, choice.w_granularity, choice.w_symmetry
-            )
-            wkey = weight_form_key(qp, choice)
-            base = f"w/{name}/{wkey}"
-            if wkey not in wforms:
-                codes, zero, bits = weight_codes(layer.weight, qp)
-                planes = pack_codes(codes, bits)
-                nested_layer = qp.nested and layer.fixed_choice is None
-                for j, part in enumerate(split_planes(base + "/planes", planes)):
-                    ((pname, ptensor),) = part.items()
-                    # Plane j is first needed at width j + 1 (nested); else with the form.
-                    plan.add(pname, ptensor, j + 1 if nested_layer else where)
-                plan.add(
-                    base + "/scale", qp.scale.detach().float().reshape(-1), 0 if nested else where
-                )
-                if zero is not None:
-                    plan.add(base + "/zero_point", zero, where)
-                wforms[wkey] = {
-                    "nested": bool(qp.nested),
-                    "stored_bits": bits,
-                    "K": codes.shape[1],
-                    "N": codes.shape[0],
-                    "has_zero_point": zero is not None,
-                }
-            elif not (qp.nested and layer.fixed_choice is None):
-                for key in list(plan.where):
-                    if key.startswith(base + "/"):
-                        plan.add(key, plan.tensors[key], where)
-            ap = layer.act_quantizer.params(choice.a_bits, "tensor", choice.a_symmetry)
-            akey = act_form_key(choice)
-            abase = f"a/{name}/{akey}"
-            plan.add(abase + "/scale", ap.scale.detach().float().reshape(1), where)
-            if ap.zero_point is not None:
-                plan.add(
-                    abase + "/zero_point",
-                    torch.round(ap.zero_point.detach().float()).reshape(1),
-                    where,
-                )
-            aforms[akey] = {
-                "quant_min": ap.quant_min,
-                "quant_max": ap.quant_max,
-                "has_zero_point": ap.zero_point is not None,
-            }
-            if bn_name is not None:
-                bn = supernet.get_submodule(bn_name)
-                bkey = bn_width_key(bn, choice.w_bits)
-                a, b = bn_affine(bn_for_width(bn, choice.w_bits))
-                mul, add = fold_affine(a, b, layer.bias)
-                bbase = f"bn/{bn_name}/{bkey}"
-                bn_where = 0 if bkey == "w*" else where
-                plan.add(bbase + "/mul", mul, bn_where)
-                plan.add(bbase + "/add", add, bn_where)
-                bns.setdefault(bn_name, {"layer": name, "widths": []})
-                if bkey not in bns[bn_name]["widths"]:
-                    bns[bn_name]["widths"].append(bkey)
-            elif layer.bias is not None:
-                plan.add(f"bias/{name}", layer.bias.detach().float(), 0 if nested else where)
-        quant_layers[name] = {"weights": wforms, "acts": aforms}
-
+        quant_layers[name] = _plan_layer(
+            plan, supernet, name, layer, uses[name], geometry["bn"], nested, bns
+        )
     _plan_float_tensors(plan, supernet, float_model, layers, fold_of_layer)
 
     model = {
@@ -419,44 +264,150 @@ def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, n
     }
     quant = {
         "nested": nested,
-        "min_bits": min_bits if nested else None,
+        "min_bits": min(space.w_bits) if nested else None,
         "layers": quant_layers,
         "configs": {name: _config_dict(cfg) for name, cfg in stored.items()},
     }
     if nested:
-        n_sections = top - min_bits + 1
-
-        def section_of(level):
-            return max(0, min(level, top) - min_bits)
-
-        # One section per plane from the lowest width up (section 0 = the lowest width's
-        # planes); a section may be empty but stays, so section indices follow plane order.
-        sections = [OrderedDict() for _ in range(n_sections)]
-        for name, tensor in plan.tensors.items():
-            sections[section_of(plan.where[name])][name] = tensor
-        widths = {str(b): list(range(section_of(b) + 1)) for b in space.w_bits}
+        sections, widths = _nested_sections(plan, space)
     else:
-        sections = [OrderedDict() for _ in range(len(stored) + 1)]
-        for name, tensor in plan.tensors.items():
-            sections[plan.where[name]][name] = tensor
-        from .loader import required_tensors
-
-        where = {name: plan.where[name] for name in plan.tensors}
-        layout = {"tensors": [{"name": n, "section": s} for n, s in where.items()]}
-        widths = {}
-        for cname, cfg in stored.items():
-            layout.update(model=model, quant=quant)
-            widths[cname] = sorted({0} | {where[n] for n in required_tensors(layout, cfg)})
+        sections, widths = _config_sections(plan, stored, model, quant)
     return write_eqk(
         path,
         sections=sections,
         model=model,
         nested=nested,
-        top_bits=top,
+        top_bits=space.top_bits,
         widths=widths,
         quant=quant,
         extra=extra,
     )
+
+
+def _first_needed(supernet, layers, stored, nested) -> dict[str, dict[LayerChoice, int]]:
+    """layer -> {stored choice: where it is first needed}: nested, the width level (the widest
+    nested weight width of the cheapest config using it; 0 for fixed layers); otherwise the
+    index + 1 of the first stored configuration using it (0 for fixed layers)."""
+    uses = {name: {} for name in layers}
+    if nested:
+        for name, layer in layers.items():
+            for choice in _all_forms(layer, supernet):
+                level = 0 if layer.fixed_choice is not None else choice.w_bits
+                uses[name][choice] = level
+        for cfg in stored.values():
+            need = max(c.w_bits for n, c in cfg if layers[n].fixed_choice is None)
+            for n, c in cfg:
+                if layers[n].fixed_choice is None and c in uses[n]:
+                    uses[n][c] = min(uses[n][c], max(need, c.w_bits))
+    else:
+        for index, cfg in enumerate(stored.values()):
+            for n, c in cfg:
+                where = 0 if layers[n].fixed_choice is not None else index + 1
+                uses[n][c] = min(uses[n].get(c, where), where)
+    return uses
+
+
+def _plan_layer(plan, supernet, name, layer, uses, bn_name, nested, bns) -> dict:
+    """Plan every tensor of one quantized layer's stored choices (`bn_name`: the BN folded
+    into its output, or None); returns the layer's quant record."""
+    wforms, aforms = {}, {}
+    for choice, where in uses.items():
+        qp = layer.weight_quantizer.params(choice.w_bits, choice.w_granularity, choice.w_symmetry)
+        wkey = weight_form_key(qp, choice)
+        if wkey not in wforms:
+            wforms[wkey] = _plan_weight_form(plan, f"w/{name}/{wkey}", layer, qp, where, nested)
+        elif not (qp.nested and layer.fixed_choice is None):
+            base = f"w/{name}/{wkey}/"
+            for key in list(plan.where):
+                if key.startswith(base):
+                    plan.add(key, plan.tensors[key], where)
+        akey = act_form_key(choice)
+        aforms[akey] = _plan_act_form(plan, f"a/{name}/{akey}", layer, choice, where)
+        _plan_output_affine(plan, supernet, name, layer, bn_name, choice, where, nested, bns)
+    return {"weights": wforms, "acts": aforms}
+
+
+def _plan_weight_form(plan, base, layer, qp, where, nested) -> dict:
+    codes, zero, bits = weight_codes(layer.weight, qp)
+    planes = pack_codes(codes, bits)
+    nested_layer = qp.nested and layer.fixed_choice is None
+    for j, part in enumerate(split_planes(base + "/planes", planes)):
+        ((pname, ptensor),) = part.items()
+        # Plane j is first needed at width j + 1 (nested); else with the form.
+        plan.add(pname, ptensor, j + 1 if nested_layer else where)
+    plan.add(base + "/scale", qp.scale.detach().float().reshape(-1), 0 if nested else where)
+    if zero is not None:
+        plan.add(base + "/zero_point", zero, where)
+    return {
+        "nested": bool(qp.nested),
+        "stored_bits": bits,
+        "K": codes.shape[1],
+        "N": codes.shape[0],
+        "has_zero_point": zero is not None,
+    }
+
+
+def _plan_act_form(plan, base, layer, choice, where) -> dict:
+    ap = layer.act_quantizer.params(choice.a_bits, "tensor", choice.a_symmetry)
+    plan.add(base + "/scale", ap.scale.detach().float().reshape(1), where)
+    if ap.zero_point is not None:
+        zero = torch.round(ap.zero_point.detach().float()).reshape(1)
+        plan.add(base + "/zero_point", zero, where)
+    return {
+        "quant_min": ap.quant_min,
+        "quant_max": ap.quant_max,
+        "has_zero_point": ap.zero_point is not None,
+    }
+
+
+def _plan_output_affine(plan, supernet, name, layer, bn_name, choice, where, nested, bns):
+    """The folded BN that follows the layer (per width when switchable), or its own bias."""
+    if bn_name is not None:
+        bn = supernet.get_submodule(bn_name)
+        bkey = bn_width_key(bn, choice.w_bits)
+        a, b = bn_affine(bn_for_width(bn, choice.w_bits))
+        mul, add = fold_affine(a, b, layer.bias)
+        bbase = f"bn/{bn_name}/{bkey}"
+        bn_where = 0 if bkey == "w*" else where
+        plan.add(bbase + "/mul", mul, bn_where)
+        plan.add(bbase + "/add", add, bn_where)
+        bns.setdefault(bn_name, {"layer": name, "widths": []})
+        if bkey not in bns[bn_name]["widths"]:
+            bns[bn_name]["widths"].append(bkey)
+    elif layer.bias is not None:
+        plan.add(f"bias/{name}", layer.bias.detach().float(), 0 if nested else where)
+
+
+def _nested_sections(plan, space):
+    """One section per plane from the lowest width up (section 0 = the lowest width's planes
+    and everything it needs); a section may be empty but stays, so section indices follow
+    plane order. Returns the sections and, per width, the sections it reads."""
+    top, min_bits = space.top_bits, min(space.w_bits)
+
+    def section_of(level):
+        return max(0, min(level, top) - min_bits)
+
+    sections = [OrderedDict() for _ in range(top - min_bits + 1)]
+    for name, tensor in plan.tensors.items():
+        sections[section_of(plan.where[name])][name] = tensor
+    widths = {str(b): list(range(section_of(b) + 1)) for b in space.w_bits}
+    return sections, widths
+
+
+def _config_sections(plan, stored, model, quant):
+    """Section 0 for what every configuration shares, then one per configuration; returns
+    them and, per configuration, the sections it reads."""
+    sections = [OrderedDict() for _ in range(len(stored) + 1)]
+    for name, tensor in plan.tensors.items():
+        sections[plan.where[name]][name] = tensor
+    where = {name: plan.where[name] for name in plan.tensors}
+    layout = {"tensors": [{"name": n, "section": s} for n, s in where.items()]}
+    layout.update(model=model, quant=quant)
+    widths = {
+        cname: sorted({0} | {where[n] for n in required_tensors(layout, cfg)})
+        for cname, cfg in stored.items()
+    }
+    return sections, widths
 
 
 def _config_dict(cfg: SubnetConfig) -> dict:

@@ -1,4 +1,4 @@
-"""Load a .eqk file into an integer inference model (issue 7 item 2).
+"""Load a .eqk file into an integer inference model.
 
 `load(path, bits=b | config=cfg, max_bits=None)` rebuilds the float network from the file's
 model record (`eqnet.models.get(name, **kwargs)`), replaces every quantized layer by an
@@ -21,109 +21,19 @@ from torch import nn
 from eqkernels.format import EqkFile, EqkFormatError, plane_tensor_name, read_eqk
 
 from ..space import LayerChoice, SubnetConfig
-from .export import act_form_key, build_float_model
-from .runtime import LayerTensors, _IntLayer, int_layer
+from .layout import (
+    act_form_key,
+    bn_key,
+    build_float_model,
+    config_from,
+    deployment_records,
+    required_tensors,
+    sections_needed,
+    weight_key,
+)
+from .runtime import IntConv2d, IntLinear, LayerTensors, int_layer
 
 _PREFIX = "model."
-
-
-# ------------------------------------------------------------------------------- file layout
-
-
-def _meta(header: dict) -> tuple[dict, dict]:
-    model, quant = header.get("model", {}), header.get("quant", {})
-    for key in ("arch", "layers", "bn_folds"):
-        if key not in model:
-            raise EqkFormatError(f"model record lacks {key!r}: not an eqnet deployment file")
-    if "layers" not in quant or "configs" not in quant:
-        raise EqkFormatError("quant record lacks 'layers'/'configs': not an eqnet deployment file")
-    return model, quant
-
-
-def weight_key(quant_layer: dict, choice: LayerChoice) -> str:
-    nested = f"nested-{choice.w_granularity}"
-    if nested in quant_layer["weights"]:
-        return nested
-    return f"w{choice.w_bits}-{choice.w_granularity}-{choice.w_symmetry}"
-
-
-def bn_key(model_meta: dict, bn_name: str, w_bits: int) -> str:
-    widths = model_meta["bn_folds"][bn_name]["widths"]
-    return "w*" if "w*" in widths else f"w{w_bits}"
-
-
-def required_tensors(header: dict, config: SubnetConfig) -> list[str]:
-    """Names of every tensor the integer model of `config` reads."""
-    model, quant = _meta(header)
-    names = [t["name"] for t in header["tensors"] if t["name"].startswith("float/")]
-    for lname, choice in config:
-        if lname not in quant["layers"]:
-            raise ValueError(f"config: layer {lname!r} is not in the file")
-        ql, geometry = quant["layers"][lname], model["layers"][lname]
-        wkey = weight_key(ql, choice)
-        if wkey not in ql["weights"]:
-            raise ValueError(
-                f"config: layer {lname!r} weight form {wkey} is not in the file; stored forms "
-                f"are {sorted(ql['weights'])}"
-            )
-        wform = ql["weights"][wkey]
-        n_planes = choice.w_bits if wform["nested"] else wform["stored_bits"]
-        base = f"w/{lname}/{wkey}"
-        names += [plane_tensor_name(base + "/planes", j) for j in range(n_planes)]
-        names.append(base + "/scale")
-        if wform["has_zero_point"]:
-            names.append(base + "/zero_point")
-        akey = act_form_key(choice)
-        if akey not in ql["acts"]:
-            raise ValueError(
-                f"config: layer {lname!r} activation form {akey} is not in the file; stored "
-                f"forms are {sorted(ql['acts'])}"
-            )
-        names.append(f"a/{lname}/{akey}/scale")
-        if ql["acts"][akey]["has_zero_point"]:
-            names.append(f"a/{lname}/{akey}/zero_point")
-        bn = geometry.get("bn")
-        if bn is not None:
-            bkey = bn_key(model, bn, choice.w_bits)
-            names += [f"bn/{bn}/{bkey}/mul", f"bn/{bn}/{bkey}/add"]
-        elif geometry["has_bias"]:
-            names.append(f"bias/{lname}")
-    return names
-
-
-def sections_needed(header: dict, config: SubnetConfig) -> list[int]:
-    where = {t["name"]: t["section"] for t in header["tensors"]}
-    missing = [n for n in required_tensors(header, config) if n not in where]
-    if missing:
-        raise ValueError(
-            f"config: the file does not hold {missing[0]!r} (and {len(missing) - 1} more)"
-        )
-    return sorted({where[n] for n in required_tensors(header, config)})
-
-
-def config_from(header: dict, bits: int | None, config) -> SubnetConfig:
-    """The SubnetConfig selected by `bits` (a stored uniform width) or `config` (a SubnetConfig,
-    its JSON, or the name of a config stored in the file)."""
-    _, quant = _meta(header)
-    stored = quant["configs"]
-    if bits is not None and config is not None:
-        raise ValueError("give at most one of bits=, config=")
-    if bits is not None:
-        if str(bits) not in stored:
-            widths = sorted(int(k) for k in stored if k.isdecimal())
-            raise ValueError(f"bits={bits!r}: accepted values are the stored widths {widths}")
-        return SubnetConfig(stored[str(bits)].items())
-    if isinstance(config, SubnetConfig):
-        return config
-    if isinstance(config, str):
-        if config in stored:
-            return SubnetConfig(stored[config].items())
-        if config.lstrip().startswith("{"):
-            return SubnetConfig.from_json(config)
-        raise ValueError(
-            f"config={config!r}: accepted names are {sorted(stored)} or a SubnetConfig"
-        )
-    raise ValueError("config: expected a SubnetConfig, its JSON, or a stored config name")
 
 
 # ------------------------------------------------------------------------------- the model
@@ -156,8 +66,8 @@ class DeployedModel(nn.Module):
         """Bytes read from the file so far (header and every loaded section)."""
         return self.eqk.bytes_read
 
-    def int_layers(self) -> dict[str, _IntLayer]:
-        return {n: m for n, m in self.named_modules() if isinstance(m, _IntLayer)}
+    def int_layers(self) -> dict[str, IntConv2d | IntLinear]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, (IntConv2d, IntLinear))}
 
     def stored_configs(self) -> list[str]:
         return list(self.header["quant"]["configs"])
@@ -252,7 +162,7 @@ def _layer_tensors(header, tensors, lname, choice: LayerChoice) -> LayerTensors:
 
 
 def _build_network(header: dict) -> nn.Module:
-    model, _ = _meta(header)
+    model, _ = deployment_records(header)
     arch = model["arch"]
     if not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str):
         raise EqkFormatError("model record: 'arch' must hold the registered name and kwargs")
@@ -323,7 +233,7 @@ def load(
         if header["nested"]:
             bits = eqk.bits
         else:
-            config = next(iter(_meta(header)[1]["configs"]))
+            config = next(iter(deployment_records(header)[1]["configs"]))
     cfg = config_from(header, bits, config)
     root = _build_network(header)
     _load_float_tensors(root, eqk)

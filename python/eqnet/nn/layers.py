@@ -45,9 +45,7 @@ class _QuantizedLayer:
             first = LayerChoice(
                 max(space.w_bits),
                 max(space.a_bits),
-                _prefer(space.w_granularities, "channel"),
-                _prefer(space.w_symmetries, "sym"),
-                _prefer(space.a_symmetries, "asym"),
+                *space.preferred_forms(),
             )
         else:
             # A fixed-width layer holds exactly its one form (never nested: a fixed layer is
@@ -196,7 +194,3 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
             dst.bias.copy_(src.bias)
     dst.train(src.training)
     return dst
-
-
-def _prefer(values, preferred):
-    return preferred if preferred in values else values[0]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from eqnet.search.cost import METRICS, CostModel, check_metric
-from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig, _prefer, layer_specs
+from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig, layer_specs
 
 
 def layer_options(space: ElasticSpace, forms: bool = True) -> list[LayerChoice]:
@@ -27,9 +27,7 @@ def layer_options(space: ElasticSpace, forms: bool = True) -> list[LayerChoice]:
     if forms:
         grans, wsyms, asyms = space.w_granularities, space.w_symmetries, space.a_symmetries
     else:
-        grans = (_prefer(space.w_granularities, "channel"),)
-        wsyms = (_prefer(space.w_symmetries, "sym"),)
-        asyms = (_prefer(space.a_symmetries, "asym"),)
+        grans, wsyms, asyms = ((form,) for form in space.preferred_forms())
     return [
         LayerChoice(w, a, g, ws, as_)
         for w, a, g, ws, as_ in itertools.product(space.w_bits, space.a_bits, grans, wsyms, asyms)

@@ -102,12 +102,10 @@ def layered_allocation(
 def weights_from_supernet(supernet) -> dict[str, tuple[torch.Tensor, torch.Tensor, int | None]]:
     """{name: (weight, top-width scale, axis)} of every elastic layer of a nested supernet, in
     the layer's preferred granularity."""
-    from eqnet.space import _prefer
-
     space = supernet.space
     if not space.nested:
         raise ValueError("layered allocation needs a nested supernet (ElasticSpace(nested=True))")
-    gran = _prefer(space.w_granularities, "channel")
+    gran = space.preferred_forms()[0]
     out = {}
     with torch.no_grad():
         for name, layer in supernet.quantized_layers().items():

@@ -42,9 +42,7 @@ def importance_indicators(supernet) -> dict[str, dict[tuple[str, int], float]]:
     forms are those of the uniform configs (per-channel symmetric weights when the space has
     them)."""
     space = supernet.space
-    w_gran = "channel" if "channel" in space.w_granularities else space.w_granularities[0]
-    w_sym = "sym" if "sym" in space.w_symmetries else space.w_symmetries[0]
-    a_sym = "asym" if "asym" in space.a_symmetries else space.a_symmetries[0]
+    w_gran, w_sym, a_sym = space.preferred_forms()
     out = {}
     with torch.no_grad():
         for name, layer in supernet.quantized_layers().items():

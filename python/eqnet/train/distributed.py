@@ -38,91 +38,41 @@ What changes across ranks, and why the result equals one process:
 
 from __future__ import annotations
 
-import datetime
-import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from .process_group import (
+    DEFAULT_TIMEOUT_S,
+    DistEnv,
+    all_reduce_sum_,
+    cleanup,
+    current_env,
+    is_main_process,
+    launched_by_torchrun,
+    mean_over_ranks,
+    setup,
+)
 from .trainer import Trainer
 
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-DEFAULT_TIMEOUT_S = 300.0
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def launched_by_torchrun() -> bool:
-    """True when the torchrun environment variables (RANK, WORLD_SIZE) are set."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def env_from_os() -> DistEnv:
-    missing = [v for v in ("RANK", "WORLD_SIZE") if v not in os.environ]
-    if missing:
-        raise ValueError(f"environment: {missing} not set (launch with torchrun)")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
-    return DistEnv(rank, world, local)
-
-
-def current_env() -> DistEnv:
-    """The initialized process group's rank/world size (1 process when none)."""
-    if dist.is_available() and dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        return DistEnv(dist.get_rank(), dist.get_world_size(), local)
-    return DistEnv(0, 1, 0)
-
-
-def setup(
-    backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "auto"
-) -> DistEnv:
-    """Initialize the default process group from torchrun's environment (idempotent).
-
-    backend: "auto" (nccl when CUDA is used, else gloo), "nccl" or "gloo". `timeout_s` bounds
-    every collective: a rank that died or hangs makes the others fail after it instead of
-    waiting forever (gloo also fails at once when a peer's socket closes)."""
-    if backend not in ("auto", "nccl", "gloo"):
-        raise ValueError(f"backend={backend!r}: accepted values are auto, nccl, gloo")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s={timeout_s!r}: must be > 0")
-    env = env_from_os()
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        # "cuda" then means this rank's GPU everywhere the trainer calls .to(device).
-        torch.cuda.set_device(env.local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method="env://",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=float(timeout_s)),
-        )
-    return env
-
-
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "DistEnv",
+    "DistributedTrainer",
+    "EpochShardSampler",
+    "cleanup",
+    "current_env",
+    "is_main_process",
+    "launch",
+    "launched_by_torchrun",
+    "recalibrate_bn",
+    "setup",
+    "shard_batches",
+    "trainer_class",
+]
 
 # -- data ----------------------------------------------------------------------------------
 
@@ -171,37 +121,7 @@ def shard_batches(batches: Iterable, limit: int, rank: int, world_size: int) -> 
             yield b
 
 
-# -- collectives ---------------------------------------------------------------------------
-
-
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks of a tensor on any device (moved to the backend's device and
-    back: gloo reduces CPU tensors, nccl CUDA ones)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return t
-    dev = _comm_device()
-    buf = t.detach().to(dev)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    with torch.no_grad():
-        t.copy_(buf.to(t.device))
-    return t
-
-
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each float averaged over ranks (keys must be identical on every rank)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    all_reduce_sum_(t)
-    world = dist.get_world_size()
-    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+# -- BN statistics over ranks -----------------------------------------------------------
 
 
 @torch.no_grad()
@@ -418,6 +338,24 @@ class DistributedTrainer(Trainer):
         recalibrate_bn(self.model, loader, batches=batches)
 
 
+def launch(
+    backend: str = "auto",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    device: str | None = None,
+    sync_bn: bool = False,
+) -> type[Trainer]:
+    """Initialize the process group when torchrun launched us (`setup`); the trainer class to
+    use: DistributedTrainer under torchrun, else the plain Trainer."""
+    if not launched_by_torchrun():
+        if sync_bn:
+            raise ValueError(
+                "sync_bn=True: needs a distributed launch (torchrun --nproc_per_node N)"
+            )
+        return Trainer
+    setup(backend, timeout_s, device or "auto")
+    return trainer_class(sync_bn)
+
+
 def trainer_class(sync_bn: bool = False) -> type[Trainer]:
     """DistributedTrainer (with its options) under torchrun, else the plain Trainer."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -425,55 +363,3 @@ def trainer_class(sync_bn: bool = False) -> type[Trainer]:
             raise ValueError("sync_bn=True: needs a distributed launch (torchrun)")
         return Trainer
     return type("DistributedTrainer", (DistributedTrainer,), {"sync_bn": bool(sync_bn)})
-
-
-# -- CLI -----------------------------------------------------------------------------------
-
-
-def add_arguments(parser) -> None:
-    """`eqnet train` options of a torchrun launch (ignored, except --sync-bn, without one)."""
-    g = parser.add_argument_group("distributed (under torchrun)")
-    g.add_argument(
-        "--dist-backend",
-        choices=("auto", "nccl", "gloo"),
-        default="auto",
-        help="process-group backend (auto: nccl on CUDA, gloo on CPU)",
-    )
-    g.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        metavar="S",
-        help=f"seconds a collective may wait for the other ranks (default {DEFAULT_TIMEOUT_S:g})",
-    )
-    g.add_argument(
-        "--sync-bn",
-        action="store_true",
-        help="SyncBatchNorm: batch statistics over all ranks (CUDA only)",
-    )
-
-
-def launch(args) -> type[Trainer]:
-    """Initialize the process group when torchrun launched us; the trainer class to use."""
-    if not launched_by_torchrun():
-        if getattr(args, "sync_bn", False):
-            raise ValueError("--sync-bn: needs a distributed launch (torchrun --nproc_per_node N)")
-        return Trainer
-    setup(args.dist_backend, args.dist_timeout, getattr(args, "device", None) or "auto")
-    return trainer_class(args.sync_bn)
-
-
-def is_main_process() -> bool:
-    return current_env().is_main
-
-
-def failure_message(exc: BaseException) -> str | None:
-    """A one-line error for a failed collective in a distributed run (None otherwise)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    env = current_env()
-    return (
-        f"eqnet train: rank {env.rank}/{env.world_size}: distributed error: "
-        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-        "(another rank failed, was killed or exceeded --dist-timeout)"
-    )

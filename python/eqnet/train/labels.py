@@ -9,7 +9,7 @@ no soft labels yet and trains on hard labels; a class with no correctly classifi
 the previous epoch keeps its one-hot label.
 
 The accumulator is a plain tensor so a distributed run can all-reduce it before
-`end_epoch` (issue 8): pass `reduce=` a function that sums it across ranks in place.
+`end_epoch`: pass `reduce=` a function that sums it across ranks in place.
 """
 
 from __future__ import annotations

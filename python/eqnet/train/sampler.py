@@ -2,7 +2,7 @@
 
 Every random configuration comes from one dedicated, seeded `torch.Generator` (never the
 global RNG), so the sequence of sampled subnets is reproducible, is saved in checkpoints, and
-is the same on every rank of a distributed run that seeds it alike (issue 8).
+is the same on every rank of a distributed run that seeds it alike.
 """
 
 from __future__ import annotations
@@ -88,9 +88,7 @@ class ConfigSampler:
                 wb,
                 ab,
                 # the same default forms as SubnetConfig.lowest/highest
-                _prefer(self.space.w_granularities, "channel"),
-                _prefer(self.space.w_symmetries, "sym"),
-                _prefer(self.space.a_symmetries, "asym"),
+                *self.space.preferred_forms(),
             )
             out.append((f"w{wb}a{ab}", cfg))
         return out
@@ -107,7 +105,3 @@ def _activation_width(space: ElasticSpace, wb: int) -> int:
     the space has it, else the largest activation width below it (else the smallest)."""
     below = [a for a in space.a_bits if a <= wb]
     return wb if wb in space.a_bits else (max(below) if below else min(space.a_bits))
-
-
-def _prefer(values, preferred):
-    return preferred if preferred in values else values[0]
