@@ -20,6 +20,7 @@ _OPS = {
     "fake_quant_layered": "eqkernels.ops.fake_quant",
     "fake_quant_layered_ref": "eqkernels.ops.fake_quant",
     "fake_quant_form": "eqkernels.ops.fake_quant_form",
+    "fake_quant_form_inline": "eqkernels.ops.fake_quant_form",
     "form_row": "eqkernels.ops.fake_quant_form",
     "layered_form_row": "eqkernels.ops.fake_quant_form",
     "pack_bitplanes": "eqkernels.ops.bitplanes",

@@ -13,6 +13,7 @@ import eqnet
 import pytest
 import torch
 from conftest import requires_cpp
+from eqnet.nn import form_data
 from eqnet.space import ElasticSpace, SubnetConfig
 from torch import nn
 
@@ -49,7 +50,7 @@ def oracle(x, s, z, qmin, qmax, k, comp, axis, dy, g):
     return y, dx, ds.reshape(s.shape), dz.reshape(s.shape)
 
 
-BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp)]
+BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp), "inline"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -79,7 +80,10 @@ def test_fake_quant_form_matches_oracle(backend, kind, axis):
     form = torch.tensor(row, dtype=torch.float64)
     g = torch.tensor(0.37, dtype=torch.float64)
     xs, ss, zs = (t.clone().requires_grad_() for t in (x, s, z))
-    y = eqkernels.fake_quant_form(xs, ss, zs, form, g, axis=axis, backend=backend)
+    if backend == "inline":  # the plain-torch form compiled graphs trace
+        y = eqkernels.fake_quant_form_inline(xs, ss, zs, form, g, axis=axis)
+    else:
+        y = eqkernels.fake_quant_form(xs, ss, zs, form, g, axis=axis, backend=backend)
     dy = torch.randn_like(x)
     y.backward(dy)
     ref_y, ref_dx, ref_ds, ref_dz = oracle(x, s, z, qmin, qmax, k, comp, axis, dy, 0.37)
@@ -91,7 +95,7 @@ def test_fake_quant_form_matches_oracle(backend, kind, axis):
     assert torch.isnan(ss.grad).any()  # the NaN is not hidden
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS[:2])
 def test_fake_quant_form_opcheck(backend):
     x = torch.randn(4, 3, 5, requires_grad=True)
     s = (torch.rand(4) * 0.2 + 0.05).requires_grad_()
@@ -172,8 +176,16 @@ def _step(model, x, configs, net):
     [(FULL, False), pytest.param(NESTED, True, marks=pytest.mark.slow)],
     ids=["forms", "nested-per-bit-bn"],
 )
-def test_random_per_layer_configs_compile_one_graph(space, per_bit_bn):
+@pytest.mark.parametrize(
+    "kernel_in_graphs",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["inline", "kernel-op"],
+)
+def test_random_per_layer_configs_compile_one_graph(
+    space, per_bit_bn, kernel_in_graphs, monkeypatch
+):
     torch._dynamo.reset()
+    monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", kernel_in_graphs)
     net = _net(space, per_bit_bn).train()
     counter = GraphCounter()
     compiled = torch.compile(net, backend=counter.backend)

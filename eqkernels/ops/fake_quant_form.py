@@ -186,3 +186,58 @@ def fake_quant_form(
     return torch.ops.eqk.fake_quant_form(
         x, scale, zero_point, form, grad_factor.reshape(()), ax, name
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The same map in plain torch ops: traced into a compiled graph, where inductor fuses it with
+# the neighbouring element-wise work instead of calling an opaque kernel.
+
+
+def _inline_map(x, scale, zero_point, form, axis):
+    s = _fq._bcast(scale, x, axis)
+    z = torch.round(_fq._bcast(zero_point, x, axis))
+    qmin, qmax, inv_step, step, comp = form.float().unbind()
+    v = x.float() * torch.reciprocal(s)
+    u = torch.round(v) + z
+    q = torch.minimum(torch.maximum(u, qmin), qmax)
+    a = (torch.floor((q - z) * inv_step) + comp) * step
+    return s, v, u, a, qmin, qmax
+
+
+class _InlineForm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, form, grad_factor, axis):
+        ctx.save_for_backward(x, scale, zero_point, form, grad_factor)
+        ctx.axis = axis
+        s, _, _, a, _, _ = _inline_map(x, scale, zero_point, form, axis)
+        return (a * s).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point, form, grad_factor = ctx.saved_tensors
+        s, v, u, a, qmin, qmax = _inline_map(x, scale, zero_point, form, ctx.axis)
+        nan = torch.isnan(v)
+        inside = (u >= qmin) & (u <= qmax)
+        dy = grad.float()
+        dx = _fq._nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
+        t = torch.where(inside, a - v, a)
+        dz_e = _fq._nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -s))
+        g = grad_factor.float()
+        ds = (g * _fq._reduce_to(dy * t, scale, ctx.axis)).to(scale.dtype)
+        dz = (g * _fq._reduce_to(dz_e, scale, ctx.axis)).to(scale.dtype)
+        return dx.to(x.dtype), ds, dz, None, None, None
+
+
+def fake_quant_form_inline(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    form: Tensor,
+    grad_factor: Tensor,
+    *,
+    axis: int | None = None,
+) -> Tensor:
+    """`fake_quant_form` as plain torch ops (no custom op, no kernel): for compiled graphs,
+    where inductor fuses it. Same forward; gradients equal up to summation order."""
+    ax = _check(x, scale, zero_point, form, grad_factor, axis)
+    return _InlineForm.apply(x, scale, zero_point, form, grad_factor.reshape(()), ax)

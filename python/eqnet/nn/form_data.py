@@ -8,7 +8,8 @@ depends on it from tensors:
 
 - the scale of every form, broadcast to [C] (a per-tensor scale repeated per channel), stacked
   and indexed by `form_index`; the zero points likewise (a symmetric form has a zero offset);
-- the form row (range, layering step, compensation: `eqkernels.form_row`) from `form_table`;
+- the form row (range, layering step, compensation: `eqkernels.form_row`) from `form_table`,
+  run by `eqkernels.fake_quant_form_inline` (or the kernel op, KERNEL_IN_GRAPHS);
 - the LSQ gradient scale 1/sqrt(n * max(qmax, 1)), with n the elements sharing one scale.
 
 Per-bit batch norm (`SwitchableBatchNorm2d`) likewise selects its width by `bn_index`
@@ -22,12 +23,18 @@ active gets its gradient dropped again when it had none before the backward.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
 from torch.nn import functional as F
 
 import eqkernels
+
+# In compiled graphs the quantizer runs `fake_quant_form_inline` (plain torch ops that
+# inductor fuses with the neighbouring batch norm and ReLU); EQK_COMPILE_KERNEL=1 calls the
+# C++/Triton kernel through the opaque `eqk::fake_quant_form` op instead.
+KERNEL_IN_GRAPHS = os.environ.get("EQK_COMPILE_KERNEL", "0") == "1"
 
 
 def form_table(quantizer) -> torch.Tensor:
@@ -62,9 +69,11 @@ def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
     # float64 like the eager path's Python float, so both give the same fp32 product.
     grad_factor = 1.0 / torch.sqrt(share * form[1].clamp_min(1.0))
     axis = quantizer.axis if quantizer.role == "weight" else None
-    return eqkernels.fake_quant_form(
-        x, scale, zero_point, form, grad_factor, axis=axis, backend=quantizer.backend
-    )
+    if KERNEL_IN_GRAPHS:
+        return eqkernels.fake_quant_form(
+            x, scale, zero_point, form, grad_factor, axis=axis, backend=quantizer.backend
+        )
+    return eqkernels.fake_quant_form_inline(x, scale, zero_point, form, grad_factor, axis=axis)
 
 
 def form_owners(quantizer) -> dict[str, frozenset[int]]:
