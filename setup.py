@@ -6,6 +6,9 @@
     build of torch are found. `EQK_BUILD_CUDA=0` skips them, `EQK_BUILD_CUDA=1` requires them.
     `EQK_CUDA_ARCHS` is the arch list ("8.0;9.0+PTX" by default: sm_80 and sm_90 SASS, PTX for
     the newest). CI builds one arch to keep compile time down.
+`EQK_BUILD_EMULATION=1` also builds the test-only emulation kernels (`*_emulation_cpu.cpp`: the
+CUDA kernels' per-thread arithmetic run on the host, for tests/test_cuda_shared_math.py; CI
+builds them); an ordinary build leaves them out of `_C`.
 `EQK_OPS=fake_quant,bitplanes` restricts the build to some op directories (a development aid:
 each op registers its pybind11 functions itself, see csrc/common/registry.h). `EQK_BUILD_EXT=0`
 installs the pure-Python packages only (the torch reference backend still works).
@@ -70,6 +73,7 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = _cuda_wanted()
+    with_emulation = bool(_env_flag("EQK_BUILD_EMULATION"))
     sources = ["csrc/bindings.cpp"]
     for d in _op_dirs():
         for path in sorted(
@@ -78,24 +82,33 @@ def _extensions():
             is_cuda = path.endswith(".cu") or path.endswith("_cuda.cpp")
             if is_cuda and not with_cuda:
                 continue
+            if path.endswith("_emulation_cpu.cpp") and not with_emulation:
+                continue
             sources.append(path)
 
     # -O3 and OpenMP: at::parallel_for runs on one thread without -fopenmp. No -march: ISA
     # specific kernels use function target attributes and are chosen at run time (cpu_features.h).
     # -ffp-contract=off: no FMA contraction, so C++ results are bit-exact with the torch reference.
     # -g0: Python's default CFLAGS add -g, which doubles compile time and the .so size.
+    # -Wall: the project's own code builds warning-free; torch's headers are system headers
+    # (-isystem), so warnings inside them are not ours to fix.
+    from torch.utils.cpp_extension import include_paths
+
+    system = [f for d in include_paths() for f in ("-isystem", d)]
     cxx = ["-O3", "-g0", "-fopenmp", "-std=c++20", "-fvisibility=hidden", "-ffp-contract=off"]
+    cxx += ["-Wall", *system]
     define = [("EQK_WITH_CUDA", "1")] if with_cuda else []
     include = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         archs = os.environ.get("EQK_CUDA_ARCHS", "8.0;9.0+PTX")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        nvcc = ["-O3", "-std=c++20", "-Xcompiler", "-Wall", *system]
         ext = CUDAExtension(
             "eqkernels._C",
             sources,
             include_dirs=include,
             define_macros=define,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -114,7 +114,7 @@ def main() -> None:
     )
     net.set_config(SubnetConfig.uniform(space, net, 4, 4, "channel", "sym", "asym"))
     net.train()
-    backend = fq_ops._resolve(None, x.device, "fake_quant")
+    backend = fq_ops.resolve_backend(None, x.device, "fake_quant")
 
     columns = ["model", "subnet", "backend", "mode", "threads", "batch", "step_ms"]
     columns += ["compile_s", "graphs_after_warmup"]

@@ -25,5 +25,11 @@ PYBIND11_MODULE(_C, m) {
     d["avxvnni"] = f.avxvnni;
     return d;
   }, "CPU features detected at run time (and honoured: EQK_CPU_ISA=portable|avx2|avx512 caps them)");
+  pybind11::dict levels;  // the `isa` cap argument of the CPU kernels
+  levels["portable"] = static_cast<int>(eqk::IsaLevel::portable);
+  levels["avx2"] = static_cast<int>(eqk::IsaLevel::avx2);
+  levels["avx512"] = static_cast<int>(eqk::IsaLevel::avx512);
+  levels["avx512gfni"] = static_cast<int>(eqk::IsaLevel::avx512gfni);
+  m.attr("ISA_LEVELS") = levels;
   for (auto& reg : eqk::registrars()) reg(m);
 }

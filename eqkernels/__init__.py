@@ -31,6 +31,12 @@ _OPS = {
     "lowbit_linear_ref": "eqkernels.ops.lowbit_gemm",
     "lowbit_conv2d": "eqkernels.ops.lowbit_gemm",
     "lowbit_conv2d_ref": "eqkernels.ops.lowbit_gemm",
+    "prepare_linear": "eqkernels.ops.lowbit_gemm",
+    "prepare_conv2d": "eqkernels.ops.lowbit_gemm",
+    "PreparedLinear": "eqkernels.ops.lowbit_gemm",
+    "PreparedConv2d": "eqkernels.ops.lowbit_gemm",
+    "ActQuant": "eqkernels.ops.lowbit_gemm",
+    "quantize_codes": "eqkernels.ops.fake_quant",
     "EqkFormatError": "eqkernels.format",
 }
 

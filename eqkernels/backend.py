@@ -4,14 +4,20 @@
 variable EQK_BACKEND, else "auto". "auto" picks the fastest implementation available for the
 tensor's device in the op's preference order and falls back to the next one (logged once at
 INFO). An explicit backend that cannot run raises `BackendUnavailable`.
+
+The C++ CPU kernels take an ISA cap: `cpu_isa_cap()` is the value every op passes (-1, the
+detected level, itself capped by EQK_CPU_ISA read once per process), and `force_cpu_isa` lowers
+it per thread inside a block, so that one process can run every ISA path (a testing aid).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import os
+import threading
 
 import torch
 
@@ -128,3 +134,33 @@ def check_values_enabled(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return t.device.type == "cpu" and not isinstance(t, torch._subclasses.FakeTensor)
+
+
+_isa_state = threading.local()
+
+
+def cpu_isa_cap() -> int:
+    """The ISA cap passed to the C++ kernels (-1 = the detected level)."""
+    return getattr(_isa_state, "cap", -1)
+
+
+def cpu_isa_levels() -> dict[str, int]:
+    """ISA level names and the numbers the C++ kernels use for them (from `eqkernels._C`)."""
+    return dict(_ext.ext().ISA_LEVELS)
+
+
+@contextlib.contextmanager
+def force_cpu_isa(name: str):
+    """Run the C++ CPU kernels at most at ISA level `name` ("portable", "avx2", "avx512",
+    "avx512gfni": AVX-512 plus VBMI and GFNI, for the tiled-plane integer linear) inside the
+    block, on this thread. The detected level (and EQK_CPU_ISA) still caps it. Needs the
+    extension (the levels are its numbers)."""
+    levels = cpu_isa_levels()
+    if name not in levels:
+        raise ValueError(f"isa={name!r}: accepted values are {', '.join(levels)}")
+    previous = cpu_isa_cap()
+    _isa_state.cap = levels[name]
+    try:
+        yield
+    finally:
+        _isa_state.cap = previous

@@ -83,3 +83,14 @@ def call_on(device, fn, *args, **kwargs):
     out = fn(*args, **kwargs)
     assert out.device.type == torch.device(device).type, (out.device, device)
     return out.cpu()
+
+
+def need_kernel(name: str) -> None:
+    """Skip a test without the `_C` kernel `name`, or fail it where the extension is required
+    (EQK_REQUIRE_EXT=1, as in CI)."""
+    from eqkernels import _ext
+
+    if not _ext.has_kernel(name):
+        if os.environ.get("EQK_REQUIRE_EXT") == "1":
+            pytest.fail(f"EQK_REQUIRE_EXT=1 but eqkernels._C has no kernel {name!r}")
+        pytest.skip(f"eqkernels._C has no kernel {name!r}")

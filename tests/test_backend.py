@@ -111,3 +111,24 @@ def test_fake_quant_cpp_backend_without_extension_raises(no_extension):
     # auto falls back to the reference and still computes
     y = eqkernels.fake_quant(x, s, None, -8, 7, backend="auto")
     assert torch.equal(y, eqkernels.fake_quant(x, s, None, -8, 7, backend="torch"))
+
+
+def test_force_cpu_isa_uses_the_extension_levels():
+    """The ISA cap the CPU kernels receive is _C's number for the level's name, per thread and
+    per block; the kernels never run above it."""
+    from conftest import need_kernel
+
+    need_kernel("bitplanes_cpu_isa")
+    levels = backend.cpu_isa_levels()
+    assert set(levels) == {"portable", "avx2", "avx512", "avx512gfni"}
+    assert sorted(levels.values()) == list(range(len(levels)))  # an order, lowest first
+    assert backend.cpu_isa_cap() == -1
+    level_of = _ext.kernel("bitplanes_cpu_isa")
+    for name, number in levels.items():
+        with backend.force_cpu_isa(name):
+            assert backend.cpu_isa_cap() == number
+            assert level_of(backend.cpu_isa_cap()) <= number
+        assert backend.cpu_isa_cap() == -1
+    with pytest.raises(ValueError, match="isa='sse': accepted values are portable"):
+        with backend.force_cpu_isa("sse"):
+            pass

@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
-from conftest import on
+from conftest import need_kernel, on
 
 import eqkernels as E
 from eqkernels import _ext
-from eqkernels.ops.bitplanes import force_cpu_isa
+from eqkernels.backend import force_cpu_isa
 
 ISAS = ("portable", "avx2", "avx512")
 BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS] + ["cuda"]
@@ -22,11 +22,9 @@ def run_on(backend):
     if backend == "torch":
         return "torch", contextlib.nullcontext()
     if backend == "cuda":
-        if os.environ.get("EQK_REQUIRE_EXT") != "1" and not _ext.has_kernel("pack_bitplanes_cuda"):
-            pytest.skip("eqkernels._C was built without its CUDA kernels")
+        need_kernel("pack_bitplanes_cuda")
         return "cuda", contextlib.nullcontext()
-    if not _ext.has_kernel("unpack_bitplanes_cpu"):
-        pytest.skip("eqkernels._C has no bit-plane CPU kernels")
+    need_kernel("unpack_bitplanes_cpu")
     return "cpp", force_cpu_isa(backend.split("-", 1)[1])
 
 

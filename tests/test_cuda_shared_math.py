@@ -3,10 +3,11 @@
 There is no GPU here: the CUDA kernels (csrc/bitplanes/bitplanes_kernels_cuda.cu,
 csrc/lowbit_gemm/lowbit_gemm_kernels_cuda.cu) are only compiled. Their per-thread work lives in
 csrc/common/lowbit_gemm_tile.h (__host__ __device__), and `_C.*_emulated_cpu` runs those same
-functions thread by thread and barrier phase by barrier phase. These tests check the emulation
-against an oracle written here from the definitions (DESIGN.md "Bit planes and the low-bit
-GEMM"): planes built bit by bit in int64, codes q_b = floor(q / 2^(n-b)), products in float64
-(exact: every sum here is far below 2^53).
+functions thread by thread and barrier phase by barrier phase (test-only kernels, built with
+EQK_BUILD_EMULATION=1 as CI does). These tests check the emulation against an oracle written
+here from the definitions (DESIGN.md "Bit planes and the low-bit GEMM"): planes built bit by
+bit in int64, codes q_b = floor(q / 2^(n-b)), products in float64 (exact: every sum here is
+far below 2^53).
 """
 
 import os
@@ -24,7 +25,7 @@ KERNELS = (
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("EQK_REQUIRE_EXT") != "1" and not all(_ext.has_kernel(k) for k in KERNELS),
-    reason="eqkernels._C is not built with the CUDA emulation kernels",
+    reason="eqkernels._C is built without the CUDA emulation kernels (EQK_BUILD_EMULATION=1)",
 )
 
 

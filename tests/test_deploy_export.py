@@ -7,6 +7,7 @@ BN in float64. The deployed model's logits are compared with the fake-quant subn
 
 from __future__ import annotations
 
+import copy
 import os
 
 import eqnet
@@ -286,10 +287,37 @@ def test_bad_arguments(nested_file):
         load(path, config="nope")
 
 
-def test_export_needs_arch(nested_file, tmp_path):
+def test_export_records_the_registered_arch_or_needs_the_model(nested_file, tmp_path):
+    """A network from eqnet.models.get loads by name; a user's own network needs `model=`,
+    and a model with other names or shapes is refused naming them."""
     sn, _, _ = nested_file
-    with pytest.raises(ValueError, match="arch"):
-        export(sn, tmp_path / "x.eqk")
+    export(sn, tmp_path / "reg.eqk")
+    assert read_eqk(tmp_path / "reg.eqk").header["model"]["arch"]["name"] == "digits_cnn"
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sn.set_config(SubnetConfig.uniform(NESTED, sn, 4, 4))
+    with torch.no_grad():
+        want = sn(x)
+        torch.testing.assert_close(load(tmp_path / "reg.eqk", bits=4)(x), want)
+    user = models.get("digits_cnn")
+    del user.eqnet_arch  # as a user's own module: no registered name
+    usn = copy.deepcopy(sn)
+    del usn.model.eqnet_arch
+    export(usn, tmp_path / "user.eqk")
+    assert read_eqk(tmp_path / "user.eqk").header["model"]["arch"] is None
+    with pytest.raises(ValueError, match="model="):
+        load(tmp_path / "user.eqk")
+    deployed = load(tmp_path / "user.eqk", bits=4, model=user)
+    assert type(user.fc) is nn.Linear  # the user's module is not changed
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), want)
+    wider = models.get("digits_cnn", num_classes=7)
+    with pytest.raises(ValueError, match=r"model.fc: the file has \{'out_features': 10\}"):
+        load(tmp_path / "user.eqk", model=wider)
+    renamed = nn.Sequential(*user.children())
+    with pytest.raises(ValueError, match="model.features.0"):
+        load(tmp_path / "user.eqk", model=renamed)
+    with pytest.raises(ValueError, match="registered model name"):
+        export(usn, tmp_path / "x.eqk", arch="os:system")
     assert not os.path.exists(tmp_path / "x.eqk")
 
 

@@ -414,13 +414,14 @@ def test_layered_bad_input_names_the_argument(fn):
 
 
 def test_auto_preference_order():
-    from eqkernels.ops import fake_quant as fq
+    from eqkernels import _ext
+    from eqkernels.ops.fake_quant import resolve_backend
 
     # CUDA tensors: Triton first (resolved from the device type alone; no GPU is touched).
-    assert fq._resolve("auto", torch.device("cuda"), "fake_quant") == "triton"
+    assert resolve_backend("auto", torch.device("cuda"), "fake_quant") == "triton"
     # CPU: cpp when built, never the Triton interpreter, else the reference.
-    expected = "cpp" if fq._ext.has_kernel(fq.CPP_KERNEL) else "torch"
-    assert fq._resolve("auto", torch.device("cpu"), "fake_quant") == expected
+    expected = "cpp" if _ext.has_kernel("fake_quant_fwd_cpu") else "torch"
+    assert resolve_backend("auto", torch.device("cpu"), "fake_quant") == expected
 
 
 def test_unknown_or_unavailable_backend():
@@ -652,3 +653,33 @@ def test_triton_width_switch_reuses_one_compiled_variant():
         )
         assert count_keys(kernel, decorated, make_args) == 1
         assert count_keys(kernel, (), make_args) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_codes: the one Python implementation of the integer codes
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1, -1])
+@pytest.mark.parametrize("qrange_", [(-128, 127), (0, 15), (-3, 3)])
+def test_quantize_codes_matches_oracle(axis, qrange_):
+    qmin, qmax = qrange_
+    x = torch.randn(5, 7, 3) * 4
+    channels = 1 if axis is None else x.shape[axis]
+    scale = torch.rand(channels) * 0.5 + 0.05
+    zero_point = torch.randn(channels) * 2
+    # ties: x * fl32(1/s) lands exactly on k + 0.5 for s = 0.5 (1/s = 2 is exact)
+    x.view(-1)[:6] = torch.tensor([0.25, 0.75, -0.25, -0.75, 1.25, NAN])
+    if axis is None:
+        scale[:] = 0.5
+    for zp in (None, zero_point):
+        got = eqkernels.quantize_codes(x, scale, zp, qmin, qmax, axis=axis)
+        v = _v(x, scale, axis)
+        zr = torch.round(_b(zp, x, axis)) if zp is not None else 0.0
+        expect = torch.clamp(torch.round(v) + zr, qmin, qmax)
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        assert torch.equal(torch.isnan(got), torch.isnan(expect))
+        ok = ~torch.isnan(expect)
+        assert torch.equal(got[ok].double(), expect[ok])
+    if axis is None:  # the ties round half to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+        codes = eqkernels.quantize_codes(x, scale, None, qmin, qmax).view(-1)[:5]
+        assert codes.tolist() == [max(qmin, min(qmax, c)) for c in (0, 2, 0, -2, 2)]

@@ -451,7 +451,7 @@ def test_atomic_write_leaves_no_temp_file(tmp_path):
 
 
 def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch):
-    import eqkernels.format as fmt
+    import eqkernels.eqk.writer as fmt
 
     path = tmp_path / "m.eqk"
     _write_nested(path)

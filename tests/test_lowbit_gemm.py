@@ -11,11 +11,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import call_on
+from conftest import call_on, need_kernel, on
 
 import eqkernels as E
 from eqkernels import _ext
-from eqkernels.ops.bitplanes import force_cpu_isa
+from eqkernels.backend import force_cpu_isa
 
 ISAS = ("portable", "avx2", "avx512", "avx512gfni")
 BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS] + ["cuda"]
@@ -25,11 +25,9 @@ def run_on(backend):
     if backend == "torch":
         return "torch", contextlib.nullcontext
     if backend == "cuda":
-        if os.environ.get("EQK_REQUIRE_EXT") != "1" and not _ext.has_kernel("lowbit_gemm_int_cuda"):
-            pytest.skip("eqkernels._C was built without its CUDA kernels")
+        need_kernel("lowbit_gemm_int_cuda")
         return "cuda", contextlib.nullcontext
-    if not _ext.has_kernel("lowbit_gemm_int_cpu"):
-        pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
+    need_kernel("lowbit_gemm_int_cpu")
     isa = backend.split("-", 1)[1]
     return "cpp", lambda: force_cpu_isa(isa)
 
@@ -187,8 +185,7 @@ def test_linear_k_chunking(backend, act):
                                         (20, 37, 129, 4), (64, 8, 96, 1), (7, 130, 32, 7)])  # fmt: skip
 def test_raw_int_accumulators_exact(isa, signed, M, N, K, bits):
     """The _C accumulators sum_k xq*q_b, exact, on every ISA path."""
-    if not _ext.has_kernel("lowbit_gemm_int_cpu"):
-        pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
+    need_kernel("lowbit_gemm_int_cpu")
     q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (N, K))
     if signed:
         xq = torch.randint(-128, 128, (M, K), dtype=torch.int8)
@@ -196,7 +193,7 @@ def test_raw_int_accumulators_exact(isa, signed, M, N, K, bits):
         xq = torch.randint(0, 256, (M, K), dtype=torch.uint8)
     expect = (xq.double() @ q.double().T).to(torch.int64)
     with force_cpu_isa(isa):
-        from eqkernels.ops.bitplanes import cpu_isa_cap
+        from eqkernels.backend import cpu_isa_cap
 
         got = _ext.kernel("lowbit_gemm_int_cpu")(xq, pack(q, bits), bits, cpu_isa_cap())
         assert got.dtype == torch.int32
@@ -253,12 +250,12 @@ def test_tiled_planes_layout():
     [j, t, kb, r] holds columns 64kb..64kb+63 of row 8t+r of plane j, zero past N and K."""
     if not has_tiled_path():
         pytest.skip("this CPU lacks AVX-512 VBMI + GFNI (the tiled-plane path)")
-    from eqkernels.ops.lowbit_gemm import _packed_weights
-
     N, K, bits = 13, 100, 5
     q = torch.randint(-16, 16, (N, K))
     planes = pack(q, bits)
-    tiles, wsum = _packed_weights(planes, 3, K, K, 1, 1, 1, 2)
+    tiled = _ext.ext().PACKED_LAYOUTS["tiled"]
+    tiles, wsum = _ext.kernel("lowbit_pack_weights_cpu")(planes[:3].contiguous(), 3, K, K, 1, 1,
+                                                         1, tiled, -1)  # fmt: skip
     W = planes.shape[2]
     words = planes[:3].to(torch.int64) & 0xFFFFFFFF  # [3, N, W] as unsigned
     words = F.pad(words, (0, 4 - W, 0, 16 - N))  # 2 blocks of 64 columns, 2 tiles of 8 rows
@@ -393,11 +390,14 @@ def test_bad_arguments():
 
 
 def test_opcheck():
+    import eqkernels.ops.lowbit_gemm  # noqa: F401  (registers the ops when run alone)
+
     q = torch.randint(-8, 8, (5, 40))
     planes = pack(q, 4)
     x = torch.randn(3, 40)
     s = torch.tensor([0.1])
-    backends = ["torch"] + (["cpp"] if _ext.has_kernel("lowbit_gemm_int_cpu") else [])
+    required = os.environ.get("EQK_REQUIRE_EXT") == "1"
+    backends = ["torch"] + (["cpp"] if required or _ext.has_kernel("lowbit_gemm_int_cpu") else [])
     for name in backends:
         for act in ((None, None, None, None), (torch.tensor([0.05]), torch.tensor([2.0]), 0, 255)):
             args = (x, planes, s, 3, 4, 40, True, None, None, *act, name)
@@ -439,8 +439,7 @@ def test_graph_capture_and_fake_tensors_see_the_registered_ops():
 @pytest.mark.parametrize("isa", ISAS)
 def test_cpp_results_do_not_depend_on_thread_count(isa):
     """Float sums run in a fixed order inside one thread; integer sums are exact."""
-    if not _ext.has_kernel("lowbit_gemm_float_cpu"):
-        pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
+    need_kernel("lowbit_gemm_float_cpu")
     q = torch.randint(-8, 8, (300, 333))
     planes = pack(q, 4)
     x = torch.randn(3, 333)
@@ -563,8 +562,7 @@ def test_repacked_weights_follow_in_place_plane_changes(backend):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_fused_conv_and_linear_do_not_depend_on_thread_count(isa):
-    if not _ext.has_kernel("lowbit_gemm_int_cpu"):
-        pytest.skip("eqkernels._C has no low-bit GEMM CPU kernels")
+    need_kernel("lowbit_gemm_int_cpu")
     q = torch.randint(-8, 8, (64, 64 * 9))
     planes = pack(q, 4)
     x = torch.randn(2, 64, 16, 16)
@@ -584,27 +582,89 @@ def test_fused_conv_and_linear_do_not_depend_on_thread_count(isa):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unchecked_entry_points(backend, device):
-    """lowbit_conv2d_unchecked / lowbit_linear_unchecked (the registered ops' positional
-    arguments, no dispatcher; used by the deploy runtime) against the float64 oracles."""
-    from eqkernels.ops.lowbit_gemm import lowbit_conv2d_unchecked, lowbit_linear_unchecked
-
+def test_prepared_calls(backend, device):
+    """prepare_conv2d / prepare_linear (validated once, used by the deploy runtime) against the
+    float64 oracles, and equal to the public ops bit for bit, call after call."""
     name, ctx = run_on(backend)
     q = torch.randint(-8, 8, (6, 4 * 9))
     planes = pack(q, 4)
     scale, s_a, z_a = torch.rand(6) + 0.1, torch.tensor([0.05]), torch.tensor([3.0])
     bias = torch.randn(6)
+    planes_d, scale_d, s_a_d, z_a_d, bias_d = on(device, planes, scale, s_a, z_a, bias)
+    act = E.ActQuant(s_a_d, z_a_d, 0, 255)
     x = torch.randn(2, 4, 5, 6)
+    geom = dict(in_channels=4, kernel_size=3, stride=(1, 2), padding=1)
     with ctx():
-        y = call_on(device, lowbit_conv2d_unchecked, x, planes, scale, 3, 4, 4, [3, 3], [1, 2],
-                    [1, 1], [1, 1], 1, True, bias, None, s_a, z_a, 0, 255, name)  # fmt: skip
+        conv = E.prepare_conv2d(planes_d, scale_d, 3, 4, **geom, bias=bias_d, act=act,
+                                backend=name)  # fmt: skip
+        y = call_on(device, conv, x)
+        again = call_on(device, conv, x)
+        public = call_on(device, E.lowbit_conv2d, x, planes_d, scale_d, 3, 4, **geom,
+                         bias=bias_d, act_scale=s_a_d, act_zero_point=z_a_d, act_quant_min=0,
+                         act_quant_max=255, backend=name)  # fmt: skip
     ref, bound = conv_oracle(x, q, 4, 3, scale, True, (s_a, z_a, 0, 255), (1, 2), 1, 1, 1, bias)
     assert_close_to(y, ref, bound, 1e-6)
+    assert torch.equal(y, again) and torch.equal(y, public)
+    assert conv.backend == name and conv.K == 36 and conv.out_channels == 6
     xl = torch.randn(3, 36)
     with ctx():
-        y = call_on(device, lowbit_linear_unchecked, xl, planes, scale, 3, 4, 36, True, bias,
-                    None, s_a, z_a, 0, 255, name)  # fmt: skip
+        lin = E.prepare_linear(planes_d, scale_d, 3, 4, K=36, bias=bias_d, act=act, backend=name)
+        y = call_on(device, lin, xl)
+        float_lin = E.prepare_linear(planes_d, scale_d, 3, 4, K=36, backend=name)
+        yf = call_on(device, float_lin, xl)  # float activations
     xq, zr = act_codes64(xl, s_a, z_a, 0, 255)
     xd = (xq - zr) * s_a.double()
     w = weight64(q, 4, 3, scale, True)
     assert_close_to(y, xd @ w.T + bias.double(), xd.abs() @ w.abs().T + bias.double().abs(), 1e-6)
+    assert_close_to(yf, xl.double() @ w.T, xl.double().abs() @ w.abs().T, 1e-6)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_fused_linear_at_the_decoded_rows_threshold(isa):
+    """The fused linear switches kernels at _C.LOWBIT_DECODED_MIN_M rows (bit-serial GEMV
+    below, decoded int8 GEMM from there): both sides of the threshold match the oracle."""
+    need_kernel("lowbit_linear_int_fused_cpu")
+    min_m = _ext.ext().LOWBIT_DECODED_MIN_M
+    q = torch.randint(-128, 128, (19, 70))
+    planes = pack(q, 8)
+    scale, s_a = torch.rand(19) + 0.1, torch.tensor([0.03])
+    w = weight64(q, 8, 6, scale, True)
+    for M in (min_m - 1, min_m):
+        x = torch.randn(M, 70)
+        with force_cpu_isa(isa):
+            y = E.lowbit_linear(x, planes, scale, 6, 8, K=70, act_scale=s_a, act_quant_min=-128,
+                                act_quant_max=127, backend="cpp")  # fmt: skip
+        xq, _ = act_codes64(x, s_a, None, -128, 127)
+        xd = xq * s_a.double()
+        assert_close_to(y, xd @ w.T, xd.abs() @ w.abs().T, 1e-6)
+
+
+def test_act_quant_and_prepared_calls_reject_bad_arguments():
+    planes = pack(torch.randint(-8, 8, (6, 36)), 4)
+    scale = torch.rand(6) + 0.1
+    with pytest.raises(ValueError, match=r"act_scale: accepted values are finite and >= 2\^-126"):
+        E.ActQuant(torch.tensor([0.0]), None, 0, 255)
+    with pytest.raises(ValueError, match="act_quant_max=256"):
+        E.ActQuant(0.1, None, 0, 256)
+    with pytest.raises(ValueError, match="act_quant_min=-129"):
+        E.ActQuant(0.1, None, -129, 127)
+    with pytest.raises(ValueError, match="scale: expected"):
+        E.ActQuant(None, None, 0, 255)
+    act = E.ActQuant(0.1, 2, 0, 255)  # Python numbers become fp32 [1] tensors
+    assert act.scale.dtype == torch.float32 and act.zero_point.tolist() == [2.0]
+    with pytest.raises(ValueError, match="act: expected None"):
+        E.prepare_linear(planes, scale, 3, 4, K=36, act=(0.1, None, 0, 255))
+    with pytest.raises(ValueError, match="top_bits=4: accepted values are integers 5..8"):
+        E.prepare_linear(planes, scale, 5, 4, K=36)
+    with pytest.raises(ValueError, match="groups=4: accepted values divide the output channels"):
+        E.prepare_conv2d(planes, scale, 3, 4, in_channels=16, kernel_size=3, groups=4)
+    lin = E.prepare_linear(planes, scale, 3, 4, K=36, act=act, backend="torch")
+    with pytest.raises(ValueError, match="x: last dimension 35; accepted: K=36"):
+        lin(torch.randn(2, 35))
+    with pytest.raises(ValueError, match="x: expected a floating-point tensor"):
+        lin(torch.zeros(2, 36, dtype=torch.int32))
+    conv = E.prepare_conv2d(planes, scale, 3, 4, in_channels=4, kernel_size=3, backend="torch")
+    with pytest.raises(ValueError, match="x: shape"):
+        conv(torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="x: height 2 is smaller than the dilated kernel"):
+        conv(torch.randn(1, 4, 2, 5))

@@ -187,7 +187,7 @@ def _dtype_name(model, init_name):
     return onnx.TensorProto.DataType.Name(t.data_type).lower()
 
 
-def _expected_act(preset, layer, choice):
+def _expected_act(preset, layer, choice, int4=False):
     p = layer.act_quantizer.params(choice.a_bits, "tensor", choice.a_symmetry)
     z = 0 if p.zero_point is None else int(torch.round(p.zero_point).item())
     lo, hi = min(p.quant_min, z), max(p.quant_max, z)
@@ -195,7 +195,11 @@ def _expected_act(preset, layer, choice):
         return "uint8", p.quant_max - p.quant_min != 255
     if preset == "tensorrt":
         return "int8", (p.quant_min, p.quant_max) != (-128, 127)
-    name = next(n for n, (a, b) in TYPE_RANGES.items() if a <= lo and hi <= b)
+    name = next(
+        n
+        for n, (a, b) in TYPE_RANGES.items()
+        if a <= lo and hi <= b and (int4 or "4" not in n)  # int4 containers are opt-in
+    )
     return name, (p.quant_min, p.quant_max) != TYPE_RANGES[name]
 
 
@@ -240,6 +244,7 @@ def _config(kind, space, sn, preset, fold_bn=None):
 CASES = [
     ("all", False, "generic", "uniform8", {}),
     ("all", False, "generic", "mixed", {}),
+    ("all", False, "generic", "mixed", {"int4": True}),
     ("all", False, "generic", "mixed", {"fold_bn": "affine"}),
     ("all", False, "snpe", "uniform8", {}),
     ("all", False, "snpe", "mixed", {}),
@@ -257,9 +262,12 @@ def test_export_reproduces_fake_quant(nets, tmp_path, space_key, per_bit_bn, pre
     sn, test = nets(space_key, per_bit_bn)
     cfg = _config(kind, SPACES[space_key], sn, preset, kw.get("fold_bn"))
     path = tmp_path / "m.onnx"
-    model = export_onnx(sn, cfg, path, (1, 1, 8, 8), preset=preset, **kw)
+    model = export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset=preset, **kw)
     onnx.checker.check_model(onnx.load(path), full_check=True)
     assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    if not kw.get("int4"):  # the default containers load under ORT's default options
+        default = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        default.run(None, {"input": test[:2].numpy()})
 
     layers = sn.quantized_layers()
     fold_bn = kw.get("fold_bn", "scale" if preset == "tensorrt" else "keep")
@@ -276,7 +284,7 @@ def test_export_reproduces_fake_quant(nets, tmp_path, space_key, per_bit_bn, pre
     assert SubnetConfig.from_json(meta["eqnet.config"]) == cfg
     clips = {n.name.rsplit(".input/", 1)[0] for n in model.graph.node if n.op_type == "Clip"}
     for name, layer in layers.items():
-        container, clip = _expected_act(preset, layer, cfg[name])
+        container, clip = _expected_act(preset, layer, cfg[name], kw.get("int4", False))
         assert recorded[name]["activation"]["container"] == container, name
         assert recorded[name]["activation"]["clip"] == clip, name
         assert (name in clips) == clip, name
@@ -317,14 +325,14 @@ def test_low_widths_use_int4_or_clip(nets, tmp_path):
     sn, test = nets("all")
     space = SPACES["all"]
     cfg = SubnetConfig.uniform(space, sn, 3, 3, "channel", "sym", "asym")
-    model = export_onnx(sn, cfg, tmp_path / "a.onnx", (1, 1, 8, 8))
+    model = export_onnx(sn, cfg, tmp_path / "a.onnx", input_shape=(1, 1, 8, 8), int4=True)
     weights = [n for n in model.graph.node if n.name.endswith(".weight/DequantizeLinear")]
     assert {_dtype_name(model, n.input[0]) for n in weights} == {"int4"}
     # 3-bit activations: int4/uint4 containers are wider, so every layer gets its Clip.
     assert _count(model, "Clip") == len(sn.quantized_layers())
     _check_agreement(sn, cfg, tmp_path / "a.onnx", test)
 
-    model = export_onnx(sn, cfg, tmp_path / "b.onnx", (1, 1, 8, 8), int4=False)
+    model = export_onnx(sn, cfg, tmp_path / "b.onnx", input_shape=(1, 1, 8, 8), int4=False)
     types = {_dtype_name(model, t.name) for t in model.graph.initializer if "zero_point" in t.name}
     assert types <= {"int8", "uint8"}
     _check_agreement(sn, cfg, tmp_path / "b.onnx", test)
@@ -335,7 +343,7 @@ def test_low_widths_use_int4_or_clip(nets, tmp_path):
 def test_opset_17_uses_8bit_containers(nets, tmp_path):
     sn, test = nets("all")
     cfg = SubnetConfig.uniform(SPACES["all"], sn, 4, 4, "tensor", "asym", "asym")
-    model = export_onnx(sn, cfg, tmp_path / "m.onnx", (1, 1, 8, 8), opset=17)
+    model = export_onnx(sn, cfg, tmp_path / "m.onnx", input_shape=(1, 1, 8, 8), opset=17)
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 17
     meta = json.loads({p.key: p.value for p in model.metadata_props}["eqnet.layers"])
     assert {v["weight"]["container"] for v in meta.values()} <= {"int8", "uint8"}
@@ -345,13 +353,13 @@ def test_opset_17_uses_8bit_containers(nets, tmp_path):
 def test_nested_top_width_8_uses_int16_codes(nets, tmp_path):
     sn, _ = nets("nested")
     cfg = SubnetConfig.uniform(SPACES["nested"], sn, 4, 8, "channel", "sym", "asym")
-    model = export_onnx(sn, cfg, tmp_path / "m.onnx", (1, 1, 8, 8))
+    model = export_onnx(sn, cfg, tmp_path / "m.onnx", input_shape=(1, 1, 8, 8))
     meta = json.loads({p.key: p.value for p in model.metadata_props}["eqnet.layers"])
     # 4 of 8 bits: codes 2^5 q_b + 15 span [-241, 239], beyond int8.
     assert {v["weight"]["container"] for v in meta.values()} == {"int16"}
     with pytest.raises(ValueError, match="fit none of snpe's weight types"):
         cfg_t = SubnetConfig.uniform(SPACES["nested"], sn, 4, 8, "tensor", "sym", "asym")
-        export_onnx(sn, cfg_t, tmp_path / "s.onnx", (1, 1, 8, 8), preset="snpe")
+        export_onnx(sn, cfg_t, tmp_path / "s.onnx", input_shape=(1, 1, 8, 8), preset="snpe")
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,20 +372,20 @@ def test_bad_arguments(nets, tmp_path):
     cfg = SubnetConfig.uniform(space, sn, 8, 8, "channel", "sym", "sym")
     path = tmp_path / "m.onnx"
     with pytest.raises(ValueError, match="preset='coreml'.*generic"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), preset="coreml")
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="coreml")
     with pytest.raises(ValueError, match="opset=12"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), opset=12)
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), opset=12)
     with pytest.raises(ValueError, match="input_shape"):
-        export_onnx(sn, cfg, path, (1, 0, 8, 8))
+        export_onnx(sn, cfg, path, input_shape=(1, 0, 8, 8))
     with pytest.raises(ValueError, match="fold_bn='fuse'"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), fold_bn="fuse")
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), fold_bn="fuse")
     with pytest.raises(ValueError, match="weight_format"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), weight_format="fp")
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), weight_format="fp")
     with pytest.raises(ValueError, match="supernet"):
-        export_onnx(torch.nn.Linear(2, 2), cfg, path, (1, 2))
+        export_onnx(torch.nn.Linear(2, 2), cfg, path, input_shape=(1, 2))
     bad = cfg.replace("model.fc", w_bits=5)
     with pytest.raises(ValueError, match="model.fc.*w_bits=5"):
-        export_onnx(sn, bad, path, (1, 1, 8, 8))
+        export_onnx(sn, bad, path, input_shape=(1, 1, 8, 8))
     assert not path.exists()
 
 
@@ -387,21 +395,21 @@ def test_presets_name_what_the_engine_cannot_take(nets, tmp_path):
     path = tmp_path / "m.onnx"
     cfg = SubnetConfig.uniform(space, sn, 8, 8, "channel", "sym", "asym")
     with pytest.raises(ValueError, match="(?s)snpe.*w_granularity='channel'"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), preset="snpe")
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="snpe")
     with pytest.raises(ValueError, match="(?s)tensorrt.*a_symmetry='asym'"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), preset="tensorrt")
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="tensorrt")
     cfg = SubnetConfig.uniform(space, sn, 4, 4, "tensor", "asym", "sym")
     with pytest.raises(ValueError, match="w_granularity='tensor'.*\n.*w_symmetry='asym'"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), preset="tensorrt")
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="tensorrt")
     # 8-bit unsigned activations (after ReLU) need uint8: TensorRT takes int8 only.
     cfg = SubnetConfig.uniform(space, sn, 4, 8, "channel", "sym", "sym")
     with pytest.raises(ValueError, match=r"(?s)activation codes \[0, 255\].*\['int8'\]"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), preset="tensorrt")
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="tensorrt")
     with pytest.raises(ValueError, match="fold_bn='keep'.*tensorrt"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), preset="tensorrt", fold_bn="keep")
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="tensorrt", fold_bn="keep")
     cfg = SubnetConfig.uniform(space, sn, 4, 4, "tensor", "sym", "sym")
     with pytest.raises(ValueError, match="fold_bn='scale' needs per-channel"):
-        export_onnx(sn, cfg, path, (1, 1, 8, 8), fold_bn="scale")
+        export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), fold_bn="scale")
     assert not path.exists()
 
 
@@ -418,8 +426,8 @@ def test_tensorrt_rejects_weight_code_minus_128(nets, tmp_path):
         layer.weight[0, 0] = -128 * p.scale[0]
     cfg = SubnetConfig.uniform(space, sn, 8, 4, "channel", "sym", "sym")
     with pytest.raises(ValueError, match=r"model.fc.*outside tensorrt's range \[-127, 127\]"):
-        export_onnx(sn, cfg, tmp_path / "m.onnx", (1, 1, 8, 8), preset="tensorrt")
-    export_onnx(sn, cfg, tmp_path / "g.onnx", (1, 1, 8, 8), preset="generic")
+        export_onnx(sn, cfg, tmp_path / "m.onnx", input_shape=(1, 1, 8, 8), preset="tensorrt")
+    export_onnx(sn, cfg, tmp_path / "g.onnx", input_shape=(1, 1, 8, 8), preset="generic")
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +444,7 @@ def test_resnet20_small_input(tmp_path, preset):
     for kind in ("uniform4" if preset == "tensorrt" else "uniform8", "mixed"):
         cfg = _config(kind, space, sn, preset)
         path = tmp_path / f"{kind}.onnx"
-        model = export_onnx(sn, cfg, path, shape, preset=preset)
+        model = export_onnx(sn, cfg, path, input_shape=shape, preset=preset)
         n = len(sn.quantized_layers())
         assert _count(model, "DequantizeLinear") == 2 * n
         r = compare_onnx(sn, cfg, path, test)
@@ -541,7 +549,7 @@ def test_float_first_and_last_layers(tmp_path):
     eqnet.recalibrate_bn(sn, [(train[:128], None)], batches=1)
     sn.eval()
     cfg = SubnetConfig.uniform(space, sn, 4, 4, "channel", "sym", "sym")
-    model = export_onnx(sn, cfg, tmp_path / "m.onnx", (1, 1, 8, 8), preset="tensorrt")
+    model = export_onnx(sn, cfg, tmp_path / "m.onnx", input_shape=(1, 1, 8, 8), preset="tensorrt")
     assert len(sn.quantized_layers()) == 2
     assert _count(model, "DequantizeLinear") == 4 and _count(model, "BatchNormalization") == 0
     assert _count(model, "Conv") == 3 and _count(model, "Gemm") == 1
@@ -558,7 +566,7 @@ def test_mobilenet_v2_small_input(tmp_path, preset):
     for name, c in list(cfg):  # >= 4 bits: a random-init mobilenet dies at 2-3 bits
         cfg = cfg.replace(name, w_bits=max(c.w_bits, 4), a_bits=max(c.a_bits, 4))
     path = tmp_path / "m.onnx"
-    model = export_onnx(sn, cfg, path, shape, preset=preset)
+    model = export_onnx(sn, cfg, path, input_shape=shape, preset=preset)
     n = len(sn.quantized_layers())
     assert n == 53
     assert _count(model, "DequantizeLinear") == 2 * n
@@ -586,6 +594,6 @@ def test_layer_called_twice_gets_two_qdq(tmp_path):
     train, test = _digits()
     eqnet.calibrate(sn, [(train[:128], None)], batches=1, method="lsq")
     cfg = SubnetConfig.uniform(space, sn, 4, 4, "channel", "sym", "asym")
-    model = export_onnx(sn, cfg, tmp_path / "m.onnx", (1, 1, 8, 8))
+    model = export_onnx(sn, cfg, tmp_path / "m.onnx", input_shape=(1, 1, 8, 8))
     assert _count(model, "QuantizeLinear") == 3 and _count(model, "DequantizeLinear") == 6
     _check_agreement(sn, cfg, tmp_path / "m.onnx", test)

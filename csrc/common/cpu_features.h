@@ -14,7 +14,10 @@ struct CpuFeatures {
   bool avx512vbmi = false, gfni = false;
 };
 
-enum class IsaLevel { portable = 0, avx2 = 1, avx512 = 2 };
+// The ISA levels of the CPU kernels (their numbers are the `isa` cap argument of every kernel;
+// exposed to Python as _C.ISA_LEVELS). avx512gfni (AVX-512 + VBMI + GFNI) is used by the
+// bit-plane kernels only (lowbit_cpu_dispatch.h); isa_level() stops at avx512.
+enum class IsaLevel { portable = 0, avx2 = 1, avx512 = 2, avx512gfni = 3 };
 
 inline CpuFeatures detect_cpu_features() {
   CpuFeatures f;

@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "common/lowbit_cpu_portable.h"
+#include "common/avx512_defined.h"
 
 #define EQK_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vpopcntdq,bmi2")))
@@ -85,8 +86,8 @@ EQK_TARGET_AVX512 inline void gemv_int_rows_avx512(const PlaneRows& P, const uin
         step<BITS, SIGNED>(j, _cvtu64_mask64(rows[r][j][W - 1]), xv, acc[r][j & 1], accs[r]);
   }
   for (int r = 0; r < R; ++r) {
-    const uint32_t pos = (uint32_t)_mm512_reduce_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]));
-    const uint32_t neg = (uint32_t)_mm512_reduce_add_epi32(accs[r]);
+    const uint32_t pos = (uint32_t)avx512::reduce_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]));
+    const uint32_t neg = (uint32_t)avx512::reduce_add_epi32(accs[r]);
     out[r] = (int32_t)(pos - neg);
   }
 }
@@ -145,7 +146,7 @@ EQK_TARGET_AVX512 inline float gemv_float_row_avx512(const PlaneRows& P, const f
   }
   float total = 0.0f;
   for (int j = 0; j < BITS; ++j) {
-    const float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
+    const float s = avx512::reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
     total += float(plane_weight(BITS, j)) * s;
   }
   return total;
@@ -199,7 +200,7 @@ EQK_TARGET_AVX512 inline void rowsums_avx512(const PlaneRows& P, int64_t n0, int
         const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
         c = _mm512_add_epi64(c, _mm512_popcnt_epi64(_mm512_maskz_loadu_epi32(m, r + w)));
       }
-      s += (int64_t)plane_weight(P.bits, j) * _mm512_reduce_add_epi64(c);
+      s += (int64_t)plane_weight(P.bits, j) * avx512::reduce_add_epi64(c);
     }
     out[n] = s;
   }

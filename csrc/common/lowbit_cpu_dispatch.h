@@ -12,12 +12,15 @@
 
 namespace eqk::lowbit {
 
-// 0 portable, 1 avx2, 2 avx512, 3 avx512 + VBMI + GFNI. cap < 0: no per-call cap.
+// An IsaLevel value as int (0 portable, 1 avx2, 2 avx512, 3 avx512gfni). cap < 0: no
+// per-call cap.
 inline int kernel_level(int64_t cap) {
+  constexpr int kAvx2 = static_cast<int>(IsaLevel::avx2);
+  constexpr int kAvx512 = static_cast<int>(IsaLevel::avx512);
   int level = static_cast<int>(isa_level());
   const auto& f = cpu_features();
-  if (level == 2 && !(f.avx512vnni && f.avx512vpopcntdq)) level = 1;
-  if (level == 2 && f.avx512vbmi && f.gfni) level = 3;
+  if (level == kAvx512 && !(f.avx512vnni && f.avx512vpopcntdq)) level = kAvx2;
+  if (level == kAvx512 && f.avx512vbmi && f.gfni) level = static_cast<int>(IsaLevel::avx512gfni);
   if (cap >= 0 && cap < level) level = static_cast<int>(cap);
   return level;
 }

@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/avx512_defined.h"
+
 #define EQK_TARGET_GFNI                                                                     \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni," \
                         "bmi2")))
@@ -111,9 +113,9 @@ EQK_TARGET_GFNI __attribute__((always_inline)) inline void dpbusd_into(__m512i& 
 
 // Sum of the 16 int32 lanes in int64.
 EQK_TARGET_GFNI inline int64_t lanes_sum64(__m512i v) {
-  return _mm512_reduce_add_epi64(
-      _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
-                       _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+  return avx512::reduce_add_epi64(
+      _mm512_add_epi64(avx512::cvtepi32_epi64(avx512::extract_lo256(v)),
+                       avx512::cvtepi32_epi64(avx512::extract_hi256(v))));
 }
 
 // The kernels' accumulators are named variables, not arrays: GCC kept an array of __m512i on
@@ -157,10 +159,11 @@ constexpr int64_t kChunkBlocks = 32;  // 2048 columns: 16 KiB of decoded weights
 
 // Four accumulators -> their four lane sums (int32; exact within a chunk).
 EQK_TARGET_GFNI inline __m128i reduce4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
-  const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
-  const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
-  const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
-  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+  using namespace avx512;
+  const __m512i s01 = _mm512_add_epi32(unpacklo_epi32(a0, a1), unpackhi_epi32(a0, a1));
+  const __m512i s23 = _mm512_add_epi32(unpacklo_epi32(a2, a3), unpackhi_epi32(a2, a3));
+  const __m512i s = _mm512_add_epi32(unpacklo_epi64(s01, s23), unpackhi_epi64(s01, s23));
+  const __m256i h = _mm256_add_epi32(extract_lo256(s), extract_hi256(s));
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 

@@ -20,6 +20,7 @@
 
 #include "common/lowbit_cpu_avx2.h"
 #include "common/lowbit_cpu_avx512.h"
+#include "common/avx512_defined.h"
 
 namespace eqk::lowbit {
 
@@ -75,15 +76,15 @@ EQK_TARGET_AVX512 inline int64_t quantize_avx512(const float* x, int64_t n, floa
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
-    v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
-    v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
-    const __m512i code = _mm512_cvttps_epi32(v);
+    v = _mm512_add_ps(avx512::roundscale_ps<_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC>(v), vz);
+    v = avx512::min_ps(avx512::max_ps(v, vlo), vhi);
+    const __m512i code = avx512::cvttps_epi32(v);
     acc = _mm512_add_epi32(acc, code);
     // code - sub lies in [0, 255]: the low byte of each int32 lane
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                     _mm512_cvtepi32_epi8(_mm512_sub_epi32(code, vsub)));
+                     avx512::cvtepi32_epi8(_mm512_sub_epi32(code, vsub)));
   }
-  return _mm512_reduce_add_epi32(acc) +
+  return avx512::reduce_add_epi32(acc) +
          quantize_portable(x + i, n - i, inv, z, lo, hi, sub, out + i);
 }
 

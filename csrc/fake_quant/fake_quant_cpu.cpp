@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/avx512_defined.h"
 #include "common/cpu_features.h"
 #include "common/fake_quant_math.h"
 #include "common/registry.h"
@@ -56,9 +57,6 @@ void bwd_block_portable(const float* dy, const float* x, float* dx, int64_t n,
 // AVX2 (8 lanes; two registers make the 16 reduction lanes)
 
 #if defined(__x86_64__)
-// GCC 12 warns that _mm512_undefined_ps() inside the roundscale intrinsics is uninitialized.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define EQK_AVX2 __attribute__((target("avx2,fma")))
 #define EQK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
@@ -148,12 +146,13 @@ EQK_AVX512 inline __m512 avx512_element(__m512 x, const Avx512Params& p, __m512&
                                         __mmask16& nan) {
   v = _mm512_mul_ps(x, p.inv_s);
   nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  __m512 vc = _mm512_min_ps(p.hi, _mm512_max_ps(p.lo, v));
-  __m512 r = _mm512_roundscale_ps(vc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  using namespace eqk::avx512;
+  __m512 vc = min_ps(p.hi, max_ps(p.lo, v));
+  __m512 r = roundscale_ps<_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC>(vc);
   u = _mm512_add_ps(r, p.zr);
-  __m512 q = _mm512_min_ps(p.qmax, _mm512_max_ps(p.qmin, u));
-  __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(q, p.zr), p.inv_step),
-                                  _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 q = min_ps(p.qmax, max_ps(p.qmin, u));
+  __m512 f = roundscale_ps<_MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC>(
+      _mm512_mul_ps(_mm512_sub_ps(q, p.zr), p.inv_step));
   return _mm512_mul_ps(_mm512_add_ps(f, p.comp), p.step);
 }
 
@@ -193,7 +192,6 @@ EQK_AVX512 void bwd_block_avx512(const float* dy, const float* x, float* dx, int
   _mm512_storeu_ps(lo, ao);
   bwd_tail(dy, x, dx, i, n, sp, lt, lo);
 }
-#pragma GCC diagnostic pop
 #endif  // __x86_64__
 
 // ---------------------------------------------------------------------------------------------

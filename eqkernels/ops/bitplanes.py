@@ -12,41 +12,12 @@ These are inference ops: no autograd is registered (integer tensors have no grad
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 
 from .. import _ext
-from ..backend import check_values_enabled, choose
+from ..backend import check_values_enabled, choose, cpu_isa_cap
 
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda",)}
-
-# Testing aid: the C++ kernels take an ISA cap (-1 = the detected level, capped by EQK_CPU_ISA
-# which is read once per process); `force_cpu_isa` lowers it per call so one test process can
-# exercise every path.
-_ISA_LEVELS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512gfni": 3}
-_isa_state = threading.local()
-
-
-def cpu_isa_cap() -> int:
-    """The ISA cap passed to the C++ kernels (-1 = detected level)."""
-    return getattr(_isa_state, "cap", -1)
-
-
-@contextlib.contextmanager
-def force_cpu_isa(name: str):
-    """Run the C++ CPU kernels at most at ISA level `name` ("portable", "avx2", "avx512",
-    "avx512gfni": AVX-512 plus VBMI and GFNI, for the tiled-plane integer linear) inside the
-    block. The detected level (and EQK_CPU_ISA) still caps it."""
-    if name not in _ISA_LEVELS:
-        raise ValueError(f"isa={name!r}: accepted values are {', '.join(_ISA_LEVELS)}")
-    previous = cpu_isa_cap()
-    _isa_state.cap = _ISA_LEVELS[name]
-    try:
-        yield
-    finally:
-        _isa_state.cap = previous
 
 
 def words_per_row(K: int) -> int:
@@ -94,7 +65,8 @@ def unpack_bitplanes_ref(planes: torch.Tensor, bits: int, K: int) -> torch.Tenso
 # Validation
 
 
-def _check_bits(bits, name="bits", lo=1, hi=8):
+def check_bits(bits, name: str = "bits", lo: int = 1, hi: int = 8) -> None:
+    """`bits` is an integer in [lo, hi], else a ValueError naming `name`."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
         raise ValueError(f"{name}={bits!r}: accepted values are integers {lo}..{hi}")
 
@@ -168,7 +140,7 @@ def pack_bitplanes(q: torch.Tensor, bits: int, *, backend: str | None = None) ->
     Out-of-range values raise ValueError (checked in eager mode on CPU, or with EQK_CHECK=1).
     Inference op: no autograd.
     """
-    _check_bits(bits)
+    check_bits(bits)
     if not isinstance(q, torch.Tensor) or q.dim() != 2:
         raise ValueError("q: expected a 2-D integer tensor [N, K]")
     if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
@@ -199,7 +171,7 @@ def unpack_bitplanes(
     """Decode the first `bits` canonical planes to `int8[N, K]`; with `n` planes packed from
     `q`, this is `floor(q / 2^(n-bits))`. `planes` may hold exactly `bits` planes (a file
     prefix). Inference op: no autograd."""
-    _check_bits(bits)
+    check_bits(bits)
     check_planes(planes, bits, K)
     name = choose(
         backend,

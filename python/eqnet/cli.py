@@ -23,9 +23,12 @@ COMMANDS = {
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqnet", description=__doc__.splitlines()[0])
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
         if name == selected:
             importlib.import_module(module_name).add_arguments(p)
     return parser
@@ -42,7 +45,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    if args.debug:
+        return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"eqnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line instead of a traceback; --debug shows it
+        print(f"eqnet {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, with its type when that says more, and never
+    a suggestion to unpickle untrusted data."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if "weights_only" in text:
+        first = "the file holds objects other than tensors and plain containers (not loaded)"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    if not first:
+        return type(exc).__name__
+    if isinstance(exc, ValueError | FileNotFoundError):
+        return first
+    return f"{type(exc).__name__}: {first}"
 
 
 if __name__ == "__main__":

@@ -1,19 +1,27 @@
-"""Model conversion (float model -> elastic quantization Supernet), calibration, BN re-estimation."""
+"""Model conversion: a float model -> an elastic quantization Supernet.
+
+Calibration and BN re-estimation live in eqnet.nn.calibration (re-exported here).
+"""
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import itertools
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from .nn.attention import ProjectedAttention, disable_fused_paths
 from .nn.batchnorm import SwitchableBatchNorm2d
+from .nn.calibration import calibrate, recalibrate_bn
+from .nn.coverage import call_model, check_quantized_paths
 from .nn.layers import QConv2d, QLinear
-from .nn.quantizer import CALIB_SAMPLES, ElasticQuantizer
 from .nn.supernet import Supernet
 from .space import ElasticSpace, LayerChoice
+
+__all__ = ["calibrate", "convert", "make_projections_modules", "recalibrate_bn"]
 
 _QUANTIZABLE = (nn.Conv2d, nn.Linear)
 # first and last layers: fixed 8-bit, float, or elastic like the rest (see `convert`)
@@ -25,18 +33,37 @@ def convert(
     space: ElasticSpace,
     keep_first_last: str = "8bit",
     per_bit_bn: bool = False,
-    example_input: torch.Tensor | None = None,
+    example_input=None,
+    exclude=(),
 ) -> Supernet:
-    """Deep-copy `model` and swap every nn.Conv2d / nn.Linear for QConv2d / QLinear.
+    """Deep-copy `model`, swap every nn.Conv2d / nn.Linear for QConv2d / QLinear, and return
+    the copy wrapped in a `Supernet`.
+
+    The returned Supernet is a wrapper: it calls the converted model, which is
+    `supernet.model` (the user's module tree with quantized layers in place; layer names in
+    configs are relative to the Supernet, "model.<name>"). The original `model` is untouched.
+
+    Projections that bypass nn.Linear are made modules first, sharing their Parameters:
+    nn.MultiheadAttention becomes eqnet.nn.ProjectedAttention (packed `in_proj` or
+    `q_proj`/`k_proj`/`v_proj`, and `out_proj`), transformers' Conv1D an nn.Linear (weight
+    transposed), torchvision's Swin window attention calls its `qkv`/`proj`. Weights tied
+    between modules (GPT-2's lm_head and wte) stay tied.
 
     keep_first_last: "8bit" fixes the first and last quantized layers (in execution order) at
     LayerChoice(fixed_bits, fixed_bits, "channel", "sym", "asym" if allowed else the space's
     first activation symmetry); "fp" leaves them float; "elastic" treats them like the others.
     per_bit_bn: replace each BatchNorm2d fed directly by an elastic layer with a
     SwitchableBatchNorm2d over space.w_bits.
-    example_input: one input batch, used for a hooked forward that finds the execution order
-    and the dataflow; needed unless keep_first_last="elastic" and per_bit_bn=False. Models
-    from `eqnet.models.get` carry a default (`eqnet_input_size`).
+    example_input: one input batch: a tensor, a tuple of positional arguments or a dict of
+    keyword arguments. Used for a hooked forward that finds the execution order and the
+    dataflow (needed unless keep_first_last="elastic" and per_bit_bn=False; models from
+    `eqnet.models.get` carry a default, `eqnet_input_size`), and to check that every converted
+    layer runs its quantized path in train and eval mode, with and without grad: a layer that
+    does not (its parent reads its .weight, a fused fast path skips it) raises ValueError
+    naming it. Without an example input, `calibrate` runs this check on its first batch.
+    exclude: fnmatch patterns of module names (relative to `model`, e.g. "heads.*" or
+    "encoder.layers.0.self_attn"); matching layers, and layers inside matching modules, stay
+    float and are left out of the check. Each pattern must match something.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -50,16 +77,21 @@ def convert(
         raise ValueError(f"per_bit_bn={per_bit_bn!r}: accepted values are True, False")
     if isinstance(model, Supernet):
         raise ValueError("model is already a Supernet")
+    patterns = _patterns(exclude)
     model = copy.deepcopy(model)
-    layers = [m for m in model.modules() if isinstance(m, _QUANTIZABLE)]  # unique, module order
+    make_projections_modules(model)
+    layers = _convertible(model, patterns)  # unique, module order
     if not layers:
         raise ValueError("model has no nn.Conv2d or nn.Linear to convert")
 
     order: list[nn.Module] = layers
     bn_source: dict[int, nn.Module] = {}
-    if keep_first_last != "elastic" or per_bit_bn:
+    if example_input is not None or keep_first_last != "elastic" or per_bit_bn:
         example_input = _example_input(model, example_input)
+    if keep_first_last != "elastic" or per_bit_bn:
         order, bn_source = _trace(model, example_input)
+        converted = {id(m) for m in layers}
+        order = [m for m in order if id(m) in converted]
         if not order:
             raise ValueError("the example forward called no nn.Conv2d / nn.Linear")
 
@@ -98,15 +130,87 @@ def convert(
         names.get(id(replacement.get(id(first), first))),
         names.get(id(replacement.get(id(last), last))),
     )
-    return Supernet(
+    supernet = Supernet(
         model, space, keep_first_last=keep_first_last, per_bit_bn=per_bit_bn, first_last=edge_names
     )
+    if example_input is not None:
+        check_quantized_paths(supernet, example_input)
+    supernet.paths_checked = example_input is not None
+    return supernet
+
+
+def _patterns(exclude) -> tuple[str, ...]:
+    if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
+        raise ValueError(f"exclude={exclude!r}: must be a list of fnmatch patterns (strings)")
+    return tuple(exclude)
+
+
+def _convertible(model: nn.Module, patterns) -> list[nn.Module]:
+    """The quantizable modules of model, in module order, minus those excluded by pattern
+    (a pattern may name the layer or any module above it)."""
+    used = dict.fromkeys(patterns, False)
+    layers = []
+    for name, m in model.named_modules():
+        if not isinstance(m, _QUANTIZABLE):
+            continue
+        parts = name.split(".")
+        scopes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        hits = [p for p in patterns if any(fnmatch.fnmatchcase(s, p) for s in scopes)]
+        for p in hits:
+            used[p] = True
+        if not hits:
+            layers.append(m)
+    unused = [p for p, hit in used.items() if not hit]
+    if unused:
+        raise ValueError(f"exclude patterns {unused} match no nn.Conv2d / nn.Linear of the model")
+    return layers
+
+
+def make_projections_modules(model: nn.Module) -> None:
+    """Make every weight-bearing projection a called nn.Linear module (sharing Parameters)."""
+    replacement: dict[int, nn.Module] = {}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            replacement[id(m)] = ProjectedAttention.from_float(m)
+        elif _is_transformers_conv1d(m):
+            replacement[id(m)] = _linear_from_conv1d(m)
+        elif type(m).__module__ == "torchvision.models.swin_transformer":
+            from .nn.window_attention import REPLACEMENTS
+
+            cls = REPLACEMENTS.get(type(m))
+            if cls is not None:
+                m.__class__ = cls  # same attributes and state; only forward differs
+    _swap(model, replacement)
+    disable_fused_paths(model)
+
+
+def _is_transformers_conv1d(m: nn.Module) -> bool:
+    return (
+        type(m).__name__ == "Conv1D"
+        and type(m).__module__.startswith("transformers.")
+        and getattr(m, "weight", None) is not None
+        and m.weight.dim() == 2
+    )
+
+
+def _linear_from_conv1d(m: nn.Module) -> nn.Linear:
+    """transformers' Conv1D computes x @ W + b with W [in, out]: an nn.Linear with W^T."""
+    n_in, n_out = m.weight.shape
+    lin = nn.Linear(n_in, n_out, bias=m.bias is not None, device="meta")
+    lin.weight = nn.Parameter(m.weight.detach().t().contiguous(), m.weight.requires_grad)
+    if m.bias is not None:
+        lin.bias = m.bias
+    lin.train(m.training)
+    return lin
 
 
 def _example_input(model, example_input):
     if example_input is not None:
-        if not isinstance(example_input, torch.Tensor):
-            raise ValueError(f"example_input must be a tensor, got {type(example_input).__name__}")
+        if not isinstance(example_input, (torch.Tensor, tuple, list, Mapping)):
+            raise ValueError(
+                "example_input must be a tensor, a tuple of positional arguments or a dict of "
+                f"keyword arguments, got {type(example_input).__name__}"
+            )
         return example_input
     size = getattr(model, "eqnet_input_size", None)
     if size is None:
@@ -121,7 +225,7 @@ def _example_input(model, example_input):
 
 
 @torch.no_grad()
-def _trace(model: nn.Module, x: torch.Tensor):
+def _trace(model: nn.Module, x):
     """Hooked eval-mode forward: quantizable layers in first-call order, and for every
     BatchNorm2d the quantizable layer whose output it receives directly (dataflow, not names).
     """
@@ -154,7 +258,7 @@ def _trace(model: nn.Module, x: torch.Tensor):
     was_training = {id(m): m.training for m in model.modules()}
     model.eval()
     try:
-        model(x)
+        call_model(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -176,152 +280,3 @@ def _swap(model: nn.Module, replacement: dict[int, nn.Module]) -> None:
         for name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacement:
                 parent._modules[name] = replacement[id(child)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Calibration
-
-
-def _quantized_layers(model: nn.Module):
-    return [m for m in _unique_modules(model) if getattr(m, "is_elastic_layer", False)]
-
-
-def _unique_modules(model):
-    seen = set()
-    for m in model.modules():
-        if id(m) not in seen:
-            seen.add(id(m))
-            yield m
-
-
-class _ActivationObserver:
-    """Keeps, per layer, a bounded random subsample of its float input values (for the
-    clipping search and the LSQ mean) and the per-sample element count."""
-
-    def __init__(self, samples: int, seed: int = 0):
-        self.samples = samples
-        self.generator = torch.Generator().manual_seed(seed)
-        self.values: dict[int, list[torch.Tensor]] = {}
-        self.negative: dict[int, bool] = {}
-
-    def __call__(self, layer, x):
-        flat = x.detach().reshape(-1)
-        self.negative[id(layer)] = self.negative.get(id(layer), False) or bool((flat < 0).any())
-        if flat.numel() > self.samples:
-            idx = torch.randint(flat.numel(), (self.samples,), generator=self.generator)
-            flat = flat[idx.to(flat.device)]
-        self.values.setdefault(id(layer), []).append(flat.float().cpu())
-
-    def data(self, layer) -> torch.Tensor | None:
-        chunks = self.values.get(id(layer))
-        if not chunks:
-            return None
-        x = torch.cat(chunks)
-        if x.numel() > self.samples:
-            idx = torch.randint(x.numel(), (self.samples,), generator=self.generator)
-            x = x[idx]
-        return x
-
-
-def _batches(loader: Iterable, batches: int):
-    if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
-        raise ValueError(f"batches={batches!r}: must be a positive int")
-    for i, item in enumerate(loader):
-        if i >= batches:
-            break
-        yield item[0] if isinstance(item, (tuple, list)) else item
-
-
-def _device_of(model):
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, loader: Iterable, batches: int = 4, method: str = "mse") -> None:
-    """Initialize every form of every quantizer: weight quantizers from the weights,
-    activation quantizers from the float inputs each layer sees on `batches` batches of
-    `loader`.
-
-    The model runs in the mode it is in, so the ranges match how it will be used: in train
-    mode BN normalizes with batch statistics (as during QAT), in eval mode with its running
-    statistics. BN buffers are restored afterwards, so calibration has no side effect on them.
-    """
-    layers = _quantized_layers(model)
-    if not layers:
-        raise ValueError("model has no quantized layers: convert it with eqnet.convert first")
-    observer = _ActivationObserver(CALIB_SAMPLES)
-    bn_buffers = {
-        id(m): {k: v.clone() for k, v in m.named_buffers(recurse=False)}
-        for m in _unique_modules(model)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    }
-    device = _device_of(model)
-    try:
-        for layer in layers:
-            layer.observer = observer
-        n = 0
-        for x in _batches(loader, batches):
-            model(x.to(device))
-            n += 1
-        if n == 0:
-            raise ValueError("loader yielded no batches")
-    finally:
-        for layer in layers:
-            layer.observer = None
-        for m in _unique_modules(model):
-            for k, v in bn_buffers.get(id(m), {}).items():
-                getattr(m, k).copy_(v)
-    for layer in layers:
-        layer.weight_quantizer.calibrate(layer.weight, method=method)
-        data = observer.data(layer)
-        if data is None:
-            continue  # the layer did not run on this data; its activation forms keep defaults
-        aq: ElasticQuantizer = layer.act_quantizer
-        # Signedness follows all the data seen, not just the subsample.
-        aq.calibrate(
-            data.to(aq.signed_range.device), method=method, signed=observer.negative[id(layer)]
-        )
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 16) -> None:
-    """Reset and re-estimate the BN running statistics of the active subnet.
-
-    Only the BNs the active subnet uses are touched (for SwitchableBatchNorm2d, the active
-    width's). Statistics are the cumulative average over the batches (momentum=None); the
-    model runs in eval mode with only those BNs in train mode (so dropout and the like stay
-    off), and every module's mode and momentum are restored afterwards.
-    """
-    bns = []
-    skip = set()
-    for m in _unique_modules(model):
-        if isinstance(m, SwitchableBatchNorm2d):
-            skip.update(id(b) for b in m.bns.values())
-            bns.append(m.active_bn)
-    for m in _unique_modules(model):
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in skip:
-            if m.track_running_stats:
-                bns.append(m)
-    if not bns:
-        return
-    modes = {id(m): m.training for m in _unique_modules(model)}
-    momenta = {id(b): b.momentum for b in bns}
-    device = _device_of(model)
-    model.eval()
-    try:
-        for b in bns:
-            b.reset_running_stats()
-            b.momentum = None
-            b.train()
-        n = 0
-        for x in _batches(loader, batches):
-            model(x.to(device))
-            n += 1
-        if n == 0:
-            raise ValueError("loader yielded no batches")
-    finally:
-        for b in bns:
-            b.momentum = momenta[id(b)]
-        for m in _unique_modules(model):
-            m.training = modes[id(m)]

@@ -8,22 +8,48 @@
   for ResNet-20), as in the quantization papers' CIFAR setups.
 - "torchvision:<name>": any torchvision classification model, randomly initialized
   (weights=None: nothing is ever downloaded).
+- "package.module:factory": a user's own model, `factory(**kwargs)` (with
+  `num_classes=num_classes` added when the factory takes that argument).
 
-Every returned model carries `eqnet_input_size` (a batch-1 input shape) used by
-`eqnet.convert` when no example input is given.
+Every registered model carries `eqnet_input_size` (a batch-1 input shape) used by
+`eqnet.convert` when no example input is given. `load_init` loads a plain float state_dict,
+re-initializing a classifier head of another size.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
+
+import torch
 from torch import nn
 from torch.nn import functional as F
 
-NAMES = ("digits_cnn", "resnet20", "resnet56", "torchvision:<name>")
+NAMES = ("digits_cnn", "resnet20", "resnet56", "torchvision:<name>", "package.module:factory")
 
 
-def get(name: str, num_classes: int = 10) -> nn.Module:
+def is_registered(name) -> bool:
+    """A name `get` builds from this package or torchvision alone (no user module imported):
+    the architectures a file may name for eqnet.load to rebuild."""
+    return isinstance(name, str) and (
+        name in ("digits_cnn", "resnet20", "resnet56") or name.startswith("torchvision:")
+    )
+
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def get(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: must be a positive int")
+    if isinstance(name, str) and _FACTORY.match(name) and not name.startswith("torchvision:"):
+        return _factory(name, num_classes, kwargs)
+    if kwargs:
+        raise ValueError(
+            f"model keyword arguments {sorted(kwargs)} are for 'package.module:factory' models; "
+            f"{name!r} takes none"
+        )
     if name == "digits_cnn":
         model, size = DigitsCNN(num_classes), (1, 1, 8, 8)
     elif name == "resnet20":
@@ -35,6 +61,8 @@ def get(name: str, num_classes: int = 10) -> nn.Module:
     else:
         raise ValueError(f"name={name!r}: accepted values are {', '.join(NAMES)}")
     model.eqnet_input_size = size
+    # What eqnet.export records so that eqnet.load rebuilds the network without `model=`.
+    model.eqnet_arch = {"name": name, "kwargs": {"num_classes": num_classes}}
     return model
 
 
@@ -112,6 +140,66 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _factory(name: str, num_classes: int, kwargs: dict) -> nn.Module:
+    module_name, attr = name.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model {name!r}: cannot import {module_name!r} ({e})") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"model {name!r}: {module_name} has no callable {attr!r}")
+    try:
+        takes_classes = "num_classes" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_classes = False
+    if takes_classes and "num_classes" not in kwargs:
+        kwargs = {**kwargs, "num_classes": num_classes}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model {name!r}: the factory returned {type(model).__name__}, not a Module"
+        )
+    return model
+
+
+def load_init(model: nn.Module, state: dict) -> str | None:
+    """Load a float state_dict into `model`. A classifier head (the model's last nn.Linear)
+    whose shape differs keeps the model's fresh initialization; the returned line says so
+    (None when everything loaded). Any other missing, unexpected or mis-shaped key raises a
+    one-line ValueError listing the keys."""
+    own = model.state_dict()
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    head = linears[-1] if linears else None
+    head_keys = {f"{head}.weight", f"{head}.bias"} if head is not None else set()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shaped = sorted(
+        k
+        for k in set(own) & set(state)
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape
+    )
+    reinit = [k for k in shaped if k in head_keys]
+    problems = [
+        *(f"missing {k}" for k in missing),
+        *(f"unexpected {k}" for k in unexpected),
+        *(
+            f"{k} shape {tuple(getattr(state[k], 'shape', ()))} != {tuple(own[k].shape)}"
+            for k in shaped
+            if k not in head_keys
+        ),
+    ]
+    if problems:
+        raise ValueError(f"init state_dict does not fit the model: {'; '.join(problems)}")
+    kept = {k: v for k, v in state.items() if k not in reinit}
+    model.load_state_dict(kept, strict=False)
+    if not reinit:
+        return None
+    old = state[f"{head}.weight"].shape[0] if f"{head}.weight" in reinit else "?"
+    new = own[f"{head}.weight"].shape[0]
+    return f"init: classifier head {head!r} re-initialized ({old} -> {new} outputs)"
 
 
 def _torchvision(arch: str, num_classes: int):

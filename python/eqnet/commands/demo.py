@@ -20,15 +20,19 @@ import sys
 import time
 from pathlib import Path
 
+from eqnet.commands.argtypes import count
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output directory")
-    p.add_argument("--float-epochs", type=int, default=15)
-    p.add_argument("--epochs", type=int, default=10, help="layered supernet epochs")
+    p.add_argument("--float-epochs", type=count(1), default=15)
+    p.add_argument("--epochs", type=count(1), default=10, help="layered supernet epochs")
     p.add_argument("--constraint", default="avg_bits<=3.5", help="search budget (eqnet search)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="for quick smoke runs")
-    p.add_argument("--latency-runs", type=int, default=30)
+    p.add_argument(
+        "--max-steps-per-epoch", type=count(1), default=None, help="for quick smoke runs"
+    )
+    p.add_argument("--latency-runs", type=count(1), default=30)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--keep", action="store_true", help="reuse finished steps in --out")
 
@@ -88,6 +92,8 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
 
+    from eqkernels import atomic
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     float_dir, layered_dir, search_dir = out / "float", out / "layered", out / "search"
@@ -127,7 +133,7 @@ def _run(args) -> int:
     columns = ("selection", "mean_w_bits", "accuracy", "fake_quant_accuracy", "bytes_read",
                "file_bytes", "elastic_plane_bytes", "latency_ms_b1")  # fmt: skip
     text = markdown(table, columns)
-    (out / "results.md").write_text(text + "\n")
+    atomic.write_text(out / "results.md", text + "\n")
     write_csv(out / "results.csv", table, columns)
     total = time.perf_counter() - steps.start
     print()

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from eqnet.commands.argtypes import count
+
 COLUMNS = (
     "selection",
     "mean_w_bits",
@@ -41,9 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="stored config name (repeatable; default: every stored config)",
     )
     p.add_argument("--data", default=None, help="data spec (default: the one in the file)")
-    p.add_argument("--limit-test", type=int, default=None, help="first N test samples only")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--latency-runs", type=int, default=30, help="batch-1 forwards timed")
+    p.add_argument("--limit-test", type=count(1), default=None, help="first N test samples only")
+    p.add_argument("--batch-size", type=count(1), default=256)
+    p.add_argument("--latency-runs", type=count(1), default=30, help="batch-1 forwards timed")
     p.add_argument("--backend", default=None, help="eqkernels backend (default auto)")
     p.add_argument("--csv", default=None, metavar="PATH", help="also write the rows as CSV")
 
@@ -169,7 +171,9 @@ def markdown(rows: list[dict], columns=COLUMNS) -> str:
 
 
 def write_csv(path, rows: list[dict], columns=COLUMNS) -> None:
-    with open(path, "w", newline="") as f:
+    from eqkernels import atomic
+
+    with atomic.atomic_write(path, "w") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -186,9 +190,11 @@ def run(args) -> int:
     from eqkernels import EqkFormatError
     from eqkernels.format import read_eqk_header
     from eqnet.data import DataError, load_data
+    from eqnet.deploy.record import check_record
 
     try:
         header = read_eqk_header(args.file)
+        check_record(header)
         bits = _parse_bits(args.bits) if args.bits else None
         sel = selections(header, bits, args.config)
         spec = args.data or header.get("extra", {}).get("data") or "digits"

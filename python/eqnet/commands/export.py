@@ -18,6 +18,8 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
+from eqnet.commands.argtypes import count
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="trained run directory (eqnet train --out)")
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--bn-batches",
-        type=int,
+        type=count(0),
         default=None,
         help="held-out batches to re-estimate BN per width before export (default: the run's "
         "bn_batches; 0: keep the checkpoint's statistics)",
@@ -93,8 +95,6 @@ def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dic
         run.model,
         out,
         configs=configs or None,
-        arch=run.config.model,
-        arch_kwargs={"num_classes": run.num_classes},
         extra={"data": run.config.data, "recipe": run.config.recipe, "run": str(run_dir)},
     )
 
@@ -109,9 +109,10 @@ def summary(header: dict) -> str:
 
 
 def run(args) -> int:
-    from eqkernels import EqkFormatError
+    from eqkernels import EqkFormatError, atomic
 
     try:
+        atomic.remove_stale_temps(Path(args.out).resolve().parent)
         configs = read_configs(args.configs, args.config)
         header = export_run(args.run, args.out, configs, args.bn_batches)
     except (FileNotFoundError, ValueError, NotImplementedError, EqkFormatError) as exc:

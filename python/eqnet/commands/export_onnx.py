@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from eqnet.commands.argtypes import count
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from eqnet.deploy.onnx_presets import BN_MODES, PRESETS, WEIGHT_FORMATS
@@ -31,12 +33,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     which.add_argument("--uniform", metavar="W,A", help="uniform weight,activation bits")
     which.add_argument("--lowest", action="store_true", help="the lowest subnet")
-    p.add_argument("--pick", type=int, default=0, help="which chosen config of configs.json")
+    p.add_argument("--pick", type=count(0), default=0, help="which chosen config of configs.json")
     p.add_argument("--preset", choices=sorted(PRESETS), default="generic")
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--fold-bn", choices=BN_MODES, default=None, help="default: the preset's")
     p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default=None)
-    p.add_argument("--no-int4", action="store_true", help="no int4/uint4 containers")
+    p.add_argument(
+        "--int4",
+        action="store_true",
+        help="allow int4/uint4 containers (opset 21; onnxruntime runs them only up to "
+        "ORT_ENABLE_BASIC); default: int8/uint8 with clipped ranges",
+    )
+    # The default since int4 became opt-in; still accepted.
+    p.add_argument("--no-int4", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--input-shape",
         default=None,
@@ -44,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="default: the model's own input size (eqnet.models)",
     )
     p.add_argument(
-        "--check", type=int, default=0, metavar="N", help="validate on N seeded random inputs"
+        "--check", type=count(0), default=0, metavar="N", help="validate on N seeded random inputs"
     )
     p.add_argument(
         "--check-test",
@@ -96,9 +105,16 @@ def _config(args, supernet):
 def _shape(args, supernet):
     if args.input_shape:
         try:
-            return tuple(int(v) for v in args.input_shape.split(","))
+            shape = tuple(int(v) for v in args.input_shape.split(","))
         except ValueError:
             raise ValueError(f"--input-shape={args.input_shape!r}: expected N,C,H,W") from None
+        first = next((m for m in supernet.model.modules() if hasattr(m, "in_channels")), None)
+        if first is not None and len(shape) >= 3 and shape[-3] != first.in_channels:
+            raise ValueError(
+                f"--input-shape={args.input_shape!r}: the model's first layer takes "
+                f"{first.in_channels} channels, the shape gives {shape[-3]}"
+            )
+        return shape
     shape = getattr(supernet.model, "eqnet_input_size", None)
     if shape is None:
         raise ValueError("--input-shape is required: the model does not record its input size")
@@ -116,10 +132,12 @@ def _recalibrate(trained, supernet, config, batches: int) -> None:
 def run(args) -> int:
     import torch
 
+    from eqkernels import atomic
     from eqnet.deploy.onnx import compare_onnx, export_onnx
     from eqnet.run import load_run
 
     try:
+        atomic.remove_stale_temps(Path(args.out).resolve().parent)
         trained = load_run(args.run)
         supernet = trained.model.eval()
         if not hasattr(supernet, "set_config"):
@@ -135,12 +153,12 @@ def run(args) -> int:
             supernet,
             config,
             args.out,
-            shape,
+            input_shape=shape,
             opset=args.opset,
             preset=args.preset,
             fold_bn=args.fold_bn,
             weight_format=args.weight_format,
-            int4=not args.no_int4,
+            int4=args.int4 and not args.no_int4,
         )
     except (ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"eqnet export-onnx: {exc}", file=sys.stderr)

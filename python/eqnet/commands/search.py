@@ -29,6 +29,7 @@ import json
 import sys
 from dataclasses import fields
 
+from eqnet.commands.argtypes import count
 from eqnet.search.pipeline.options import METHODS, PREDICTORS
 
 
@@ -47,18 +48,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+        "--threads", type=count(1), default=None, help="torch intra-op threads (default: torch's)"
     )
-    p.add_argument("--bn-batches", type=int, default=None, help="default: the run's bn_batches")
+    p.add_argument(
+        "--bn-batches", type=count(0), default=None, help="default: the run's bn_batches"
+    )
     p.add_argument("--no-uniform", action="store_true", help="skip the uniform-width baselines")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("ga")
-    g.add_argument("--dataset-size", type=int, default=500, help="configs in the accuracy data")
-    g.add_argument("--population", type=int, default=100)
-    g.add_argument("--elites", type=int, default=25)
-    g.add_argument("--mutations", type=int, default=50)
-    g.add_argument("--crossovers", type=int, default=50)
-    g.add_argument("--iterations", type=int, default=500)
+    g.add_argument(
+        "--dataset-size", type=count(1), default=500, help="configs in the accuracy data"
+    )
+    g.add_argument("--population", type=count(1), default=100)
+    g.add_argument("--elites", type=count(0), default=25)
+    g.add_argument("--mutations", type=count(0), default=50)
+    g.add_argument("--crossovers", type=count(0), default=50)
+    g.add_argument("--iterations", type=count(1), default=500)
     g.add_argument(
         "--predictor",
         choices=PREDICTORS,
@@ -66,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="noise-ridge (default): ridge regression on per-layer quantization-noise powers "
         "(eqnet.search.noise_predictor); mlp: MultiQuant's MLP on the one-hot encoding",
     )
-    g.add_argument("--predictor-epochs", type=int, default=200, help="mlp training epochs")
+    g.add_argument("--predictor-epochs", type=count(1), default=200, help="mlp training epochs")
     g.add_argument(
         "--val-fraction",
         type=float,
@@ -75,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--holdout-images",
-        type=int,
+        type=count(1),
         default=None,
         metavar="N",
         help="evaluate the accuracy dataset on the first N held-out images (default: all; "
@@ -95,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--rerank",
-        type=int,
+        type=count(0),
         default=8,
         metavar="K",
         help="measure the GA's K best configs, and every uniform width inside the budget, on "
@@ -112,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--rerank-images",
-        type=int,
+        type=count(1),
         default=None,
         metavar="N",
         help="held-out images the rerank measures on (default: all of them, even when "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from eqnet.commands.argtypes import count
 from eqnet.run.config import JOINT_LOSSES, KEEP_FIRST_LAST, OPTIMIZERS, RECIPES
 
 
@@ -38,24 +39,48 @@ def _bool_flag(parser, name, help_text):
     )
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"depth\": 4}'")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=RECIPES, default=None, help="default multiquant")
-    p.add_argument("--model", default=None, help="digits_cnn (default), resnet20, resnet56, ...")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="digits_cnn (default), resnet20, resnet56, torchvision:NAME, or a user's "
+        "package.module:factory",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="keyword arguments of a package.module:factory model, e.g. '{\"depth\": 4}'",
+    )
     p.add_argument(
         "--data", default=None, help="digits (default), X.npz, cifar10:DIR, imagefolder:DIR"
     )
-    p.add_argument("--epochs", type=int, default=None, help="total epochs (default 10)")
+    p.add_argument("--epochs", type=count(1), default=None, help="total epochs (default 10)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue DIR's last checkpoint")
     p.add_argument(
         "--stop-after",
-        type=int,
+        type=count(1),
         default=None,
         metavar="K",
         help="stop after epoch K (resume later)",
     )
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--batch-size", type=count(1), default=None)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--momentum", type=float, default=None)
@@ -80,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "switchable like the rest (lets a search move bits to them; docs/search.md)",
     )
     _bool_flag(s, "per-bit-bn", "one BN per weight width (default: on for layered)")
-    s.add_argument("--num-random", type=int, default=None, help="K random subnets per step")
+    s.add_argument("--num-random", type=count(0), default=None, help="K random subnets per step")
     s.add_argument(
         "--uniform-prob",
         type=float,
@@ -95,14 +120,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--joint", choices=JOINT_LOSSES, default=None, help="layered joint loss")
     _bool_flag(s, "distill", "layered: cosine self-distillation")
     d = p.add_argument_group("data and evaluation")
-    d.add_argument("--holdout", type=int, default=None, help="held-out training samples")
-    d.add_argument("--limit-train", type=int, default=None)
-    d.add_argument("--limit-test", type=int, default=None)
-    d.add_argument("--calib-batches", type=int, default=None)
-    d.add_argument("--bn-batches", type=int, default=None)
-    d.add_argument("--eval-batch-size", type=int, default=None)
-    d.add_argument("--workers", type=int, default=None)
-    d.add_argument("--max-steps-per-epoch", type=int, default=None)
+    d.add_argument("--holdout", type=count(0), default=None, help="held-out training samples")
+    d.add_argument("--limit-train", type=count(1), default=None)
+    d.add_argument("--limit-test", type=count(1), default=None)
+    d.add_argument("--calib-batches", type=count(0), default=None)
+    d.add_argument("--bn-batches", type=count(0), default=None)
+    d.add_argument("--eval-batch-size", type=count(1), default=None)
+    d.add_argument("--workers", type=count(0), default=None)
+    d.add_argument("--max-steps-per-epoch", type=count(1), default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_distributed_arguments(p)
 
@@ -133,7 +158,7 @@ def _add_distributed_arguments(parser) -> None:
 
 
 _CONFIG_KEYS = (
-    "recipe model data epochs batch_size optimizer lr momentum weight_decay scale_lr_mult "
+    "recipe model model_kwargs data epochs batch_size optimizer lr momentum weight_decay scale_lr_mult "
     "warmup_epochs grad_clip amp seed device init deterministic w_bits a_bits keep_first_last "
     "per_bit_bn num_random uniform_prob oal zeta wdr gpg joint distill holdout limit_train limit_test "
     "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch"

@@ -22,8 +22,10 @@ layer plus the extras (folded per-bit BN, activation steps) first needed at widt
 first sections are the lower-width model and `max_bits=b` reads only that prefix. Non-nested:
 section 0 holds what every exported configuration shares, each configuration its own section.
 
-The header's model record is the registered architecture name and its keyword arguments (for
-`eqnet.models.get`), the space, the convert options and the per-layer geometry; no code.
+The header's model record holds the registered architecture name and its keyword arguments
+(for `eqnet.models.get`; None for a user's own model, which `eqnet.load(path, model=...)`
+takes), the space, the convert options and the per-layer geometry; no code. Tensors are named
+by module path in the converted network, so the loader checks a given model against them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .layout import (
     RECORD_VERSION,
     act_form_key,
     bn_width_key,
-    build_float_model,
+    float_tensors,
     layer_geometry,
     model_record,
     required_tensors,
@@ -63,28 +65,22 @@ def weight_codes(weight: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tens
     """
     w = weight.detach().to(torch.float32)
     N = w.shape[0]
-    scale = params.scale.detach().to(torch.float32)
-    if params.axis is not None:
-        if params.axis != 0:
-            raise NotImplementedError(
-                f"weight quantization along axis {params.axis}: deployment needs the output "
-                "channel axis 0"
-            )
-        scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
-    v = w * torch.reciprocal(scale)  # fl32(w * fl32(1/s)), as the forward computes it
-    r = torch.round(v)  # round half to even
+    if params.axis is not None and params.axis != 0:
+        raise NotImplementedError(
+            f"weight quantization along axis {params.axis}: deployment needs the output "
+            "channel axis 0"
+        )
+    scale = params.scale.detach()
     if params.nested:
         bits = params.top_bits
-        q = torch.clamp(r, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        q = eqkernels.quantize_codes(w, scale, None, lo, hi, axis=params.axis)
         return q.reshape(N, -1).to(torch.int32), None, bits
     bits = params.bits
-    z_r = None
-    if params.zero_point is not None:
-        z_r = torch.round(params.zero_point.detach().to(torch.float32))
-        if params.axis is not None:
-            z_r = z_r.reshape(-1, *([1] * (w.dim() - 1)))
-        r = r + z_r
-    q = torch.clamp(r, params.quant_min, params.quant_max).reshape(N, -1).to(torch.int32)
+    zp = None if params.zero_point is None else params.zero_point.detach()
+    q = eqkernels.quantize_codes(w, scale, zp, params.quant_min, params.quant_max, axis=params.axis)
+    q = q.reshape(N, -1).to(torch.int32)
+    z_r = None if zp is None else torch.round(zp.to(torch.float32))
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if params.quant_max - params.quant_min > hi - lo:
         raise ValueError(
@@ -193,14 +189,14 @@ def export(
         of the space can be loaded. For a non-nested supernet, the configurations to store
         (default: one uniform config per weight width), each in its own section.
     arch, arch_kwargs: the registered architecture (eqnet.models.get) the network was built
-        from; needed unless the supernet records it.
+        from, for `eqnet.load` to rebuild it; by default what `eqnet.models.get` recorded on
+        the model, or none (a user's model: load with `eqnet.load(path, model=...)`).
     extra: a JSON object stored in the header as is (e.g. {"data": "digits"} for eqnet eval).
     """
     if not hasattr(supernet, "quantized_layers") or not hasattr(supernet, "space"):
         raise ValueError("supernet: expected an eqnet Supernet (eqnet.convert(...))")
     space: ElasticSpace = supernet.space
     record = model_record(supernet, arch, arch_kwargs)
-    float_model = build_float_model(record)
     nested = bool(space.nested)
     layers = supernet.quantized_layers()
     prefix = "model."
@@ -225,15 +221,13 @@ def export(
     supernet.eval()
     try:
         with torch.no_grad():
-            header = _write(
-                supernet, path, record, float_model, layers, fold_of_layer, stored, nested, extra
-            )
+            header = _write(supernet, path, record, layers, fold_of_layer, stored, nested, extra)
     finally:
         supernet.train(was_training)
     return header
 
 
-def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, nested, extra):
+def _write(supernet, path, record, layers, fold_of_layer, stored, nested, extra):
     space = supernet.space
     plan = _Plan()
     uses = _first_needed(supernet, layers, stored, nested)
@@ -249,7 +243,7 @@ def _write(supernet, path, record, float_model, layers, fold_of_layer, stored, n
         quant_layers[name] = _plan_layer(
             plan, supernet, name, layer, uses[name], geometry["bn"], nested, bns
         )
-    _plan_float_tensors(plan, supernet, float_model, layers, fold_of_layer)
+    _plan_float_tensors(plan, supernet, layers, fold_of_layer)
 
     model = {
         "record_version": RECORD_VERSION,
@@ -414,34 +408,18 @@ def _config_dict(cfg: SubnetConfig) -> dict:
     return {n: c.to_dict() for n, c in cfg}
 
 
-def _plan_float_tensors(plan, supernet, float_model, layers, fold_of_layer):
-    """Store the tensors of every float-model module the runtime keeps as a float module."""
+def _plan_float_tensors(plan, supernet, layers, fold_of_layer):
+    """Store the state of every module of the converted network that the runtime keeps as a
+    float module (all but the quantized layers and the BNs folded into them), by path."""
     prefix = "model."
     replaced = {n[len(prefix) :] for n in layers}
     folded = {bn[len(prefix) :] for bn in fold_of_layer.values()}
     skip = replaced | folded
-    for mname, module in float_model.named_modules():
-        own = list(module.named_parameters(recurse=False)) + list(
-            module.named_buffers(recurse=False)
-        )
-        if not own or any(mname == s or mname.startswith(s + ".") for s in skip):
-            continue
-        try:
-            source = supernet.model.get_submodule(mname)
-        except AttributeError:
-            raise ValueError(
-                f"the rebuilt float model has module {mname!r} that the supernet lacks: the "
-                "arch record does not match the network"
-            ) from None
-        if is_switchable_bn(source):
+    for mname, module in supernet.model.named_modules():
+        if is_switchable_bn(module) and mname not in skip:
             raise NotImplementedError(
                 f"per-bit BN {prefix + mname!r} does not directly follow a quantized layer, so "
                 "it cannot be folded per width"
             )
-        for tname, tensor in own:
-            value = getattr(source, tname, None)
-            if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
-                raise ValueError(
-                    f"tensor {mname}.{tname}: the supernet's does not match the rebuilt model"
-                )
-            plan.add(f"float/{mname}.{tname}" if mname else f"float/{tname}", value, 0)
+    for tname, tensor in float_tensors(supernet.model, skip).items():
+        plan.add(f"float/{tname}", tensor, 0)

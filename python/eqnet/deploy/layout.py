@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from eqkernels.format import EqkFormatError, plane_tensor_name
@@ -20,8 +21,9 @@ RECORD_VERSION = 1
 # ------------------------------------------------------------------------------- model record
 
 
-def model_record(supernet, arch: str | None, arch_kwargs: Mapping | None) -> dict:
-    """The architecture name + kwargs eqnet.models.get rebuilds the float network from."""
+def model_record(supernet, arch: str | None, arch_kwargs: Mapping | None) -> dict | None:
+    """The registered architecture name + kwargs eqnet.models.get rebuilds the float network
+    from, or None for a user's own model (then eqnet.load needs `model=`)."""
     if arch is None:
         rec = getattr(supernet, "arch", None) or getattr(supernet.model, "eqnet_arch", None)
         if isinstance(rec, Mapping):
@@ -29,16 +31,40 @@ def model_record(supernet, arch: str | None, arch_kwargs: Mapping | None) -> dic
         elif isinstance(rec, str):
             arch = rec
             arch_kwargs = arch_kwargs or getattr(supernet.model, "eqnet_arch_kwargs", None)
-    if not isinstance(arch, str) or not arch:
+    if arch is None:
+        return None
+    if not models.is_registered(arch):
         raise ValueError(
-            "arch: the registered model name (as given to eqnet.models.get) is needed to "
-            "rebuild the network at load time; pass arch=... and arch_kwargs=..."
+            f"arch={arch!r}: a registered model name as given to eqnet.models.get "
+            "(digits_cnn, resnet20, resnet56, torchvision:<name>); a user's own model needs no "
+            "arch (load it with eqnet.load(path, model=...))"
         )
     return {"name": arch, "kwargs": dict(arch_kwargs or {})}
 
 
 def build_float_model(record: Mapping) -> nn.Module:
+    if not models.is_registered(record["name"]):
+        # Never import a module a file names: only registered architectures are rebuilt.
+        raise ValueError(f"{record['name']!r} is not a registered architecture")
     return models.get(record["name"], **record["kwargs"])
+
+
+def float_tensors(net: nn.Module, skip) -> dict[str, torch.Tensor]:
+    """state_dict entries (name -> tensor) of every module of `net` the integer runtime keeps
+    as a float module: all but the modules named in `skip` and their children."""
+    out = {}
+    for mname, module in net.named_modules():
+        if any(mname == s or mname.startswith(s + ".") for s in skip):
+            continue
+        own = list(module._parameters.items()) + [
+            (n, b)
+            for n, b in module._buffers.items()
+            if n not in module._non_persistent_buffers_set
+        ]
+        for tname, tensor in own:
+            if tensor is not None:
+                out[f"{mname}.{tname}" if mname else tname] = tensor
+    return out
 
 
 def layer_geometry(module: nn.Module) -> dict:
@@ -95,7 +121,7 @@ def bn_width_key(bn: nn.Module, w_bits: int) -> str:
 def deployment_records(header: dict) -> tuple[dict, dict]:
     """The header's model and quant records, checked to be an eqnet deployment's."""
     model, quant = header.get("model", {}), header.get("quant", {})
-    for key in ("arch", "layers", "bn_folds"):
+    for key in ("layers", "bn_folds"):
         if key not in model:
             raise EqkFormatError(f"model record lacks {key!r}: not an eqnet deployment file")
     if "layers" not in quant or "configs" not in quant:

@@ -1,9 +1,15 @@
 """Load a .eqk file into an integer inference model.
 
-`load(path, bits=b | config=cfg, max_bits=None)` rebuilds the float network from the file's
-model record (`eqnet.models.get(name, **kwargs)`), replaces every quantized layer by an
-`IntConv2d`/`IntLinear` and every folded BN by an identity, loads the remaining float tensors,
-and configures the integer layers for the requested width or mixed configuration.
+`load(path, bits=b | config=cfg, max_bits=None, model=None)` takes the float network from
+`model` (a copy of the user's own module; the user's object is left untouched) or rebuilds a
+registered architecture from the file's model record (`eqnet.models.get(name, **kwargs)`),
+makes its attention projections modules as `eqnet.convert` does, replaces every quantized
+layer by an `IntConv2d`/`IntLinear` and every folded BN by an identity, loads the remaining
+float tensors (by module path), and configures the integer layers for the requested width or
+mixed configuration. Before any network is built the file's records and the loaded values are
+validated (record.py); a registered architecture is checked against the record on the meta
+device first. A malformed file raises EqkFormatError naming the field; a `model` whose layers
+or tensors differ from the file's is refused (ValueError) with the names and shapes that differ.
 
 `max_bits` reads only the prefix of a nested file that width needs (a device that has received
 part of the file); `DeployedModel.upgrade(...)` reads the next sections of the same file and
@@ -12,6 +18,7 @@ switches the same modules in place.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 
@@ -20,6 +27,7 @@ from torch import nn
 
 from eqkernels.format import EqkFile, EqkFormatError, plane_tensor_name, read_eqk
 
+from ..convert import make_projections_modules
 from ..space import LayerChoice, SubnetConfig
 from .layout import (
     act_form_key,
@@ -27,10 +35,13 @@ from .layout import (
     build_float_model,
     config_from,
     deployment_records,
+    float_tensors,
+    layer_geometry,
     required_tensors,
     sections_needed,
     weight_key,
 )
+from .record import check_network, check_record, check_values
 from .runtime import IntConv2d, IntLinear, LayerTensors, int_layer
 
 _PREFIX = "model."
@@ -54,8 +65,8 @@ class DeployedModel(nn.Module):
         self.active_config: SubnetConfig | None = None
         self.eval()
 
-    def forward(self, x):
-        return self.model(x)
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
     @property
     def header(self) -> dict:
@@ -103,7 +114,8 @@ class DeployedModel(nn.Module):
                 source=None) -> DeployedModel:  # fmt: skip
         """Read the sections a wider width/config needs from the same file (in place) and
         switch to it. `max_bits` alone reads that prefix and runs at the widest stored width
-        it completes."""
+        it completes. A `source` that is another export (other identity, or other bytes in a
+        section already loaded) raises EqkFormatError; new sections' values are validated."""
         source = self.source if source is None else source
         if bits is None and config is None:
             if max_bits is None:
@@ -115,7 +127,9 @@ class DeployedModel(nn.Module):
             need = sorted(
                 set(need) | set(self.header["widths"][str(_widest_within(self.header, max_bits))])
             )
+        before = set(self.eqk.tensors)
         self.eqk.upgrade(source, sections=need)
+        check_values({k: v for k, v in self.eqk.tensors.items() if k not in before})
         self.configure(cfg)
         return self
 
@@ -161,23 +175,83 @@ def _layer_tensors(header, tensors, lname, choice: LayerChoice) -> LayerTensors:
     )
 
 
-def _build_network(header: dict) -> nn.Module:
-    model, _ = deployment_records(header)
-    arch = model["arch"]
-    if not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str):
-        raise EqkFormatError("model record: 'arch' must hold the registered name and kwargs")
+def _float_model(arch: Mapping, device: str) -> nn.Module:
     try:
-        net = build_float_model(arch)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise EqkFormatError(f"model record: cannot rebuild {arch!r} ({exc})") from None
+        with torch.device(device):
+            net = build_float_model(arch)
+    except (KeyError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
+        raise EqkFormatError(f"model.arch: cannot build {arch!r} ({exc})") from None
+    make_projections_modules(net)
+    return net
+
+
+def _build_network(header: dict, model: nn.Module | None) -> nn.Module:
+    records, _ = deployment_records(header)
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        # A Supernet (or a DeployedModel) given by mistake: its network is what matches.
+        net = copy.deepcopy(getattr(model, "model", model) if _is_wrapper(model) else model)
+        make_projections_modules(net)
+    else:
+        arch = records.get("arch")
+        if arch is None:
+            raise ValueError(
+                "this file holds a model that is not a registered architecture: pass the float "
+                "network, eqnet.load(path, model=float_model)"
+            )
+        if not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str):
+            raise EqkFormatError("model record: 'arch' must hold the registered name and kwargs")
+        # The declared network is checked on the meta device first (no memory): only a record
+        # whose every layer matches the file's tensors gets a real network allocated.
+        check_network(header, _float_model(arch, "meta"))
+        net = _float_model(arch, "cpu")
     # Wrap so that module names match the Supernet's ("model.<path>").
     root = nn.Module()
     root.model = net
-    for lname, geometry in model["layers"].items():
+    _check_layers(root, records["layers"], given=model is not None)
+    if model is not None:
+        try:  # bias, BN and float state: the user's module against the validated record
+            check_network(header, net)
+        except EqkFormatError as exc:
+            raise ValueError(f"the model does not match the file: {exc}") from None
+    for lname, geometry in records["layers"].items():
         _replace(root, lname, int_layer(geometry))
-    for bn in model["bn_folds"]:
+    for bn in records["bn_folds"]:
         _replace(root, bn, nn.Identity())
     return root
+
+
+def _is_wrapper(model) -> bool:
+    return isinstance(model, DeployedModel) or (
+        hasattr(model, "quantized_layers") and isinstance(getattr(model, "model", None), nn.Module)
+    )
+
+
+_GEOMETRY_KEYS = ("kind", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+                  "dilation", "groups", "in_features", "out_features")  # fmt: skip
+
+
+def _check_layers(root: nn.Module, layers: Mapping, given: bool) -> None:
+    """Every quantized layer of the file is a module of the same geometry in the network."""
+    problems = []
+    for lname, geometry in layers.items():
+        try:
+            module = root.get_submodule(lname)
+            found = layer_geometry(module)
+        except (AttributeError, NotImplementedError) as e:
+            problems.append(f"{lname}: {e}")
+            continue
+        differ = [k for k in _GEOMETRY_KEYS if geometry.get(k) != found.get(k)]
+        if differ:
+            want = {k: geometry.get(k) for k in differ}
+            got = {k: found.get(k) for k in differ}
+            problems.append(f"{lname}: the file has {want}, the model {got}")
+    if problems:
+        msg = f"the model does not match the file's layers: {'; '.join(problems[:8])}"
+        if len(problems) > 8:
+            msg += f"; and {len(problems) - 8} more"
+        raise (ValueError if given else EqkFormatError)(msg)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -192,21 +266,32 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _load_float_tensors(root: nn.Module, eqk: EqkFile) -> None:
+def _load_float_tensors(root: nn.Module, eqk: EqkFile, given: bool) -> None:
     state = {k[len("float/") :]: v for k, v in eqk.tensors.items() if k.startswith("float/")}
-    expected = root.model.state_dict()
+    expected = float_tensors(root.model, ())
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise EqkFormatError(
-            f"float tensors do not match the rebuilt network: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = [
+            f"{what} {names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            for what, names in (
+                ("missing from the file:", missing),
+                ("not in the model:", unexpected),
+                ("shapes differ:", shapes),
+            )
+            if names
+        ]
+        raise (ValueError if given else EqkFormatError)(
+            f"the model's float tensors do not match the file's: {'; '.join(parts)}"
         )
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise EqkFormatError(f"float tensor {k!r}: shape {tuple(v.shape)}, the network has "
-                                 f"{tuple(expected[k].shape)}")  # fmt: skip
-    root.model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for k, v in state.items():
+            expected[k].copy_(v)
 
 
 def load(
@@ -216,9 +301,14 @@ def load(
     *,
     max_bits: int | None = None,
     backend: str | None = None,
+    model: nn.Module | None = None,
 ) -> DeployedModel:
     """Load a .eqk file as an integer inference model.
 
+    model: the float network the supernet was converted from (the user's own module, or any
+        module with the same names and shapes); a copy of it gets the integer layers, the
+        given module is not changed. Needed unless the file records a registered
+        architecture. `deployed.model` is the network, with the user's module tree.
     bits: a stored uniform width; config: a SubnetConfig (any config of the space for a nested
         file, a stored one otherwise), its JSON or a stored config name. Default: the widest
         width loaded (nested) or the first stored config.
@@ -229,14 +319,16 @@ def load(
     """
     eqk = read_eqk(path, max_bits=max_bits) if max_bits is not None else read_eqk(path)
     header = eqk.header
+    check_record(header)
+    check_values(eqk.tensors)
     if bits is None and config is None:
         if header["nested"]:
             bits = eqk.bits
         else:
             config = next(iter(deployment_records(header)[1]["configs"]))
     cfg = config_from(header, bits, config)
-    root = _build_network(header)
-    _load_float_tensors(root, eqk)
+    root = _build_network(header, model)
+    _load_float_tensors(root, eqk, given=model is not None)
     deployed = DeployedModel(root.model, eqk, path, backend)
     deployed.configure(cfg)
     return deployed

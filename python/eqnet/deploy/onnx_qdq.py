@@ -9,6 +9,8 @@ import dataclasses
 import numpy as np
 import torch
 
+import eqkernels
+
 from .onnx_presets import CONTAINERS, allowed_containers, pick_container
 
 # --------------------------------------------------------------------------------------------
@@ -56,23 +58,21 @@ def _per_axis(t: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Te
     return t.reshape(shape)
 
 
-def weight_codes(w: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """(codes, scale, zero point, notes) with (codes - zero point) * scale == the forward.
+def _qdq_weight(w: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """(codes, scale, zero point, notes) of a weight's QDQ pair, with (codes - zero point) *
+    scale == the forward. The codes are `eqkernels.quantize_codes`' (as the .eqk export's
+    `weight_codes`), rewritten for a nested width.
 
     Codes are float tensors holding integers; scale / zero point are per-tensor 0-d or [C]."""
     w = w.detach().float()
     s = _per_axis(p.scale, w, p.axis)
-    v = w * torch.reciprocal(s)  # fp32 1/s, as the forward (DESIGN.md)
+    zp = None if p.nested or p.zero_point is None else p.zero_point.detach()
+    q = eqkernels.quantize_codes(w, p.scale.detach(), zp, p.quant_min, p.quant_max, axis=p.axis)
     if not p.nested:
-        zr = (
-            torch.zeros_like(s)
-            if p.zero_point is None
-            else torch.round(_per_axis(p.zero_point, w, p.axis))
-        )
-        q = torch.clamp(torch.round(v) + zr, p.quant_min, p.quant_max)
+        zr = torch.zeros_like(s) if zp is None else torch.round(_per_axis(zp, w, p.axis))
         return q, s, zr + torch.zeros_like(s), []
     k = p.top_bits - p.bits
-    q_n = torch.clamp(torch.round(v), p.quant_min, p.quant_max)
+    q_n = q
     q_b = torch.floor(q_n * 2.0**-k)  # arithmetic shift by k
     if k == 0:
         return q_b, s, torch.zeros_like(s), []
@@ -134,7 +134,7 @@ def plan_activation(name, layer, choice, profile, opset, problems):
 
 def plan_weight(name, layer, choice, profile, opset, bn_mul, problems):
     p = layer.weight_quantizer.params(choice.w_bits, choice.w_granularity, choice.w_symmetry)
-    codes, s, z, notes = weight_codes(layer.weight, p)
+    codes, s, z, notes = _qdq_weight(layer.weight, p)
     # The codes must reproduce the quantizer's own output bit for bit (whatever backend runs).
     with torch.no_grad():
         expected = layer.weight_quantizer(

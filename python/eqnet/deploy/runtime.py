@@ -1,9 +1,11 @@
-"""Integer inference layers of a deployed model (issue 7 item 2).
+"""Integer inference layers of a deployed model.
 
 `IntConv2d` / `IntLinear` replace the quantized layers of the float network: their weights are
 canonical bit planes (a file prefix may hold exactly the planes the width needs), their input
-activation is quantized inside `eqkernels.lowbit_conv2d` / `lowbit_linear` to uint8/int8 codes
-(integer accumulation, DESIGN.md "Bit planes and the low-bit GEMM"), and a BatchNorm that
+activation is quantized inside the low-bit ops to uint8/int8 codes (integer accumulation, DESIGN.md
+"Bit planes and the low-bit GEMM"); each layer runs one prepared call
+(`eqkernels.prepare_conv2d` / `prepare_linear`: validated and repacked once per width, rebuilt
+when the width or the device changes), and a BatchNorm that
 followed the layer is applied as an output-side per-channel affine `y = mul * conv(x) + add`
 (fold.py). When every `mul` is positive it is merged into the op's per-channel output scale
 and `add` becomes the op's bias, so the whole layer is one op call; the weight codes are
@@ -21,29 +23,7 @@ import torch
 from torch import nn
 
 import eqkernels
-from eqkernels.backend import choose
-
-
-def _resolve_backend(backend: str | None, device: torch.device, op: str) -> str | None:
-    """The backend name the public op would pick, or None if it cannot be known here."""
-    try:
-        from eqkernels.ops.lowbit_gemm import _KERNELS, _PREFERENCE
-    except ImportError:
-        return None
-    return choose(backend, device, op, _PREFERENCE, _KERNELS)
-
-
-def _op(registered, unchecked: str):
-    """The registered op when traced (torch.compile, export), else its implementation called
-    directly: in eager mode the dispatcher's per-call cost is a large share of a batch-1
-    layer's time."""
-    if torch.compiler.is_compiling():
-        return registered
-    try:
-        from eqkernels.ops import lowbit_gemm
-    except ImportError:
-        return registered
-    return getattr(lowbit_gemm, unchecked, registered)
+from eqkernels import ActQuant
 
 
 @dataclass
@@ -64,7 +44,17 @@ class LayerTensors:
 
 
 class _IntLayer(nn.Module):
-    backend: str | None = None
+    _backend: str | None = None
+
+    @property
+    def backend(self) -> str | None:
+        """The low-bit ops' backend (None: EQK_BACKEND or auto)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self._backend = value
+        self._prepared = None
 
     def __init__(self, out_features: int):
         super().__init__()
@@ -86,14 +76,27 @@ class _IntLayer(nn.Module):
         ):
             self.register_buffer(name, None, persistent=False)
 
-    # After one call through the public op (which validates every argument and the values of
-    # the scales), the same arguments go straight to the registered op: at batch 1 the
-    # argument checks (with their host syncs) cost as much as the small convolutions.
-    _fast: tuple | None = None
+    # The prepared op of the current tensors (made on the first forward): at batch 1 the
+    # argument checks (with their host syncs) cost as much as the small convolutions, so they
+    # run once per width, not per call.
+    _prepared = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._prepared = None  # .to() / .cuda() replace the buffers the prepared op holds
+        return super()._apply(fn, *args, **kwargs)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        op = self._prepared
+        if op is None:
+            op = self._prepared = self.prepare()
+        return op(x)
+
+    def act_quant(self) -> ActQuant:
+        return ActQuant(self.act_scale, self.act_zero_point, self.act_quant_min, self.act_quant_max)
 
     def set_tensors(self, t: LayerTensors) -> None:
         """Switch to another width/form in place (no reallocation of the module)."""
-        self._fast = None
+        self._prepared = None
         N = self.out_features
         if t.planes.shape[1] != N or t.planes.shape[0] < t.bits:
             raise ValueError(
@@ -124,14 +127,6 @@ class _IntLayer(nn.Module):
         shape = (1, -1) + (1,) * (y.dim() - 2)
         return y * self.out_mul.view(shape) + self.out_add.view(shape)
 
-    def act_args(self) -> dict:
-        return {
-            "act_scale": self.act_scale,
-            "act_zero_point": self.act_zero_point,
-            "act_quant_min": self.act_quant_min,
-            "act_quant_max": self.act_quant_max,
-        }
-
     def plane_bytes(self) -> int:
         """Bytes of weight planes one forward reads (the first `bits` planes)."""
         if self.planes is None:
@@ -151,18 +146,9 @@ class IntConv2d(_IntLayer):
         self.dilation = tuple(geometry["dilation"])
         self.groups = geometry["groups"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self._fast
-        if fast is not None and fast[0] == (x.device, x.dtype):
-            y = _op(torch.ops.eqk.lowbit_conv2d.default, "lowbit_conv2d_unchecked")(
-                x, self.planes, self.scale, self.bits, self.top_bits, self.in_channels,
-                *fast[1:5], self.groups, True, self.bias, self.weight_zero_point,
-                self.act_scale, self.act_zero_point, self.act_quant_min, self.act_quant_max,
-                fast[-1],
-            )  # fmt: skip
-            return self._affine(y)
-        y = eqkernels.lowbit_conv2d(
-            x,
+    def prepare(self):
+        """The prepared `eqkernels.lowbit_conv2d` of the current tensors."""
+        return eqkernels.prepare_conv2d(
             self.planes,
             self.scale,
             self.bits,
@@ -175,14 +161,12 @@ class IntConv2d(_IntLayer):
             groups=self.groups,
             bias=self.bias,
             weight_zero_point=self.weight_zero_point,
+            act=self.act_quant(),
             backend=self.backend,
-            **self.act_args(),
         )
-        name = _resolve_backend(self.backend, x.device, "lowbit_conv2d")
-        if name is not None:
-            geometry = [list(self.kernel_size), list(self.stride), list(self.padding)]
-            self._fast = ((x.device, x.dtype), *geometry, list(self.dilation), name)
-        return self._affine(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._affine(self._run(x))
 
     def extra_repr(self) -> str:
         return (
@@ -199,30 +183,22 @@ class IntLinear(_IntLayer):
         super().__init__(geometry["out_features"])
         self.in_features = geometry["in_features"]
 
+    def prepare(self):
+        """The prepared `eqkernels.lowbit_linear` of the current tensors."""
+        return eqkernels.prepare_linear(
+            self.planes,
+            self.scale,
+            self.bits,
+            self.top_bits,
+            K=self.in_features,
+            bias=self.bias,
+            weight_zero_point=self.weight_zero_point,
+            act=self.act_quant(),
+            backend=self.backend,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self._fast
-        if fast is not None and fast[0] == (x.device, x.dtype):
-            y = _op(torch.ops.eqk.lowbit_linear.default, "lowbit_linear_unchecked")(
-                x, self.planes, self.scale, self.bits, self.top_bits, self.in_features, True,
-                self.bias, self.weight_zero_point, self.act_scale, self.act_zero_point,
-                self.act_quant_min, self.act_quant_max, fast[1],
-            )  # fmt: skip
-        else:
-            y = eqkernels.lowbit_linear(
-                x,
-                self.planes,
-                self.scale,
-                self.bits,
-                self.top_bits,
-                K=self.in_features,
-                bias=self.bias,
-                weight_zero_point=self.weight_zero_point,
-                backend=self.backend,
-                **self.act_args(),
-            )
-            name = _resolve_backend(self.backend, x.device, "lowbit_linear")
-            if name is not None:
-                self._fast = ((x.device, x.dtype), name)
+        y = self._run(x)
         if self.out_mul is None:
             return y
         return y * self.out_mul + self.out_add

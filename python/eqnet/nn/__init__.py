@@ -1,5 +1,6 @@
 """Elastic quantization modules: quantizer, quantized layers, per-bit BN, the Supernet."""
 
+from .attention import ProjectedAttention
 from .batchnorm import SwitchableBatchNorm2d
 from .layers import QConv2d, QLinear
 from .quantizer import ElasticQuantizer, QuantParams
@@ -7,6 +8,7 @@ from .supernet import Supernet
 
 __all__ = [
     "ElasticQuantizer",
+    "ProjectedAttention",
     "QConv2d",
     "QLinear",
     "QuantParams",

@@ -62,6 +62,8 @@ class _QuantizedLayer:
         # model; this only lets set_choice() switch them.
         self.switched_bns: list = []
         self.observer = None  # set by eqnet.calibrate while it records activations
+        # A set while eqnet checks which layers run their quantized path (see coverage.py).
+        self.path_recorder: set | None = None
         self.set_choice(first)
 
     def set_choice(self, choice: LayerChoice) -> None:
@@ -87,6 +89,8 @@ class _QuantizedLayer:
         return self.weight_quantizer(self.weight)
 
     def _quantized_args(self, x):
+        if self.path_recorder is not None:
+            self.path_recorder.add(id(self))
         if self.observer is not None:
             # Calibration pass: record the float input and run the float layer, so the
             # statistics do not depend on whichever subnet happens to be active.
@@ -120,12 +124,11 @@ class QConv2d(_QuantizedLayer, nn.Conv2d):
             groups=module.groups,
             bias=module.bias is not None,
             padding_mode=module.padding_mode,
-            device=module.weight.device,
-            dtype=module.weight.dtype,
+            device="meta",
             space=space,
             fixed_choice=fixed_choice,
         )
-        return _copy_state(module, q)
+        return _share_state(module, q)
 
     def to_float(self) -> nn.Conv2d:
         """A plain nn.Conv2d with the float (unquantized) weights."""
@@ -164,12 +167,11 @@ class QLinear(_QuantizedLayer, nn.Linear):
             module.in_features,
             module.out_features,
             bias=module.bias is not None,
-            device=module.weight.device,
-            dtype=module.weight.dtype,
+            device="meta",
             space=space,
             fixed_choice=fixed_choice,
         )
-        return _copy_state(module, q)
+        return _share_state(module, q)
 
     def to_float(self) -> nn.Linear:
         m = nn.Linear(
@@ -184,6 +186,15 @@ class QLinear(_QuantizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, w = self._quantized_args(x)
         return F.linear(x, w, self.bias)
+
+
+def _share_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give dst (built on the meta device) src's weight and bias Parameters themselves, so a
+    weight tied to another module (GPT-2's lm_head and wte) stays tied; and src's mode."""
+    dst.weight = src.weight
+    dst.bias = src.bias
+    dst.train(src.training)
+    return dst
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:

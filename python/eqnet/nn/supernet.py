@@ -1,18 +1,30 @@
-"""The Supernet wrapper returned by `eqnet.convert`."""
+"""The Supernet wrapper returned by `eqnet.convert`.
+
+Its state_dict carries, besides the tensors, the space and the active config as plain
+JSON data (key "_extra_state"), so a checkpoint loads under `torch.load(...,
+weights_only=True)` and `load_state_dict` restores the active subnet too. The JSON travels as
+UTF-8 bytes in a uint8 tensor: torch.jit.trace (and so the ONNX exporter) and other readers of
+a state_dict expect every value to be a tensor.
+"""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
-from ..space import ElasticSpace, SubnetConfig, layer_specs
+from ..space import ElasticSpace, LayerChoice, SubnetConfig, layer_specs
 from .batchnorm import SwitchableBatchNorm2d
 from .quantizer import ElasticQuantizer
 
 
 class Supernet(nn.Module):
     """A converted network (`.model`) plus its space; one active subnet at a time.
+
+    A wrapper: `supernet(x)` calls `supernet.model(x)`, the user's module tree with its
+    quantized layers in place (reach the converted model, its attributes and methods, there).
 
     Layer names are relative to the Supernet (e.g. "model.conv1"), as `layer_specs(supernet)`
     and the SubnetConfig constructors (always called with the Supernet as `model`) see them.
@@ -39,6 +51,53 @@ class Supernet(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def extra_state_dict(self) -> dict:
+        """The space and the active config as JSON-able data."""
+        return {
+            "space": self.space.to_dict(),
+            "config": {name: c.to_dict() for name, c in self.config()},
+            "keep_first_last": self.keep_first_last,
+            "per_bit_bn": self.per_bit_bn,
+        }
+
+    def get_extra_state(self) -> torch.Tensor:
+        text = json.dumps(self.extra_state_dict(), sort_keys=True).encode()
+        return torch.frombuffer(bytearray(text), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "_extra_state"
+        if key not in state_dict:
+            # A state_dict saved before it carried the space and config: keep the active one.
+            state_dict[key] = self.get_extra_state()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor):
+            if state.dtype != torch.uint8 or state.dim() != 1:
+                raise ValueError(
+                    "Supernet state: expected UTF-8 JSON in a 1-D uint8 tensor, got "
+                    f"{state.dtype} of shape {tuple(state.shape)}"
+                )
+            try:
+                state = json.loads(bytes(state.cpu().tolist()).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"Supernet state: not UTF-8 JSON ({e})") from e
+        if not isinstance(state, dict) or not {"space", "config"} <= set(state):
+            raise ValueError(
+                "Supernet state: expected a dict with 'space' and 'config', got "
+                f"{type(state).__name__}"
+            )
+        space = ElasticSpace.from_dict(state["space"])
+        if space != self.space:
+            raise ValueError(
+                f"Supernet state: the saved space {space} differs from this supernet's "
+                f"{self.space}; convert the model with the saved space first"
+            )
+        config = state["config"]
+        if not isinstance(config, dict) or not all(isinstance(c, dict) for c in config.values()):
+            raise ValueError("Supernet state: 'config' must map layer names to choice dicts")
+        self.set_config(SubnetConfig((n, LayerChoice(**c)) for n, c in config.items()))
 
     def quantized_layers(self) -> OrderedDict[str, nn.Module]:
         return OrderedDict(

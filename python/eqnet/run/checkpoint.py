@@ -13,10 +13,12 @@ import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from eqkernels import atomic
+from eqkernels.atomic import remove_stale_temps as remove_stale_temps
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.json"
@@ -26,37 +28,56 @@ FORMAT = "eqnet.train.checkpoint"
 VERSION = 1
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    atomic.write_bytes(path, data)
+
+
+def first_non_finite(tensors) -> str | None:
+    """The name of the first floating tensor of `tensors` (name -> Tensor) holding NaN or Inf."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all()):
+            return name
+    return None
+
+
+def check_device(name) -> torch.device:
+    """`name` as a torch.device this machine has; ValueError naming it otherwise."""
     try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would (umask).
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={name!r}: accepted values are cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}: no CUDA device is available here; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise ValueError(f"device={name!r}: accepted values are cpu, cuda, cuda:N")
+    return device
+
+
+def read_torch_file(path: Path, what: str, map_location="cpu"):
+    """torch.load(weights_only=True) with every failure as one ValueError naming `what` (and
+    never torch's advice to retry with weights_only=False)."""
+    if isinstance(map_location, str | torch.device):
+        check_device(map_location)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, OSError...
+        text = str(exc).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+        if "weights_only" in text or "Unpickl" in type(exc).__name__:
+            reason = "it holds objects other than tensors and plain containers; not loaded"
+        raise ValueError(f"{what}: {path} is not a readable checkpoint ({reason})") from None
 
 
 def save_checkpoint(out_dir: str | os.PathLike, state: dict) -> Path:
     """Atomically write `state` (plus format tag) to OUT_DIR/checkpoint.pt."""
+    bad = first_non_finite(state.get("model", {}))
+    if bad is not None:
+        raise ValueError(f"model tensor {bad!r} holds NaN or Inf: not writing the checkpoint")
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
     path = Path(out_dir) / CHECKPOINT_NAME
@@ -74,7 +95,9 @@ def load_checkpoint(run: str | os.PathLike, map_location="cpu") -> dict:
     path = checkpoint_path(run)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected a run directory or a .pt file)")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    if path.suffix == ".eqk":
+        raise ValueError(f"{path} is a deployment file (.eqk), not a training run or checkpoint")
+    state = read_torch_file(path, "checkpoint", map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not an eqnet training checkpoint")
     if state.get("version") != VERSION:

@@ -27,6 +27,11 @@ _DEFAULT_BITS = {
 class TrainConfig:
     recipe: str = "multiquant"
     model: str = "digits_cnn"
+    # keyword arguments of a "package.module:factory" model (JSON-able)
+    model_kwargs: dict | None = None
+    # one input's shape (C, H, W), recorded from the data so a user's model converts without
+    # a registered input size
+    input_shape: list[int] | None = None
     data: str = "digits"
     epochs: int = 10
     batch_size: int = 64
@@ -81,6 +86,8 @@ class TrainConfig:
                 )
 
         choice("recipe", RECIPES)
+        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs={self.model_kwargs!r}: must be a JSON object (dict)")
         choice("optimizer", OPTIMIZERS)
         choice("joint", JOINT_LOSSES)
         choice("keep_first_last", KEEP_FIRST_LAST)

@@ -37,9 +37,13 @@ def evaluate(model: torch.nn.Module, loader, device=None) -> float:
 def build_model(config: TrainConfig, num_classes: int, float_init: bool = True):
     """The run's network and space: the float model (space None) for the float recipe, else
     the model converted to a Supernet over the recipe's space. `config` must be resolved."""
-    net = models.get(config.model, num_classes)
+    net = models.get(config.model, num_classes, **(config.model_kwargs or {}))
+    if getattr(net, "eqnet_input_size", None) is None and config.input_shape:
+        net.eqnet_input_size = (1, *config.input_shape)
     if float_init and config.init:
-        net.load_state_dict(load_float_weights(config.init))
+        note = models.load_init(net, load_float_weights(config.init))
+        if note:
+            print(note, flush=True)
     space = recipe_space(config)
     if space is None:
         return net, None
@@ -54,15 +58,22 @@ def load_float_weights(path: str) -> dict:
     p = ckpt.checkpoint_path(path)
     if not p.is_file():
         raise FileNotFoundError(f"init={path!r}: no float checkpoint there")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    if p.suffix == ".eqk":
+        raise ValueError(f"init={path!r}: a deployment file (.eqk); start from a float run")
+    state = ckpt.read_torch_file(p, f"init={path!r}")
     if isinstance(state, dict) and state.get("format") == ckpt.FORMAT:
         recipe = json.loads(state["config"])["recipe"]
         if recipe != "float":
             raise ValueError(f"init={path!r}: a {recipe!r} run; start from a float run")
-        return state["model"]
-    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return state
-    raise ValueError(f"init={path!r}: neither an eqnet float run nor a state_dict")
+        state = state["model"]
+    elif not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"init={path!r}: neither an eqnet float run nor a state_dict")
+    bad = ckpt.first_non_finite(state)
+    if bad is not None:
+        raise ValueError(
+            f"init={path!r}: tensor {bad!r} holds NaN or Inf; refusing to start from it"
+        )
+    return state
 
 
 @dataclass

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from eqkernels import atomic
 from eqnet.space import SubnetConfig
 
 
@@ -67,7 +68,7 @@ def build_dataset(
     if path.exists():  # rewrite without a torn tail, so appends start on a fresh line
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if path.read_text() != text:
-            path.write_text(text)
+            atomic.write_text(path, text)
     done = {r["key"] for r in rows}
     todo, seen = [], set(done)
     for cfg in configs:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eqkernels import atomic
 from eqnet.search.predictor import (
     FitReport,
     check_encodings,
@@ -152,7 +153,7 @@ class NoiseRidgePredictor:
             "alpha": self.alpha,
             "gamma": self.gamma,
         }
-        Path(path).write_text(json.dumps(doc, indent=1))
+        atomic.write_text(path, json.dumps(doc, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> NoiseRidgePredictor:

@@ -6,6 +6,8 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+from eqkernels import atomic
+
 COLUMNS = ("label", "kind", "accuracy", "bitops", "size", "avg_bits", "avg_w_bits", "avg_a_bits")
 
 
@@ -22,7 +24,7 @@ def pareto_front(rows: Sequence[dict], cost: str = "bitops") -> list[dict]:
 
 def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
     path = Path(path)
-    with open(path, "w", newline="") as f:
+    with atomic.atomic_write(path, "w") as f:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS) + ["on_front"], extrasaction="ignore")
         w.writeheader()
         front = {id(r) for r in pareto_front([r for r in rows if r["kind"] != "uniform"])}
@@ -86,6 +88,7 @@ def plot(path: str | Path, rows: Sequence[dict], title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic.atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eqkernels import atomic
 from eqnet.space import ENCODING_WIDTH
 
 
@@ -225,9 +226,10 @@ class AccuracyPredictor(nn.Module):
     # -- persistence (state dict + JSON meta; no pickled objects) --------------------------
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        torch.save(self.state_dict(), path)
+        with atomic.atomic_write(path, "wb") as f:
+            torch.save(self.state_dict(), f)
         meta = {"in_features": self.in_features, "hidden": self.hidden, "depth": self.depth}
-        path.with_suffix(".json").write_text(json.dumps(meta))
+        atomic.write_text(path.with_suffix(".json"), json.dumps(meta))
 
     @classmethod
     def load(cls, path: str | Path) -> AccuracyPredictor:

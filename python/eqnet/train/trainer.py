@@ -49,7 +49,10 @@ def _bn_buffers(model):
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return ckpt.check_device(name)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto)") from None
 
 
 class Trainer:
@@ -78,6 +81,8 @@ class Trainer:
         self.train_loader = train_loader(self.data.train, c.batch_size, c.seed, c.workers)
         self.holdout_loader = eval_loader(self.data.holdout, c.batch_size, c.workers)
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size, c.workers)
+        if c.input_shape is None:
+            c.input_shape = list(self.data.input_shape)
         # On resume the checkpoint holds the weights: the float init need not exist any more.
         model, self.space = build_model(c, self.data.num_classes, float_init=load_init)
         self.model = model.to(self.device)
@@ -179,15 +184,27 @@ class Trainer:
         if self.labels is not None:
             self.labels.update(probs, y)
 
+    def _kept(self) -> str:
+        if self.out_dir is not None and (self.out_dir / ckpt.CHECKPOINT_NAME).is_file():
+            return f"the last good checkpoint {self.out_dir / ckpt.CHECKPOINT_NAME} is kept"
+        return "no checkpoint was written yet"
+
     def check_finite(self, loss: torch.Tensor, role: str) -> None:
         if not bool(torch.isfinite(loss.detach()).all()):
             where = f"epoch {self.epoch + 1}, step {self.schedule.step_count + 1}, subnet {role}"
-            kept = "no checkpoint was written yet"
-            if self.out_dir is not None and (self.out_dir / ckpt.CHECKPOINT_NAME).is_file():
-                kept = f"the last good checkpoint {self.out_dir / ckpt.CHECKPOINT_NAME} (epoch {self.epoch}) is kept"
             raise NonFiniteLossError(
-                f"non-finite loss ({float(loss.detach())}) at {where}; training stopped, {kept}. "
-                "Try a lower --lr, --grad-clip or a float --init."
+                f"non-finite loss ({float(loss.detach())}) at {where}; training stopped, "
+                f"{self._kept()}. Try a lower --lr, --grad-clip or a float --init."
+            )
+
+    def check_model_finite(self) -> None:
+        """Every parameter and buffer finite, or stop before the checkpoint is overwritten
+        (a finite loss can come from a model whose BN statistics already overflowed)."""
+        bad = ckpt.first_non_finite(self.model.state_dict())
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"model tensor {bad!r} holds NaN or Inf after epoch {self.epoch + 1}; training "
+                f"stopped, {self._kept()}. Try a lower --lr, --grad-clip or a float --init."
             )
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -282,7 +299,10 @@ class Trainer:
         last = c.epochs if stop_after is None else min(stop_after, c.epochs)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temps(self.out_dir)
             ckpt.save_json(self.out_dir / ckpt.CONFIG_NAME, self.run_record())
+            if self.metrics:  # resumed: the metric files follow the checkpoint it resumed
+                ckpt.write_metrics(self.out_dir, self.metrics)
         self.calibrate()
         while self.epoch < last:
             t0 = time.perf_counter()
@@ -294,6 +314,7 @@ class Trainer:
             row.update(self.evaluate_subnets())
             row["step"] = self.schedule.step_count
             row["time_s"] = time.perf_counter() - t0
+            self.check_model_finite()
             self.epoch += 1
             self.metrics.append(row)
             if self.out_dir is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eqkernels import atomic
 from eqnet.search import pareto
 from eqnet.search.accuracy_data import fraction_correct
 from eqnet.search.genome import parse_constraints
@@ -61,6 +62,7 @@ def run_search(options: SearchOptions) -> SearchResult:
         torch.set_num_threads(options.threads)
     out = output_dir(options)
     out.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(out)  # left by a killed run
     ctx = SearchContext(options)
     if options.method == "ga":
         results, extra = search_ga(options, ctx, budgets, out)
@@ -107,7 +109,7 @@ def run_search(options: SearchOptions) -> SearchResult:
             {"label": label, "kind": "uniform", "accuracy": fraction_correct(correct), **metrics}
         )
     record = {"run": str(options.run), "method": options.method, **extra, "chosen": chosen}
-    (out / "configs.json").write_text(json.dumps(record, indent=2))
+    atomic.write_text(out / "configs.json", json.dumps(record, indent=2))
     pareto.write_csv(out / "pareto.csv", rows)
     pareto.plot(out / "pareto.png", rows, title=f"{options.method}: {Path(options.run).name}")
     log(f"wrote {out}/configs.json, pareto.csv, pareto.png")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eqkernels import atomic
 from eqnet.search.accuracy_data import build_dataset, row_config
 from eqnet.search.genetic import genetic_search
 from eqnet.search.genome import Budget, ChoiceTable
@@ -50,7 +51,7 @@ def search_ga(options: SearchOptions, ctx: SearchContext, budgets, out: Path):
             f"asks for {json.dumps(setting)}; choose another --out or the same settings"
         )
     out.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(setting))
+    atomic.write_text(meta, json.dumps(setting))
     t0 = time.perf_counter()
     with DatasetWorkers(options) as workers:
         rows = build_dataset(
@@ -66,8 +67,9 @@ def search_ga(options: SearchOptions, ctx: SearchContext, budgets, out: Path):
     acc = torch.tensor([r["accuracy"] for r in rows])
     t0 = time.perf_counter()
     predictor, report, chosen = fit_predictor(options, enc, acc, out)
-    (out / "predictor_report.json").write_text(
-        json.dumps({"predictor": options.predictor, **report.to_dict(), **chosen}, indent=2)
+    atomic.write_text(
+        out / "predictor_report.json",
+        json.dumps({"predictor": options.predictor, **report.to_dict(), **chosen}, indent=2),
     )
     log(
         f"predictor ({options.predictor}): Kendall tau {report.kendall_tau:.3f}, Pearson r "
