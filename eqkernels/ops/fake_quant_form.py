@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fake_quant as _fq
+from . import _fake_quant_checks as _checks
+from . import _fake_quant_kernels as _kernels
+from . import _fake_quant_ref as _ref
 
 FORM_FIELDS = ("quant_min", "quant_max", "inv_step", "step", "comp")
 
@@ -34,7 +36,7 @@ def form_row(quant_min: int, quant_max: int) -> list[float]:
 
 def layered_form_row(bits: int, top_bits: int, compensate: bool = True) -> list[float]:
     """The `form` of `fake_quant_layered(..., bits, top_bits, compensate=compensate)`."""
-    qmin, qmax, inv_step, step, comp = _fq._layered_consts(bits, top_bits, compensate)
+    qmin, qmax, inv_step, step, comp = _ref.layered_consts(bits, top_bits, compensate)
     return [float(qmin), float(qmax), inv_step, step, comp]
 
 
@@ -44,8 +46,8 @@ def _unpack(form: Tensor):
 
 
 def _forward_torch(x, s, zero_point, qmin, qmax, inv_step, step, comp, axis):
-    s = _fq._bcast(s, x, axis)
-    z = torch.round(_fq._bcast(zero_point, x, axis))
+    s = _ref.bcast(s, x, axis)
+    z = torch.round(_ref.bcast(zero_point, x, axis))
     v = x.float() * torch.reciprocal(s)
     q = torch.clamp(torch.round(v) + z, qmin, qmax)
     a = (torch.floor((q - z) * inv_step) + comp) * step  # exact: q - z is an integer, step 2^k
@@ -53,8 +55,8 @@ def _forward_torch(x, s, zero_point, qmin, qmax, inv_step, step, comp, axis):
 
 
 def _backward_torch(grad, x, s, zero_point, qmin, qmax, inv_step, step, comp, axis, grad_factor):
-    sb = _fq._bcast(s, x, axis)
-    z = torch.round(_fq._bcast(zero_point, x, axis))
+    sb = _ref.bcast(s, x, axis)
+    z = torch.round(_ref.bcast(zero_point, x, axis))
     v = x.float() * torch.reciprocal(sb)
     nan = torch.isnan(v)
     u = torch.round(v) + z
@@ -62,34 +64,34 @@ def _backward_torch(grad, x, s, zero_point, qmin, qmax, inv_step, step, comp, ax
     inside = (u >= qmin) & (u <= qmax)
     a = (torch.floor((q - z) * inv_step) + comp) * step
     dy = grad.float()
-    dx = _fq._nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
+    dx = _ref._nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
     t = torch.where(inside, a - v, a)
-    dz_e = _fq._nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -sb))
-    ds = grad_factor * _fq._reduce_to(dy * t, s, axis)
-    dz = grad_factor * _fq._reduce_to(dz_e, s, axis)
+    dz_e = _ref._nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -sb))
+    ds = grad_factor * _ref.reduce_to(dy * t, s, axis)
+    dz = grad_factor * _ref.reduce_to(dz_e, s, axis)
     return dx.to(x.dtype), ds.to(s.dtype), dz.to(s.dtype)
 
 
 def _run_forward(backend, x, scale, zero_point, form, axis):
-    _fq._body_checks(scale, zero_point)
+    _checks.body_checks(scale, zero_point)
     qmin, qmax, inv_step, step, comp = _unpack(form)
-    name = _fq._resolve(backend, x.device, "fake_quant")
+    name = _checks.resolve(backend, x.device, "fake_quant")
     if name == "torch":
         return _forward_torch(x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis)
-    s, inv_s, zr = _fq._params(x, scale, zero_point, axis)
-    return _fq._kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
+    s, inv_s, zr = _kernels._params(x, scale, zero_point, axis)
+    return _kernels._kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
 
 
 def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis):
     qmin, qmax, inv_step, step, comp = _unpack(form)
     g = float(grad_factor)
-    name = _fq._resolve(backend, x.device, "fake_quant")
+    name = _checks.resolve(backend, x.device, "fake_quant")
     if name == "torch":
         return _backward_torch(
             grad, x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis, g
         )
-    s, inv_s, zr = _fq._params(x, scale, zero_point, axis)
-    dx, sum_t, sum_z = _fq._kernel_backward(
+    s, inv_s, zr = _kernels._params(x, scale, zero_point, axis)
+    dx, sum_t, sum_z = _kernels._kernel_backward(
         name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
     )
     ds = (g * sum_t).reshape(scale.shape).to(scale.dtype)
@@ -153,10 +155,10 @@ _fake_quant_form_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(x, scale, zero_point, form, grad_factor, axis) -> int:
-    _fq._check_x(x)
-    ax = _fq._normalize_axis(x, axis)
-    _fq._check_param("scale", scale, x, ax)
-    _fq._check_param("zero_point", zero_point, x, ax)
+    _checks._check_x(x)
+    ax = _checks._normalize_axis(x, axis)
+    _checks._check_param("scale", scale, x, ax)
+    _checks._check_param("zero_point", zero_point, x, ax)
     if not isinstance(form, Tensor) or tuple(form.shape) != (len(FORM_FIELDS),):
         shape = tuple(form.shape) if isinstance(form, Tensor) else type(form).__name__
         raise ValueError(f"form has shape {shape}: accepted is a tensor [{', '.join(FORM_FIELDS)}]")
@@ -180,9 +182,9 @@ def fake_quant_form(
     step, comp]; grad_factor: one-element tensor (the LSQ gradient scale). Differentiable in
     x, scale and zero_point. Values are checked like `fake_quant`'s in eager mode."""
     ax = _check(x, scale, zero_point, form, grad_factor, axis)
-    _fq._check_values("scale", scale, positive=True)
-    _fq._check_values("zero_point", zero_point, positive=False)
-    name = _fq._backend_arg(backend, x, "fake_quant")
+    _checks._check_values("scale", scale, positive=True)
+    _checks._check_values("zero_point", zero_point, positive=False)
+    name = _checks.backend_arg(backend, x, "fake_quant")
     return torch.ops.eqk.fake_quant_form(
         x, scale, zero_point, form, grad_factor.reshape(()), ax, name
     )
@@ -194,8 +196,8 @@ def fake_quant_form(
 
 
 def _inline_map(x, scale, zero_point, form, axis):
-    s = _fq._bcast(scale, x, axis)
-    z = torch.round(_fq._bcast(zero_point, x, axis))
+    s = _ref.bcast(scale, x, axis)
+    z = torch.round(_ref.bcast(zero_point, x, axis))
     qmin, qmax, inv_step, step, comp = form.float().unbind()
     v = x.float() * torch.reciprocal(s)
     u = torch.round(v) + z
@@ -219,12 +221,12 @@ class _InlineForm(torch.autograd.Function):
         nan = torch.isnan(v)
         inside = (u >= qmin) & (u <= qmax)
         dy = grad.float()
-        dx = _fq._nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
+        dx = _ref._nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
         t = torch.where(inside, a - v, a)
-        dz_e = _fq._nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -s))
+        dz_e = _ref._nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -s))
         g = grad_factor.float()
-        ds = (g * _fq._reduce_to(dy * t, scale, ctx.axis)).to(scale.dtype)
-        dz = (g * _fq._reduce_to(dz_e, scale, ctx.axis)).to(scale.dtype)
+        ds = (g * _ref.reduce_to(dy * t, scale, ctx.axis)).to(scale.dtype)
+        dz = (g * _ref.reduce_to(dz_e, scale, ctx.axis)).to(scale.dtype)
         return dx.to(x.dtype), ds, dz, None, None, None
 
 
