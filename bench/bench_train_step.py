@@ -6,7 +6,9 @@ Compiled rows (`torch.compile`, backend EQK_BENCH_COMPILE, default inductor; "no
 them): the float model, and the supernet with a new random subnet every step (per-layer widths
 and forms: EQ-Net's sampling), next to the same random sampling in eager mode. The table
 counts the graphs dynamo compiled after warm-up (target 0) and compares the compiled supernet
-step with the compiled float step (target <= 1.2x).
+step with the compiled float step (target <= 1.2x). These three rows are timed in rotation.
+In compiled graphs the quantizers run plain torch ops that inductor fuses;
+EQK_COMPILE_KERNEL=1 makes them call the fake-quant kernel through its op instead.
 
 The fake-quant backend is whatever `auto` resolves to (the C++ kernel when eqkernels._C has
 it, else the pure-torch reference); the table says which. Run with nothing else on the
@@ -23,6 +25,7 @@ import torch
 from eqnet import models
 from eqnet.space import ElasticSpace, SubnetConfig
 
+from bench.deploy_vs_ort import rotation_medians
 from bench.harness import Table, threads_from_env, time_fn
 from eqkernels import _ext
 from eqkernels.ops import fake_quant as fq_ops
@@ -59,7 +62,10 @@ def unique_graphs() -> int:
 
 
 def compiled_rows(table, float_model, net, space, x, y, threads):
-    """Compiled float, eager and compiled supernet with a new random subnet every step."""
+    """Compiled float, eager and compiled supernet with a new random subnet every step.
+
+    The three steps are compiled (warmed up) first, then timed in rotation, one step of each
+    per round, so that load from other processes hits every row alike."""
     gen = torch.Generator().manual_seed(0)
     configs = [SubnetConfig.random(space, net, generator=gen) for _ in range(RANDOM_CONFIGS)]
     net.train()
@@ -68,8 +74,9 @@ def compiled_rows(table, float_model, net, space, x, y, threads):
         ("resnet20 supernet", net, configs, "eager"),
         ("resnet20 supernet", net, configs, "compiled"),
     ]
-    for label, model, cfgs, mode in rows:
-        torch._dynamo.reset()
+    steps, compile_s = [], []
+    torch._dynamo.reset()
+    for _label, model, cfgs, mode in rows:
         run = model if mode == "eager" else torch.compile(model, backend=COMPILE_BACKEND)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         if cfgs is None:
@@ -78,19 +85,22 @@ def compiled_rows(table, float_model, net, space, x, y, threads):
             step = random_config_step(run, net, opt, x, y, cfgs)
         t0 = time.perf_counter()
         step()  # warm-up: the compile
-        compile_s = time.perf_counter() - t0
-        graphs = unique_graphs()
-        t = time_fn(step, warmup=2, repeat=8, min_time=1.0)
+        compile_s.append(time.perf_counter() - t0)
+        steps.append(step)
+    graphs = unique_graphs()
+    medians = rotation_medians(steps, warmup=2, rounds=8, min_time=1.0)
+    after = unique_graphs() - graphs
+    for (label, _model, cfgs, mode), t, c in zip(rows, medians, compile_s):
         table.add(
             model=label,
             subnet="random per step" if cfgs is not None else "-",
-            backend="-" if cfgs is None else fq_ops._resolve(None, x.device, "fake_quant"),
+            backend="-" if cfgs is None else fq_ops.resolve_backend(None, x.device, "fake_quant"),
             mode=mode if mode == "eager" else f"compiled ({COMPILE_BACKEND})",
             threads=threads,
             batch=BATCH,
             step_ms=t * 1e3,
-            compile_s=compile_s if mode == "compiled" else 0.0,
-            graphs_after_warmup=unique_graphs() - graphs if mode == "compiled" else 0,
+            compile_s=c if mode == "compiled" else 0.0,
+            graphs_after_warmup=after if mode == "compiled" else 0,
         )
 
 
