@@ -11,19 +11,22 @@ Weights are cache-resident: one weight set is reused every call (ggml's perf mod
 "weight MB" column is the bytes of weights one call reads (planes: bits * N * ceil(K/32) * 4);
 "GB/s" is that over the time. Ratios are baseline time / our time (higher = faster).
 
-Usage: `python -m bench.bench_lowbit_gemm [--quick] [--m 1 16]` (EQK_BENCH_THREADS sets threads; run with
+Usage: `python -m bench.bench_lowbit_gemm [--quick] [--float] [--m 1 16]` (EQK_BENCH_THREADS sets threads; run with
 nothing else on the machine; EQK_EXT_DIR selects a private build of eqkernels._C).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 import eqkernels as E
 from bench.harness import Table, threads_from_env, time_fn
+from eqkernels import _ext
 
 BITS = (2, 3, 4, 8)
 ACT = dict(act_scale=torch.tensor([0.02]), act_quant_min=-128, act_quant_max=127)
@@ -91,13 +94,102 @@ def bench_conv(table, B, C=64, H=32):
             lambda pb=pb, bits=bits, kw=kw: E.lowbit_conv2d(x, pb, scale, bits, 8, **kw, **ACT), pb.numel() * 4)  # fmt: skip
 
 
+def timed_wall_cpu(fn, heavy):
+    """Median wall time, minimum wall time and median process CPU time (all threads, OpenMP
+    spin-waits included) of fn(), in seconds. On a shared, oversubscribed machine the median
+    wall time of a millisecond call is mostly other processes' time slices; the minimum is the
+    closest to an idle machine."""
+    warmup, repeat, min_time = (1, 5, 0.05) if heavy else (2, 10, 0.2)
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    start = time.perf_counter()
+    while len(walls) < repeat or time.perf_counter() - start < min_time:
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        cpus.append(time.process_time() - c0)
+        walls.append(time.perf_counter() - w0)
+        if len(walls) >= 10 * repeat:
+            break
+    return statistics.median(walls), min(walls), statistics.median(cpus)
+
+
+FLOAT_MS = (1, 4, 16, 64, 256)
+FLOAT_QUICK_MS = (1, 16)
+
+
+def bench_float_kernel(table, M, N, K, quick):
+    """The float-activation kernel (fp32 FMA / vdpbf16ps on decoded plane panels) at W2/W3/W4,
+    per-channel and per-group (g = 32, 128) scales, against torch fp32 and bf16 matmul on the
+    same shapes. Time of the kernel call alone (scale and cz prepared once, as at load)."""
+    kern = _ext.kernel("lowbit_linear_float_cpu")
+    shape = f"float-act M={M} N={N} K={K}"
+    q8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    planes = E.pack_bitplanes(q8, 8)
+    x = torch.randn(M, K)
+    xbf = x.to(torch.bfloat16)
+    heavy = M * N * K > 2**32
+    row = dict(shape=shape, M=M, N=N, K=K)
+
+    def add(provider, bits, act, fn, wbytes):
+        t, t_min, cpu = timed_wall_cpu(fn, heavy)
+        table.add(**row, provider=provider, bits=bits, act=act, time_ms=t * 1e3,
+                  min_ms=t_min * 1e3, cpu_ms=cpu * 1e3, weight_MB=wbytes / 1e6)  # fmt: skip
+
+    w32 = q8.float() * 0.01
+    add("torch fp32", 32, "fp32", lambda: x @ w32.T, 4 * N * K)
+    wbf = w32.to(torch.bfloat16)
+    add("torch bf16", 16, "bf16", lambda: xbf @ wbf.T, 2 * N * K)
+    granularities = (
+        ((128, "g128"), (K, "channel")) if quick else ((32, "g32"), (128, "g128"), (K, "channel"))
+    )
+    for bits in (4,) if quick else (2, 3, 4):
+        pb = planes[:bits].contiguous()
+        c = 0.5 * (1 - 2.0 ** -(8 - bits))
+        for gs, gname in granularities:
+            G = K // gs
+            s = torch.rand(N, G) * 0.01 + 0.001
+            cz = torch.full((N, G), c)
+            wbytes = pb.numel() * 4 + s.numel() * 4
+            for act, xa in (("fp32", x), ("bf16", xbf)):
+                add(f"eqk float-act {gname}", bits, act,
+                    lambda xa=xa, pb=pb, bits=bits, s=s, cz=cz, gs=gs: kern(xa, pb, bits, K, s, cz, gs, -1),
+                    wbytes)  # fmt: skip
+
+
+def main_float(args):
+    threads = threads_from_env()
+    print(f"threads: {threads}; float-activation kernel; weights cache-resident")
+    cols = ["shape", "M", "N", "K", "provider", "bits", "act", "time_ms", "min_ms", "cpu_ms"]
+    cols.append("weight_MB")
+    table = Table("lowbit_gemm_float", cols)
+    ms = args.m or (FLOAT_QUICK_MS if args.quick else FLOAT_MS)
+    for K in (14336,) if args.quick else (14336, 4096):
+        for M in ms:
+            bench_float_kernel(table, M, 4096, K, args.quick)
+    # Each activation dtype against torch's matmul in the same dtype (fp32 or bf16).
+    is_torch = lambda r: r["provider"].startswith("torch")  # noqa: E731
+    table.ratio_to("x_torch", "time_ms", is_torch, ["shape", "act"])
+    table.ratio_to("x_torch_min", "min_ms", is_torch, ["shape", "act"])
+    table.ratio_to("x_torch_cpu", "cpu_ms", is_torch, ["shape", "act"])
+    table.finish()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the M=1 and M=16 shapes")
     parser.add_argument(
         "--m", type=int, nargs="+", help="only these linear row counts (and skip the convs)"
     )
+    parser.add_argument(
+        "--float",
+        action="store_true",
+        help="only the float-activation kernel rows (W2/W3/W4, per-channel and g=32/128, fp32 "
+        "and bf16 activations, M=1..256, K=14336 and 4096; --quick: W4, M=1 and 16, K=14336)",
+    )
     args = parser.parse_args(argv)
+    if args.float:
+        return main_float(args)
     threads = threads_from_env()
     print(f"threads: {threads}; weights cache-resident (one weight set reused)")
     cols = ["shape", "M", "N", "K", "provider", "bits", "act", "time_ms", "weight_MB", "GB_s"]

@@ -51,10 +51,10 @@ def _patch_models():
     if getattr(original, "_nobn_patch", False):
         return
 
-    def get(name, num_classes=10):
+    def get(name, num_classes=10, **kwargs):
         if name == "nobn":
             return _no_bn_net(num_classes)
-        return original(name, num_classes)
+        return original(name, num_classes, **kwargs)
 
     get._nobn_patch = True
     models.get = get

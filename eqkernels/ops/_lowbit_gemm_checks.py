@@ -33,9 +33,28 @@ def check_x(x) -> None:
         raise ValueError("x: expected a floating-point tensor")
 
 
-def check_weights(planes, scale, bits, top_bits, K, bias, weight_zero_point, dev=None, x=None):
+def check_group_size(group_size, K) -> int:
+    """None (per-tensor or per-channel scales) -> 0; else a multiple of 32 dividing K."""
+    if group_size is None:
+        return 0
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or group_size < 32
+        or group_size % 32
+        or K % group_size
+    ):
+        raise ValueError(
+            f"group_size={group_size!r}: accepted values are None or a multiple of 32 dividing K={K}"
+        )
+    return group_size
+
+
+def check_weights(
+    planes, scale, bits, top_bits, K, bias, weight_zero_point, dev=None, x=None, group_size=0
+):
     """The weight-side arguments, on device `dev` (or x's: x, when given, is checked first
-    after the widths)."""
+    after the widths); `group_size` > 0 (checked by check_group_size): scales per group."""
     check_bits(bits)
     check_bits(top_bits, "top_bits", bits, 8)
     if x is not None:
@@ -46,7 +65,14 @@ def check_weights(planes, scale, bits, top_bits, K, bias, weight_zero_point, dev
     for name, t in (("planes", planes), ("scale", scale)):
         if isinstance(t, torch.Tensor) and t.device != dev:
             raise ValueError(f"{name}: on {t.device}, x on {dev}; accepted: the same device")
-    if not is_float_tensor(scale) or scale.numel() not in (1, N) or scale.dim() > 1:
+    if group_size:
+        G = K // group_size
+        if not is_float_tensor(scale) or tuple(scale.shape) != (N, G):
+            raise ValueError(
+                f"scale: expected a float tensor of shape [N={N}, K/group_size={G}] with "
+                f"group_size={group_size}, got {getattr(scale, 'shape', scale)!r}"
+            )
+    elif not is_float_tensor(scale) or scale.numel() not in (1, N) or scale.dim() > 1:
         raise ValueError(
             f"scale: expected a float tensor of shape [1], [] or [N={N}], got "
             f"{getattr(scale, 'shape', scale)!r}"
@@ -57,7 +83,13 @@ def check_weights(planes, scale, bits, top_bits, K, bias, weight_zero_point, dev
         raise ValueError(f"bias: expected None or a float tensor of shape [N={N}]")
     if weight_zero_point is not None:
         z = weight_zero_point
-        if not isinstance(z, torch.Tensor) or z.numel() not in (1, N) or z.dim() > 1:
+        if group_size:
+            if not isinstance(z, torch.Tensor) or tuple(z.shape) not in ((N,), tuple(scale.shape)):
+                raise ValueError(
+                    f"weight_zero_point: expected None or a tensor of shape [N={N}] or "
+                    f"[N, K/group_size]={list(scale.shape)}"
+                )
+        elif not isinstance(z, torch.Tensor) or z.numel() not in (1, N) or z.dim() > 1:
             raise ValueError(f"weight_zero_point: expected None or a tensor of shape [N={N}]")
         zd = z.double()
         if check_values_enabled(z) and not bool(torch.all((zd == torch.round(zd)) & zd.isfinite())):

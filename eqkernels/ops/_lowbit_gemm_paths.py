@@ -23,7 +23,10 @@ from .bitplanes import unpack_bitplanes_ref
 # The `_C` integer accumulation kernel of each backend.
 INT_KERNELS = {"cpp": "lowbit_gemm_int_cpu", "cuda": "lowbit_gemm_int_cuda"}
 
-# Below this many activation rows the cpp float path uses the bit-serial kernel (reads only the
+# The cpp float-activation GEMM; builds without it fall back to the two paths below.
+FLOAT_KERNEL = "lowbit_linear_float_cpu"
+
+# Below this many activation rows the cpp fallback uses the bit-serial kernel (reads only the
 # planes); above it, decoding the weights once and calling the float GEMM wins.
 FLOAT_BITSERIAL_MAX_M = 8
 
@@ -93,9 +96,31 @@ def _needs_rowsums(x, act_zero_point, z_r):
     return act_zero_point is not None and (x.device.type != "cpu" or bool(z_r != 0))
 
 
+def _float_kernel_linear(x2, planes, bits, K, c, s_b, weight_zero_point):
+    """The C++ float-activation GEMM (plane panels decoded per cache block, fp32 FMA or
+    vdpbf16ps) with one scale and one `c - z_w` per output row."""
+    N = planes.shape[1]
+    G = s_b.shape[1] if s_b.dim() == 2 else 1
+    scale = s_b.to(torch.float32).reshape(N, G).contiguous()
+    cz = torch.full((N, G), c, dtype=torch.float32, device=x2.device)
+    if weight_zero_point is not None:
+        z = weight_zero_point.to(torch.float32)
+        cz = cz - (z if z.dim() == 2 else z.reshape(N, 1))
+    # bf16 panels hold q + c - z exactly while it needs <= 8 significant bits: true for nested
+    # widths (z = 0) and for integer zero points without compensation (c = 0).
+    exact_bf16 = weight_zero_point is None or c == 0.0
+    xk = x2 if x2.dtype == torch.float32 or (x2.dtype == torch.bfloat16 and exact_bf16) else None
+    xk = (x2.to(torch.float32) if xk is None else xk).contiguous()
+    kernel = _ext.kernel(FLOAT_KERNEL)
+    return kernel(xk, planes[:bits].contiguous(), bits, K, scale, cz, K // G, cpu_isa_cap())
+
+
 def _float_linear(x2, planes, bits, K, c, s_b, bias, weight_zero_point, backend):
     N = planes.shape[1]
-    if backend == "cpp" and x2.shape[0] <= FLOAT_BITSERIAL_MAX_M:
+    per_group = s_b.dim() == 2
+    if backend == "cpp" and _ext.has_kernel(FLOAT_KERNEL):
+        y = _float_kernel_linear(x2, planes, bits, K, c, s_b, weight_zero_point)
+    elif backend == "cpp" and x2.shape[0] <= FLOAT_BITSERIAL_MAX_M and not per_group:
         xf = x2.to(torch.float32).contiguous()
         acc = _ext.kernel("lowbit_gemm_float_cpu")(
             xf, planes[:bits].contiguous(), bits, cpu_isa_cap()
@@ -127,9 +152,17 @@ def linear_forward(
     act_quant_min,
     act_quant_max,
     backend,
+    group_size=0,
 ):
     """`lowbit_linear` on validated arguments (the registered op's schema)."""
     N = planes.shape[1]
+    if group_size and act_scale is not None:
+        raise NotImplementedError(
+            "lowbit_linear: integer activations with per-group weight scales (group_size) are "
+            "not implemented; use float activations (act_scale=None)"
+        )
+    if group_size:
+        scale = scale.reshape(N, K // group_size)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     c = compensation(top_bits - bits) if compensate else 0.0

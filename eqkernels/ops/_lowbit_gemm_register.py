@@ -26,6 +26,7 @@ def _linear_op(
     act_quant_min: int | None,
     act_quant_max: int | None,
     backend: str,
+    group_size: int = 0,
 ) -> torch.Tensor:
     return linear_forward(
         x,
@@ -42,6 +43,7 @@ def _linear_op(
         act_quant_min,
         act_quant_max,
         backend,
+        group_size,
     )
 
 

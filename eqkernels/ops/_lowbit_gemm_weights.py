@@ -18,7 +18,10 @@ def compensation(k: int) -> float:
 
 
 def step(scale, bits, top_bits, N):
-    """s_b per output channel [N] (fp32; the power-of-two factor is exact)."""
+    """s_b per output channel [N], or per group [N, G] for a 2-D scale (fp32; the power-of-two
+    factor is exact)."""
+    if scale.dim() == 2:
+        return scale.to(torch.float32) * float(2 ** (top_bits - bits))
     s = scale.to(torch.float32).reshape(-1)
     return (s * float(2 ** (top_bits - bits))).expand(N)
 
@@ -45,9 +48,17 @@ def dequantized(planes, bits, K, s_b, c, weight_zero_point, backend):
     """The float weight ((q_b + c - z_w) * s_b) as fp32 [N, K]."""
     q = unpack(planes, bits, K, backend).to(torch.float32)
     w = q + c
+    per_group = s_b.dim() == 2 and s_b.shape[1] > 1  # [N, G]: each scale covers K / G columns
+
+    def columns(t):
+        t = t.to(torch.float32)
+        if per_group and t.dim() == 2:
+            return t.repeat_interleave(K // s_b.shape[1], dim=1)
+        return t.reshape(-1, 1)
+
     if weight_zero_point is not None:
-        w = w - weight_zero_point.to(torch.float32).reshape(-1, 1)
-    return w * s_b.reshape(-1, 1)
+        w = w - columns(weight_zero_point)
+    return w * columns(s_b)
 
 
 # id(planes) -> (weakref to planes, (version, data_ptr), {geometry key: kernel tensors}).

@@ -8,7 +8,12 @@ compensation is `c = (1 - 2^-k)/2`, `k = top_bits - bits` (0 when `compensate=Fa
 An optional integer weight zero point `z_w[N]` (asymmetric, non-nested weights) makes the
 effective weight `(q_b + c - z_w) * s_b`.
 
-* Float activations (`act_scale=None`): `y = x @ ((q_b + c - z_w) * s_b)^T + bias`.
+* Float activations (`act_scale=None`): `y = x @ ((q_b + c - z_w) * s_b)^T + bias`, summed in
+  fp32 (cpp: plane tiles decoded in registers or into cache-sized panels, fp32 FMA, or
+  `vdpbf16ps` for bf16 `x`; never a whole decoded weight), cast to x's dtype. With
+  `group_size=g`, `s_b` (and `z_w`) hold one value per group of g consecutive columns of each
+  row, `[N, K // g]` (float activations only; `lowbit_conv2d` takes no per-group scales: a
+  2-D scale fails its shape check).
 * Integer activations: `x` is quantized inside the op exactly as fake_quant's forward
   (fp32: `inv = fl32(1/s_a)`, `v = fl32(x*inv)`, round half to even, `+ round(z_a)`, clamp)
   to codes `xq` (uint8 when `act_quant_min >= 0`, else int8); the integer part is accumulated
@@ -44,6 +49,7 @@ from ._lowbit_gemm_checks import (
     check_act,
     check_conv_input,
     check_conv_out_channels,
+    check_group_size,
     check_weights,
     check_x,
     conv_geometry,
@@ -93,6 +99,7 @@ def lowbit_linear(
     act_quant_min: int | None = None,
     act_quant_max: int | None = None,
     backend: str | None = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """`y[..., N]` of `x[..., K]` and the `bits`-bit weight decoded from canonical `planes`.
 
@@ -100,17 +107,21 @@ def lowbit_linear(
     `[planes, N, ceil(K/32)]`); `scale` is the top-width scale (`[1]`, `[]` or `[N]`);
     `bias` float `[N]`; `weight_zero_point` integer-valued `[N]`; the activation arguments
     (per-tensor `act_scale`, `act_zero_point`, and the code range `act_quant_min/max`, which
-    must fit uint8 or int8) select the integer path. Inference op: no autograd. A layer that
-    runs many times with the same weights calls `prepare_linear` once instead.
+    must fit uint8 or int8) select the integer path. `group_size=g` (a multiple of 32 dividing
+    K): per-group scales `[N, K // g]`, group `j` of row `n` being columns `j*g .. (j+1)*g - 1`
+    (and `weight_zero_point` `[N]` or `[N, K // g]`); float activations only for now (integer
+    activations raise NotImplementedError). Inference op: no autograd. A layer that runs many
+    times with the same weights calls `prepare_linear` once instead.
     """
-    check_weights(planes, scale, bits, top_bits, K, bias, weight_zero_point, x=x)
+    gs = check_group_size(group_size, K)
+    check_weights(planes, scale, bits, top_bits, K, bias, weight_zero_point, x=x, group_size=gs)
     check_act(act_scale, act_zero_point, act_quant_min, act_quant_max, x.device)
     if x.shape[-1] != K:
         raise ValueError(f"x: last dimension {x.shape[-1]}; accepted: K={K}")
     name = _resolve(backend, x.device, "lowbit_linear")
     act = (act_scale, act_zero_point, act_quant_min, act_quant_max)
     args = (planes, scale, bits, top_bits, K, bool(compensate), bias, weight_zero_point)
-    return linear_call(x, (*args, *act, name))
+    return linear_call(x, (*args, *act, name, gs))
 
 
 def lowbit_conv2d(
@@ -160,12 +171,12 @@ def lowbit_conv2d(
 def lowbit_linear_ref(
     x, planes, scale, bits, top_bits, *, K, compensate=True, bias=None,
     weight_zero_point=None, act_scale=None, act_zero_point=None, act_quant_min=None,
-    act_quant_max=None,
+    act_quant_max=None, group_size=None,
 ):  # fmt: skip
     """Pure-torch reference of `lowbit_linear` (no validation)."""
     act = (act_scale, act_zero_point, act_quant_min, act_quant_max)
     args = (planes, scale, bits, top_bits, K, compensate, bias, weight_zero_point)
-    return linear_forward(x, *args, *act, "torch")
+    return linear_forward(x, *args, *act, "torch", group_size or 0)
 
 
 def lowbit_conv2d_ref(
@@ -226,16 +237,19 @@ class PreparedLinear:
 
     Attributes (what it runs with; to change one, prepare again): planes, scale, bits,
     top_bits, K, compensate, bias, weight_zero_point, act (ActQuant or None: float
-    activations), backend (resolved), device, out_features.
+    activations), backend (resolved), group_size (None or the per-group scales' group),
+    device, out_features.
     """
 
-    def __init__(self, planes, scale, bits, top_bits, K, compensate, bias, wzp, act, backend):
+    def __init__(self, planes, scale, bits, top_bits, K, compensate, bias, wzp, act, backend,
+                 group_size=None):  # fmt: skip
         self.planes, self.scale, self.bits, self.top_bits = planes, scale, bits, top_bits
         self.K, self.compensate, self.bias, self.weight_zero_point = K, compensate, bias, wzp
-        self.act, self.backend = act, backend
+        self.act, self.backend, self.group_size = act, backend, group_size
         self.device, self.out_features = planes.device, planes.shape[1]
         act_args = _FLOAT_ACT if act is None else act.op_args()
-        self._args = (planes, scale, bits, top_bits, K, compensate, bias, wzp, *act_args, backend)
+        weights = (planes, scale, bits, top_bits, K, compensate, bias, wzp)
+        self._args = (*weights, *act_args, backend, group_size or 0)
 
     def check_input(self, x) -> None:
         check_x(x)
@@ -304,20 +318,30 @@ def prepare_linear(
     weight_zero_point: torch.Tensor | None = None,
     act: ActQuant | None = None,
     backend: str | None = None,
+    group_size: int | None = None,
 ) -> PreparedLinear:
     """Validate `lowbit_linear`'s weight arguments and `act` once, resolve the backend for the
     planes' device, repack the weights into the kernel layout the backend reads (a cache tied
     to the planes tensor), and return the callable `PreparedLinear` (`y = prepared(x)`).
-    `act=None` is float activations, an `ActQuant` the integer path."""
+    `act=None` is float activations, an `ActQuant` the integer path; `group_size` as in
+    `lowbit_linear` (per-group scales, float activations only)."""
     device = planes.device if isinstance(planes, torch.Tensor) else torch.device("cpu")
-    check_weights(planes, scale, bits, top_bits, K, bias, weight_zero_point, device)
+    gs = check_group_size(group_size, K)
+    check_weights(planes, scale, bits, top_bits, K, bias, weight_zero_point, device, group_size=gs)
     _check_act_quant(act, device)
+    if gs and act is not None:
+        raise NotImplementedError(
+            "prepare_linear: integer activations with per-group weight scales (group_size) are "
+            "not implemented; use float activations (act=None)"
+        )
     name = _resolve(backend, device, "lowbit_linear")
     if name == "cpp" and act is not None and _ext.has_kernel(FUSED_LINEAR):
         if int32_exact(K, max(abs(act.quant_min), abs(act.quant_max)), bits):
             linear_weights(planes, bits, K, 1)
     wzp = weight_zero_point
-    return PreparedLinear(planes, scale, bits, top_bits, K, bool(compensate), bias, wzp, act, name)
+    return PreparedLinear(
+        planes, scale, bits, top_bits, K, bool(compensate), bias, wzp, act, name, gs or None
+    )
 
 
 def prepare_conv2d(

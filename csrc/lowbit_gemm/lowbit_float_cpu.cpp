@@ -1,0 +1,184 @@
+// Float-activation low-bit GEMM on canonical bit planes: argument checks, cache blocking,
+// threads and ISA dispatch (kernels: lowbit_float_{portable,avx2,avx512}_cpu.cpp, interface and
+// arithmetic: common/lowbit_float_cpu.h).
+//
+// Up to kRegsMaxM activation rows and 4 bits (with VBMI + GFNI): each weight row is decoded in
+// registers and multiplied at once (gemv_regs_avx512); bf16 activations take this path as fp32.
+// Otherwise panels, per thread (threads split the output rows): for each block of kKc
+// columns, for each block of kMc activation rows (their kKc-column slice stays in L2), for each
+// block of kNb weight rows: decode the kNb x kKc panel (L2), then run the register-blocked dot
+// products of every activation row of the block against it. The panel is decoded
+// ceil(M / kMc) times per call, a few vector ops per 16 weights, and a decoded weight never
+// exceeds one panel per thread.
+// Every output is summed by one thread in a fixed order: results do not depend on the thread
+// count.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "common/bitplane_math.h"
+#include "common/cpu_features.h"
+#include "common/lowbit_float_cpu.h"
+#include "common/registry.h"
+
+namespace {
+
+using eqk::lowbit_float::Weights;
+namespace lf = eqk::lowbit_float;
+
+constexpr int64_t kNb = 16;    // weight rows per panel
+constexpr int64_t kKc = 2048;  // columns per panel (rounded to whole groups)
+constexpr int64_t kMc = 64;    // activation rows sharing one decoded panel
+constexpr int64_t kRegsMaxM = 4;  // up to this many rows: decode in registers, no panel
+
+bool cpu_has_avx512bf16() {
+#if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// 0 portable, 1 AVX2, 2 AVX-512 (mask decode, fp32 FMA), 3 + VBMI/GFNI decode, 4 + BF16
+// (vdpbf16ps for bf16 activations); capped by EQK_CPU_ISA and by `cap`.
+int float_kernel_level(int64_t cap) {
+  int level = static_cast<int>(eqk::isa_level());
+  const auto& f = eqk::cpu_features();
+  if (level == 2 && f.avx512vbmi && f.gfni && f.avx512vnni) level = 3;
+  if (level == 3 && cpu_has_avx512bf16()) level = 4;
+  if (cap >= 0 && cap < level) level = static_cast<int>(cap);
+  return level;
+}
+
+at::Tensor padded(const at::Tensor& x, int64_t kp) {
+  if (x.size(1) == kp) return x.contiguous();
+  auto buf = at::zeros({x.size(0), kp}, x.options());
+  buf.narrow(1, 0, x.size(1)).copy_(x);
+  return buf;
+}
+
+Weights check_weights(const at::Tensor& planes, int64_t bits, int64_t K, const at::Tensor& scale,
+                      const at::Tensor& cz, int64_t group_size, int level) {
+  const char* fn = "lowbit_linear_float_cpu";
+  TORCH_CHECK(planes.dim() == 3 && planes.scalar_type() == at::kInt && planes.is_contiguous(),
+              fn, ": planes must be a contiguous int32 [planes, N, W] tensor");
+  TORCH_CHECK(bits >= 1 && bits <= 8 && planes.size(0) >= bits, fn, ": bits must be in 1..",
+              std::min<int64_t>(planes.size(0), 8), " (planes held), got ", bits);
+  TORCH_CHECK(K >= 1 && planes.size(2) == eqk::words_per_row(K), fn, ": planes hold ",
+              planes.size(2), " words per row, K=", K, " needs ", eqk::words_per_row(K));
+  const int64_t N = planes.size(1);
+  TORCH_CHECK(group_size >= 1 && K % group_size == 0, fn, ": group_size must divide K=", K,
+              ", got ", group_size);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(G == 1 || group_size % 32 == 0, fn,
+              ": group_size must be a multiple of 32 (or K), got ", group_size);
+  for (const auto* t : {&scale, &cz})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == N && t->size(1) == G,
+                fn, ": scale and cz must be contiguous float32 [N=", N, ", K/group_size=", G,
+                "] tensors");
+  const int64_t kp = 32 * planes.size(2);
+  return Weights{reinterpret_cast<const uint32_t*>(planes.data_ptr<int32_t>()), N,
+                 planes.size(2), static_cast<int>(bits), scale.data_ptr<float>(),
+                 cz.data_ptr<float>(), G, G == 1 ? kp : group_size, level >= 3};
+}
+
+void run_f32(const Weights& w, const float* x, int64_t M, int64_t kp, int64_t kc_step, int level,
+             float* out) {
+  const int64_t nblocks = (w.N + kNb - 1) / kNb;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> panel(kNb * kc_step);
+    for (int64_t k0 = 0; k0 < kp; k0 += kc_step) {
+      const int64_t kc = std::min(kc_step, kp - k0);
+      for (int64_t m0 = 0; m0 < M; m0 += kMc) {
+        const int64_t mb = std::min(kMc, M - m0);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t n0 = b * kNb, nb = std::min(kNb, w.N - n0);
+          const float* xs = x + m0 * kp + k0;
+          float* o = out + m0 * w.N + n0;
+          if (level >= 2) {
+            lf::decode_panel_f32_avx512(w, n0, nb, k0, kc, panel.data());
+            lf::panel_gemm_f32_avx512(xs, kp, mb, panel.data(), nb, kc, o, w.N);
+          } else if (level == 1) {
+            lf::decode_panel_f32_avx2(w, n0, nb, k0, kc, panel.data());
+            lf::panel_gemm_f32_avx2(xs, kp, mb, panel.data(), nb, kc, o, w.N);
+          } else {
+            lf::decode_panel_f32_portable(w, n0, nb, k0, kc, panel.data());
+            lf::panel_gemm_f32_portable(xs, kp, mb, panel.data(), nb, kc, o, w.N);
+          }
+        }
+      }
+    }
+  });
+}
+
+void run_bf16(const Weights& w, const uint16_t* x, int64_t M, int64_t kp, int64_t kc_step,
+              float* out) {
+  const int64_t nblocks = (w.N + kNb - 1) / kNb;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint16_t> panel(kNb * kc_step);
+    for (int64_t k0 = 0; k0 < kp; k0 += kc_step) {
+      const int64_t kc = std::min(kc_step, kp - k0);
+      // One group per panel (per-channel scales) or whole groups of gs columns.
+      const int64_t gs_kc = w.G == 1 ? kc : w.gs, g0 = w.G == 1 ? 0 : k0 / w.gs;
+      for (int64_t m0 = 0; m0 < M; m0 += kMc) {
+        const int64_t mb = std::min(kMc, M - m0);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t n0 = b * kNb, nb = std::min(kNb, w.N - n0);
+          lf::decode_panel_bf16_avx512bf16(w, n0, nb, k0, kc, panel.data());
+          lf::panel_gemm_bf16_avx512bf16(x + m0 * kp + k0, kp, mb, panel.data(), nb, kc, w, n0,
+                                         g0, gs_kc, out + m0 * w.N + n0, w.N);
+        }
+      }
+    }
+  });
+}
+
+// float32 [M, N] = x @ ((q_b + cz) * s)^T with scale s and cz = c - z_w per output row and
+// group of `group_size` columns ([N, K / group_size]; group_size = K for per-channel).
+at::Tensor lowbit_linear_float_cpu(const at::Tensor& x_in, const at::Tensor& planes, int64_t bits,
+                                   int64_t K, const at::Tensor& scale, const at::Tensor& cz,
+                                   int64_t group_size, int64_t isa) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K &&
+                  (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              "lowbit_linear_float_cpu: x must be a float32 or bfloat16 [M, K=", K, "] tensor");
+  const int level = float_kernel_level(isa);
+  const Weights w = check_weights(planes, bits, K, scale, cz, group_size, level);
+  const int64_t M = x_in.size(0), kp = 32 * w.W;
+  // Panels hold whole groups, so a group's scale applies to whole 32-column blocks.
+  const int64_t kc_step = w.G == 1 ? std::min(kp, kKc) : w.gs * std::max<int64_t>(1, kKc / w.gs);
+  auto out = at::zeros({M, w.N}, x_in.options().dtype(at::kFloat));
+  if (M == 0) return out;
+  if (x_in.scalar_type() == at::kBFloat16 && level >= 4 && !(M <= kRegsMaxM && w.bits <= 4)) {
+    const at::Tensor xp = padded(x_in, kp);
+    run_bf16(w, reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()), M, kp, kc_step,
+             out.data_ptr<float>());
+    return out;
+  }
+  const at::Tensor xp = padded(x_in.to(at::kFloat), kp);
+  if (level >= 3 && M <= kRegsMaxM && w.bits <= 4) {
+    const float* xf = xp.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
+      lf::gemv_regs_avx512(w, xf, kp, M, n0, n1, o, w.N);
+    });
+    return out;
+  }
+  run_f32(w, xp.data_ptr<float>(), M, kp, kc_step, level, out.data_ptr<float>());
+  return out;
+}
+
+int64_t lowbit_float_cpu_level(int64_t cap) { return float_kernel_level(cap); }
+
+}  // namespace
+
+EQK_REGISTER(lowbit_float_cpu) {
+  m.def("lowbit_linear_float_cpu", &lowbit_linear_float_cpu,
+        "float32 x @ ((q_b + cz) * s)^T from canonical planes, per-channel or per-group s, cz; "
+        "x float32 or bfloat16 (vdpbf16ps)");
+  m.def("lowbit_float_cpu_level", &lowbit_float_cpu_level,
+        "kernel level of lowbit_linear_float_cpu: 0 portable, 1 avx2, 2 avx512, 3 +gfni, 4 +bf16");
+}
