@@ -12,17 +12,31 @@ same run. Bytes: `plane_bytes` are the weight-plane bytes one forward reads for 
 layers, `float_bytes` those layers' fp32 weight bytes (target: plane/float <= bits/32);
 `prefix_bytes` is everything read from the file to load that width (header, scales, folded BN,
 activation steps, the 8-bit first/last layers).
+
+The second table (deploy_vs_ort.py) compares the deployed runtime at W8A8, W4A4 and W2A2 with
+torch fp32, onnxruntime fp32 and onnxruntime's own int8 QDQ quantization, at the same thread
+count: ResNet-20 (batch 1, 64), torchvision mobilenet_v2 and resnet18 at 224x224 (batch 1, 8).
+EQK_BENCH_ORT_MODELS picks a comma-separated subset (default all; "none" skips the table).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from bench.deploy_vs_ort import compare
 from bench.harness import Table, threads_from_env, time_fn
+
+# model -> (input size, batches, rotation timing per batch)
+ORT_MODELS = {
+    "resnet20": ((3, 32, 32), (1, 64), {1: (5, 200, 2.0), 64: (2, 10, 2.0)}),
+    "torchvision:mobilenet_v2": ((3, 224, 224), (1, 8), {1: (2, 10, 0.0), 8: (1, 5, 0.0)}),
+    "torchvision:resnet18": ((3, 224, 224), (1, 8), {1: (2, 10, 0.0), 8: (1, 5, 0.0)}),
+}
 
 
 def build(tmp: Path):
@@ -100,6 +114,29 @@ def main() -> None:
     )
     table.finish()
     print(f"\n{threads} threads; file sections {[s['nbytes'] for s in header['sections']]} bytes")
+    compare_with_onnxruntime(threads)
+
+
+def compare_with_onnxruntime(threads: int) -> None:
+    chosen = os.environ.get("EQK_BENCH_ORT_MODELS", ",".join(ORT_MODELS))
+    if chosen == "none":
+        return
+    table = Table("bench_deploy_vs_ort", ["model", "batch", "runtime", "threads", "ms"])
+    for name in chosen.split(","):
+        if name not in ORT_MODELS:
+            raise ValueError(f"EQK_BENCH_ORT_MODELS: {name!r}; accepted are {sorted(ORT_MODELS)}")
+        size, batches, timing = ORT_MODELS[name]
+        timing = {b: dict(zip(("warmup", "rounds", "min_time"), t)) for b, t in timing.items()}
+        compare(table, name, size, batches, threads, timing)
+        print(f"{name}: done", file=sys.stderr)
+    for base in ("ORT fp32", "ORT int8"):
+        table.ratio_to(
+            f"speedup_vs_{base.replace(' ', '_')}",
+            "ms",
+            lambda r, base=base: r["runtime"] == base,
+            group_by=["model", "batch"],
+        )
+    table.finish()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,14 @@
 the float model vs the converted supernet with one active subnet (W4 per-channel symmetric,
 A4 asymmetric; first/last layers at 8 bits). Target: supernet step <= 1.5x the float step.
 
+Compiled rows (`torch.compile`, backend EQK_BENCH_COMPILE, default inductor; "none" skips
+them): the float model, and the supernet with a new random subnet every step (per-layer widths
+and forms: EQ-Net's sampling), next to the same random sampling in eager mode. The table
+counts the graphs dynamo compiled after warm-up (target 0) and compares the compiled supernet
+step with the compiled float step (target <= 1.2x). These three rows are timed in rotation.
+In compiled graphs the quantizers run plain torch ops that inductor fuses;
+EQK_COMPILE_KERNEL=1 makes them call the fake-quant kernel through its op instead.
+
 The fake-quant backend is whatever `auto` resolves to (the C++ kernel when eqkernels._C has
 it, else the pure-torch reference); the table says which. Run with nothing else on the
 machine: `EQK_EXT_DIR=<private build>/eqkernels .venv/bin/python -m bench.bench_train_step`.
@@ -10,17 +18,21 @@ machine: `EQK_EXT_DIR=<private build>/eqkernels .venv/bin/python -m bench.bench_
 from __future__ import annotations
 
 import os
+import time
 
 import eqnet
 import torch
 from eqnet import models
 from eqnet.space import ElasticSpace, SubnetConfig
 
+from bench.deploy_vs_ort import rotation_medians
 from bench.harness import Table, threads_from_env, time_fn
 from eqkernels import _ext
 from eqkernels.ops import fake_quant as fq_ops
 
 BATCH = int(os.environ.get("EQK_BENCH_BATCH", 128))
+COMPILE_BACKEND = os.environ.get("EQK_BENCH_COMPILE", "inductor")
+RANDOM_CONFIGS = 64  # drawn before timing; each step activates the next one
 
 
 def sgd_step(model, opt, x, y):
@@ -31,6 +43,65 @@ def sgd_step(model, opt, x, y):
         opt.step()
 
     return step
+
+
+def random_config_step(run, net, opt, x, y, configs):
+    """One SGD step of `run` (net or its compiled form) after activating the next config."""
+    inner = sgd_step(run, opt, x, y)
+    cursor = iter(range(1 << 62))
+
+    def step():
+        net.set_config(configs[next(cursor) % len(configs)])
+        inner()
+
+    return step
+
+
+def unique_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def compiled_rows(table, float_model, net, space, x, y, threads):
+    """Compiled float, eager and compiled supernet with a new random subnet every step.
+
+    The three steps are compiled (warmed up) first, then timed in rotation, one step of each
+    per round, so that load from other processes hits every row alike."""
+    gen = torch.Generator().manual_seed(0)
+    configs = [SubnetConfig.random(space, net, generator=gen) for _ in range(RANDOM_CONFIGS)]
+    net.train()
+    rows = [
+        ("resnet20 float", float_model, None, "compiled"),
+        ("resnet20 supernet", net, configs, "eager"),
+        ("resnet20 supernet", net, configs, "compiled"),
+    ]
+    steps, compile_s = [], []
+    torch._dynamo.reset()
+    for _label, model, cfgs, mode in rows:
+        run = model if mode == "eager" else torch.compile(model, backend=COMPILE_BACKEND)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        if cfgs is None:
+            step = sgd_step(run, opt, x, y)
+        else:
+            step = random_config_step(run, net, opt, x, y, cfgs)
+        t0 = time.perf_counter()
+        step()  # warm-up: the compile
+        compile_s.append(time.perf_counter() - t0)
+        steps.append(step)
+    graphs = unique_graphs()
+    medians = rotation_medians(steps, warmup=2, rounds=8, min_time=1.0)
+    after = unique_graphs() - graphs
+    for (label, _model, cfgs, mode), t, c in zip(rows, medians, compile_s):
+        table.add(
+            model=label,
+            subnet="random per step" if cfgs is not None else "-",
+            backend="-" if cfgs is None else fq_ops.resolve_backend(None, x.device, "fake_quant"),
+            mode=mode if mode == "eager" else f"compiled ({COMPILE_BACKEND})",
+            threads=threads,
+            batch=BATCH,
+            step_ms=t * 1e3,
+            compile_s=c if mode == "compiled" else 0.0,
+            graphs_after_warmup=after if mode == "compiled" else 0,
+        )
 
 
 def main() -> None:
@@ -55,7 +126,9 @@ def main() -> None:
     net.train()
     backend = fq_ops.resolve_backend(None, x.device, "fake_quant")
 
-    table = Table("train_step", ["model", "subnet", "backend", "threads", "batch", "step_ms"])
+    columns = ["model", "subnet", "backend", "mode", "threads", "batch", "step_ms"]
+    columns += ["compile_s", "graphs_after_warmup"]
+    table = Table("train_step", columns)
     for label, model, subnet, be in [
         ("resnet20 float", float_model, "-", "-"),
         ("resnet20 supernet", net, "W4 channel sym / A4 asym", backend),
@@ -63,18 +136,36 @@ def main() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         t = time_fn(sgd_step(model, opt, x, y), warmup=2, repeat=8, min_time=1.0)
         table.add(
-            model=label, subnet=subnet, backend=be, threads=threads, batch=BATCH, step_ms=t * 1e3
+            model=label,
+            subnet=subnet,
+            backend=be,
+            mode="eager",
+            threads=threads,
+            batch=BATCH,
+            step_ms=t * 1e3,
+            compile_s=0.0,
+            graphs_after_warmup=0,
         )
+    if COMPILE_BACKEND != "none":
+        compiled_rows(table, float_model, net, space, x, y, threads)
     base = table.rows[0]["step_ms"]
+    compiled_float = [r for r in table.rows if r["mode"] != "eager" and r["subnet"] == "-"]
     for row in table.rows:
         row["x_float"] = row["step_ms"] / base
-    table.columns.append("x_float")
+        row["x_compiled_float"] = (
+            row["step_ms"] / compiled_float[0]["step_ms"] if compiled_float else float("nan")
+        )
+    table.columns += ["x_float", "x_compiled_float"]
     table.finish()
     print(
         f"\ncalibrate(resnet20, every form: {forms} (scale, zero point) sets, method=mse, "
         f"2 batches of 64): {calib_s:.2f} s = {calib_s / (base / 1e3):.1f} float SGD steps"
     )
-    print(f"\nextension: {'loaded' if _ext.available() else 'not built'}; target x_float <= 1.5")
+    print(
+        f"\nextension: {'loaded' if _ext.available() else 'not built'}; targets: eager "
+        "supernet x_float <= 1.5; compiled random-subnet supernet x_compiled_float <= 1.2 "
+        "with graphs_after_warmup 0"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import form_data
+
 
 class SwitchableBatchNorm2d(nn.Module):
     """One nn.BatchNorm2d per weight bit width in `bits`; `.bns[str(b)]`, `.active_bits`."""
@@ -25,6 +27,11 @@ class SwitchableBatchNorm2d(nn.Module):
         self.num_features = num_features
         self.bns = nn.ModuleDict({str(b): nn.BatchNorm2d(num_features, **bn_kwargs) for b in bits})
         self._active_bits = bits[-1]
+        # The active width as data too, for compiled graphs (form_data.switchable_batchnorm).
+        self.register_buffer(
+            "bn_index", torch.tensor(len(bits) - 1, dtype=torch.long), persistent=False
+        )
+        form_data.install_grad_gate(self, form_data.batchnorm_width_is_active)
 
     @property
     def active_bits(self) -> int:
@@ -35,6 +42,8 @@ class SwitchableBatchNorm2d(nn.Module):
         if bits not in self.bits:
             raise ValueError(f"active_bits={bits}: accepted values are {list(self.bits)}")
         self._active_bits = bits
+        self.bn_index.fill_(self.bits.index(bits))
+        form_data.install_grad_gate(self, form_data.batchnorm_width_is_active)  # deep copies
 
     @property
     def active_bn(self) -> nn.BatchNorm2d:
@@ -58,6 +67,8 @@ class SwitchableBatchNorm2d(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return form_data.switchable_batchnorm(self, x)
         return self.bns[str(self._active_bits)](x)
 
     def extra_repr(self) -> str:

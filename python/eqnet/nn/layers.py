@@ -75,16 +75,18 @@ class _QuantizedLayer:
         else:
             check_choice(self.space, type(self).__name__, choice)
         self.active = choice
+        self.weight_quantizer.select(choice.w_bits, choice.w_granularity, choice.w_symmetry)
+        self.act_quantizer.select(choice.a_bits, "tensor", choice.a_symmetry)
         for bn in self.switched_bns:
             bn.active_bits = choice.w_bits
 
+    # The quantizers hold the active form (set_choice selects it), so the forward reads no
+    # Python attribute that changes with the config: a compiled graph serves every config.
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.active
-        return self.act_quantizer(x, c.a_bits, "tensor", c.a_symmetry)
+        return self.act_quantizer(x)
 
     def quantized_weight(self) -> torch.Tensor:
-        c = self.active
-        return self.weight_quantizer(self.weight, c.w_bits, c.w_granularity, c.w_symmetry)
+        return self.weight_quantizer(self.weight)
 
     def _quantized_args(self, x):
         if self.path_recorder is not None:

@@ -22,6 +22,8 @@ from torch import nn
 
 import eqkernels
 
+from . import form_data
+
 ROLES = ("weight", "activation")
 
 # Smallest step size the forward ever sees. Far below any useful step (8-bit steps of real
@@ -147,6 +149,16 @@ class ElasticQuantizer(nn.Module):
             if sym == "asym":
                 self.register_parameter(f"zero_point_{name}", nn.Parameter(torch.zeros(shape)))
 
+        # The active form, for forward(x) without a form: a Python index for eager mode and
+        # the same index as a tensor for compiled graphs (form_data), so that switching forms
+        # changes data, never the graph. Neither is saved: the config is not part of the state.
+        self._form_list = tuple(self.forms())
+        self.active_index = 0
+        self.register_buffer("form_index", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("form_table", form_data.form_table(self), persistent=False)
+        self.form_owners = form_data.form_owners(self)
+        form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
+
     # -- forms --------------------------------------------------------------------------------
     def form_keys(self):
         """(bits, granularity, symmetry) of every parameter set (bits = top width if nested)."""
@@ -168,6 +180,23 @@ class ElasticQuantizer(nn.Module):
             raise ValueError("signed=False: weight quantizers are always signed")
         self._signed = bool(value)
         self.signed_range.fill_(bool(value))
+        self._refresh_form_table()
+
+    def _refresh_form_table(self) -> None:
+        table = form_data.form_table(self)
+        self.form_table.copy_(table.to(self.form_table.device))
+
+    def select(self, bits: int, granularity: str = "tensor", symmetry: str = "sym") -> None:
+        """Make one form the active one (what forward(x) without a form runs)."""
+        self._check_form(bits, granularity, symmetry)
+        self.active_index = self._form_list.index((bits, granularity, symmetry))
+        self.form_index.fill_(self.active_index)
+        # Parameters replaced since construction (load_state_dict(assign=True)) get hooks too.
+        form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
+
+    @property
+    def active_form(self) -> tuple[int, str, str]:
+        return self._form_list[self.active_index]
 
     def _check_form(self, bits, granularity, symmetry):
         if (
@@ -213,7 +242,14 @@ class ElasticQuantizer(nn.Module):
         )
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, x, bits: int, granularity: str = "tensor", symmetry: str = "sym"):
+    def forward(self, x, bits: int | None = None, granularity: str = "tensor", symmetry="sym"):
+        """Fake-quantize x with the given form, or with the active one (`select`) when bits
+        is None. Compiled graphs take the active form as data (form_data), so they never
+        specialize on it; eager mode runs the form's own op call (the numerics of record)."""
+        if bits is None:
+            if torch.compiler.is_compiling():
+                return form_data.forward(self, x, _positive)
+            bits, granularity, symmetry = self.active_form
         p = self.params(bits, granularity, symmetry)
         grad_factor = None  # the op's default: n_s = elements sharing a scale
         if self.role == "activation":
@@ -308,6 +344,7 @@ class ElasticQuantizer(nn.Module):
 
 def _sync_signed(module, incompatible_keys):
     module._signed = bool(module.signed_range.item())
+    module._refresh_form_table()
 
 
 class _RowStats:

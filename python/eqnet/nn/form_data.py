@@ -1,0 +1,165 @@
+"""An elastic quantizer's active form as tensor data, for compiled graphs.
+
+Under `torch.compile` the quantizer must not read its active form from Python attributes:
+dynamo would guard on them and recompile for every new configuration (and fall back to eager
+after its recompile limit). Instead the form is an integer buffer (`form_index`) that
+`ElasticQuantizer.select` fills in place, and the compiled forward gathers everything that
+depends on it from tensors:
+
+- the scale of every form, broadcast to [C] (a per-tensor scale repeated per channel), stacked
+  and indexed by `form_index`; the zero points likewise (a symmetric form has a zero offset);
+- the form row (range, layering step, compensation: `eqkernels.form_row`) from `form_table`,
+  run by `eqkernels.fake_quant_form_inline` (or the kernel op, KERNEL_IN_GRAPHS);
+- the LSQ gradient scale 1/sqrt(n * max(qmax, 1)), with n the elements sharing one scale.
+
+Per-bit batch norm (`SwitchableBatchNorm2d`) likewise selects its width by `bn_index`
+(`switchable_batchnorm`).
+
+Every form's parameters are inputs of the compiled graph, so autograd hands the inactive ones
+a zero gradient where eager mode gives none (and an optimizer with momentum or weight decay
+would move them). `install_grad_gate` restores eager's rule: a parameter of a form that is not
+active gets its gradient dropped again when it had none before the backward.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+from torch.nn import functional as F
+
+import eqkernels
+
+# In compiled graphs the quantizer runs `fake_quant_form_inline` (plain torch ops that
+# inductor fuses with the neighbouring batch norm and ReLU); EQK_COMPILE_KERNEL=1 calls the
+# C++/Triton kernel through the opaque `eqk::fake_quant_form` op instead.
+KERNEL_IN_GRAPHS = os.environ.get("EQK_COMPILE_KERNEL", "0") == "1"
+
+
+def form_table(quantizer) -> torch.Tensor:
+    """float64 [forms, 5]: the `fake_quant_form` row of each of `quantizer.forms()`."""
+    rows = []
+    for bits, _gran, _sym in quantizer.forms():
+        if quantizer.nested:
+            rows.append(eqkernels.layered_form_row(bits, quantizer.top_bits))
+        else:
+            rows.append(eqkernels.form_row(*eqkernels.qrange(bits, quantizer.signed)))
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
+    """The active form's fake quantization, selected by `quantizer.form_index` (a tensor)."""
+    channels = quantizer.channels if quantizer.role == "weight" else 1
+    scales, zero_points, shares = [], [], []
+    for bits, gran, sym in quantizer.forms():
+        scale, zp = quantizer.raw_parameters(bits, gran, sym)
+        scales.append(positive(scale).expand(channels))
+        zero_points.append(zp.expand(channels) if zp is not None else scale.new_zeros(channels))
+        if quantizer.role == "activation":
+            # LSQ's activation gradient scale counts the features of one sample.
+            shares.append(x[0].numel() if x.dim() > 1 else x.numel())
+        else:
+            shares.append(x.numel() // channels if gran == "channel" else x.numel())
+    index = quantizer.form_index.reshape(1)
+    scale = torch.stack(scales).index_select(0, index).reshape(channels)
+    zero_point = torch.stack(zero_points).index_select(0, index).reshape(channels)
+    form = quantizer.form_table.index_select(0, index).reshape(-1)
+    share = torch.tensor(shares, dtype=torch.float64, device=x.device).index_select(0, index)
+    # float64 like the eager path's Python float, so both give the same fp32 product.
+    grad_factor = 1.0 / torch.sqrt(share * form[1].clamp_min(1.0))
+    axis = quantizer.axis if quantizer.role == "weight" else None
+    if KERNEL_IN_GRAPHS:
+        return eqkernels.fake_quant_form(
+            x, scale, zero_point, form, grad_factor, axis=axis, backend=quantizer.backend
+        )
+    return eqkernels.fake_quant_form_inline(x, scale, zero_point, form, grad_factor, axis=axis)
+
+
+def form_owners(quantizer) -> dict[str, frozenset[int]]:
+    """Parameter name -> indices (into `forms()`) of the forms it backs."""
+    owners: dict[str, set[int]] = {}
+    for i, (bits, gran, sym) in enumerate(quantizer.forms()):
+        scale, zp = quantizer.raw_parameters(bits, gran, sym)
+        for p in (scale, zp):
+            if p is None:
+                continue
+            for name, q in quantizer.named_parameters(recurse=False):
+                if q is p:
+                    owners.setdefault(name, set()).add(i)
+    return {name: frozenset(v) for name, v in owners.items()}
+
+
+def install_grad_gate(module, is_active) -> None:
+    """Hooks on each direct parameter of `module` (`recurse=False`, else all of them) that drop
+    a gradient a compiled graph gave a parameter for which `is_active(name)` is False, when
+    that parameter had no gradient before the backward (so accumulation over several subnets
+    keeps what the earlier ones gave)."""
+    owner_ref = weakref.ref(module)
+    for name, param in module.named_parameters():
+        if getattr(param, "_eqk_grad_gate", False):
+            continue  # hooked already (a deep copy gets fresh parameters without hooks)
+        param._eqk_grad_gate = True
+        param_ref = weakref.ref(param)
+
+        def before(grad, param_ref=param_ref):
+            p = param_ref()
+            if p is not None:
+                p._eqk_had_grad = p.grad is not None
+
+        def after(p, name=name):
+            owner = owner_ref()
+            if owner is None or getattr(p, "_eqk_had_grad", True) or is_active(owner, name):
+                return
+            p.grad = None
+
+        param.register_hook(before)
+        param.register_post_accumulate_grad_hook(after)
+
+
+def quantizer_form_is_active(quantizer, name: str) -> bool:
+    return quantizer.active_index in quantizer.form_owners.get(name, ())
+
+
+def batchnorm_width_is_active(bn, name: str) -> bool:
+    return name.split(".")[1] == str(bn.active_bits)  # "bns.<bits>.weight"
+
+
+def switchable_batchnorm(bn, x: torch.Tensor) -> torch.Tensor:
+    """SwitchableBatchNorm2d's forward with the width selected by `bn.bn_index` (a tensor):
+    affine parameters and running statistics of every width stacked and indexed; in training,
+    the running statistics of the active width updated in place (others written unchanged)."""
+    bns = list(bn.bns.values())
+    first = bns[0]
+    index = bn.bn_index.reshape(1)
+
+    def pick(tensors):
+        return torch.stack(tensors).index_select(0, index).reshape(-1)
+
+    weight = pick([b.weight for b in bns]) if first.affine else None
+    bias = pick([b.bias for b in bns]) if first.affine else None
+    use_batch = bn.training or not first.track_running_stats
+    if not use_batch:
+        mean, var = pick([b.running_mean for b in bns]), pick([b.running_var for b in bns])
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, first.eps)
+    y = F.batch_norm(x, None, None, weight, bias, True, 0.0, first.eps)
+    if bn.training and first.track_running_stats:
+        with torch.no_grad():
+            dims = [0, 2, 3]
+            n = x.numel() // x.shape[1]
+            mean = x.mean(dims)
+            var = x.var(dims, correction=1 if n > 1 else 0)
+            for i, b in enumerate(bns):
+                on = bn.bn_index == i
+                tracked = b.num_batches_tracked + 1
+                if first.momentum is None:  # cumulative moving average
+                    m = (1.0 / tracked.double()).float()
+                else:
+                    m = first.momentum
+                # where(), not a zero factor: a non-finite batch leaves other widths untouched.
+                b.running_mean.copy_(torch.where(on, (1 - m) * b.running_mean + m * mean,
+                                                 b.running_mean))  # fmt: skip
+                b.running_var.copy_(torch.where(on, (1 - m) * b.running_var + m * var,
+                                                b.running_var))  # fmt: skip
+                b.num_batches_tracked.copy_(torch.where(on, tracked, b.num_batches_tracked))
+    return y

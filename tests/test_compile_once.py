@@ -1,0 +1,257 @@
+"""Compile once: a supernet's form reaches a compiled graph as data, never as a constant.
+
+`fake_quant_form` is checked against a float64 oracle written here from the unified element map
+(DESIGN.md "Quantization math"); the supernet under torch.compile against its own eager forward
+(the numerics of record, bit-identical in the forward) while counting the graphs compiled.
+The counting backend is AOTAutograd with the graphs run as traced (what "aot_eager" does), so
+the backward is a compiled graph too and every form's parameter is an input of it.
+"""
+
+import copy
+
+import eqnet
+import pytest
+import torch
+from conftest import requires_cpp
+from eqnet.nn import form_data
+from eqnet.space import ElasticSpace, SubnetConfig
+from torch import nn
+
+import eqkernels
+
+
+# -- oracle -------------------------------------------------------------------------------------
+def _b(p, x, axis):
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+    return p.double().reshape(shape) if axis is not None else p.double().reshape(())
+
+
+def oracle(x, s, z, qmin, qmax, k, comp, axis, dy, g):
+    """(y, dx, ds, dz) of one form: quantize at [qmin, qmax] with offset z, keep all but the
+    k low bits (floor), add comp, dequantize with step 2^k s; LSQ(+) gradients times g."""
+    inv = torch.reciprocal(s.float())  # the one fp32 step: v = fl32(x * fl32(1/s))
+    v = (x.float() * (_b(inv, x, axis).float())).double()
+    zr = torch.round(_b(z, x, axis))
+    u = torch.round(v) + zr
+    q = torch.clamp(u, qmin, qmax)
+    a = (torch.floor((q - zr) / 2**k) + comp) * 2**k
+    y = a * _b(s, x, axis)
+    inside = (u >= qmin) & (u <= qmax)
+    dyd = dy.double()
+    nan = torch.isnan(v)  # the NaN rule: a NaN input gives NaN out, NaN dx, NaN group grads
+    dx = torch.where(nan, torch.nan, torch.where(inside, dyd, 0.0))
+    t = torch.where(inside, a - v, a)
+    dims = [d for d in range(x.dim()) if d != axis] if axis is not None else list(range(x.dim()))
+    ds = g * (dyd * t).sum(dims)
+    dz_e = torch.where(nan, torch.nan, dyd * torch.where(inside, 0.0, -_b(s, x, axis)))
+    dz = g * dz_e.sum(dims)
+    return y, dx, ds.reshape(s.shape), dz.reshape(s.shape)
+
+
+BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp), "inline"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kind, axis",
+    [("asym", 0), ("sym_per_tensor_broadcast", 0), ("layered", 0), ("asym", None)],
+)
+def test_fake_quant_form_matches_oracle(backend, kind, axis):
+    x = torch.randn(6, 5, 3) * 2
+    x[0, 0, 0] = 40.0  # outside the grid: clamped, scale gradient from the outside branch
+    x[1, 2, 1] = float("nan")
+    c = x.shape[0] if axis is not None else 1
+    s = torch.rand(c) * 0.3 + 0.05
+    z = torch.zeros(c)
+    k, comp = 0, 0.0
+    if kind == "asym":
+        z = torch.randint(-3, 4, (c,)).float() + 0.3
+        row = eqkernels.form_row(0, 15)
+        qmin, qmax = 0, 15
+    elif kind == "sym_per_tensor_broadcast":
+        s = s[:1].expand(c).clone()
+        row = eqkernels.form_row(-4, 3)
+        qmin, qmax = -4, 3
+    else:
+        row = eqkernels.layered_form_row(2, 5)
+        qmin, qmax, k, comp = -16, 15, 3, (1 - 2.0**-3) / 2
+    form = torch.tensor(row, dtype=torch.float64)
+    g = torch.tensor(0.37, dtype=torch.float64)
+    xs, ss, zs = (t.clone().requires_grad_() for t in (x, s, z))
+    if backend == "inline":  # the plain-torch form compiled graphs trace
+        y = eqkernels.fake_quant_form_inline(xs, ss, zs, form, g, axis=axis)
+    else:
+        y = eqkernels.fake_quant_form(xs, ss, zs, form, g, axis=axis, backend=backend)
+    dy = torch.randn_like(x)
+    y.backward(dy)
+    ref_y, ref_dx, ref_ds, ref_dz = oracle(x, s, z, qmin, qmax, k, comp, axis, dy, 0.37)
+    exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(y, ref_y.float(), **exact)
+    torch.testing.assert_close(xs.grad, ref_dx.float(), **exact)
+    torch.testing.assert_close(ss.grad.double(), ref_ds, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(zs.grad.double(), ref_dz, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isnan(ss.grad).any()  # the NaN is not hidden
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_fake_quant_form_opcheck(backend):
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    s = (torch.rand(4) * 0.2 + 0.05).requires_grad_()
+    z = torch.full((4,), 2.0, requires_grad=True)
+    form = torch.tensor(eqkernels.form_row(-8, 7), dtype=torch.float64)
+    args = (x, s, z, form, torch.tensor(0.5, dtype=torch.float64), 0, backend)
+    torch.library.opcheck(torch.ops.eqk.fake_quant_form.default, args)
+
+
+def test_fake_quant_form_rejects_bad_form_shape():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="form has shape"):
+        eqkernels.fake_quant_form(
+            x, torch.ones(1), torch.zeros(1), torch.zeros(3), torch.tensor(1.0)
+        )
+
+
+# -- compile once -------------------------------------------------------------------------------
+class GraphCounter:
+    """AOTAutograd backend that runs the traced graphs and counts the forward graphs."""
+
+    def __init__(self):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.forward_graphs = 0
+
+        def forward_compiler(gm, example_inputs):
+            self.forward_graphs += 1
+            return make_boxed_func(gm.forward)
+
+        self.backend = aot_autograd(
+            fw_compiler=forward_compiler, bw_compiler=lambda gm, ex: make_boxed_func(gm.forward)
+        )
+
+
+FULL = ElasticSpace(
+    w_bits=(2, 4, 8),
+    a_bits=(2, 8),
+    w_granularities=("tensor", "channel"),
+    w_symmetries=("sym", "asym"),
+    a_symmetries=("sym", "asym"),
+)
+NESTED = ElasticSpace(w_bits=(2, 3, 4), a_bits=(2, 3, 4), nested=True)
+
+
+def _net(space, per_bit_bn=False):
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+    example = torch.randn(1, 1, 8, 8)
+    net = eqnet.convert(
+        model, space, keep_first_last="elastic", per_bit_bn=per_bit_bn, example_input=example
+    )
+    eqnet.calibrate(net, [(torch.randn(8, 1, 8, 8), None)], batches=1, method="lsq")
+    return net
+
+
+def _step(model, x, configs, net):
+    """Backward of each config in turn into the same .grad (a sandwich-rule step)."""
+    net.zero_grad(set_to_none=True)
+    outs = []
+    for cfg in configs:
+        net.set_config(cfg)
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+    return outs, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "space, per_bit_bn",
+    [(FULL, False), pytest.param(NESTED, True, marks=pytest.mark.slow)],
+    ids=["forms", "nested-per-bit-bn"],
+)
+@pytest.mark.parametrize(
+    "kernel_in_graphs",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["inline", "kernel-op"],
+)
+def test_random_per_layer_configs_compile_one_graph(
+    space, per_bit_bn, kernel_in_graphs, monkeypatch
+):
+    torch._dynamo.reset()
+    monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", kernel_in_graphs)
+    net = _net(space, per_bit_bn).train()
+    counter = GraphCounter()
+    compiled = torch.compile(net, backend=counter.backend)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1, 8, 8)
+    for i in range(20):
+        if i % 5:  # a new random subnet: forward and backward through the compiled graph
+            net.set_config(SubnetConfig.random(space, net, generator=gen))
+            compiled(x).square().sum().backward()
+            continue
+        # Every 5th step against eager: two subnets' gradients accumulated (sandwich rule).
+        cfgs = [SubnetConfig.random(space, net, generator=gen) for _ in range(2)]
+        got, got_grads = _step(compiled, x, cfgs, net)
+        want, want_grads = _step(net, x, cfgs, net)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        # Inactive forms get no gradient, as in eager mode (an optimizer skips them).
+        assert got_grads.keys() == want_grads.keys()
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
+    assert counter.forward_graphs == 1
+    net.eval()
+    with torch.no_grad():
+        for _ in range(5):
+            net.set_config(SubnetConfig.random(space, net, generator=gen))
+            assert torch.equal(compiled(x), net(x))
+    assert counter.forward_graphs == 2  # train and eval differ (batch norm)
+
+
+def test_state_dict_keys_unchanged_by_the_form_buffers():
+    net = _net(FULL)
+    keys = set(net.state_dict())
+    assert not any(k.endswith(("form_index", "form_table")) for k in keys)
+    fresh = eqnet.convert(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 3),
+        ),
+        FULL,
+        keep_first_last="elastic",
+    )
+    fresh.load_state_dict(net.state_dict())
+    for q_old, q_new in zip(net.quantizers().values(), fresh.quantizers().values()):
+        # The activation range table follows the loaded signedness.
+        assert torch.equal(q_old.form_table, q_new.form_table)
+
+
+def test_per_bit_batchnorm_running_stats_follow_the_active_width():
+    """One compiled training step updates exactly the active width's BN statistics, as eager."""
+    torch._dynamo.reset()
+    net = _net(NESTED, per_bit_bn=True).train()
+    twin = copy.deepcopy(net)
+    counter = GraphCounter()
+    compiled = torch.compile(net, backend=counter.backend)
+    x = torch.randn(5, 1, 8, 8)
+    for bits in (2, 4, 3):
+        cfg = SubnetConfig.uniform(NESTED, net, bits, bits)
+        net.set_config(cfg)
+        twin.set_config(cfg)
+        compiled(x)
+        twin(x)
+        for (name, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
+            if "running" in name or "num_batches" in name:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert counter.forward_graphs == 1
