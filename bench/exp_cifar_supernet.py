@@ -146,9 +146,9 @@ def main() -> int:
         root,
         "float",
         args.float_epochs,
-        common + ["--recipe", "float", "--lr", "0.1", "--warmup-epochs", "1"],
+        [*common, "--recipe", "float", "--lr", "0.1", "--warmup-epochs", "1"],
     )
-    quant = common + ["--init", str(float_dir), "--grad-clip", str(args.grad_clip)]
+    quant = [*common, "--init", str(float_dir), "--grad-clip", str(args.grad_clip)]
     eqnet_lr = args.eqnet_lr if args.eqnet_lr is not None else float(f"{args.lr / 3:.2g}")
     runs = {}
     if "eqnet" not in skip:
@@ -165,14 +165,14 @@ def main() -> int:
         runs["eqnet"] = _run(root, eq_name, eq_epochs, quant + eq_args)
     quant += ["--lr", str(args.lr)]
     if "layered" not in skip:
-        runs["layered"] = _run(root, "layered", args.epochs, quant + ["--recipe", "layered"])
+        runs["layered"] = _run(root, "layered", args.epochs, [*quant, "--recipe", "layered"])
     if "qat" not in skip:
         for b in widths:
             runs[f"qat{b}"] = _run(
                 root,
                 f"qat_w{b}a{b}",
                 args.epochs,
-                quant + ["--recipe", "qat", "--w-bits", str(b), "--a-bits", str(b)],
+                [*quant, "--recipe", "qat", "--w-bits", str(b), "--a-bits", str(b)],
             )
 
     results = {name: _accuracy_at(d, widths, args.bn_batches) for name, d in runs.items()}

@@ -99,7 +99,7 @@ def compile_cu(source: Path, arch: int, out_dir: Path) -> list[dict]:
     }
     records = []
     for mangled, usage in aot.resource_usage(str(cubin)).items():
-        stack, stores, loads = spills.get(mangled, (None, None, None))
+        _stack, stores, loads = spills.get(mangled, (None, None, None))
         records.append(
             {
                 "source": rel,

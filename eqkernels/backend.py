@@ -96,7 +96,7 @@ def choose(
     """
     name = validate_name(backend)
     kernels = kernels or {}
-    order = tuple(preference.get(device.type, ())) + ("torch",)
+    order = (*tuple(preference.get(device.type, ())), "torch")
     if name != "auto":
         if name not in order:
             raise BackendUnavailable(

@@ -35,18 +35,18 @@ def test_validate_name_accepts_known_and_reads_env(monkeypatch):
     assert backend.validate_name(None) == "torch"
     monkeypatch.delenv("EQK_BACKEND")
     assert backend.validate_name(None) == "auto"
-    with pytest.raises(ValueError, match="backend='gpu'.*auto, torch, triton, cpp, cuda"):
+    with pytest.raises(ValueError, match=r"backend='gpu'.*auto, torch, triton, cpp, cuda"):
         backend.validate_name("gpu")
 
 
 def test_explicit_backend_without_implementation_for_device_raises():
-    with pytest.raises(backend.BackendUnavailable, match="no implementation for cpu.*cpp, torch"):
+    with pytest.raises(backend.BackendUnavailable, match=r"no implementation for cpu.*cpp, torch"):
         backend.choose("cuda", CPU, "op", PREF)
     assert backend.choose("torch", CPU, "op", PREF) == "torch"
 
 
 def test_explicit_cpp_without_extension_says_how_to_build(no_extension):
-    with pytest.raises(backend.BackendUnavailable, match="not built.*make build"):
+    with pytest.raises(backend.BackendUnavailable, match=r"not built.*make build"):
         backend.choose("cpp", CPU, "op", PREF, kernels={"cpp": "k"})
 
 
@@ -86,7 +86,7 @@ def test_check_values_enabled(monkeypatch):
 
 def test_ext_missing_raises_with_build_hint(no_extension):
     assert not _ext.available() and not _ext.has_kernel("x") and not _ext.cuda_available()
-    with pytest.raises(_ext.ExtensionUnavailable, match="simulated: no _C.*make build"):
+    with pytest.raises(_ext.ExtensionUnavailable, match=r"simulated: no _C.*make build"):
         _ext.ext()
     with pytest.raises(RuntimeError, match="make build"):  # ExtensionUnavailable is one
         _ext.kernel("fake_quant_fwd_cpu")

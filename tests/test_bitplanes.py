@@ -3,7 +3,6 @@
 device of the `device` fixture (the torch and cuda backends on CUDA tensors when a GPU is there)."""
 
 import contextlib
-import os
 
 import pytest
 import torch

@@ -44,7 +44,7 @@ def test_non_finite_buffer_with_finite_loss_stops_and_keeps_checkpoint(digits, t
 
 
 def test_checkpoint_writer_refuses_non_finite_model(tmp_path):
-    with pytest.raises(ValueError, match="'b'.*NaN or Inf"):
+    with pytest.raises(ValueError, match=r"'b'.*NaN or Inf"):
         save_checkpoint(
             tmp_path, {"model": {"a": torch.ones(2), "b": torch.tensor([float("nan")])}}
         )

@@ -23,7 +23,7 @@ TINY_GA = [
 @pytest.fixture(scope="module")
 def layered_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "layered"
-    assert main(["train", "--recipe", "layered", "--out", str(out)] + TINY_TRAIN) == 0
+    assert main(["train", "--recipe", "layered", "--out", str(out), *TINY_TRAIN]) == 0
     return out
 
 
@@ -81,9 +81,17 @@ def test_search_methods(layered_run, tmp_path, capsys):
     for method, extra in (("layered", []), ("limpq", ["--alpha", "2"]), ("ga", TINY_GA)):
         out = tmp_path / method
         code = main(
-            ["search", str(layered_run), "--method", method, "--out", str(out), "--no-progress"]
-            + cons
-            + extra
+            [
+                "search",
+                str(layered_run),
+                "--method",
+                method,
+                "--out",
+                str(out),
+                "--no-progress",
+                *cons,
+                *extra,
+            ]
         )
         assert code == 0, capsys.readouterr().err
         _check_outputs(out, layered_run, method, 2)
@@ -91,8 +99,7 @@ def test_search_methods(layered_run, tmp_path, capsys):
     lines = (tmp_path / "ga" / "accuracy.jsonl").read_text().splitlines()
     assert len(lines) == 12
     code = main(
-        ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"),
-         "--no-progress", "--no-uniform", "--constraint", "avg_w_bits<=3"] + TINY_GA
+        ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"), "--no-progress", "--no-uniform", "--constraint", "avg_w_bits<=3", *TINY_GA]
     )  # fmt: skip
     assert code == 0
     assert (tmp_path / "ga" / "accuracy.jsonl").read_text().splitlines() == lines
@@ -111,17 +118,14 @@ def test_search_methods(layered_run, tmp_path, capsys):
         assert c["holdout_accuracy"] * 32 == pytest.approx(round(c["holdout_accuracy"] * 32))
     # MultiQuant's MLP predictor on the same cached dataset
     code = main(
-        ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"),
-         "--no-progress", "--no-uniform", "--constraint", "avg_w_bits<=3", "--predictor", "mlp"]
-        + TINY_GA
+        ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"), "--no-progress", "--no-uniform", "--constraint", "avg_w_bits<=3", "--predictor", "mlp", *TINY_GA]
     )  # fmt: skip
     assert code == 0
     report = json.loads((tmp_path / "ga" / "predictor_report.json").read_text())
     assert report["predictor"] == "mlp" and (tmp_path / "ga" / "predictor-mlp.pt").exists()
     # cached accuracies measured on other images are not mixed in
     code = main(
-        ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"),
-         "--no-progress", "--no-uniform", "--constraint", "avg_w_bits<=3"] + TINY_GA[:-2]
+        ["search", str(layered_run), "--method", "ga", "--out", str(tmp_path / "ga"), "--no-progress", "--no-uniform", "--constraint", "avg_w_bits<=3", *TINY_GA[:-2]]
     )  # fmt: skip
     assert code != 0 and "holdout_images" in capsys.readouterr().err
 
@@ -131,9 +135,9 @@ def test_dataset_workers_write_the_sequential_dataset(layered_run, tmp_path, cap
     """Two spawned workers measure the same accuracies, written in the same order, as the
     main process alone: each re-estimates BN on the same batches, on the same images."""
     common = ["--method", "ga", "--no-progress", "--no-uniform", "--rerank", "0",
-              "--threads", "1", "--constraint", "avg_w_bits<=3"] + TINY_GA  # fmt: skip
+              "--threads", "1", "--constraint", "avg_w_bits<=3", *TINY_GA]  # fmt: skip
     for name, extra in (("seq", []), ("par", ["--dataset-workers", "2"])):
-        code = main(["search", str(layered_run), "--out", str(tmp_path / name)] + common + extra)
+        code = main(["search", str(layered_run), "--out", str(tmp_path / name), *common, *extra])
         assert code == 0, capsys.readouterr().err
     assert "2 worker processes" in capsys.readouterr().err
     seq = (tmp_path / "seq" / "accuracy.jsonl").read_text()
@@ -172,8 +176,7 @@ def test_python_api_writes_what_the_cli_writes(layered_run, tmp_path):
 
     cons = ["avg_w_bits<=3", "bitops<=7000000"]
     argv = ["search", str(layered_run), "--method", "limpq", "--out", str(tmp_path / "cli")]
-    assert main(argv + ["--no-progress", "--alpha", "2", "--constraint", cons[0],
-                        "--constraint", cons[1]]) == 0  # fmt: skip
+    assert main([*argv, "--no-progress", "--alpha", "2", "--constraint", cons[0], "--constraint", cons[1]]) == 0  # fmt: skip
     options = SearchOptions(
         str(layered_run), "limpq", cons, out=tmp_path / "api", alpha=2.0, progress=False
     )

@@ -27,7 +27,7 @@ def test_train_then_resume(tmp_path, capsys):
         "--out",
         str(out),
     ]
-    assert main(args + ["--epochs", "2", "--stop-after", "1"] + TINY) == 0
+    assert main([*args, "--epochs", "2", "--stop-after", "1", *TINY]) == 0
     assert "trained multiquant to epoch 1" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["recipe"] == "multiquant"
@@ -39,7 +39,7 @@ def test_train_then_resume(tmp_path, capsys):
     assert [r["epoch"] for r in rows] == [1]
     assert {"acc_lowest", "acc_highest", "acc_random", "train_loss"} <= set(rows[0])
     # a second run into the same directory without --resume is refused
-    assert main(args + ["--epochs", "2"] + TINY) == 1
+    assert main([*args, "--epochs", "2", *TINY]) == 1
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
     assert load_checkpoint(out)["epoch"] == 2

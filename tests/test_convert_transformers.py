@@ -263,7 +263,7 @@ def test_exclude_leaves_layers_float():
 
 def test_calibrate_checks_on_first_batch_without_example():
     sn = eqnet.convert(_Bypassed(), SPACE, keep_first_last="elastic")
-    with pytest.raises(ValueError, match="model.reads.proj"):
+    with pytest.raises(ValueError, match=r"model.reads.proj"):
         eqnet.calibrate(sn, [torch.randn(2, 4)])
     ok = eqnet.convert(tiny.custom()[0], SPACE, keep_first_last="elastic")
     assert ok.paths_checked is False

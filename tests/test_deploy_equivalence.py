@@ -137,7 +137,7 @@ def digits_setup(tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["2", "3", "4", "mixed"])
 def test_digits_codes_logits_and_top1(digits_setup, which):
-    sn, path, space, mixed, test_x = digits_setup
+    sn, path, _space, mixed, test_x = digits_setup
     deployed = load(path, config=which) if which == "mixed" else load(path, bits=int(which))
     cfg = deployed.active_config
     if which == "mixed":

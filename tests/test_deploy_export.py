@@ -78,7 +78,7 @@ def nested_file(tmp_path_factory):
 
 def _decode_planes_oracle(planes: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     """q_b = -2^(b-1) P_0 + sum_j 2^(b-1-j) P_j with bit t of word j = column 32 j + t."""
-    n, N, W = planes.shape
+    _n, N, W = planes.shape
     out = torch.zeros(N, K, dtype=torch.int64)
     for j in range(bits):
         words = planes[j].to(torch.int64) & 0xFFFFFFFF
@@ -314,7 +314,7 @@ def test_export_records_the_registered_arch_or_needs_the_model(nested_file, tmp_
     with pytest.raises(ValueError, match=r"model.fc: the file has \{'out_features': 10\}"):
         load(tmp_path / "user.eqk", model=wider)
     renamed = nn.Sequential(*user.children())
-    with pytest.raises(ValueError, match="model.features.0"):
+    with pytest.raises(ValueError, match=r"model.features.0"):
         load(tmp_path / "user.eqk", model=renamed)
     with pytest.raises(ValueError, match="registered model name"):
         export(usn, tmp_path / "x.eqk", arch="os:system")

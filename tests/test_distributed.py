@@ -11,6 +11,8 @@ find_unused_parameters=True are all-reduced.
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import signal
 import subprocess
@@ -355,9 +357,28 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
 def test_killed_rank_ends_the_job(tmp_path):
     run = tmp_path / "run"
     proc = _torchrun(
-        ["-m", "eqnet.cli", "train", "--epochs", "500", "--max-steps-per-epoch", "2"]
-        + ["--limit-train", "256", "--limit-test", "64", "--bn-batches", "1", "--batch-size", "32"]
-        + ["--out", str(run), "--no-progress", "--dist-timeout", "30"],
+        [
+            "-m",
+            "eqnet.cli",
+            "train",
+            "--epochs",
+            "500",
+            "--max-steps-per-epoch",
+            "2",
+            "--limit-train",
+            "256",
+            "--limit-test",
+            "64",
+            "--bn-batches",
+            "1",
+            "--batch-size",
+            "32",
+            "--out",
+            str(run),
+            "--no-progress",
+            "--dist-timeout",
+            "30",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -421,7 +442,7 @@ def test_shard_sampler_slices_the_single_process_batches(world):
         )
         for step, want in enumerate(expected):
             k = batch // world
-            got = sum((x[step * k : (step + 1) * k] for x in local), [])
+            got = functools.reduce(operator.iadd, (x[step * k : (step + 1) * k] for x in local), [])
             assert got == want
 
 

@@ -589,7 +589,7 @@ def test_cpp_sums_do_not_depend_on_thread_count():
 
 @requires_cpp
 def test_cpp_rejects_unsupported_isa():
-    fwd, _, best = _cpp_kernels()
+    fwd, _, _best = _cpp_kernels()
     x, s = torch.randn(1, 1, 4), torch.ones(1)
     with pytest.raises(RuntimeError, match="isa"):
         fwd(x, s, s, torch.zeros(1), -8, 7, 1.0, 1.0, 0.0, 3)

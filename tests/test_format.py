@@ -173,7 +173,7 @@ def test_header_layout_matches_spec(tmp_path):
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_prefix_reads_no_byte_past_prefix(tmp_path, bits):
     path = tmp_path / "m.eqk"
-    sections, planes, q = _write_nested(path)
+    sections, _planes, q = _write_nested(path)
     blob = path.read_bytes()
     _, _, spans = _spec_layout(blob)
     prefix_end = spans[bits - 1][1]
@@ -294,7 +294,7 @@ def test_truncation_at_every_boundary_and_random_offsets(tmp_path):
     for cut in cuts:
         cut_blob = blob[:cut]
         # The whole-file load of a truncated file always fails, asking for max_bits.
-        with pytest.raises(EqkFormatError, match="truncated|max_bits|magic"):
+        with pytest.raises(EqkFormatError, match=r"truncated|max_bits|magic"):
             read_eqk(io.BytesIO(cut_blob))
         for bits in range(1, TOP_BITS + 1):
             complete = cut >= spans[bits - 1][1]
@@ -435,7 +435,7 @@ def test_bad_magic_oversized_header_and_bad_json(tmp_path):
         forged += struct.pack("<I", zlib.crc32(payload))
         with pytest.raises(EqkFormatError):
             read_eqk(io.BytesIO(forged))
-    with pytest.raises(EqkFormatError, match="trailing|unexpected"):
+    with pytest.raises(EqkFormatError, match=r"trailing|unexpected"):
         read_eqk(io.BytesIO(blob + b"\0"))
     with pytest.raises(EqkFormatError):
         read_eqk_header(io.BytesIO(b""))

@@ -129,7 +129,7 @@ def test_declared_class_count_must_match_tensors(files, tmp_path, classes):
     def edit(h):
         h["model"]["arch"]["kwargs"]["num_classes"] = classes
 
-    with pytest.raises(EqkFormatError, match="num_classes|out_features"):
+    with pytest.raises(EqkFormatError, match=r"num_classes|out_features"):
         load(_craft(a, tmp_path, edit))
 
 
@@ -195,7 +195,7 @@ def test_prefix_load_checks_the_section_digest(files, tmp_path):
     header["identity"] = hashlib.sha256(":".join(digests).encode()).hexdigest()
     crafted = tmp_path / "digest.eqk"
     crafted.write_bytes(repack(header, bytes(data)))
-    with pytest.raises(EqkFormatError, match="section 0.*digest"):
+    with pytest.raises(EqkFormatError, match=r"section 0.*digest"):
         load(crafted, max_bits=2)
 
 
@@ -230,7 +230,7 @@ def test_version_1_0_file_loads_whole_but_does_not_upgrade(files, tmp_path):
     with torch.no_grad():
         assert torch.equal(load(old, bits=4)(x), load(a, bits=4)(x))
     small = load(old, max_bits=2)
-    with pytest.raises(EqkFormatError, match="1.0"):
+    with pytest.raises(EqkFormatError, match=r"1.0"):
         small.upgrade(bits=4, source=old)
 
 

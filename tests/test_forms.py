@@ -43,7 +43,7 @@ def test_explicit_forms_and_errors():
     assert resolve_form(None, None, None) is None
     with pytest.raises(ValueError, match="w_form='channel'"):
         parse_form("channel", "tensor/asym")
-    with pytest.raises(ValueError, match="a_form='channel/sym'.*tensor"):
+    with pytest.raises(ValueError, match=r"a_form='channel/sym'.*tensor"):
         parse_form("channel/sym", "channel/sym")
     with pytest.raises(ValueError, match="go together"):
         resolve_form(None, "channel/sym", None)
@@ -66,7 +66,7 @@ def test_apply_and_check_space():
     assert all(FORMS["tensorrt"].holds(c) for _, c in FORMS["tensorrt"].apply(cfg))
     FORMS["tensorrt"].check_space(ALL_FORMS)
     narrow_space = ElasticSpace(a_symmetries=("asym",))
-    with pytest.raises(ValueError, match="a_symmetry='sym'.*the space has \\['asym'\\]"):
+    with pytest.raises(ValueError, match=r"a_symmetry='sym'.*the space has \['asym'\]"):
         FORMS["tensorrt"].check_space(narrow_space)
 
 
@@ -156,7 +156,7 @@ def test_tensorrt_form_excludes_unsigned_8bit_activations():
     assert FORMS["snpe"].allows(LayerChoice(4, 8), act_signed=False)
     sn = eqnet.convert(models.get("digits_cnn"), ALL_FORMS, keep_first_last="elastic")
     layers = sn.quantized_layers()
-    first, rest = list(layers)[0], list(layers)[1:]
+    first, rest = next(iter(layers)), list(layers)[1:]
     for name in rest:  # as calibration leaves them after a ReLU
         layers[name].act_quantizer.signed = False
     table = ChoiceTable.from_model(ALL_FORMS, sn, form=trt)

@@ -168,7 +168,7 @@ def _launch_signature(kernel, args, kwargs, rule):
     for name in kernel.arg_names:
         value = bound[name]
         is_const = "constexpr" in str(params[name].annotation)
-        kind, key = rule(value, is_const, name not in no_spec)
+        kind, _key = rule(value, is_const, name not in no_spec)
         if is_const or kind == "constexpr":
             signature[name] = "constexpr"
             constexprs[name] = value
@@ -206,7 +206,7 @@ def test_aot_specs_cover_every_launch_specialization(monkeypatch, dtype):
 def test_launcher_rejects_a_grid_beyond_cuda_limits():
     x3 = torch.empty((2**20, 2**11, 1025), device="meta")
     s = torch.ones(2**11, device="meta")
-    with pytest.raises(ValueError, match="x: .* Triton programs"):
+    with pytest.raises(ValueError, match=r"x: .* Triton programs"):
         tfq.forward(x3, s, s, s, -8, 7, 1.0, 1.0, 0.0)
 
 

@@ -64,7 +64,7 @@ def test_wdr_matches_hand_moments():
 def test_wdr_weights_and_gradient():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    s, k = _moments64(w.detach())
+    _s, k = _moments64(w.detach())
     got = wdr_loss([w], lambda_kurt=0.3, lambda_skew=0.0)
     assert float(got.detach()) == pytest.approx(0.3 * (k - 1.8) ** 2, rel=1e-9)
     assert torch.autograd.gradcheck(lambda t: wdr_loss([t]), (w,))

@@ -117,7 +117,7 @@ def test_bf16_activations_match_float64_oracle(level, bits, case):
 def test_planes_beyond_bits_are_not_read():
     """A b-bit call reads only the first b planes (a file prefix): garbage after them changes
     nothing."""
-    x, q, planes, s, cz = make_case(2, 8, 128, 3, 32, compensated=True, zero_point=False)
+    x, _q, planes, s, cz = make_case(2, 8, 128, 3, 32, compensated=True, zero_point=False)
     extra = torch.randint(-(2**31), 2**31 - 1, (2, 8, 4), dtype=torch.int32)
     f = kernel()
     assert torch.equal(f(x, planes, 3, 128, s, cz, 32, -1),
@@ -125,7 +125,7 @@ def test_planes_beyond_bits_are_not_read():
 
 
 def test_results_do_not_depend_on_thread_count():
-    x, q, planes, s, cz = make_case(9, 300, 640, 4, 64, compensated=True, zero_point=False)
+    x, _q, planes, s, cz = make_case(9, 300, 640, 4, 64, compensated=True, zero_point=False)
     f = kernel()
     old = torch.get_num_threads()
     try:
@@ -139,7 +139,7 @@ def test_results_do_not_depend_on_thread_count():
 
 
 def test_nan_activation_is_not_hidden():
-    x, q, planes, s, cz = make_case(2, 4, 64, 2, 32, compensated=True, zero_point=False)
+    x, _q, planes, s, cz = make_case(2, 4, 64, 2, 32, compensated=True, zero_point=False)
     x[1, 5] = float("nan")
     y = kernel()(x, planes, 2, 64, s, cz, 32, -1)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
@@ -156,7 +156,7 @@ def test_nan_activation_is_not_hidden():
     ],
 )
 def test_bad_arguments_raise_clear_errors(change, message):
-    x, q, planes, s, cz = make_case(2, 8, 128, 4, 32, compensated=True, zero_point=False)
+    x, _q, planes, s, cz = make_case(2, 8, 128, 4, 32, compensated=True, zero_point=False)
     args = dict(x=x, planes=planes, bits=4, K=128, scale=s, cz=cz, group_size=32)
     args.update(change)
     if "K" in change:
@@ -248,7 +248,7 @@ def test_public_lowbit_linear_per_group_scales(backend, dtype, g, zero_point):
 
 
 def test_per_group_opcheck():
-    q, planes, scale, zw = group_case(5, g=32, zero_point="group")
+    _q, planes, scale, zw = group_case(5, g=32, zero_point="group")
     x = torch.randn(3, 256)
     args = (x, planes, scale, 3, 4, 256, True, None, zw, None, None, None, None, "cpp", 32)
     torch.library.opcheck(torch.ops.eqk.lowbit_linear.default, args)
@@ -257,7 +257,7 @@ def test_per_group_opcheck():
 def test_per_group_bad_arguments():
     import eqkernels as E
 
-    q, planes, scale, zw = group_case(6, g=64)
+    _q, planes, scale, _zw = group_case(6, g=64)
     x = torch.randn(2, 256)
     for g in (48, 16, 96, 0, True):
         with pytest.raises(ValueError, match="group_size="):

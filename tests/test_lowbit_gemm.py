@@ -654,7 +654,7 @@ def test_act_quant_and_prepared_calls_reject_bad_arguments():
     assert act.scale.dtype == torch.float32 and act.zero_point.tolist() == [2.0]
     with pytest.raises(ValueError, match="act: expected None"):
         E.prepare_linear(planes, scale, 3, 4, K=36, act=(0.1, None, 0, 255))
-    with pytest.raises(ValueError, match="top_bits=4: accepted values are integers 5..8"):
+    with pytest.raises(ValueError, match=r"top_bits=4: accepted values are integers 5..8"):
         E.prepare_linear(planes, scale, 5, 4, K=36)
     with pytest.raises(ValueError, match="groups=4: accepted values divide the output channels"):
         E.prepare_conv2d(planes, scale, 3, 4, in_channels=16, kernel_size=3, groups=4)

@@ -67,7 +67,7 @@ def _assert_same(y, ref):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_integer_path_nan_rows_and_inf_clamps(backend):
     name, ctx = _backend(backend)
-    q, planes, scale, bias, w64 = _problem()
+    _q, planes, scale, bias, w64 = _problem()
     x = torch.randn(5, 45, generator=torch.Generator().manual_seed(1))
     x[1, 3] = NAN
     x[2, 5] = INF
@@ -89,7 +89,7 @@ def test_linear_integer_path_nan_rows_and_inf_clamps(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_float_path_is_ieee(backend):
     name, ctx = _backend(backend)
-    q, planes, scale, bias, w64 = _problem()
+    _q, planes, scale, bias, w64 = _problem()
     x = torch.randn(4, 45, generator=torch.Generator().manual_seed(2))
     x[1, 0] = INF  # row 0 of W is 0 there: y[1, 0] = NaN, elsewhere +-inf
     x[2, 4] = NAN
@@ -106,7 +106,7 @@ def test_linear_float_path_is_ieee(backend):
 def test_conv_integer_path_nan_receptive_fields(backend, groups, padding):
     name, ctx = _backend(backend)
     C, N, k = 4, 6, 3
-    q, planes, scale, bias, w64 = _problem(N=N, K=C // groups * k * k, seed=3)
+    _q, planes, scale, bias, w64 = _problem(N=N, K=C // groups * k * k, seed=3)
     x = torch.randn(2, C, 7, 7, generator=torch.Generator().manual_seed(4))
     x[0, 1, 2, 3] = NAN
     x[1, 3, 6, 6] = INF
@@ -135,7 +135,7 @@ def test_conv_integer_path_nan_receptive_fields(backend, groups, padding):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_float_path_is_ieee(backend):
     name, ctx = _backend(backend)
-    q, planes, scale, bias, w64 = _problem(N=4, K=2 * 9, seed=5)
+    _q, planes, scale, bias, w64 = _problem(N=4, K=2 * 9, seed=5)
     x = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(6))
     x[0, 0, 2, 2] = INF
     x[0, 1, 4, 0] = NAN

@@ -108,7 +108,7 @@ def test_load_init_reinitializes_a_head_of_another_size(user_module):
         models.load_init(target, other)
     msg = str(e.value)
     assert "\n" not in msg and "0.weight shape (6, 1, 3, 3) != (8, 1, 3, 3)" in msg
-    with pytest.raises(ValueError, match="missing 0.bias; unexpected extra"):
+    with pytest.raises(ValueError, match=r"missing 0.bias; unexpected extra"):
         state = dict(source.state_dict())
         state.pop("0.bias")
         state["extra"] = torch.zeros(1)

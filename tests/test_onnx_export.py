@@ -371,7 +371,7 @@ def test_bad_arguments(nets, tmp_path):
     space = SPACES["all"]
     cfg = SubnetConfig.uniform(space, sn, 8, 8, "channel", "sym", "sym")
     path = tmp_path / "m.onnx"
-    with pytest.raises(ValueError, match="preset='coreml'.*generic"):
+    with pytest.raises(ValueError, match=r"preset='coreml'.*generic"):
         export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="coreml")
     with pytest.raises(ValueError, match="opset=12"):
         export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), opset=12)
@@ -384,7 +384,7 @@ def test_bad_arguments(nets, tmp_path):
     with pytest.raises(ValueError, match="supernet"):
         export_onnx(torch.nn.Linear(2, 2), cfg, path, input_shape=(1, 2))
     bad = cfg.replace("model.fc", w_bits=5)
-    with pytest.raises(ValueError, match="model.fc.*w_bits=5"):
+    with pytest.raises(ValueError, match=r"model.fc.*w_bits=5"):
         export_onnx(sn, bad, path, input_shape=(1, 1, 8, 8))
     assert not path.exists()
 
@@ -394,18 +394,18 @@ def test_presets_name_what_the_engine_cannot_take(nets, tmp_path):
     space = SPACES["all"]
     path = tmp_path / "m.onnx"
     cfg = SubnetConfig.uniform(space, sn, 8, 8, "channel", "sym", "asym")
-    with pytest.raises(ValueError, match="(?s)snpe.*w_granularity='channel'"):
+    with pytest.raises(ValueError, match=r"(?s)snpe.*w_granularity='channel'"):
         export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="snpe")
-    with pytest.raises(ValueError, match="(?s)tensorrt.*a_symmetry='asym'"):
+    with pytest.raises(ValueError, match=r"(?s)tensorrt.*a_symmetry='asym'"):
         export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="tensorrt")
     cfg = SubnetConfig.uniform(space, sn, 4, 4, "tensor", "asym", "sym")
-    with pytest.raises(ValueError, match="w_granularity='tensor'.*\n.*w_symmetry='asym'"):
+    with pytest.raises(ValueError, match=r"w_granularity='tensor'.*\n.*w_symmetry='asym'"):
         export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="tensorrt")
     # 8-bit unsigned activations (after ReLU) need uint8: TensorRT takes int8 only.
     cfg = SubnetConfig.uniform(space, sn, 4, 8, "channel", "sym", "sym")
     with pytest.raises(ValueError, match=r"(?s)activation codes \[0, 255\].*\['int8'\]"):
         export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="tensorrt")
-    with pytest.raises(ValueError, match="fold_bn='keep'.*tensorrt"):
+    with pytest.raises(ValueError, match=r"fold_bn='keep'.*tensorrt"):
         export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="tensorrt", fold_bn="keep")
     cfg = SubnetConfig.uniform(space, sn, 4, 4, "tensor", "sym", "sym")
     with pytest.raises(ValueError, match="fold_bn='scale' needs per-channel"):
@@ -466,10 +466,10 @@ def test_cli_export_onnx(tmp_path, capsys):
         "--no-progress", "--epochs", "1", "--device", "cpu", "--w-bits", "2,4,8",
         "--a-bits", "4,8",
     ]  # fmt: skip
-    assert main(["train", "--recipe", "multiquant", "--out", str(run)] + tiny) == 0
+    assert main(["train", "--recipe", "multiquant", "--out", str(run), *tiny]) == 0
     out = tmp_path / "m.onnx"
     args = ["export-onnx", str(run), "--out", str(out), "--uniform", "4,8", "--check", "64"]
-    assert main(args + ["--check-test"]) == 0
+    assert main([*args, "--check-test"]) == 0
     random, test = (json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-2:])
     assert random["inputs"] == "random" and random["n"] == 64
     assert test["inputs"] == "test" and test["n"] == 64  # --limit-test 64
@@ -503,13 +503,13 @@ def test_cli_export_onnx_reestimates_bn(tmp_path, capsys):
         "--no-progress", "--epochs", "1", "--device", "cpu", "--w-bits", "2,4",
         "--a-bits", "4,8", "--lr", "0.05",
     ]  # fmt: skip
-    assert main(["train", "--recipe", "multiquant", "--out", str(run)] + tiny) == 0
+    assert main(["train", "--recipe", "multiquant", "--out", str(run), *tiny]) == 0
     paths = {n: tmp_path / f"{n}.onnx" for n in ("default", "stored")}
     base = ["export-onnx", str(run), "--uniform", "2,4"]
-    assert main(base + ["--out", str(paths["default"])]) == 0
+    assert main([*base, "--out", str(paths["default"])]) == 0
     assert "re-estimated the subnet's BN statistics on 2 batches" in capsys.readouterr().err
-    assert main(base + ["--out", str(paths["stored"]), "--bn-batches", "0"]) == 0
-    assert main(base + ["--out", str(tmp_path / "x.onnx"), "--bn-batches", "-1"]) == 2
+    assert main([*base, "--out", str(paths["stored"]), "--bn-batches", "0"]) == 0
+    assert main([*base, "--out", str(tmp_path / "x.onnx"), "--bn-batches", "-1"]) == 2
     assert "--bn-batches=-1" in capsys.readouterr().err
 
     trained = load_run(run)

@@ -62,7 +62,7 @@ def test_imap_measures_only_the_missing_configs_and_keeps_their_order(tmp_path):
 def test_corrupt_middle_line_is_an_error(tmp_path):
     path = tmp_path / "acc.jsonl"
     path.write_text('not json\n{"key": 1, "config": {}, "accuracy": 0.5}\n')
-    with pytest.raises(ValueError, match="acc.jsonl:1"):
+    with pytest.raises(ValueError, match=r"acc.jsonl:1"):
         read_dataset(path)
 
 

@@ -89,7 +89,7 @@ def test_deterministic_under_seed():
 
 
 def test_bad_arguments():
-    table, cost, value = problem()
+    table, cost, _value = problem()
     budget = Budget(table, cost, [Constraint("avg_w_bits", "<=", 8.0)])
 
     def fitness(g):

@@ -35,7 +35,7 @@ def test_matches_brute_force(seed):
         )
         for k, v in costs.items()
     }
-    want, want_val = brute_force(objective, costs, limits)
+    _want, want_val = brute_force(objective, costs, limits)
     got = choose_per_layer(objective, costs, limits)
     got_val = sum(objective[l][c] for l, c in enumerate(got))
     assert got_val == pytest.approx(want_val, rel=1e-9, abs=1e-12)

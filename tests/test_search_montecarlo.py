@@ -51,7 +51,7 @@ def test_samples_meet_constraint_and_beat_uniform(setup, text):
         c = budget.constraints[0]
         assert (m <= c.value * (1 + 1e-12)) if c.op == "<=" else (m >= c.value * (1 - 1e-12))
     assert budget.ok(genomes).all()
-    base, urep = uniform_sample(table, budget, 100, np.random.default_rng(1), max_trials=20_000)
+    _base, urep = uniform_sample(table, budget, 100, np.random.default_rng(1), max_trials=20_000)
     # uniform draws rarely reach the tails of the budget range
     assert rep.trials_per_sample < 3
     assert urep.trials_per_sample > 5 * rep.trials_per_sample

@@ -105,7 +105,7 @@ def test_save_load_roundtrip_and_validation(tmp_path):
     with pytest.raises(ValueError, match="weights must be finite, of shape"):
         NoiseRidgePredictor.load(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text(json.dumps({"format": "something"}))
-    with pytest.raises(ValueError, match="not a eqnet.NoiseRidgePredictor file"):
+    with pytest.raises(ValueError, match=r"not a eqnet.NoiseRidgePredictor file"):
         NoiseRidgePredictor.load(tmp_path / "other.json")
     (tmp_path / "torn.json").write_text('{"format": ')
     with pytest.raises(ValueError, match="not a JSON file"):

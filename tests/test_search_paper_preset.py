@@ -12,8 +12,7 @@ from eqnet.search.pipeline.options import PAPER_PRESET
 def _options(*flags):
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return options_from_args(p.parse_args(["RUN", "--method", "ga", "--constraint", "bitops<=1"]
-                                          + list(flags)))  # fmt: skip
+    return options_from_args(p.parse_args(["RUN", "--method", "ga", "--constraint", "bitops<=1", *list(flags)]))  # fmt: skip
 
 
 def test_preset_values_and_overrides():

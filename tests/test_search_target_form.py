@@ -28,7 +28,7 @@ TINY_GA = [
 @pytest.fixture(scope="module")
 def eqnet_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "eqnet"
-    assert main(["train", "--recipe", "eqnet", "--out", str(out)] + TINY_TRAIN) == 0
+    assert main(["train", "--recipe", "eqnet", "--out", str(out), *TINY_TRAIN]) == 0
     return out
 
 
@@ -37,7 +37,7 @@ def test_ga_searches_each_target_form(eqnet_run, tmp_path, capsys):
     out = tmp_path / "s"
     budget = "bitops<=5000000"
     args = ["search", str(eqnet_run), "--method", "ga", "--constraint", budget, "--out", str(out)]
-    args += ["--target-form", "tensorrt", "--target-form", "snpe", "--no-progress"] + TINY_GA
+    args += ["--target-form", "tensorrt", "--target-form", "snpe", "--no-progress", *TINY_GA]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [s["target_form"] for s in summary] == ["tensorrt", "snpe"]
@@ -93,7 +93,7 @@ def test_limpq_target_form_and_bad_options(eqnet_run, tmp_path, capsys):
     with pytest.raises(OptionError, match="drop forms"):
         SearchOptions(method="ga", target_forms=("snpe",), forms=True, **base)
     cmd = ["search", str(eqnet_run), "--method", "ga", "--constraint", "bitops<=1"]
-    assert main(cmd + ["--target-form", "tpu"]) == 1
+    assert main([*cmd, "--target-form", "tpu"]) == 1
     assert "--target-form=" in capsys.readouterr().err
 
 

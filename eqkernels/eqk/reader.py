@@ -89,7 +89,7 @@ class _Source:
 
     def __init__(self, source):
         self.owned = not hasattr(source, "read")
-        self.f = open(source, "rb") if self.owned else source  # noqa: SIM115
+        self.f = open(source, "rb") if self.owned else source
         if not self.f.seekable():
             self.close()
             raise ValueError("source: expected a path or a seekable binary file object")

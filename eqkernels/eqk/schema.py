@@ -10,6 +10,7 @@ section and the identity derived from them. New header keys are one more entry i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 
 from .fields import (
@@ -157,7 +158,7 @@ def _check_tensors(tensors: list, sections: list) -> None:
         extents.setdefault(t["section"], []).append((t["offset"], t["nbytes"], name))
     for ranges in extents.values():
         ranges.sort()
-        for (o1, n1, a), (o2, _, b) in zip(ranges, ranges[1:]):
+        for (o1, n1, a), (o2, _, b) in itertools.pairwise(ranges):
             if o1 + n1 > o2:
                 raise fail("header.tensors", f"tensors {a!r} and {b!r} overlap")
 

@@ -27,7 +27,7 @@ def _wire(forward_op, backward_name: str, n_tensors: int) -> None:
 
     @torch.library.register_fake(f"eqk::{backward_name}")
     def _(grad, x, scale, *rest):
-        return (torch.empty_like(x),) + tuple(torch.empty_like(scale) for _ in range(n_tensors - 1))
+        return (torch.empty_like(x), *tuple(torch.empty_like(scale) for _ in range(n_tensors - 1)))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:n_tensors])

@@ -48,7 +48,7 @@ def _activation_codes(x, act_scale, act_zero_point, qmin, qmax):
 
 def int_accumulate(xq, planes, bits, qmin, qmax, backend):
     """sum_k xq[m,k] * q_b[n,k] exactly, as int64 [M, N]. xq: int8/uint8 [M, K]."""
-    M, K = xq.shape
+    _M, K = xq.shape
     if backend == "torch":
         q = unpack_bitplanes_ref(planes, bits, K).to(torch.int64)
         return xq.to(torch.int64) @ q.T

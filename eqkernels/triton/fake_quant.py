@@ -99,7 +99,7 @@ def fake_quant_fwd_kernel(
     mask = cols < inner
     offs = row.to(tl.int64) * inner + cols
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v, u, a, is_nan = _element(x, s, inv_s, zr, quant_min, quant_max, inv_step, step, comp)
+    v, _u, a, is_nan = _element(x, s, inv_s, zr, quant_min, quant_max, inv_step, step, comp)
     y = tl.where(is_nan, v, a * s)  # v is the NaN itself
     _store(y_ptr + offs, y, mask, OUT_BF16)
 
@@ -210,7 +210,7 @@ _RUNTIME |= {"comp": "fp32", "channels": "i32", "blocks_per_row": "i32"}
 def _signature(kernel, dtype: str, inner) -> tuple[dict, dict]:
     out = "i16" if dtype == "bf16" else dtype
     types = {"x_ptr": f"*{dtype}", "dy_ptr": f"*{dtype}", "y_ptr": f"*{out}", "dx_ptr": f"*{out}"}
-    types |= {p: "*fp32" for p in _PARAMS + ("part_t_ptr", "part_o_ptr")} | _RUNTIME
+    types |= {p: "*fp32" for p in (*_PARAMS, "part_t_ptr", "part_o_ptr")} | _RUNTIME
     constexprs = {"BLOCK_SIZE": BLOCK, "OUT_BF16": dtype == "bf16"}
     if isinstance(inner, int):
         constexprs["inner"] = inner

@@ -69,7 +69,7 @@ def _train_args(args, out: Path) -> list[str]:
         extra += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
     if args.no_progress:
         extra.append("--no-progress")
-    return extra + ["--out", str(out)]
+    return [*extra, "--out", str(out)]
 
 
 def _done(run_dir: Path, keep: bool) -> bool:

@@ -114,7 +114,7 @@ def _search(
     if initial is None:
         from eqnet.search.montecarlo import uniform_sample
 
-        initial, rep = uniform_sample(table, budget, population, rng)
+        initial, _rep = uniform_sample(table, budget, population, rng)
         if len(initial) < population:
             raise ValueError(
                 f"uniform sampling found {len(initial)} of {population} configs meeting the "

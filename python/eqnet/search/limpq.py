@@ -23,6 +23,7 @@ is never removed). Fixed-width layers keep their one choice with objective 0.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -123,7 +124,7 @@ def official_mask(values: Mapping[int, float]) -> dict[int, bool]:
     value[b] (its step is smaller than the wider width's, against quantization's order)."""
     widths = sorted(values)
     allowed = {b: True for b in widths}
-    for narrow, wide in zip(widths, widths[1:]):
+    for narrow, wide in itertools.pairwise(widths):
         if values[narrow] < values[wide]:
             allowed[narrow] = False
     return allowed

@@ -37,7 +37,7 @@ def pareto_front(rows: Sequence[dict], cost: str = "bitops") -> list[dict]:
 def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
     path = Path(path)
     with atomic.atomic_write(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=list(COLUMNS) + ["on_front"], extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=[*list(COLUMNS), "on_front"], extrasaction="ignore")
         w.writeheader()
         front = {id(r) for r in pareto_front([r for r in rows if r["kind"] != "uniform"])}
         for r in rows:

@@ -88,7 +88,7 @@ def split_indices(n: int, val_fraction: float, seed: int):
     draws its batch order from it). The same seed gives every predictor the same split."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction}: must be in (0, 1)")
-    n_val = max(2, int(round(val_fraction * n)))
+    n_val = max(2, round(val_fraction * n))
     if n - n_val < 2:
         raise ValueError(f"{n} samples are too few for a train/validation split")
     gen = torch.Generator().manual_seed(seed)

@@ -205,7 +205,7 @@ class LIMPQRecipe(Recipe):
 
     def step(self, trainer, x, y):
         metrics, total = {}, 0.0
-        subnets = trainer.sampler.uniform_widths() + [("random", trainer.sampler.random())]
+        subnets = [*trainer.sampler.uniform_widths(), ("random", trainer.sampler.random())]
         for name, cfg in subnets:
             logits = trainer.forward(cfg, x)
             loss = trainer.ce(logits, y)
