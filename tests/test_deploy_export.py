@@ -321,6 +321,19 @@ def test_export_records_the_registered_arch_or_needs_the_model(nested_file, tmp_
     assert not os.path.exists(tmp_path / "x.eqk")
 
 
+def test_integer_layer_weight_read_names_the_bypass(nested_file):
+    """A parent that reads `.weight` of an integer layer gets an error that says why (it would
+    bypass the integer layer), not nn.Module's bare missing-attribute message; the layer's
+    other attributes stay readable."""
+    _, path, _ = nested_file
+    deployed = load(path, bits=4)
+    layer = next(iter(deployed.int_layers().values()))
+    with pytest.raises(AttributeError, match="holds bit planes, not a float weight"):
+        _ = layer.weight
+    assert not hasattr(layer, "weight")
+    assert layer.out_features > 0 and layer.planes is not None
+
+
 def test_fixed_layers_stored_in_full_in_section_zero(nested_file):
     sn, path, _ = nested_file
     header = read_eqk(path).header

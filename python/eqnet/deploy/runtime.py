@@ -85,6 +85,17 @@ class _IntLayer(nn.Module):
         self._prepared = None  # .to() / .cuda() replace the buffers the prepared op holds
         return super()._apply(fn, *args, **kwargs)
 
+    def __getattr__(self, name: str):
+        # A parent that reads `.weight` would compute with a float weight and float
+        # activations around this layer: say so instead of nn.Module's bare "no attribute".
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__} holds bit planes, not a float weight: its parent reads "
+                "`.weight` and so bypasses the integer layer; convert that parent too, or leave "
+                "the layer float with convert(..., exclude=[...])"
+            )
+        return super().__getattr__(name)
+
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         op = self._prepared
         if op is None:
