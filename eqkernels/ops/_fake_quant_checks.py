@@ -22,14 +22,14 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_x(x) -> None:
+def check_x(x) -> None:
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x has dtype {x.dtype}: accepted dtypes are float32, float16, bfloat16")
 
 
-def _normalize_axis(x: Tensor, axis) -> int:
+def normalize_axis(x: Tensor, axis) -> int:
     if axis is None:
         return PER_TENSOR
     if not _is_int(axis) or x.dim() == 0 or not -x.dim() <= axis < x.dim():
@@ -40,7 +40,7 @@ def _normalize_axis(x: Tensor, axis) -> int:
     return axis % x.dim()
 
 
-def _check_param(name: str, p, x: Tensor, axis: int) -> None:
+def check_param(name: str, p, x: Tensor, axis: int) -> None:
     """scale / zero_point: floating tensors of shape [1] or [] per-tensor, [C] per-channel."""
     if not isinstance(p, Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(p).__name__}")
@@ -64,7 +64,7 @@ def _check_param(name: str, p, x: Tensor, axis: int) -> None:
 MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
-def _check_values(name: str, p: Tensor, positive: bool) -> None:
+def check_values(name: str, p: Tensor, positive: bool) -> None:
     # Host sync: only in eager mode on CPU or with EQK_CHECK=1 (backend.check_values_enabled).
     # One aminmax (NaN propagates into both) keeps the per-call cost to one small op. While
     # compiling, the op bodies check instead when EQK_CHECK=1 (they run on real tensors).
@@ -124,7 +124,7 @@ def backend_arg(backend: str | None, x: Tensor, op: str) -> str:
 
 
 def validate_fq(x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
-    _check_x(x)
+    check_x(x)
     for name, value in (("quant_min", quant_min), ("quant_max", quant_max)):
         if not _is_int(value) or not -QRANGE_LIMIT <= value <= QRANGE_LIMIT:
             raise ValueError(
@@ -134,21 +134,21 @@ def validate_fq(x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
         raise ValueError(
             f"quant_min={quant_min} >= quant_max={quant_max}: accepted is quant_min < quant_max"
         )
-    ax = _normalize_axis(x, axis)
-    _check_param("scale", scale, x, ax)
+    ax = normalize_axis(x, axis)
+    check_param("scale", scale, x, ax)
     if zero_point is not None:
-        _check_param("zero_point", zero_point, x, ax)
+        check_param("zero_point", zero_point, x, ax)
     _check_grad_factor(grad_factor)
-    _check_values("scale", scale, positive=True)
+    check_values("scale", scale, positive=True)
     if zero_point is not None:
-        _check_values("zero_point", zero_point, positive=False)
+        check_values("zero_point", zero_point, positive=False)
     if grad_factor is None:
         grad_factor = 1.0 / math.sqrt(_n_per_scale(x, ax) * max(quant_max, 1))
     return ax, float(grad_factor)
 
 
 def validate_layered(x, scale, bits, top_bits, axis, compensate, grad_factor):
-    _check_x(x)
+    check_x(x)
     for name, value in (("bits", bits), ("top_bits", top_bits)):
         if not _is_int(value) or not 1 <= value <= 8:
             raise ValueError(f"{name}={value!r}: accepted values are integers 1-8")
@@ -156,10 +156,10 @@ def validate_layered(x, scale, bits, top_bits, axis, compensate, grad_factor):
         raise ValueError(f"top_bits={top_bits} < bits={bits}: accepted is top_bits >= bits")
     if not isinstance(compensate, bool):
         raise ValueError(f"compensate={compensate!r}: accepted values are True or False")
-    ax = _normalize_axis(x, axis)
-    _check_param("scale", scale, x, ax)
+    ax = normalize_axis(x, axis)
+    check_param("scale", scale, x, ax)
     _check_grad_factor(grad_factor)
-    _check_values("scale", scale, positive=True)
+    check_values("scale", scale, positive=True)
     if grad_factor is None:
         top_max = max((1 << (top_bits - 1)) - 1, 1)
         grad_factor = 1.0 / math.sqrt(_n_per_scale(x, ax) * top_max)
@@ -169,6 +169,6 @@ def validate_layered(x, scale, bits, top_bits, axis, compensate, grad_factor):
 def body_checks(scale: Tensor, zero_point: Tensor | None) -> None:
     """EQK_CHECK=1: value checks inside the op, so compiled graphs get them too."""
     if os.environ.get("EQK_CHECK", "0") == "1":
-        _check_values("scale", scale, positive=True)
+        check_values("scale", scale, positive=True)
         if zero_point is not None:
-            _check_values("zero_point", zero_point, positive=False)
+            check_values("zero_point", zero_point, positive=False)

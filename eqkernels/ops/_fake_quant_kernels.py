@@ -27,7 +27,7 @@ def _view3(x: Tensor, axis: int) -> Tensor:
     return x.reshape(outer, x.shape[axis], -1)
 
 
-def _params(x: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int):
+def kernel_params(x: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int):
     """fp32 [C] scale, its IEEE reciprocal (kernels only multiply) and the rounded zero point."""
     channels = 1 if axis == PER_TENSOR else x.shape[axis]
     s = scale.float().reshape(channels).contiguous()
@@ -39,7 +39,7 @@ def _params(x: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int):
     return s, inv_s, zr
 
 
-def _kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis):
+def kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis):
     x3 = _view3(x, axis).contiguous()
     if name == "cpp":
         y3 = _ext.kernel("fake_quant_fwd_cpu")(
@@ -52,7 +52,7 @@ def _kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axi
     return y3.reshape(x.shape)
 
 
-def _kernel_backward(name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis):
+def kernel_backward(name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis):
     """(dx, sum over each group of dy * t, sum of dy * dz_e), the sums fp32 [C]."""
     x3 = _view3(x, axis).contiguous()
     dy3 = _view3(grad.to(x.dtype), axis).contiguous()
@@ -72,16 +72,16 @@ def run_forward(backend, x, scale, zero_point, quant_min, quant_max, axis):
     name = resolve(backend, x.device, "fake_quant")
     if name == "torch":
         return fq_forward(x, scale, zero_point, quant_min, quant_max, axis)
-    s, inv_s, zr = _params(x, scale, zero_point, axis)
-    return _kernel_forward(name, x, s, inv_s, zr, quant_min, quant_max, 1.0, 1.0, 0.0, axis)
+    s, inv_s, zr = kernel_params(x, scale, zero_point, axis)
+    return kernel_forward(name, x, s, inv_s, zr, quant_min, quant_max, 1.0, 1.0, 0.0, axis)
 
 
 def run_backward(backend, grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
     name = resolve(backend, x.device, "fake_quant")
     if name == "torch":
         return fq_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor)
-    s, inv_s, zr = _params(x, scale, zero_point, axis)
-    dx, sum_t, sum_z = _kernel_backward(
+    s, inv_s, zr = kernel_params(x, scale, zero_point, axis)
+    dx, sum_t, sum_z = kernel_backward(
         name, grad, x, s, inv_s, zr, quant_min, quant_max, 1.0, 1.0, 0.0, axis
     )
     ds = (grad_factor * sum_t).reshape(scale.shape).to(scale.dtype)
@@ -95,8 +95,8 @@ def run_layered_forward(backend, x, scale, bits, top_bits, axis, compensate):
     if name == "torch":
         return layered_forward(x, scale, bits, top_bits, axis, compensate)
     qmin, qmax, inv_step, step, comp = layered_consts(bits, top_bits, compensate)
-    s, inv_s, zr = _params(x, scale, None, axis)
-    return _kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
+    s, inv_s, zr = kernel_params(x, scale, None, axis)
+    return kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
 
 
 def run_layered_backward(backend, grad, x, scale, bits, top_bits, axis, compensate, g):
@@ -104,8 +104,8 @@ def run_layered_backward(backend, grad, x, scale, bits, top_bits, axis, compensa
     if name == "torch":
         return layered_backward(grad, x, scale, bits, top_bits, axis, compensate, g)
     qmin, qmax, inv_step, step, comp = layered_consts(bits, top_bits, compensate)
-    s, inv_s, zr = _params(x, scale, None, axis)
-    dx, sum_t, _ = _kernel_backward(
+    s, inv_s, zr = kernel_params(x, scale, None, axis)
+    dx, sum_t, _ = kernel_backward(
         name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
     )
     return dx, (g * sum_t).reshape(scale.shape).to(scale.dtype)

@@ -69,7 +69,7 @@ def reduce_to(e: Tensor, like: Tensor, axis: int) -> Tensor:
     return (e.sum(dim=dims) if dims else e).reshape(like.shape)
 
 
-def _nan_where(mask: Tensor, t: Tensor) -> Tensor:
+def nan_where(mask: Tensor, t: Tensor) -> Tensor:
     return torch.where(mask, torch.full_like(t, float("nan")), t)
 
 
@@ -88,9 +88,9 @@ def fq_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_fac
     inside = (u >= quant_min) & (u <= quant_max)
     dy = grad.float()
     # Selects on the integer codes, never v * inside: v = +-inf must not make inf * 0.
-    dx = _nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
+    dx = nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
     t = torch.where(inside, r - v, q - zr)  # q is NaN where v is: t NaN there
-    dz_e = _nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -s))
+    dz_e = nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -s))
     ds = grad_factor * reduce_to(dy * t, scale, axis)
     dz = grad_factor * reduce_to(dz_e, scale, axis)
     return dx.to(x.dtype), ds.to(scale.dtype), dz.to(scale.dtype)
@@ -119,7 +119,7 @@ def layered_backward(grad, x, scale, bits, top_bits, axis, compensate, grad_fact
     inside = (r >= qmin) & (r <= qmax)
     a = (torch.floor(q_n * inv_step) + comp) * step
     dy = grad.float()
-    dx = _nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
+    dx = nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
     t = torch.where(inside, a - v, a)
     ds = grad_factor * reduce_to(dy * t, scale, axis)
     return dx.to(x.dtype), ds.to(scale.dtype)

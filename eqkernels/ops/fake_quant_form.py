@@ -64,9 +64,9 @@ def _backward_torch(grad, x, s, zero_point, qmin, qmax, inv_step, step, comp, ax
     inside = (u >= qmin) & (u <= qmax)
     a = (torch.floor((q - z) * inv_step) + comp) * step
     dy = grad.float()
-    dx = _ref._nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
+    dx = _ref.nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
     t = torch.where(inside, a - v, a)
-    dz_e = _ref._nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -sb))
+    dz_e = _ref.nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -sb))
     ds = grad_factor * _ref.reduce_to(dy * t, s, axis)
     dz = grad_factor * _ref.reduce_to(dz_e, s, axis)
     return dx.to(x.dtype), ds.to(s.dtype), dz.to(s.dtype)
@@ -78,8 +78,8 @@ def _run_forward(backend, x, scale, zero_point, form, axis):
     name = _checks.resolve(backend, x.device, "fake_quant")
     if name == "torch":
         return _forward_torch(x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis)
-    s, inv_s, zr = _kernels._params(x, scale, zero_point, axis)
-    return _kernels._kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
+    s, inv_s, zr = _kernels.kernel_params(x, scale, zero_point, axis)
+    return _kernels.kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
 
 
 def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis):
@@ -90,8 +90,8 @@ def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis):
         return _backward_torch(
             grad, x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis, g
         )
-    s, inv_s, zr = _kernels._params(x, scale, zero_point, axis)
-    dx, sum_t, sum_z = _kernels._kernel_backward(
+    s, inv_s, zr = _kernels.kernel_params(x, scale, zero_point, axis)
+    dx, sum_t, sum_z = _kernels.kernel_backward(
         name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
     )
     ds = (g * sum_t).reshape(scale.shape).to(scale.dtype)
@@ -155,10 +155,10 @@ _fake_quant_form_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(x, scale, zero_point, form, grad_factor, axis) -> int:
-    _checks._check_x(x)
-    ax = _checks._normalize_axis(x, axis)
-    _checks._check_param("scale", scale, x, ax)
-    _checks._check_param("zero_point", zero_point, x, ax)
+    _checks.check_x(x)
+    ax = _checks.normalize_axis(x, axis)
+    _checks.check_param("scale", scale, x, ax)
+    _checks.check_param("zero_point", zero_point, x, ax)
     if not isinstance(form, Tensor) or tuple(form.shape) != (len(FORM_FIELDS),):
         shape = tuple(form.shape) if isinstance(form, Tensor) else type(form).__name__
         raise ValueError(f"form has shape {shape}: accepted is a tensor [{', '.join(FORM_FIELDS)}]")
@@ -182,8 +182,8 @@ def fake_quant_form(
     step, comp]; grad_factor: one-element tensor (the LSQ gradient scale). Differentiable in
     x, scale and zero_point. Values are checked like `fake_quant`'s in eager mode."""
     ax = _check(x, scale, zero_point, form, grad_factor, axis)
-    _checks._check_values("scale", scale, positive=True)
-    _checks._check_values("zero_point", zero_point, positive=False)
+    _checks.check_values("scale", scale, positive=True)
+    _checks.check_values("zero_point", zero_point, positive=False)
     name = _checks.backend_arg(backend, x, "fake_quant")
     return torch.ops.eqk.fake_quant_form(
         x, scale, zero_point, form, grad_factor.reshape(()), ax, name
@@ -221,9 +221,9 @@ class _InlineForm(torch.autograd.Function):
         nan = torch.isnan(v)
         inside = (u >= qmin) & (u <= qmax)
         dy = grad.float()
-        dx = _ref._nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
+        dx = _ref.nan_where(nan, torch.where(inside, dy, torch.zeros_like(dy)))
         t = torch.where(inside, a - v, a)
-        dz_e = _ref._nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -s))
+        dz_e = _ref.nan_where(nan, dy * torch.where(inside, torch.zeros_like(v), -s))
         g = grad_factor.float()
         ds = (g * _ref.reduce_to(dy * t, scale, ctx.axis)).to(scale.dtype)
         dz = (g * _ref.reduce_to(dz_e, scale, ctx.axis)).to(scale.dtype)

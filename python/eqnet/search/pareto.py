@@ -8,19 +8,9 @@ from pathlib import Path
 
 from eqkernels import atomic
 
-COLUMNS = (
-    "label",
-    "kind",
-    "accuracy",
-    "bitops",
-    "size",
-    "avg_bits",
-    "avg_w_bits",
-    "avg_a_bits",
-    "weighted_bits",
-    "weighted_w_bits",
-    "weighted_a_bits",
-)
+from .cost import METRICS
+
+COLUMNS = ("label", "kind", "accuracy", *METRICS)
 
 
 def pareto_front(rows: Sequence[dict], cost: str = "bitops") -> list[dict]:
@@ -37,7 +27,7 @@ def pareto_front(rows: Sequence[dict], cost: str = "bitops") -> list[dict]:
 def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
     path = Path(path)
     with atomic.atomic_write(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=[*list(COLUMNS), "on_front"], extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=[*COLUMNS, "on_front"], extrasaction="ignore")
         w.writeheader()
         front = {id(r) for r in pareto_front([r for r in rows if r["kind"] != "uniform"])}
         for r in rows:
