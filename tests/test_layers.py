@@ -126,11 +126,16 @@ def test_set_choice_outside_space_raises():
     with pytest.raises(ValueError, match=r"w_bits=3.*\[2, 4, 8\]"):
         q.set_choice(LayerChoice(3, 4))
     fixed = QLinear.from_float(nn.Linear(4, 4), SPACE, fixed_choice=LayerChoice(8, 8))
+    # a fixed-width layer holds every form of the space at its widths
+    w_forms = {f"w8_{g}_{s}" for g in SPACE.w_granularities for s in SPACE.w_symmetries}
+    a_forms = {f"a8_{s}" for s in SPACE.a_symmetries}
     assert {n for n, _ in fixed.named_parameters() if "scale" in n} == {
-        "weight_quantizer.scale_w8_channel_sym",
-        "act_quantizer.scale_a8_asym",
+        *(f"weight_quantizer.scale_{f}" for f in w_forms),
+        *(f"act_quantizer.scale_{f}" for f in a_forms),
     }
-    with pytest.raises(ValueError, match="fixed"):
+    fixed.set_choice(LayerChoice(8, 8, "tensor", "asym", "sym"))
+    assert fixed.weight_quantizer.active_form == (8, "tensor", "asym")
+    with pytest.raises(ValueError, match="fixed at W8A8"):
         fixed.set_choice(LayerChoice(4, 4))
 
 

@@ -49,9 +49,10 @@ def convert(
     transposed), torchvision's Swin window attention calls its `qkv`/`proj`. Weights tied
     between modules (GPT-2's lm_head and wte) stay tied.
 
-    keep_first_last: "8bit" fixes the first and last quantized layers (in execution order) at
-    LayerChoice(fixed_bits, fixed_bits, "channel", "sym", "asym" if allowed else the space's
-    first activation symmetry); "fp" leaves them float; "elastic" treats them like the others.
+    keep_first_last: "8bit" fixes the widths of the first and last quantized layers (in
+    execution order) at W{fixed_bits}A{fixed_bits}, their forms stay elastic over the space's
+    (they start in `space.preferred_forms()`); "fp" leaves them float; "elastic" treats them
+    like the others.
     per_bit_bn: replace each BatchNorm2d fed directly by an elastic layer with a
     SwitchableBatchNorm2d over space.w_bits.
     example_input: one input batch: a tensor, a tuple of positional arguments or a dict of
@@ -96,13 +97,7 @@ def convert(
             raise ValueError("the example forward called no nn.Conv2d / nn.Linear")
 
     first, last = order[0], order[-1]
-    fixed = LayerChoice(
-        space.fixed_bits,
-        space.fixed_bits,
-        "channel",
-        "sym",
-        "asym" if "asym" in space.a_symmetries else space.a_symmetries[0],
-    )
+    fixed = LayerChoice(space.fixed_bits, space.fixed_bits, *space.preferred_forms())
     replacement: dict[int, nn.Module] = {}
     for layer in layers:
         is_edge = layer is first or layer is last

@@ -29,6 +29,7 @@ class _QuantizedLayer:
             )
         self.space = space
         self.fixed_choice = fixed_choice
+        self.fixed_form = False  # True: a fixed-width layer that also holds one form only
         channels = self.weight.shape[0]
         if fixed_choice is None:
             self.weight_quantizer = ElasticQuantizer(
@@ -48,16 +49,11 @@ class _QuantizedLayer:
                 *space.preferred_forms(),
             )
         else:
-            # A fixed-width layer holds exactly its one form (never nested: a fixed layer is
-            # stored in full, see DESIGN.md "The .eqk file").
-            c = fixed_choice
-            self.weight_quantizer = ElasticQuantizer(
-                "weight", (c.w_bits,), (c.w_granularity,), (c.w_symmetry,), channels=channels
-            )
-            self.act_quantizer = ElasticQuantizer(
-                "activation", (c.a_bits,), ("tensor",), (c.a_symmetry,)
-            )
-            first = c
+            # A fixed-width layer fixes its widths only: its quantizers hold every form of the
+            # space at those widths, as EQ-Net's first and last layers (never nested: a fixed
+            # layer is stored in full, see DESIGN.md "The .eqk file").
+            self._fixed_quantizers(space, fixed_choice, fixed_form=False)
+            first = fixed_choice
         # Plain Python list (not submodules): the BNs are registered where they live in the
         # model; this only lets set_choice() switch them.
         self.switched_bns: list = []
@@ -65,13 +61,36 @@ class _QuantizedLayer:
         # A set while eqnet checks which layers run their quantized path (see coverage.py).
         self.path_recorder: set | None = None
         self.set_choice(first)
+        self.register_load_state_dict_pre_hook(_load_fixed_form_state)
+
+    def _fixed_quantizers(self, space, c: LayerChoice, fixed_form: bool) -> None:
+        """Quantizers of a fixed-width layer: every form of the space at its widths, or
+        (fixed_form) its one LayerChoice, the layout of state saved before forms were elastic
+        on fixed layers."""
+        w_forms = ((c.w_granularity,), (c.w_symmetry,))
+        a_syms = (c.a_symmetry,)
+        if not fixed_form:
+            w_forms = (space.w_granularities, space.w_symmetries)
+            a_syms = space.a_symmetries
+        self.fixed_form = fixed_form
+        self.weight_quantizer = ElasticQuantizer(
+            "weight", (c.w_bits,), *w_forms, channels=self.weight.shape[0]
+        )
+        self.act_quantizer = ElasticQuantizer("activation", (c.a_bits,), ("tensor",), a_syms)
 
     def set_choice(self, choice: LayerChoice) -> None:
         if not isinstance(choice, LayerChoice):
             raise ValueError(f"choice must be a LayerChoice, got {type(choice).__name__}")
-        if self.fixed_choice is not None:
-            if choice != self.fixed_choice:
-                raise ValueError(f"this layer is fixed at {self.fixed_choice}; got {choice}")
+        fixed = self.fixed_choice
+        if fixed is not None:
+            if self.fixed_form and choice != fixed:
+                raise ValueError(f"this layer is fixed at {fixed}; got {choice}")
+            if (choice.w_bits, choice.a_bits) != (fixed.w_bits, fixed.a_bits):
+                raise ValueError(
+                    f"this layer is fixed at W{fixed.w_bits}A{fixed.a_bits} (any form of the "
+                    f"space); got {choice}"
+                )
+            check_choice(self.space, type(self).__name__, choice, widths=False)
         else:
             check_choice(self.space, type(self).__name__, choice)
         self.active = choice
@@ -101,6 +120,30 @@ class _QuantizedLayer:
     def extra_repr(self) -> str:
         kind = f"fixed={self.fixed_choice}" if self.fixed_choice is not None else "elastic"
         return f"{super().extra_repr()}, {kind}, active={self.active}"
+
+
+def _load_fixed_form_state(module, state_dict, prefix, *args) -> None:
+    """State saved when a fixed-width layer held one form (its weight quantizer has a single
+    scale): load it into that layout, so older runs keep their fixed layers' one form."""
+    if module.fixed_choice is None or module.fixed_form:
+        return
+    wq = prefix + "weight_quantizer.scale_"
+    saved = {k[len(wq) :] for k in state_dict if k.startswith(wq)}
+    if len(saved) != 1 or len(module.weight_quantizer.form_keys()) == 1:
+        return
+    (name,) = saved
+    _, granularity, symmetry = name.split("_")
+    aq = prefix + "act_quantizer.scale_a"
+    a_sym = "asym" if any(k.startswith(aq) and k.endswith("_asym") for k in state_dict) else "sym"
+    c = module.fixed_choice
+    old = LayerChoice(c.w_bits, c.a_bits, granularity, symmetry, a_sym)
+    previous = (module.weight_quantizer, module.act_quantizer)
+    module.fixed_choice = old
+    module._fixed_quantizers(module.space, old, fixed_form=True)
+    for before, after in zip(previous, (module.weight_quantizer, module.act_quantizer)):
+        after.to(module.weight.device)
+        after.backend, after.narrow_range = before.backend, before.narrow_range
+    module.set_choice(old)
 
 
 class QConv2d(_QuantizedLayer, nn.Conv2d):
