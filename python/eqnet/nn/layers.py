@@ -20,7 +20,9 @@ class _QuantizedLayer:
 
     is_elastic_layer = True
 
-    def _attach(self, space: ElasticSpace, fixed_choice: LayerChoice | None) -> None:
+    def _attach(
+        self, space: ElasticSpace, fixed_choice: LayerChoice | None, fixed_form: bool = False
+    ) -> None:
         if not isinstance(space, ElasticSpace):
             raise ValueError(f"space must be an ElasticSpace, got {type(space).__name__}")
         if fixed_choice is not None and not isinstance(fixed_choice, LayerChoice):
@@ -52,7 +54,7 @@ class _QuantizedLayer:
             # A fixed-width layer fixes its widths only: its quantizers hold every form of the
             # space at those widths, as EQ-Net's first and last layers (never nested: a fixed
             # layer is stored in full, see DESIGN.md "The .eqk file").
-            self._fixed_quantizers(space, fixed_choice, fixed_form=False)
+            self._fixed_quantizers(space, fixed_choice, fixed_form=bool(fixed_form))
             first = fixed_choice
         # Plain Python list (not submodules): the BNs are registered where they live in the
         # model; this only lets set_choice() switch them.
@@ -149,12 +151,21 @@ def _load_fixed_form_state(module, state_dict, prefix, *args) -> None:
 class QConv2d(_QuantizedLayer, nn.Conv2d):
     """nn.Conv2d with elastic fake quantization of its input and weight."""
 
-    def __init__(self, *args, space: ElasticSpace, fixed_choice: LayerChoice | None = None, **kw):
+    def __init__(
+        self,
+        *args,
+        space: ElasticSpace,
+        fixed_choice: LayerChoice | None = None,
+        fixed_form: bool = False,
+        **kw,
+    ):
         super().__init__(*args, **kw)
-        self._attach(space, fixed_choice)
+        self._attach(space, fixed_choice, fixed_form)
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, space: ElasticSpace, fixed_choice=None) -> QConv2d:
+    def from_float(
+        cls, module: nn.Conv2d, space: ElasticSpace, fixed_choice=None, fixed_form=False
+    ) -> QConv2d:
         if not isinstance(module, nn.Conv2d):
             raise ValueError(f"module must be an nn.Conv2d, got {type(module).__name__}")
         q = cls(
@@ -170,6 +181,7 @@ class QConv2d(_QuantizedLayer, nn.Conv2d):
             device="meta",
             space=space,
             fixed_choice=fixed_choice,
+            fixed_form=fixed_form,
         )
         return _share_state(module, q)
 
@@ -198,12 +210,21 @@ class QConv2d(_QuantizedLayer, nn.Conv2d):
 class QLinear(_QuantizedLayer, nn.Linear):
     """nn.Linear with elastic fake quantization of its input and weight."""
 
-    def __init__(self, *args, space: ElasticSpace, fixed_choice: LayerChoice | None = None, **kw):
+    def __init__(
+        self,
+        *args,
+        space: ElasticSpace,
+        fixed_choice: LayerChoice | None = None,
+        fixed_form: bool = False,
+        **kw,
+    ):
         super().__init__(*args, **kw)
-        self._attach(space, fixed_choice)
+        self._attach(space, fixed_choice, fixed_form)
 
     @classmethod
-    def from_float(cls, module: nn.Linear, space: ElasticSpace, fixed_choice=None) -> QLinear:
+    def from_float(
+        cls, module: nn.Linear, space: ElasticSpace, fixed_choice=None, fixed_form=False
+    ) -> QLinear:
         if not isinstance(module, nn.Linear):
             raise ValueError(f"module must be an nn.Linear, got {type(module).__name__}")
         q = cls(
@@ -213,6 +234,7 @@ class QLinear(_QuantizedLayer, nn.Linear):
             device="meta",
             space=space,
             fixed_choice=fixed_choice,
+            fixed_form=fixed_form,
         )
         return _share_state(module, q)
 
