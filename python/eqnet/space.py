@@ -307,8 +307,10 @@ class SubnetConfig:
         for name, fixed in specs.items():
             choice = self.layers[name]
             if fixed is not None:
-                if name in form_fixed and choice != fixed:
-                    raise ValueError(f"layer {name!r} is fixed at {fixed}; got {choice}")
+                if name in form_fixed:
+                    if choice != fixed:
+                        raise ValueError(f"layer {name!r} is fixed at {fixed}; got {choice}")
+                    continue
                 if (choice.w_bits, choice.a_bits) != (fixed.w_bits, fixed.a_bits):
                     raise ValueError(
                         f"layer {name!r} is fixed at W{fixed.w_bits}A{fixed.a_bits} (any form "

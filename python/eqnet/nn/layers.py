@@ -85,14 +85,16 @@ class _QuantizedLayer:
             raise ValueError(f"choice must be a LayerChoice, got {type(choice).__name__}")
         fixed = self.fixed_choice
         if fixed is not None:
-            if self.fixed_form and choice != fixed:
-                raise ValueError(f"this layer is fixed at {fixed}; got {choice}")
-            if (choice.w_bits, choice.a_bits) != (fixed.w_bits, fixed.a_bits):
+            if self.fixed_form:
+                if choice != fixed:
+                    raise ValueError(f"this layer is fixed at {fixed}; got {choice}")
+            elif (choice.w_bits, choice.a_bits) != (fixed.w_bits, fixed.a_bits):
                 raise ValueError(
                     f"this layer is fixed at W{fixed.w_bits}A{fixed.a_bits} (any form of the "
                     f"space); got {choice}"
                 )
-            check_choice(self.space, type(self).__name__, choice, widths=False)
+            else:
+                check_choice(self.space, type(self).__name__, choice, widths=False)
         else:
             check_choice(self.space, type(self).__name__, choice)
         self.active = choice
@@ -124,16 +126,36 @@ class _QuantizedLayer:
         return f"{super().extra_repr()}, {kind}, active={self.active}"
 
 
-def _load_fixed_form_state(module, state_dict, prefix, *args) -> None:
-    """State saved when a fixed-width layer held one form (its weight quantizer has a single
-    scale): load it into that layout, so older runs keep their fixed layers' one form."""
-    if module.fixed_choice is None or module.fixed_form:
-        return
+def _one_form_saved(module, state_dict, prefix) -> str | None:
+    """The one weight form (e.g. `w8_channel_sym`) that `state_dict` holds for fixed-width
+    layer `module` when that differs from the forms the layer holds; else None."""
+    if getattr(module, "fixed_choice", None) is None or module.fixed_form:
+        return None
     wq = prefix + "weight_quantizer.scale_"
     saved = {k[len(wq) :] for k in state_dict if k.startswith(wq)}
-    if len(saved) != 1 or len(module.weight_quantizer.form_keys()) == 1:
+    own = {k[len("scale_") :] for k in module.weight_quantizer.state_dict() if "scale_" in k}
+    if len(saved) != 1 or saved == own:
+        return None
+    return next(iter(saved))
+
+
+def saved_with_one_form(model: nn.Module, state_dict) -> bool:
+    """True when `state_dict` (of `model`) was saved when fixed-width layers held one form:
+    rebuild the model with keep_first_last="8bit-fixed-form" before making an optimizer."""
+    return any(
+        _one_form_saved(m, state_dict, f"{name}." if name else "") is not None
+        for name, m in model.named_modules()
+        if isinstance(m, _QuantizedLayer)
+    )
+
+
+def _load_fixed_form_state(module, state_dict, prefix, *args) -> None:
+    """State saved when a fixed-width layer held one form (its weight quantizer has a single
+    scale): load it into that layout, so older runs keep their fixed layers' one form (which
+    may be outside the space: it was per-channel symmetric whatever the space)."""
+    name = _one_form_saved(module, state_dict, prefix)
+    if name is None:
         return
-    (name,) = saved
     _, granularity, symmetry = name.split("_")
     aq = prefix + "act_quantizer.scale_a"
     a_sym = "asym" if any(k.startswith(aq) and k.endswith("_asym") for k in state_dict) else "sym"
