@@ -124,7 +124,7 @@ def default_configs(supernet) -> OrderedDict[str, SubnetConfig]:
     space: ElasticSpace = supernet.space
     configs = OrderedDict()
     for b in space.w_bits:
-        a = b if b in space.a_bits else max(space.a_bits)
+        a = b if b in space.a_bits else space.highest_a_bits
         configs[str(b)] = SubnetConfig.uniform(
             space,
             supernet,
@@ -342,6 +342,8 @@ def _plan_weight_form(plan, base, layer, qp, where, nested) -> dict:
 
 
 def _plan_act_form(plan, base, layer, choice, where) -> dict:
+    if choice.a_bits is None:  # float activation: the runtime reads the input as is
+        return {"float": True}
     ap = layer.act_quantizer.params(choice.a_bits, "tensor", choice.a_symmetry)
     plan.add(base + "/scale", ap.scale.detach().float().reshape(1), where)
     if ap.zero_point is not None:
