@@ -115,3 +115,28 @@ def test_float_form_under_an_integer_key_is_refused(weight_only_file, tmp_path):
 
     with pytest.raises(EqkFormatError, match="a4-asym"):
         load(_craft(path, tmp_path, edit))
+
+
+@pytest.mark.parametrize("space", [SPACE, ElasticSpace(w_bits=(3, 4), a_bits=(None,))])
+def test_onnx_writes_weight_dq_only_and_matches_fake_quant(space, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from eqnet.deploy.onnx import export_onnx
+
+    sn = _supernet(space)
+    cfg = SubnetConfig.random(space, sn, torch.Generator().manual_seed(5))
+    path = tmp_path / "w.onnx"
+    export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8))
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == 0  # no activation Q/DQ
+    assert ops.count("DequantizeLinear") == len(cfg)  # one weight DQ per quantized layer
+    session = ort.InferenceSession(str(path), ort.SessionOptions())
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    sn.set_config(cfg)
+    with torch.no_grad():
+        ref = sn(x).double()
+    got = torch.from_numpy(got).double()
+    # float activations: only the summation order (and optimizer fusions) differ
+    torch.testing.assert_close(got, ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
