@@ -19,7 +19,7 @@ def test_space_accepts_none_alone_and_mixed():
     assert not mixed.weight_only
     assert mixed.lowest_a_bits == 4 and mixed.highest_a_bits is None
     assert ElasticSpace.from_dict(mixed.to_dict()) == mixed
-    with pytest.raises(ValueError, match="int in 1..8 or None"):
+    with pytest.raises(ValueError, match=r"int in 1\.\.8 or None"):
         ElasticSpace(a_bits=(None, 9))
     with pytest.raises(ValueError, match="w_bits"):
         ElasticSpace(w_bits=(None,))
@@ -146,3 +146,20 @@ def test_weight_only_train_step(recipe, digits):
     assert not any("act_quantizer" in n for n in after)
     changed = [n for n, p in before.items() if not torch.equal(p, after[n].detach())]
     assert any("weight_quantizer.scale_w" in n for n in changed)
+
+
+def test_search_side_handles_float_activations():
+    from eqnet.forms import FORMS
+    from eqnet.nn import Supernet
+    from eqnet.search.genome import ChoiceTable
+    from eqnet.search.limpq import importance_indicators
+
+    space = ElasticSpace(w_bits=(2, 4), a_bits=(4, None))
+    model = _tiny_model(space, keep_first_last="elastic")
+    table = ChoiceTable.from_model(space, model, forms=False)
+    assert {c.a_bits for c in table.choices[0]} == {4, None}
+    # a float activation fits any engine's activation code range
+    assert FORMS["tensorrt"].allows(LayerChoice(4, None, "channel", "sym", "sym"))
+    assert isinstance(model, Supernet)
+    with pytest.raises(NotImplementedError, match="a_bits=None"):
+        importance_indicators(model)
