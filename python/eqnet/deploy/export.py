@@ -10,7 +10,8 @@ name relative to the Supernet, e.g. "model.conv1"):
   `w/<layer>/<form>/zero_point` (int32 per output channel). Nested layers have one form per
   granularity (`nested-<granularity>`, the top-width codes every width shares); non-nested and
   fixed-width layers one form per exported (bits, granularity, symmetry).
-- `a/<layer>/a<bits>-<symmetry>/scale|zero_point`: input activation quantizer of each form.
+- `a/<layer>/a<bits>-<symmetry>/scale|zero_point`: input activation quantizer of each form (a float
+  activation, `a_bits=None`, is the form `float` and has no tensors).
 - `bn/<bn>/w<bits>/mul|add` (`w*` when the BN is shared by every width): the BN that follows a
   quantized layer folded into an output-side affine of that layer (see fold.py); `bias/<layer>`
   holds a quantized layer's own bias when no BN follows it.
