@@ -163,3 +163,25 @@ def test_search_side_handles_float_activations():
     assert isinstance(model, Supernet)
     with pytest.raises(NotImplementedError, match="a_bits=None"):
         importance_indicators(model)
+
+
+@pytest.mark.slow
+def test_cli_trains_a_weight_only_space(tmp_path, capsys):
+    import json
+
+    from eqnet.cli import main
+
+    out = tmp_path / "run"
+    tiny = [
+        "--limit-train", "64", "--limit-test", "32", "--holdout", "32", "--batch-size", "32",
+        "--max-steps-per-epoch", "1", "--calib-batches", "1", "--bn-batches", "1",
+        "--no-progress", "--epochs", "1",
+    ]  # fmt: skip
+    args = ["train", "--recipe", "qat", "--w-bits", "4", "--a-bits", "float", "--out", str(out)]
+    assert main([*args, *tiny]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["space"]["a_bits"] == [None]
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--a-bits", "4,x", "--out", str(tmp_path / "bad")])
+    assert exc.value.code == 2
+    assert "--a-bits" in capsys.readouterr().err
