@@ -123,6 +123,50 @@ def backend_arg(backend: str | None, x: Tensor, op: str) -> str:
     return resolve(backend, x.device, op)
 
 
+def _divisors(k: int) -> list[int]:
+    return [d for d in range(1, k + 1) if k % d == 0] if k > 0 else []
+
+
+def group_view(x, scale, zero_point, axis, group_size):
+    """Per-group quantization as per-channel quantization of a reshaped tensor: x of shape
+    [N, K] (or [N, ...], flattened to [N, K] as a conv weight [Cout, Cin/groups, kh, kw] is)
+    with parameters of shape [N, K // g] is viewed as [N * K / g, g] quantized per channel along
+    axis 0; group j of row n is x[n, j*g:(j+1)*g], i.e. row n * K / g + j of the view. Every
+    element map, gradient sum and grad_factor default (n_per_scale = g) of the per-channel form
+    is then the per-group one. Returns (x, scale, zero_point) viewed so."""
+    if not _is_int(group_size) or group_size < 1:
+        raise ValueError(
+            f"group_size={group_size!r}: accepted are None or a positive integer dividing K"
+        )
+    check_x(x)
+    if x.dim() < 2:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}: group_size accepts x of shape [N, K] or [N, ...] "
+            "(flattened to [N, K])"
+        )
+    if not _is_int(axis) or axis % x.dim() != 0:
+        raise ValueError(f"axis={axis!r}: with group_size the accepted value is 0 (row groups)")
+    n, k = x.shape[0], math.prod(x.shape[1:])
+    if k % group_size:
+        raise ValueError(
+            f"group_size={group_size}: accepted values are the divisors of K={k} "
+            f"(x of shape {tuple(x.shape)}): {_divisors(k)}"
+        )
+    shape = (n, k // group_size)
+    for name, p in (("scale", scale), ("zero_point", zero_point)):
+        if name == "zero_point" and p is None:
+            continue
+        if not isinstance(p, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(p).__name__}")
+        if tuple(p.shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(p.shape)}: group_size={group_size} accepts "
+                f"[N, K // group_size] = {list(shape)} for x of shape {tuple(x.shape)}"
+            )
+    zp = None if zero_point is None else zero_point.reshape(-1)
+    return x.reshape(-1, group_size), scale.reshape(-1), zp
+
+
 def validate_fq(x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
     check_x(x)
     for name, value in (("quant_min", quant_min), ("quant_max", quant_max)):
