@@ -165,7 +165,6 @@ def test_search_side_handles_float_activations():
         importance_indicators(model)
 
 
-@pytest.mark.slow
 def test_cli_trains_a_weight_only_space(tmp_path, capsys):
     import json
 
