@@ -51,7 +51,8 @@ def convert(
 
     keep_first_last: "8bit" fixes the first and last quantized layers (in execution order) at
     LayerChoice(fixed_bits, fixed_bits, "channel", "sym", "asym" if allowed else the space's
-    first activation symmetry); "fp" leaves them float; "elastic" treats them like the others.
+    first activation symmetry; float activations, a_bits=None, in a weight-only space whose
+    a_bits is (None,)); "fp" leaves them float; "elastic" treats them like the others.
     per_bit_bn: replace each BatchNorm2d fed directly by an elastic layer with a
     SwitchableBatchNorm2d over space.w_bits.
     example_input: one input batch: a tensor, a tuple of positional arguments or a dict of
@@ -98,7 +99,8 @@ def convert(
     first, last = order[0], order[-1]
     fixed = LayerChoice(
         space.fixed_bits,
-        space.fixed_bits,
+        # A weight-only space keeps float activations on its fixed layers too (W8, float A).
+        None if space.weight_only else space.fixed_bits,
         "channel",
         "sym",
         "asym" if "asym" in space.a_symmetries else space.a_symmetries[0],

@@ -39,12 +39,10 @@ class _QuantizedLayer:
                 channels=channels,
                 nested=space.nested,
             )
-            self.act_quantizer = ElasticQuantizer(
-                "activation", space.a_bits, ("tensor",), space.a_symmetries
-            )
+            self.act_quantizer = _act_quantizer(space.int_a_bits, space.a_symmetries)
             first = LayerChoice(
                 max(space.w_bits),
-                max(space.a_bits),
+                space.highest_a_bits,
                 *space.preferred_forms(),
             )
         else:
@@ -54,8 +52,8 @@ class _QuantizedLayer:
             self.weight_quantizer = ElasticQuantizer(
                 "weight", (c.w_bits,), (c.w_granularity,), (c.w_symmetry,), channels=channels
             )
-            self.act_quantizer = ElasticQuantizer(
-                "activation", (c.a_bits,), ("tensor",), (c.a_symmetry,)
+            self.act_quantizer = _act_quantizer(
+                () if c.a_bits is None else (c.a_bits,), (c.a_symmetry,)
             )
             first = c
         # Plain Python list (not submodules): the BNs are registered where they live in the
@@ -76,13 +74,18 @@ class _QuantizedLayer:
             check_choice(self.space, type(self).__name__, choice)
         self.active = choice
         self.weight_quantizer.select(choice.w_bits, choice.w_granularity, choice.w_symmetry)
-        self.act_quantizer.select(choice.a_bits, "tensor", choice.a_symmetry)
+        # a_bits=None: float activation, the activation quantizer is skipped.
+        self.float_activation = choice.a_bits is None
+        if not self.float_activation:
+            self.act_quantizer.select(choice.a_bits, "tensor", choice.a_symmetry)
         for bn in self.switched_bns:
             bn.active_bits = choice.w_bits
 
     # The quantizers hold the active form (set_choice selects it), so the forward reads no
     # Python attribute that changes with the config: a compiled graph serves every config.
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float_activation:
+            return x
         return self.act_quantizer(x)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -101,6 +104,14 @@ class _QuantizedLayer:
     def extra_repr(self) -> str:
         kind = f"fixed={self.fixed_choice}" if self.fixed_choice is not None else "elastic"
         return f"{super().extra_repr()}, {kind}, active={self.active}"
+
+
+def _act_quantizer(bits: tuple[int, ...], symmetries) -> ElasticQuantizer | None:
+    """The activation quantizer over the integer widths; None in a weight-only layer (every
+    activation float), so no activation scale exists to learn or export."""
+    if not bits:
+        return None
+    return ElasticQuantizer("activation", bits, ("tensor",), symmetries)
 
 
 class QConv2d(_QuantizedLayer, nn.Conv2d):
