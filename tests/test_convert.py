@@ -260,7 +260,7 @@ def test_bad_configs_raise_naming_layer_and_allowed_values():
 
 
 def test_convert_argument_errors():
-    with pytest.raises(ValueError, match="8bit, fp, elastic"):
+    with pytest.raises(ValueError, match="8bit, 8bit-fixed-form, fp, elastic"):
         eqnet.convert(models.get("digits_cnn"), SPACE, keep_first_last="int8")
     plain = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="example_input"):

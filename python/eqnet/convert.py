@@ -51,7 +51,8 @@ def convert(
     between modules (GPT-2's lm_head and wte) stay tied.
 
     keep_first_last: "8bit" fixes the widths of the first and last quantized layers (in
-    execution order) at W{fixed_bits}A{fixed_bits}, their forms stay elastic over the space's
+    execution order) at W{fixed_bits}A{fixed_bits} (float activations, a_bits=None, in a
+    weight-only space whose a_bits is (None,)); their forms stay elastic over the space's
     (they start in `space.preferred_forms()`); "fp" leaves them float; "elastic" treats them
     like the others; "8bit-fixed-form" fixes their whole choice, form included (one form each).
     per_bit_bn: replace each BatchNorm2d fed directly by an elastic layer with a
@@ -98,7 +99,12 @@ def convert(
             raise ValueError("the example forward called no nn.Conv2d / nn.Linear")
 
     first, last = order[0], order[-1]
-    fixed = LayerChoice(space.fixed_bits, space.fixed_bits, *space.preferred_forms())
+    fixed = LayerChoice(
+        space.fixed_bits,
+        # A weight-only space keeps float activations on its fixed layers too (W8, float A).
+        None if space.weight_only else space.fixed_bits,
+        *space.preferred_forms(),
+    )
     replacement: dict[int, nn.Module] = {}
     for layer in layers:
         is_edge = layer is first or layer is last

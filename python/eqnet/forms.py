@@ -60,8 +60,8 @@ class TargetForm:
     def allows(self, choice: LayerChoice, act_signed: bool = True) -> bool:
         """True when the engine can run `choice` on a layer whose input activation is signed
         (`act_signed`) or unsigned: its activation codes fit `act_code_range`."""
-        if self.act_code_range is None:
-            return True
+        if self.act_code_range is None or choice.a_bits is None:
+            return True  # a float activation (weight-only) has no codes to fit
         b = choice.a_bits
         lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if act_signed else (0, 2**b - 1)
         return self.act_code_range[0] <= lo and hi <= self.act_code_range[1]

@@ -25,10 +25,18 @@ import torch
 GRANULARITIES = ("tensor", "channel")
 SYMMETRIES = ("sym", "asym")
 BITS_RANGE = range(1, 9)
+# A float (unquantized) activation, `a_bits=None`, orders and costs as 16 bits: wider than any
+# integer width, the width of the fp16/bf16 activations that weight-only kernels read.
+FLOAT_ACT_BITS = 16
 
 
-def _tuple_of(name, values, allowed=None, kind=None):
-    if isinstance(values, (str, int)):
+def a_bits_width(a_bits: int | None) -> int:
+    """The width an activation choice counts as: its bits, or 16 for a float activation."""
+    return FLOAT_ACT_BITS if a_bits is None else a_bits
+
+
+def _tuple_of(name, values, allowed=None, kind=None, allow_none=False):
+    if isinstance(values, (str, int)) or values is None:
         values = (values,)
     values = tuple(values)
     if not values:
@@ -36,11 +44,17 @@ def _tuple_of(name, values, allowed=None, kind=None):
     if len(set(values)) != len(values):
         raise ValueError(f"{name}={values}: duplicate entries")
     for v in values:
+        if allow_none and v is None:
+            continue
         if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v not in BITS_RANGE):
-            raise ValueError(f"{name}={values}: every entry must be an int in 1..8")
+            accepted = "an int in 1..8 or None (float)" if allow_none else "an int in 1..8"
+            raise ValueError(f"{name}={values}: every entry must be {accepted}")
         if allowed is not None and v not in allowed:
             raise ValueError(f"{name}={values}: accepted values are {', '.join(allowed)}")
-    return tuple(sorted(values)) if kind is int else values
+    return tuple(sorted(values, key=a_bits_width)) if kind is int else values
+
+
+DRAW = object()  # SubnetConfig.random: draw the width (None means a float activation)
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,8 @@ class ElasticSpace:
     """Candidate quantization forms of every elastic layer."""
 
     w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-    a_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    # None: float activations (weight-only quantization); may be mixed with integer widths.
+    a_bits: tuple[int | None, ...] = (2, 3, 4, 5, 6, 7, 8)
     w_granularities: tuple[str, ...] = ("channel",)
     w_symmetries: tuple[str, ...] = ("sym",)
     a_symmetries: tuple[str, ...] = ("asym",)
@@ -58,7 +73,7 @@ class ElasticSpace:
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "w_bits", _tuple_of("w_bits", self.w_bits, kind=int))
-        set_(self, "a_bits", _tuple_of("a_bits", self.a_bits, kind=int))
+        set_(self, "a_bits", _tuple_of("a_bits", self.a_bits, kind=int, allow_none=True))
         set_(
             self,
             "w_granularities",
@@ -80,6 +95,25 @@ class ElasticSpace:
     def top_bits(self) -> int:
         """The widest weight width (the stored width of nested weights)."""
         return max(self.w_bits)
+
+    @property
+    def weight_only(self) -> bool:
+        """True when every activation is float (a_bits == (None,))."""
+        return self.a_bits == (None,)
+
+    @property
+    def int_a_bits(self) -> tuple[int, ...]:
+        """The integer activation widths (without None)."""
+        return tuple(b for b in self.a_bits if b is not None)
+
+    @property
+    def lowest_a_bits(self) -> int | None:
+        return min(self.a_bits, key=a_bits_width)
+
+    @property
+    def highest_a_bits(self) -> int | None:
+        """The widest activation choice (None, float, when the space holds it)."""
+        return max(self.a_bits, key=a_bits_width)
 
     def preferred_forms(self) -> tuple[str, str, str]:
         """(w_granularity, w_symmetry, a_symmetry) of the uniform, lowest and highest configs:
@@ -110,16 +144,18 @@ class LayerChoice:
     """The quantization form of one layer."""
 
     w_bits: int
-    a_bits: int
+    a_bits: int | None  # None: float activation (the activation quantizer is skipped)
     w_granularity: str = "channel"
     w_symmetry: str = "sym"
     a_symmetry: str = "asym"
 
     def __post_init__(self):
-        for name in ("w_bits", "a_bits"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v not in BITS_RANGE:
-                raise ValueError(f"{name}={v!r}: must be an int in 1..8")
+        v = self.w_bits
+        if isinstance(v, bool) or not isinstance(v, int) or v not in BITS_RANGE:
+            raise ValueError(f"w_bits={v!r}: must be an int in 1..8")
+        v = self.a_bits
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v not in BITS_RANGE):
+            raise ValueError(f"a_bits={v!r}: must be an int in 1..8 or None (float activation)")
         if self.w_granularity not in GRANULARITIES:
             raise ValueError(
                 f"w_granularity={self.w_granularity!r}: accepted values are tensor, channel"
@@ -227,13 +263,16 @@ class SubnetConfig:
     def summary(self) -> str:
         wb = [c.w_bits for c in self.layers.values()]
         ab = [c.a_bits for c in self.layers.values()]
-        return f"{len(self)} layers, W {min(wb)}-{max(wb)} (mean {self.mean_w_bits():.2f}), A {min(ab)}-{max(ab)}"
+        lo, hi = min(ab, key=a_bits_width), max(ab, key=a_bits_width)
+        a = "float" if lo is None else (f"{lo}-float" if hi is None else f"{lo}-{hi}")
+        return f"{len(self)} layers, W {min(wb)}-{max(wb)} (mean {self.mean_w_bits():.2f}), A {a}"
 
     def mean_w_bits(self) -> float:
         return sum(c.w_bits for c in self.layers.values()) / len(self)
 
     def mean_a_bits(self) -> float:
-        return sum(c.a_bits for c in self.layers.values()) / len(self)
+        """Mean activation width, a float activation counted as 16 bits."""
+        return sum(a_bits_width(c.a_bits) for c in self.layers.values()) / len(self)
 
     def mean_bits(self) -> float:
         """Unweighted mean of weight and activation widths (ordering subnets in GPG)."""
@@ -356,7 +395,7 @@ class SubnetConfig:
             space,
             model,
             min(space.w_bits),
-            min(space.a_bits),
+            space.lowest_a_bits,
             *space.preferred_forms(),
         )
 
@@ -366,7 +405,7 @@ class SubnetConfig:
             space,
             model,
             max(space.w_bits),
-            max(space.a_bits),
+            space.highest_a_bits,
             *space.preferred_forms(),
         )
 
@@ -379,7 +418,7 @@ class SubnetConfig:
         *,
         forms: bool = True,
         w_bits: int | None = None,
-        a_bits: int | None = None,
+        a_bits=DRAW,
     ) -> SubnetConfig:
         """Each elastic layer draws its widths uniformly; with forms=True also its
         granularity and symmetries (with forms=False the lowest/highest defaults).
@@ -387,17 +426,18 @@ class SubnetConfig:
         `w_bits` / `a_bits` fix that width on every elastic layer instead of drawing it (the
         forms are still drawn): EQ-Net's highest and lowest LRH subnets. Fixed-width layers
         keep their widths and draw their forms alike (with forms=False, or when their form is
-        fixed too, they keep their fixed choice)."""
+        fixed too, they keep their fixed choice). `a_bits=None` fixes float activations;
+        leaving `a_bits` out draws it (None among the space's widths is drawn like any other)."""
 
         def pick(values):
             i = int(torch.randint(len(values), (1,), generator=generator).item())
             return values[i]
 
-        for name, value, values in (
-            ("w_bits", w_bits, space.w_bits),
-            ("a_bits", a_bits, space.a_bits),
+        for name, value, values, drawn in (
+            ("w_bits", w_bits, space.w_bits, w_bits is None),
+            ("a_bits", a_bits, space.a_bits, a_bits is DRAW),
         ):
-            if value is not None and value not in values:
+            if not drawn and value not in values:
                 raise ValueError(f"{name}={value!r}: the space's widths are {list(values)}")
         form_fixed = fixed_form_layers(model)
         layers = []
@@ -409,7 +449,7 @@ class SubnetConfig:
                 wb, ab = fixed.w_bits, fixed.a_bits
             else:
                 wb = pick(space.w_bits) if w_bits is None else w_bits
-                ab = pick(space.a_bits) if a_bits is None else a_bits
+                ab = pick(space.a_bits) if a_bits is DRAW else a_bits
             if forms:
                 choice = LayerChoice(
                     wb,
@@ -429,12 +469,13 @@ class SubnetConfig:
 
     # -- numeric encoding ---------------------------------------------------------------
     def encode(self) -> torch.Tensor:
-        """Fixed-length float encoding, 5 numbers per layer: w_bits/8, a_bits/8,
-        per-channel flag, asymmetric-weight flag, asymmetric-activation flag."""
+        """Fixed-length float encoding, 5 numbers per layer: w_bits/8, a_bits/8 (a float
+        activation as 16/8), per-channel flag, asymmetric-weight flag, asymmetric-activation
+        flag."""
         rows = [
             (
                 c.w_bits / 8.0,
-                c.a_bits / 8.0,
+                a_bits_width(c.a_bits) / 8.0,
                 float(c.w_granularity == "channel"),
                 float(c.w_symmetry == "asym"),
                 float(c.a_symmetry == "asym"),

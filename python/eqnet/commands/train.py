@@ -37,6 +37,14 @@ def _bits(text: str) -> list[int]:
         ) from None
 
 
+def _act_bits(text: str) -> list[int | None]:
+    """Like the weight widths, plus `float` (None: float activations, weight-only)."""
+    tokens = [t for t in text.split(",") if t]
+    floats = [None] if "float" in tokens else []
+    rest = ",".join(t for t in tokens if t != "float")
+    return (_bits(rest) if rest else []) + floats
+
+
 def _bool_flag(parser, name, help_text):
     parser.add_argument(
         f"--{name}",
@@ -103,7 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _bool_flag(g, "deterministic", "torch.use_deterministic_algorithms")
     s = p.add_argument_group("supernet")
     s.add_argument("--w-bits", type=_bits, default=None, help="e.g. 2-8 or 2,3,4 (qat: one width)")
-    s.add_argument("--a-bits", type=_bits, default=None)
+    s.add_argument(
+        "--a-bits", type=_act_bits, default=None, help="e.g. 2-8, 4,8 or float (weight-only)"
+    )
     s.add_argument("--top-bits", type=int, default=None, help="layered: widths 2..TOP (4 or 8)")
     s.add_argument(
         "--keep-first-last",

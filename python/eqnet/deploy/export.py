@@ -10,7 +10,8 @@ name relative to the Supernet, e.g. "model.conv1"):
   `w/<layer>/<form>/zero_point` (int32 per output channel). Nested layers have one form per
   granularity (`nested-<granularity>`, the top-width codes every width shares); non-nested and
   fixed-width layers one form per exported (bits, granularity, symmetry).
-- `a/<layer>/a<bits>-<symmetry>/scale|zero_point`: input activation quantizer of each form.
+- `a/<layer>/a<bits>-<symmetry>/scale|zero_point`: input activation quantizer of each form (a float
+  activation, `a_bits=None`, is the form `float` and has no tensors).
 - `bn/<bn>/w<bits>/mul|add` (`w*` when the BN is shared by every width): the BN that follows a
   quantized layer folded into an output-side affine of that layer (see fold.py); `bias/<layer>`
   holds a quantized layer's own bias when no BN follows it.
@@ -124,7 +125,7 @@ def default_configs(supernet) -> OrderedDict[str, SubnetConfig]:
     space: ElasticSpace = supernet.space
     configs = OrderedDict()
     for b in space.w_bits:
-        a = b if b in space.a_bits else max(space.a_bits)
+        a = b if b in space.a_bits else space.highest_a_bits
         configs[str(b)] = SubnetConfig.uniform(
             space,
             supernet,
@@ -343,6 +344,8 @@ def _plan_weight_form(plan, base, layer, qp, where, nested) -> dict:
 
 
 def _plan_act_form(plan, base, layer, choice, where) -> dict:
+    if choice.a_bits is None:  # float activation: the runtime reads the input as is
+        return {"float": True}
     ap = layer.act_quantizer.params(choice.a_bits, "tensor", choice.a_symmetry)
     plan.add(base + "/scale", ap.scale.detach().float().reshape(1), where)
     if ap.zero_point is not None:

@@ -107,7 +107,12 @@ def weight_form_key(params, choice: LayerChoice) -> str:
     return f"w{choice.w_bits}-{choice.w_granularity}-{choice.w_symmetry}"
 
 
+FLOAT_ACT_KEY = "float"  # the activation form of a_bits=None: no quantizer, no tensors
+
+
 def act_form_key(choice: LayerChoice) -> str:
+    if choice.a_bits is None:
+        return FLOAT_ACT_KEY
     return f"a{choice.a_bits}-{choice.a_symmetry}"
 
 
@@ -168,8 +173,9 @@ def required_tensors(header: dict, config: SubnetConfig) -> list[str]:
                 f"config: layer {lname!r} activation form {akey} is not in the file; stored "
                 f"forms are {sorted(ql['acts'])}"
             )
-        names.append(f"a/{lname}/{akey}/scale")
-        if ql["acts"][akey]["has_zero_point"]:
+        if akey != FLOAT_ACT_KEY:
+            names.append(f"a/{lname}/{akey}/scale")
+        if ql["acts"][akey].get("has_zero_point"):
             names.append(f"a/{lname}/{akey}/zero_point")
         bn = geometry.get("bn")
         if bn is not None:

@@ -166,10 +166,10 @@ def _layer_tensors(header, tensors, lname, choice: LayerChoice) -> LayerTensors:
         bits=choice.w_bits if wform["nested"] else wform["stored_bits"],
         top_bits=wform["stored_bits"],
         weight_zero_point=tensors.get(base + "/zero_point"),
-        act_scale=tensors[f"a/{lname}/{akey}/scale"],
+        act_scale=tensors.get(f"a/{lname}/{akey}/scale"),  # None: float activation
         act_zero_point=tensors.get(f"a/{lname}/{akey}/zero_point"),
-        act_quant_min=aform["quant_min"],
-        act_quant_max=aform["quant_max"],
+        act_quant_min=aform.get("quant_min", 0),
+        act_quant_max=aform.get("quant_max", 0),
         mul=mul,
         add=add,
     )

@@ -47,7 +47,8 @@ class _ExportLayer(nn.Module):
         self.add = None if affine is None else nn.Parameter(affine[1], requires_grad=False)
 
     def forward(self, x):
-        x = _Mark.apply(x, self.act_key)
+        if self.act_key is not None:  # None: a float activation (weight-only), no QDQ
+            x = _Mark.apply(x, self.act_key)
         w = _Mark.apply(self.w, self.weight_key)
         if isinstance(self.layer, nn.Conv2d):
             y = nn.Conv2d._conv_forward(self.layer, x, w, self.b)
@@ -105,14 +106,18 @@ def build_export_model(supernet, config, profile, opset, fold_bn):
             else:
                 bn_mul, bias = mul, add
             _set_module(export, bn_of[name], nn.Identity())
-        act = plan_activation(name, layer, choice, profile, opset, problems)
+        act = None
+        if choice.a_bits is not None:
+            act = plan_activation(name, layer, choice, profile, opset, problems)
         wt = plan_weight(name, layer, choice, profile, opset, bn_mul, problems)
-        if act is None or wt is None:
+        if (act is None and choice.a_bits is not None) or wt is None:
             continue
-        plans[2 * i], plans[2 * i + 1] = act, wt
+        plans[2 * i + 1] = wt
+        if act is not None:
+            plans[2 * i] = act
         stand_in = _ExportLayer(
             export.get_submodule(name),
-            2 * i,
+            None if act is None else 2 * i,
             2 * i + 1,
             torch.from_numpy(wt.dequantized),
             bias,

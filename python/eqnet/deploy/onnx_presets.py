@@ -145,7 +145,7 @@ def check_layers(profile: TargetProfile, choices: dict) -> None:
                 f"layer {name!r}: w_symmetry={c.w_symmetry!r}, {profile.name} takes "
                 f"{' or '.join(profile.w_symmetries)} weights"
             )
-        if c.a_symmetry not in profile.a_symmetries:
+        if c.a_bits is not None and c.a_symmetry not in profile.a_symmetries:
             problems.append(
                 f"layer {name!r}: a_symmetry={c.a_symmetry!r}, {profile.name} takes "
                 f"{' or '.join(profile.a_symmetries)} activations"

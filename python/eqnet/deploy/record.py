@@ -31,7 +31,7 @@ from eqkernels.eqk.fields import (
     string,
 )
 
-from .layout import config_from, layer_geometry, required_tensors
+from .layout import FLOAT_ACT_KEY, config_from, layer_geometry, required_tensors
 
 MAX_CHANNELS = 1 << 20
 MAX_KERNEL = 64
@@ -45,7 +45,7 @@ _ACT_KEY = re.compile(r"a([1-8])-(?:sym|asym)")
 _CHOICE = record(
     {
         "w_bits": _BITS,
-        "a_bits": _BITS,
+        "a_bits": optional(_BITS),  # null: float activation
         "w_granularity": one_of("tensor", "channel"),
         "w_symmetry": one_of("sym", "asym"),
         "a_symmetry": one_of("sym", "asym"),
@@ -100,13 +100,22 @@ _WEIGHT_FORM = record(
         "has_zero_point": boolean,
     }
 )
-_ACT_FORM = record(
+_INT_ACT_FORM = record(
     {"quant_min": integer(-128, 0), "quant_max": integer(1, 255), "has_zero_point": boolean}
 )
+_FLOAT_ACT_FORM = record({"float": one_of(True)})
+
+
+def _act_form(value, path):
+    if isinstance(value, dict) and "float" in value:
+        return _FLOAT_ACT_FORM(value, path)
+    return _INT_ACT_FORM(value, path)
+
+
 _QUANT_LAYER = record(
     {
         "weights": dict_of(_WEIGHT_FORM, min_len=1, max_len=64),
-        "acts": dict_of(_ACT_FORM, min_len=1, max_len=64),
+        "acts": dict_of(_act_form, min_len=1, max_len=64),
     }
 )
 _QUANT = record(
@@ -241,9 +250,15 @@ def _check_layer_forms(header, lname, geometry, qlayer, entries) -> None:
             _expect(entries, base + "/zero_point", "int32", [n])
     for akey, form in qlayer["acts"].items():
         path = f"quant.layers[{lname!r}].acts[{akey!r}]"
+        if (akey == FLOAT_ACT_KEY) != ("float" in form):
+            raise fail(
+                path, f"only the key {FLOAT_ACT_KEY!r} holds the float form {{'float': true}}"
+            )
+        if akey == FLOAT_ACT_KEY:
+            continue  # float activation: no tensors
         match = _ACT_KEY.fullmatch(akey)
         if match is None:
-            raise fail(path, "key must be a<bits>-<symmetry>")
+            raise fail(path, f"key must be a<bits>-<symmetry> or {FLOAT_ACT_KEY!r}")
         bits = int(match.group(1))
         ranges = [(-(1 << (bits - 1)), (1 << (bits - 1)) - 1), (0, (1 << bits) - 1)]
         if (form["quant_min"], form["quant_max"]) not in ranges:
@@ -271,7 +286,12 @@ def _check_config(cname: str, cfg: dict, model: dict, quant: dict) -> None:
             not in (ql["weights"])
         ):
             raise fail(f"{path}[{lname!r}]", "names a weight form the file does not hold")
-        if f"a{choice['a_bits']}-{choice['a_symmetry']}" not in ql["acts"]:
+        akey = (
+            FLOAT_ACT_KEY
+            if choice["a_bits"] is None
+            else f"a{choice['a_bits']}-{choice['a_symmetry']}"
+        )
+        if akey not in ql["acts"]:
             raise fail(f"{path}[{lname!r}]", "names an activation form the file does not hold")
         bn = model["layers"][lname]["bn"]
         if bn is not None:

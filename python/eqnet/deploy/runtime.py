@@ -35,7 +35,7 @@ class LayerTensors:
     bits: int
     top_bits: int
     weight_zero_point: torch.Tensor | None  # int32 [N] (asymmetric weights)
-    act_scale: torch.Tensor  # fp32 [1]
+    act_scale: torch.Tensor | None  # fp32 [1]; None: float activation (weight-only)
     act_zero_point: torch.Tensor | None  # fp32 [1], integer-valued
     act_quant_min: int
     act_quant_max: int
@@ -102,7 +102,15 @@ class _IntLayer(nn.Module):
             op = self._prepared = self.prepare()
         return op(x)
 
-    def act_quant(self) -> ActQuant:
+    def act_repr(self) -> str:
+        if self.act_scale is None:
+            return "A float"
+        return f"A[{self.act_quant_min}, {self.act_quant_max}]"
+
+    def act_quant(self) -> ActQuant | None:
+        """The input quantizer of the op; None runs the float-activation path."""
+        if self.act_scale is None:
+            return None
         return ActQuant(self.act_scale, self.act_zero_point, self.act_quant_min, self.act_quant_max)
 
     def set_tensors(self, t: LayerTensors) -> None:
@@ -183,7 +191,7 @@ class IntConv2d(_IntLayer):
         return (
             f"{self.in_channels}, {self.out_features}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
-            f"W{self.bits}/{self.top_bits} A[{self.act_quant_min}, {self.act_quant_max}]"
+            f"W{self.bits}/{self.top_bits} {self.act_repr()}"
         )
 
 
@@ -217,7 +225,7 @@ class IntLinear(_IntLayer):
     def extra_repr(self) -> str:
         return (
             f"{self.in_features}, {self.out_features}, "
-            f"W{self.bits}/{self.top_bits} A[{self.act_quant_min}, {self.act_quant_max}]"
+            f"W{self.bits}/{self.top_bits} {self.act_repr()}"
         )
 
 

@@ -187,7 +187,9 @@ def calibrate(model: nn.Module, data, batches: int = 4, method: str = "mse") -> 
         values = observer.data(layer)
         if values is None:
             continue  # the layer did not run on this data; its activation forms keep defaults
-        aq: ElasticQuantizer = layer.act_quantizer
+        aq: ElasticQuantizer | None = layer.act_quantizer
+        if aq is None:
+            continue  # weight-only layer: float activations, no range to calibrate
         # Signedness follows all the data seen, not just the subsample.
         aq.calibrate(
             values.to(aq.signed_range.device), method=method, signed=observer.negative[id(layer)]

@@ -42,12 +42,10 @@ class _QuantizedLayer:
                 channels=channels,
                 nested=space.nested,
             )
-            self.act_quantizer = ElasticQuantizer(
-                "activation", space.a_bits, ("tensor",), space.a_symmetries
-            )
+            self.act_quantizer = _act_quantizer(space.int_a_bits, space.a_symmetries)
             first = LayerChoice(
                 max(space.w_bits),
-                max(space.a_bits),
+                space.highest_a_bits,
                 *space.preferred_forms(),
             )
         else:
@@ -78,7 +76,7 @@ class _QuantizedLayer:
         self.weight_quantizer = ElasticQuantizer(
             "weight", (c.w_bits,), *w_forms, channels=self.weight.shape[0]
         )
-        self.act_quantizer = ElasticQuantizer("activation", (c.a_bits,), ("tensor",), a_syms)
+        self.act_quantizer = _act_quantizer(() if c.a_bits is None else (c.a_bits,), a_syms)
 
     def set_choice(self, choice: LayerChoice) -> None:
         if not isinstance(choice, LayerChoice):
@@ -99,13 +97,18 @@ class _QuantizedLayer:
             check_choice(self.space, type(self).__name__, choice)
         self.active = choice
         self.weight_quantizer.select(choice.w_bits, choice.w_granularity, choice.w_symmetry)
-        self.act_quantizer.select(choice.a_bits, "tensor", choice.a_symmetry)
+        # a_bits=None: float activation, the activation quantizer is skipped.
+        self.float_activation = choice.a_bits is None
+        if not self.float_activation:
+            self.act_quantizer.select(choice.a_bits, "tensor", choice.a_symmetry)
         for bn in self.switched_bns:
             bn.active_bits = choice.w_bits
 
     # The quantizers hold the active form (set_choice selects it), so the forward reads no
     # Python attribute that changes with the config: a compiled graph serves every config.
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float_activation:
+            return x
         return self.act_quantizer(x)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -165,9 +168,19 @@ def _load_fixed_form_state(module, state_dict, prefix, *args) -> None:
     module.fixed_choice = old
     module._fixed_quantizers(module.space, old, fixed_form=True)
     for before, after in zip(previous, (module.weight_quantizer, module.act_quantizer)):
+        if after is None:  # float activations (weight-only): no activation quantizer
+            continue
         after.to(module.weight.device)
         after.backend, after.narrow_range = before.backend, before.narrow_range
     module.set_choice(old)
+
+
+def _act_quantizer(bits: tuple[int, ...], symmetries) -> ElasticQuantizer | None:
+    """The activation quantizer over the integer widths; None in a weight-only layer (every
+    activation float), so no activation scale exists to learn or export."""
+    if not bits:
+        return None
+    return ElasticQuantizer("activation", bits, ("tensor",), symmetries)
 
 
 class QConv2d(_QuantizedLayer, nn.Conv2d):

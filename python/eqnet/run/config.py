@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 
 from eqnet.convert import KEEP_FIRST_LAST
 from eqnet.forms import resolve_form
-from eqnet.space import ElasticSpace, SubnetConfig
+from eqnet.space import ElasticSpace, SubnetConfig, a_bits_width
 
 RECIPES = ("float", "qat", "multiquant", "eqnet", "layered", "limpq")
 OPTIMIZERS = ("sgd", "adam")
@@ -54,7 +54,7 @@ class TrainConfig:
     device: str = "auto"
     # supernet recipes
     w_bits: list[int] | None = None
-    a_bits: list[int] | None = None
+    a_bits: list[int | None] | None = None  # None entries: float activations
     keep_first_last: str = "8bit"
     per_bit_bn: bool | None = None  # default: True for layered
     num_random: int = 1  # K random subnets per step (multiquant, eqnet)
@@ -136,10 +136,13 @@ class TrainConfig:
         for name in ("w_bits", "a_bits"):
             v = getattr(self, name)
             if v is not None:
-                v = [int(b) for b in v]
-                if not v or any(b < 1 or b > 8 for b in v):
-                    raise ValueError(f"{name}={v!r}: every entry must be an int in 1..8")
-                setattr(self, name, sorted(set(v)))
+                # a_bits may hold None: float activations (weight-only quantization)
+                floats = name == "a_bits" and None in v
+                v = [int(b) for b in v if b is not None or name != "a_bits"]
+                if not (v or floats) or any(b < 1 or b > 8 for b in v):
+                    accepted = "an int in 1..8" + (" or None" if name == "a_bits" else "")
+                    raise ValueError(f"{name}={v!r}: every entry must be {accepted}")
+                setattr(self, name, sorted(set(v)) + ([None] if floats else []))
         choice("lrh_forms", LRH_FORMS)
         if self.labels is not None:
             choice("labels", LABELS)
@@ -161,7 +164,7 @@ class TrainConfig:
             policy = self.policy_config()
             widths = {
                 "w_bits": sorted({c.w_bits for _, c in policy}),
-                "a_bits": sorted({c.a_bits for _, c in policy}),
+                "a_bits": sorted({c.a_bits for _, c in policy}, key=a_bits_width),
             }
             given = [k for k, v in widths.items() if getattr(self, k) not in (None, v)]
             if form is not None or given:
@@ -205,7 +208,7 @@ class TrainConfig:
         policy = self.policy_config()
         if policy is not None:  # the space holds exactly the policy's widths
             d["w_bits"] = sorted({c.w_bits for _, c in policy})
-            d["a_bits"] = sorted({c.a_bits for _, c in policy})
+            d["a_bits"] = sorted({c.a_bits for _, c in policy}, key=a_bits_width)
         return TrainConfig(**d)
 
     def to_dict(self) -> dict:

@@ -88,15 +88,14 @@ def load_supernet_init(supernet, path: str, policy: SubnetConfig) -> None:
     used = set()
     for layer_name, choice in policy:
         layer = supernet.get_submodule(layer_name)
-        forms = (
-            (layer.weight_quantizer, choice.w_bits, choice.w_granularity, choice.w_symmetry),
-            (layer.act_quantizer, choice.a_bits, "tensor", choice.a_symmetry),
-        )
+        forms = [(layer.weight_quantizer, choice.w_bits, choice.w_granularity, choice.w_symmetry)]
+        if choice.a_bits is not None:  # a float activation uses no activation quantizer
+            forms.append((layer.act_quantizer, choice.a_bits, "tensor", choice.a_symmetry))
+            used.add(f"{layer_name}.act_quantizer.signed_range")
         for quantizer, bits, granularity, symmetry in forms:
             for param in quantizer.raw_parameters(bits, granularity, symmetry):
                 if param is not None:
                     used.add(names[id(param)])
-        used.add(f"{layer_name}.act_quantizer.signed_range")
     # the supernet's own space and config record stays (the run's describes its wider space)
     needed = [
         k for k in own if not k.endswith("_extra_state") and (k not in quantizer_keys or k in used)

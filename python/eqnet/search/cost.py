@@ -29,6 +29,11 @@ layer's weight count and A_l its input elements per sample:
 - `weighted_w_bits` = sum_l P_l b_w,l / sum_l P_l (bits per stored weight),
 - `weighted_a_bits` = sum_l A_l b_a,l / sum_l A_l (bits per activation element read),
 - `weighted_bits` = (weighted_w_bits + weighted_a_bits) / 2.
+
+A float activation (`a_bits=None`, weight-only quantization) counts as b_a = 16 bits in every
+metric: BitOPs multiply by 16 (the fp16/bf16 activations a weight-only kernel reads), and the
+activation averages add 16 for that layer. A float activation stores no activation scale or
+zero point, so `size` adds none for it.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eqnet.space import LayerChoice, SubnetConfig
+from eqnet.space import LayerChoice, SubnetConfig, a_bits_width
 
 METRICS = (
     "bitops",
@@ -70,12 +75,12 @@ class LayerCost:
     def size_bytes(self, choice: LayerChoice) -> float:
         n_scales = self.out_channels if choice.w_granularity == "channel" else 1
         w_qparams = n_scales * (2 if choice.w_symmetry == "asym" else 1)
-        a_qparams = 2 if choice.a_symmetry == "asym" else 1
+        a_qparams = 0 if choice.a_bits is None else (2 if choice.a_symmetry == "asym" else 1)
         fp32_values = w_qparams + a_qparams + self.bias
         return self.params * choice.w_bits / 8.0 + FP32_BYTES * fp32_values
 
     def bitops(self, choice: LayerChoice) -> float:
-        return float(self.macs) * choice.w_bits * choice.a_bits
+        return float(self.macs) * choice.w_bits * a_bits_width(choice.a_bits)
 
 
 def _layer_cost(name: str, module: torch.nn.Module, inp: torch.Tensor, out: torch.Tensor):
@@ -199,7 +204,8 @@ class CostModel:
 
     def weighted_a_bits(self, config: SubnetConfig) -> float:
         self._check(config)
-        return sum(self.layers[n].act_numel * c.a_bits for n, c in config) / self.total_act
+        total = sum(self.layers[n].act_numel * a_bits_width(c.a_bits) for n, c in config)
+        return total / self.total_act
 
     def metrics(self, config: SubnetConfig) -> dict[str, float]:
         w, a = self.avg_w_bits(config), self.avg_a_bits(config)
@@ -226,16 +232,17 @@ class CostModel:
         if metric in ("avg_w_bits", "avg_a_bits", "avg_bits"):
             if not self._averaged[name]:
                 return 0.0
-            w, a = choice.w_bits / self.n_averaged, choice.a_bits / self.n_averaged
+            w = choice.w_bits / self.n_averaged
+            a = a_bits_width(choice.a_bits) / self.n_averaged
             return {"avg_w_bits": w, "avg_a_bits": a, "avg_bits": 0.5 * (w + a)}[metric]
         if metric == "weighted_w_bits":
             return lc.params * choice.w_bits / self.total_params
         if metric == "weighted_a_bits":
-            return lc.act_numel * choice.a_bits / self.total_act
+            return lc.act_numel * a_bits_width(choice.a_bits) / self.total_act
         if metric == "weighted_bits":
             return 0.5 * (
                 lc.params * choice.w_bits / self.total_params
-                + lc.act_numel * choice.a_bits / self.total_act
+                + lc.act_numel * a_bits_width(choice.a_bits) / self.total_act
             )
         raise ValueError(f"metric={metric!r}: accepted values are {', '.join(METRICS)}")
 

@@ -46,6 +46,11 @@ def importance_indicators(supernet, form=None) -> dict[str, dict[tuple[str, int]
     indicator is the layer-wise step itself, as in the paper; a per-channel step is the mean
     over channels; nested weights report their effective step 2^(top-b) s_top."""
     space = supernet.space
+    if None in space.a_bits:
+        raise NotImplementedError(
+            "LIMPQ: a float activation (a_bits=None) has no learned step size to serve as its "
+            "importance indicator; search a space of integer activation widths"
+        )
     if form is not None:
         form.check_space(space)
         w_gran, w_sym, a_sym = form.w_granularity, form.w_symmetry, form.a_symmetry

@@ -73,6 +73,8 @@ def vl_activation_steps(supernet, x: torch.Tensor) -> int:
         if not math.isfinite(peak):
             raise ValueError(f"layer {name!r}: the first batch's input holds {peak}")
         aq = layers[name].act_quantizer
+        if aq is None:
+            continue  # weight-only layer: float activations
         for bits in aq.bits:
             for symmetry in aq.symmetries:
                 scale, zero_point = aq.raw_parameters(bits, "tensor", symmetry)

@@ -238,7 +238,8 @@ def shared_parameter_ids(supernet) -> set[int]:
     activation quantizers and per-bit BN."""
     own = set()
     for layer in supernet.quantized_layers().values():
-        own.update(id(p) for p in layer.act_quantizer.parameters())
+        if layer.act_quantizer is not None:
+            own.update(id(p) for p in layer.act_quantizer.parameters())
     for module in supernet.modules():
         if hasattr(module, "bns") and isinstance(module.bns, torch.nn.ModuleDict):
             own.update(id(p) for p in module.parameters())

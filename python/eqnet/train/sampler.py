@@ -57,14 +57,14 @@ class ConfigSampler:
         every elastic layer draws its granularity and symmetries as a random subnet does."""
         if not (self.forms and self.extreme_forms == "drawn"):
             return self.highest() if which == "highest" else self.lowest()
-        pick = max if which == "highest" else min
+        highest = which == "highest"
         return SubnetConfig.random(
             self.space,
             self.model,
             self.generator,
             forms=True,
-            w_bits=pick(self.space.w_bits),
-            a_bits=pick(self.space.a_bits),
+            w_bits=max(self.space.w_bits) if highest else min(self.space.w_bits),
+            a_bits=self.space.highest_a_bits if highest else self.space.lowest_a_bits,
         )
 
     def random(self) -> SubnetConfig:
@@ -126,8 +126,9 @@ class ConfigSampler:
         self.generator.set_state(state["generator"])
 
 
-def _activation_width(space: ElasticSpace, wb: int) -> int:
+def _activation_width(space: ElasticSpace, wb: int) -> int | None:
     """The activation width paired with weight width wb in a uniform config: wb itself when
-    the space has it, else the largest activation width below it (else the smallest)."""
-    below = [a for a in space.a_bits if a <= wb]
-    return wb if wb in space.a_bits else (max(below) if below else min(space.a_bits))
+    the space has it, else the largest integer activation width below it, else the smallest
+    (a float activation, None, counting as 16 bits)."""
+    below = [a for a in space.int_a_bits if a <= wb]
+    return wb if wb in space.a_bits else (max(below) if below else space.lowest_a_bits)

@@ -78,15 +78,19 @@ class SearchContext:
         """[(label 'WbAb', config)] of every width both weights and activations take, narrowest
         first: the baselines the rerank and the final comparison measure; in the default forms,
         or with every elastic layer in target form `form`."""
+        widths = [(b, b) for b in sorted(set(self.space.w_bits) & set(self.space.int_a_bits))]
+        if None in self.space.a_bits:  # weight-only baselines: float activations
+            widths += [(b, None) for b in self.space.w_bits]
+        labels = [f"W{w}A{'float' if a is None else a}" for w, a in widths]
         if form is None:
             return [
-                (f"W{b}A{b}", SubnetConfig.uniform(self.space, self.supernet, b, b))
-                for b in sorted(set(self.space.w_bits) & set(self.space.a_bits))
+                (label, SubnetConfig.uniform(self.space, self.supernet, w, a))
+                for label, (w, a) in zip(labels, widths)
             ]
         g, ws, as_ = form.w_granularity, form.w_symmetry, form.a_symmetry
         configs = [
-            (f"W{b}A{b}", SubnetConfig.uniform(self.space, self.supernet, b, b, g, ws, as_))
-            for b in sorted(set(self.space.w_bits) & set(self.space.a_bits))
+            (label, SubnetConfig.uniform(self.space, self.supernet, w, a, g, ws, as_))
+            for label, (w, a) in zip(labels, widths)
         ]
         # only what the engine runs (TensorRT: no unsigned 8-bit activation in int8)
         return [(label, c) for label, c in configs if form.runs(c, self.supernet)]

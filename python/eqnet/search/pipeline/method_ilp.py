@@ -40,7 +40,8 @@ def search_layered(options: SearchOptions, ctx: SearchContext, budgets):
     """[(spec, SubnetConfig, info)] for every budget at one activation width, and the method's
     record (a_bits)."""
     space = ctx.space
-    a_bits = options.a_bits if options.a_bits is not None else max(space.a_bits)
+    # the widest: float (None) in a weight-only space
+    a_bits = options.a_bits if options.a_bits is not None else space.highest_a_bits
     if a_bits not in space.a_bits:
         accepted = f"the space's activation widths are {space.a_bits}"
         raise OptionError("a_bits", a_bits, accepted)
