@@ -100,7 +100,7 @@ def test_first_last_follow_execution_order_not_registration():
     assert net.model.mid.fixed_choice is None
 
 
-@pytest.mark.parametrize("mode", ["8bit", "fp", "elastic"])
+@pytest.mark.parametrize("mode", ["8bit", "8bit-fixed-form", "fp", "elastic"])
 def test_lowest_highest_random_respect_keep_first_last(mode):
     net = eqnet.convert(models.get("resnet20"), SPACE, keep_first_last=mode)
     names = list(net.quantized_layers())
@@ -117,7 +117,7 @@ def test_lowest_highest_random_respect_keep_first_last(mode):
     for cfg in cfgs:
         net.set_config(cfg)
         for edge in ("model.conv1", "model.fc"):
-            if mode == "8bit":
+            if mode.startswith("8bit"):
                 assert cfg[edge] == FIXED8
         if mode == "elastic":
             assert cfg["model.conv1"] in (cfgs[0]["model.conv1"], cfg["model.conv1"])
@@ -125,6 +125,30 @@ def test_lowest_highest_random_respect_keep_first_last(mode):
         assert cfgs[0]["model.conv1"].w_bits == 2 and cfgs[0]["model.fc"].a_bits == 2
     inner = "model.layer2.0.conv1"
     assert cfgs[0][inner].w_bits == 2 and cfgs[1][inner].w_bits == 8
+
+
+@pytest.mark.parametrize("mode", ["8bit", "8bit-fixed-form"])
+def test_fixed_edges_fix_widths_and_optionally_the_form(mode):
+    """'8bit': the edge layers hold every form of the space at W8A8 and random configs draw
+    them; '8bit-fixed-form': they hold the one default choice (the earlier rule)."""
+    net = eqnet.convert(models.get("digits_cnn"), WIDE, keep_first_last=mode)
+    layers = net.quantized_layers()
+    edges = [n for n, m in layers.items() if m.fixed_choice is not None]
+    assert len(edges) == 2 and edges == [next(iter(layers)), list(layers)[-1]]
+    n_forms = 1 if mode == "8bit-fixed-form" else 4  # 2 granularities x 2 weight symmetries
+    for name in edges:
+        assert len(layers[name].weight_quantizer.forms()) == n_forms
+        assert len(layers[name].act_quantizer.forms()) == (1 if n_forms == 1 else 2)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        cfg = SubnetConfig.random(WIDE, net, g)
+        net.set_config(cfg)
+        for name in edges:
+            assert (cfg[name].w_bits, cfg[name].a_bits) == (8, 8)
+            seen.add(cfg[name])
+    # 8 forms per edge layer, 40 draws: fewer than 3 distinct has probability < 1e-25
+    assert (seen == {FIXED8}) if mode == "8bit-fixed-form" else len(seen) > 2
 
 
 def test_gradients_reach_active_forms_only():
@@ -236,7 +260,7 @@ def test_bad_configs_raise_naming_layer_and_allowed_values():
 
 
 def test_convert_argument_errors():
-    with pytest.raises(ValueError, match="8bit, fp, elastic"):
+    with pytest.raises(ValueError, match="8bit, 8bit-fixed-form, fp, elastic"):
         eqnet.convert(models.get("digits_cnn"), SPACE, keep_first_last="int8")
     plain = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="example_input"):

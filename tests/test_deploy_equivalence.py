@@ -20,7 +20,7 @@ import pytest
 import torch
 from eqnet import models
 from eqnet.deploy import export, load
-from eqnet.space import ElasticSpace, SubnetConfig
+from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig
 from torch import nn
 
 TIE_TOL = 1e-3  # in code steps; fp32 sums of these sizes differ by ~1e-6 relative
@@ -182,3 +182,79 @@ def test_resnet20_random_init_every_width_and_mixed(tmp_path):
         report, forced, ref = compare(sn, deployed, deployed.active_config, x)
         _assert_only_ties(report, f"resnet20 {which}")
         torch.testing.assert_close(forced, ref, atol=1e-3, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- fixed-layer forms
+
+
+def _forms_supernet(seed=0):
+    """digits CNN (random init) over a space with every form; first/last fixed at W8A8."""
+    torch.manual_seed(seed)
+    space = ElasticSpace(
+        w_bits=(2, 4),
+        a_bits=(4, 8),
+        w_granularities=("channel", "tensor"),
+        w_symmetries=("sym", "asym"),
+        a_symmetries=("asym", "sym"),
+    )
+    sn = eqnet.convert(models.get("digits_cnn"), space)
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = sn.model.eqnet_input_size[1:]
+    calib = [(torch.randn(16, *shape, generator=gen), torch.zeros(16)) for _ in range(2)]
+    eqnet.calibrate(sn, calib, batches=2, method="lsq")
+    return sn.eval(), space, torch.randn(8, *shape, generator=gen)
+
+
+def test_fixed_layers_in_a_non_default_form_export_and_match_fake_quant(tmp_path):
+    """A fixed-width (W8A8) layer runs any form of the space; the form a config gives it is
+    exported and the deployed model matches the fake-quant subnet in that form."""
+    sn, space, x = _forms_supernet()
+    fixed = [n for n, m in sn.quantized_layers().items() if m.fixed_choice is not None]
+    assert len(fixed) == 2
+    cfg = SubnetConfig.uniform(space, sn, 4, 8, "tensor", "asym", "sym")
+    cfg = cfg.replace(fixed[1], w_granularity="channel", a_symmetry="asym")
+    assert (cfg[fixed[0]].w_bits, cfg[fixed[0]].a_bits) == (8, 8)
+    assert cfg[fixed[0]] != sn.get_submodule(fixed[0]).fixed_choice
+    path = tmp_path / "forms.eqk"
+    export(sn, path, configs={"fixed_forms": cfg}, arch="digits_cnn")
+    deployed = load(path, config="fixed_forms")
+    assert deployed.active_config == cfg
+    report, forced, ref = compare(sn, deployed, cfg, x)
+    _assert_only_ties(report, "fixed-layer forms")
+    torch.testing.assert_close(forced, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_one_form_state_of_fixed_layers_still_loads():
+    """State saved when fixed layers held one form loads into that layout: the layer keeps
+    its one form (and its values), configs may give it no other."""
+    sn, space, x = _forms_supernet()
+    fixed = {n: m for n, m in sn.quantized_layers().items() if m.fixed_choice is not None}
+    keep = {"w8_channel_sym", "a8_asym"}  # the one form fixed layers held before
+    state = {
+        k: v
+        for k, v in sn.state_dict().items()
+        if not any(k.startswith(f"{n}.") and "_quantizer.scale_" in k for n in fixed)
+        or k.rsplit("scale_", 1)[-1] in keep
+    }
+    state = {
+        k: v
+        for k, v in state.items()
+        if not any(k.startswith(f"{n}.") and "zero_point_w8" in k for n in fixed)
+    }
+    old = eqnet.convert(models.get("digits_cnn"), space).eval()
+    old.load_state_dict(state)  # strict: every key of the older layout is consumed
+    for name in fixed:
+        layer = old.get_submodule(name)
+        assert layer.fixed_form and layer.fixed_choice == LayerChoice(
+            8, 8, "channel", "sym", "asym"
+        )
+        assert len(layer.weight_quantizer.forms()) == 1
+    cfg = SubnetConfig.uniform(space, old, 4, 8, "tensor", "asym", "sym")
+    first = next(iter(fixed))
+    assert cfg[first] == old.get_submodule(first).fixed_choice
+    with pytest.raises(ValueError, match="is fixed at LayerChoice"):
+        cfg.replace(first, w_symmetry="asym").validate(space, old)
+    sn.set_config(cfg)
+    old.set_config(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), sn(x), atol=0, rtol=0)

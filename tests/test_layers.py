@@ -126,11 +126,16 @@ def test_set_choice_outside_space_raises():
     with pytest.raises(ValueError, match=r"w_bits=3.*\[2, 4, 8\]"):
         q.set_choice(LayerChoice(3, 4))
     fixed = QLinear.from_float(nn.Linear(4, 4), SPACE, fixed_choice=LayerChoice(8, 8))
+    # a fixed-width layer holds every form of the space at its widths
+    w_forms = {f"w8_{g}_{s}" for g in SPACE.w_granularities for s in SPACE.w_symmetries}
+    a_forms = {f"a8_{s}" for s in SPACE.a_symmetries}
     assert {n for n, _ in fixed.named_parameters() if "scale" in n} == {
-        "weight_quantizer.scale_w8_channel_sym",
-        "act_quantizer.scale_a8_asym",
+        *(f"weight_quantizer.scale_{f}" for f in w_forms),
+        *(f"act_quantizer.scale_{f}" for f in a_forms),
     }
-    with pytest.raises(ValueError, match="fixed"):
+    fixed.set_choice(LayerChoice(8, 8, "tensor", "asym", "sym"))
+    assert fixed.weight_quantizer.active_form == (8, "tensor", "asym")
+    with pytest.raises(ValueError, match="fixed at W8A8"):
         fixed.set_choice(LayerChoice(4, 4))
 
 
@@ -155,3 +160,33 @@ def test_layer_switches_its_bns():
     q.switched_bns.append(sw)
     q.set_choice(LayerChoice(2, 8))
     assert sw.active_bits == 2
+
+
+def test_one_form_state_loads_even_outside_the_space():
+    """Fixed layers of older runs held per-channel symmetric weights whatever the space (a
+    per-tensor asymmetric target, say): that state loads into the one-form layout, values
+    and all, and the layer runs that form only."""
+    space = ElasticSpace(
+        w_bits=(2, 4),
+        a_bits=(2, 4),
+        w_granularities=("tensor",),
+        w_symmetries=("asym",),
+        a_symmetries=("asym",),
+    )
+    torch.manual_seed(0)
+    old_choice = LayerChoice(8, 8, "channel", "sym", "asym")
+    old = QLinear.from_float(nn.Linear(4, 3), space, fixed_choice=old_choice, fixed_form=True)
+    with torch.no_grad():
+        old.weight_quantizer.raw_parameters(8, "channel", "sym")[0].copy_(
+            torch.tensor([0.1, 0.2, 0.3])
+        )
+    new = QLinear.from_float(
+        nn.Linear(4, 3), space, fixed_choice=LayerChoice(8, 8, "tensor", "asym", "asym")
+    )
+    assert not new.fixed_form and len(new.weight_quantizer.forms()) == 1
+    new.load_state_dict(old.state_dict())
+    assert new.fixed_form and new.fixed_choice == old_choice and new.active == old_choice
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(new(x), old(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="fixed at"):
+        new.set_choice(LayerChoice(8, 8, "tensor", "asym", "asym"))

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from eqnet import models
-from eqnet.space import ElasticSpace, SubnetConfig
+from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -597,3 +597,32 @@ def test_layer_called_twice_gets_two_qdq(tmp_path):
     model = export_onnx(sn, cfg, tmp_path / "m.onnx", input_shape=(1, 1, 8, 8))
     assert _count(model, "QuantizeLinear") == 3 and _count(model, "DequantizeLinear") == 6
     _check_agreement(sn, cfg, tmp_path / "m.onnx", test)
+
+
+def test_fixed_first_and_last_layers_export_their_chosen_form(tmp_path):
+    """keep_first_last='8bit' fixes the widths only: a config in SNPE's form (per-tensor
+    asymmetric weights and activations) puts the fixed W8A8 layers in that form too, and
+    the graph carries their codes in it."""
+    torch.manual_seed(0)
+    space = SPACES["all"]
+    sn = eqnet.convert(models.get("digits_cnn"), space)
+    train, test = _digits()
+    eqnet.calibrate(sn, [(train[:128], None)], batches=1, method="lsq")
+    sn.eval()
+    cfg = SubnetConfig.uniform(space, sn, 4, 4, "tensor", "asym", "asym")
+    layers = sn.quantized_layers()
+    fixed = [n for n, m in layers.items() if m.fixed_choice is not None]
+    assert len(fixed) == 2
+    for name in fixed:
+        assert cfg[name] == LayerChoice(8, 8, "tensor", "asym", "asym")
+    path = tmp_path / "m.onnx"
+    model = export_onnx(sn, cfg, path, input_shape=(1, 1, 8, 8), preset="snpe")
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert SubnetConfig.from_json(meta["eqnet.config"]) == cfg
+    decoded = _onnx_weights(model)
+    for name in fixed:
+        c = cfg[name]
+        p = layers[name].weight_quantizer.params(c.w_bits, c.w_granularity, c.w_symmetry)
+        _, expected = _oracle_codes(layers[name].weight, p)
+        assert torch.equal(torch.from_numpy(decoded[name]), expected), name
+    _check_agreement(sn, cfg, path, test)

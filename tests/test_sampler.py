@@ -9,21 +9,27 @@ from eqnet.train.sampler import ConfigSampler
 class _Layer(torch.nn.Module):
     is_elastic_layer = True
 
-    def __init__(self, fixed=None):
+    def __init__(self, fixed=None, fixed_form=False):
         super().__init__()
         self.fixed_choice = fixed
+        self.fixed_form = fixed_form
 
 
 class _Net(torch.nn.Module):
-    """Four quantized layers; first and last fixed at 8 bits (the sampler must keep them)."""
+    """Four quantized layers; first and last fixed at W8A8 (the sampler must keep the widths;
+    with fixed_form, the one form of older runs, the whole choice)."""
 
-    def __init__(self):
+    def __init__(self, fixed_form=False):
         super().__init__()
         fixed = LayerChoice(8, 8, "channel", "sym", "asym")
-        self.first = _Layer(fixed)
+        self.first = _Layer(fixed, fixed_form)
         self.a = _Layer()
         self.b = _Layer()
-        self.last = _Layer(fixed)
+        self.last = _Layer(fixed, fixed_form)
+
+
+def _fixed_widths(cfg):
+    return [(cfg[n].w_bits, cfg[n].a_bits) for n in ("first", "last")]
 
 
 SPACE = ElasticSpace(
@@ -50,38 +56,53 @@ def test_lrh_order_and_contents():
         assert (low[name].w_bits, low[name].a_bits) == (2, 2)
     for _, cfg in out:
         cfg.validate(SPACE, net)
-        assert cfg["first"] == net.first.fixed_choice and cfg["last"] == net.last.fixed_choice
+        assert _fixed_widths(cfg) == [(8, 8), (8, 8)]
     means = [c.mean_bits() for _, c in out[1:-1]]
     assert means == sorted(means, reverse=True)
 
 
-@pytest.mark.parametrize("role", ["highest", "lowest"])
-def test_lrh_extremes_draw_every_form_per_layer(role):
-    """EQ-Net's rule: the highest and lowest subnets keep their widths but each elastic layer
-    draws weight granularity, weight symmetry and activation symmetry uniformly; fixed layers
-    keep their fixed choice."""
+@pytest.mark.parametrize("role", ["highest", "lowest", "random"])
+def test_lrh_every_subnet_draws_every_form_per_layer(role):
+    """EQ-Net's rule: every LRH subnet, the highest (all widths 8) and the lowest (all lowest
+    widths) included, draws each layer's weight granularity, weight symmetry and activation
+    symmetry uniformly and independently; the fixed first and last layers fix only their
+    widths (W8A8) and draw their forms like every other layer."""
     net = _Net()
     sampler = ConfigSampler(SPACE, net, seed=7, forms=True)
     n = 400
-    counts = {k: {} for k in FORM_KEYS}
+    layers = ("first", "a", "b", "last")
+    counts = {(layer, k): {} for layer in layers for k in FORM_KEYS}
     differ = 0
-    for _ in range(n // 2):
+    for _ in range(n):
         cfg = dict(sampler.lrh(1))[role]
-        assert cfg["first"] == net.first.fixed_choice and cfg["last"] == net.last.fixed_choice
-        differ += cfg["a"] != cfg["b"]
-        for layer in ("a", "b"):
+        cfg.validate(SPACE, net)
+        assert _fixed_widths(cfg) == [(8, 8), (8, 8)]
+        differ += cfg["first"] != cfg["last"]
+        for layer in layers:
             c = cfg[layer]
-            assert (c.w_bits, c.a_bits) == ((8, 8) if role == "highest" else (2, 2))
+            if role != "random" and layer in ("a", "b"):
+                assert (c.w_bits, c.a_bits) == ((8, 8) if role == "highest" else (2, 2))
             for key in FORM_KEYS:
                 value = getattr(c, key)
-                counts[key][value] = counts[key].get(value, 0) + 1
-    for key in FORM_KEYS:
-        assert len(counts[key]) == 2
+                counts[layer, key][value] = counts[layer, key].get(value, 0) + 1
+    for values in counts.values():
+        assert len(values) == 2
         # each of two values with p = 1/2 over n draws: sd = sqrt(n) / 2 = 10; 5 sd bound
-        for value in counts[key].values():
+        for value in values.values():
             assert abs(value - n / 2) < 50
-    # layers draw independently: P(a == b in all three forms) = 1/8
-    assert differ > (n // 2) * 0.6
+    # layers draw independently: P(first == last in all three forms) = 1/8, so about 350 of
+    # 400 differ (sd 6.6); the bound is far below that
+    assert differ > n * 0.6
+
+
+def test_fixed_form_layers_keep_their_one_choice():
+    """Layers of older runs that hold one form (fixed_form) keep their whole fixed choice."""
+    net = _Net(fixed_form=True)
+    sampler = ConfigSampler(SPACE, net, seed=3, forms=True)
+    for _ in range(20):
+        for _, cfg in sampler.lrh(2):
+            cfg.validate(SPACE, net)
+            assert cfg["first"] == net.first.fixed_choice and cfg["last"] == net.last.fixed_choice
 
 
 def test_lrh_extremes_fixed_forms_option():
@@ -90,7 +111,7 @@ def test_lrh_extremes_fixed_forms_option():
     for _ in range(20):
         out = dict(sampler.lrh(1))
         for role in ("highest", "lowest"):
-            for layer in ("a", "b"):
+            for layer in ("first", "a", "b", "last"):
                 c = out[role][layer]
                 assert (c.w_granularity, c.w_symmetry, c.a_symmetry) == ("channel", "sym", "asym")
 
@@ -177,7 +198,7 @@ def test_uniform_prob_one_gives_one_width_per_subnet():
         cfg = sampler.random()
         cfg.validate(SPACE, net)
         assert _is_uniform(cfg)
-        assert cfg["first"] == net.first.fixed_choice and cfg["last"] == net.last.fixed_choice
+        assert _fixed_widths(cfg) == [(8, 8), (8, 8)]
         # the activation width pairs as in uniform_widths: 3-bit weights take 2-bit activations
         pair = (cfg["a"].w_bits, cfg["a"].a_bits)
         assert pair in {(2, 2), (3, 2), (4, 4), (8, 8)}

@@ -11,19 +11,20 @@ FIXED = LayerChoice(8, 8, "channel", "sym", "asym")
 class _Layer(nn.Module):
     is_elastic_layer = True
 
-    def __init__(self, fixed=None):
+    def __init__(self, fixed=None, fixed_form=False):
         super().__init__()
         self.fixed_choice = fixed
+        self.fixed_form = fixed_form
 
 
 class _Net(nn.Module):
     """Three stand-in quantized layers; the first and last fixed at 8 bits."""
 
-    def __init__(self):
+    def __init__(self, fixed_form=False):
         super().__init__()
-        self.a = _Layer(FIXED)
+        self.a = _Layer(FIXED, fixed_form)
         self.b = _Layer()
-        self.c = _Layer(FIXED)
+        self.c = _Layer(FIXED, fixed_form)
 
 
 SPACE = ElasticSpace(
@@ -83,15 +84,39 @@ def test_lowest_highest_uniform_keep_fixed_layers():
 
 def test_random_draws_inside_space_and_is_reproducible():
     net = _Net()
-    seen = set()
+    seen, fixed_forms = set(), set()
     for seed in range(30):
         cfg = SubnetConfig.random(SPACE, net, torch.Generator().manual_seed(seed))
         cfg.validate(SPACE, net)
-        assert cfg["a"] == FIXED and cfg["c"] == FIXED
+        assert [(cfg[n].w_bits, cfg[n].a_bits) for n in "ac"] == [(8, 8), (8, 8)]
         seen.add(cfg["b"])
+        fixed_forms.add(cfg["a"])
         again = SubnetConfig.random(SPACE, net, torch.Generator().manual_seed(seed))
         assert again == cfg
     assert len(seen) > 5  # 3*2*2*2*2 = 48 forms; 30 draws hit several
+    # fixed-width layers draw their forms too: 8 forms at W8A8, P(30 draws hit < 3) < 1e-20
+    assert len(fixed_forms) > 2
+
+
+def test_fixed_layers_fix_widths_not_forms():
+    """A fixed-width layer takes any form of the space at its fixed widths, and nothing else;
+    a layer that also fixes its form (older runs) takes its fixed choice only."""
+    net = _Net()
+    base = SubnetConfig.highest(SPACE, net)
+    other_form = LayerChoice(8, 8, "tensor", "asym", "sym")
+    base.replace("a", **other_form.to_dict()).validate(SPACE, net)
+    with pytest.raises(ValueError, match=r"'a' is fixed at W8A8"):
+        base.replace("a", w_bits=4).validate(SPACE, net)
+    narrow = ElasticSpace(w_bits=(2, 4, 8), a_bits=(4, 8), w_granularities=("channel",))
+    with pytest.raises(ValueError, match=r"'a'.*w_granularity='tensor'.*\['channel'\]"):
+        base.replace("a", w_granularity="tensor").validate(narrow, net)
+    uniform = SubnetConfig.uniform(SPACE, net, 2, 4, "tensor", "asym", "sym")
+    assert uniform["a"] == other_form and uniform["b"] == LayerChoice(2, 4, "tensor", "asym", "sym")
+    old = _Net(fixed_form=True)
+    with pytest.raises(ValueError, match=r"'a' is fixed at LayerChoice"):
+        base.replace("a", **other_form.to_dict()).validate(SPACE, old)
+    assert SubnetConfig.uniform(SPACE, old, 2, 4, "tensor", "asym", "sym")["a"] == FIXED
+    assert SubnetConfig.random(SPACE, old, torch.Generator().manual_seed(0))["c"] == FIXED
 
 
 def test_json_round_trip_and_equality():

@@ -251,3 +251,35 @@ def test_start_from_float_run(digits, tmp_path):
     Trainer(tiny("qat", epochs=1, max_steps_per_epoch=1), tmp_path / "q", data=digits).fit()
     with pytest.raises(ValueError, match="float run"):
         Trainer(tiny("qat", init=str(tmp_path / "q")), data=digits)
+
+
+def test_resume_a_run_saved_when_fixed_layers_held_one_form(digits, tmp_path):
+    """A checkpoint whose fixed W8A8 layers hold one form (runs saved before their forms were
+    elastic record keep_first_last='8bit') resumes in that layout and continues exactly as
+    the same run under '8bit-fixed-form'."""
+    import json
+    import shutil
+
+    from eqnet.run.checkpoint import save_checkpoint
+
+    cfg = tiny("eqnet", keep_first_last="8bit-fixed-form", max_steps_per_epoch=2)
+    part = Trainer(cfg, tmp_path / "new", data=digits)
+    part.fit(stop_after=1)
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    state = load_checkpoint(tmp_path / "old")
+    old_config = json.loads(state["config"])
+    old_config["keep_first_last"] = "8bit"
+    state["config"] = json.dumps(old_config)
+    state.pop("format"), state.pop("version")
+    save_checkpoint(tmp_path / "old", state)
+    runs = [Trainer.from_run(tmp_path / d, data=digits) for d in ("new", "old")]
+    for run in runs:
+        fixed = [m for m in run.model.quantized_layers().values() if m.fixed_choice is not None]
+        assert len(fixed) == 2 and all(m.fixed_form for m in fixed)
+        run.fit()
+    a, b = (run.model.state_dict() for run in runs)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    loaded = load_run(tmp_path / "old").model.quantized_layers().values()
+    assert [m.fixed_form for m in loaded if m.fixed_choice is not None] == [True, True]

@@ -24,8 +24,9 @@ from .space import ElasticSpace, LayerChoice
 __all__ = ["calibrate", "convert", "make_projections_modules", "recalibrate_bn"]
 
 _QUANTIZABLE = (nn.Conv2d, nn.Linear)
-# first and last layers: fixed 8-bit, float, or elastic like the rest (see `convert`)
-KEEP_FIRST_LAST = ("8bit", "fp", "elastic")
+# first and last layers: fixed at 8 bits (widths only, or "8bit-fixed-form" the whole choice),
+# float, or elastic like the rest (see `convert`)
+KEEP_FIRST_LAST = ("8bit", "8bit-fixed-form", "fp", "elastic")
 
 
 def convert(
@@ -49,10 +50,11 @@ def convert(
     transposed), torchvision's Swin window attention calls its `qkv`/`proj`. Weights tied
     between modules (GPT-2's lm_head and wte) stay tied.
 
-    keep_first_last: "8bit" fixes the first and last quantized layers (in execution order) at
-    LayerChoice(fixed_bits, fixed_bits, "channel", "sym", "asym" if allowed else the space's
-    first activation symmetry; float activations, a_bits=None, in a weight-only space whose
-    a_bits is (None,)); "fp" leaves them float; "elastic" treats them like the others.
+    keep_first_last: "8bit" fixes the widths of the first and last quantized layers (in
+    execution order) at W{fixed_bits}A{fixed_bits} (float activations, a_bits=None, in a
+    weight-only space whose a_bits is (None,)); their forms stay elastic over the space's
+    (they start in `space.preferred_forms()`); "fp" leaves them float; "elastic" treats them
+    like the others; "8bit-fixed-form" fixes their whole choice, form included (one form each).
     per_bit_bn: replace each BatchNorm2d fed directly by an elastic layer with a
     SwitchableBatchNorm2d over space.w_bits.
     example_input: one input batch: a tensor, a tuple of positional arguments or a dict of
@@ -101,18 +103,18 @@ def convert(
         space.fixed_bits,
         # A weight-only space keeps float activations on its fixed layers too (W8, float A).
         None if space.weight_only else space.fixed_bits,
-        "channel",
-        "sym",
-        "asym" if "asym" in space.a_symmetries else space.a_symmetries[0],
+        *space.preferred_forms(),
     )
     replacement: dict[int, nn.Module] = {}
     for layer in layers:
         is_edge = layer is first or layer is last
         if is_edge and keep_first_last == "fp":
             continue
-        choice = fixed if is_edge and keep_first_last == "8bit" else None
+        choice = fixed if is_edge and keep_first_last.startswith("8bit") else None
         qcls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
-        replacement[id(layer)] = qcls.from_float(layer, space, fixed_choice=choice)
+        replacement[id(layer)] = qcls.from_float(
+            layer, space, fixed_choice=choice, fixed_form=keep_first_last == "8bit-fixed-form"
+        )
 
     if per_bit_bn:
         for bn_id, src in bn_source.items():

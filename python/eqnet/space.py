@@ -8,7 +8,9 @@ A `SubnetConfig` holds one `LayerChoice` per quantized layer of a converted mode
 model's module order. Layers are found through a small protocol so this module knows no layer
 class: a module is a quantized layer when it has `is_elastic_layer = True`; its attribute
 `fixed_choice` is a `LayerChoice` for fixed-width layers (e.g. first/last at 8 bits) and
-`None` for elastic ones.
+`None` for elastic ones. A fixed-width layer fixes its widths only: its form (weight
+granularity, weight symmetry, activation symmetry) is any of the space's, unless its attribute
+`fixed_form` is True (the one-form layout of older runs), when it holds its fixed choice only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -177,11 +179,37 @@ def layer_specs(model: torch.nn.Module) -> OrderedDict[str, LayerChoice | None]:
     return specs
 
 
-def check_choice(space: ElasticSpace, layer: str, choice: LayerChoice) -> None:
-    """Raise ValueError naming `layer` and the allowed values when `choice` is outside `space`."""
+def fixed_form_layers(model: torch.nn.Module) -> set[str]:
+    """Names of the fixed-width layers that also fix their form (`fixed_form` True)."""
+    return {
+        name
+        for name, module in model.named_modules()
+        if getattr(module, "fixed_choice", None) is not None
+        and getattr(module, "fixed_form", False)
+    }
+
+
+def fixed_layer_choices(
+    space: ElasticSpace, fixed: LayerChoice, form_fixed: bool, forms: bool = True
+) -> list[LayerChoice]:
+    """Every choice of one fixed-width layer: the space's forms at its fixed widths (only its
+    fixed choice when its form is fixed too or `forms` is False)."""
+    if form_fixed or not forms:
+        return [fixed]
+    return [
+        LayerChoice(fixed.w_bits, fixed.a_bits, g, ws, asym)
+        for g in space.w_granularities
+        for ws in space.w_symmetries
+        for asym in space.a_symmetries
+    ]
+
+
+def check_choice(space: ElasticSpace, layer: str, choice: LayerChoice, widths: bool = True) -> None:
+    """Raise ValueError naming `layer` and the allowed values when `choice` is outside `space`
+    (widths=False: its form only, for a fixed-width layer)."""
     allowed = {
-        "w_bits": space.w_bits,
-        "a_bits": space.a_bits,
+        "w_bits": space.w_bits if widths else (choice.w_bits,),
+        "a_bits": space.a_bits if widths else (choice.a_bits,),
         "w_granularity": space.w_granularities,
         "w_symmetry": space.w_symmetries,
         "a_symmetry": space.a_symmetries,
@@ -314,11 +342,20 @@ class SubnetConfig:
             raise ValueError(
                 f"config has {len(self)} layers, the model has {len(specs)}; missing {missing}"
             )
+        form_fixed = fixed_form_layers(model)
         for name, fixed in specs.items():
             choice = self.layers[name]
             if fixed is not None:
-                if choice != fixed:
-                    raise ValueError(f"layer {name!r} is fixed at {fixed}; got {choice}")
+                if name in form_fixed:
+                    if choice != fixed:
+                        raise ValueError(f"layer {name!r} is fixed at {fixed}; got {choice}")
+                    continue
+                if (choice.w_bits, choice.a_bits) != (fixed.w_bits, fixed.a_bits):
+                    raise ValueError(
+                        f"layer {name!r} is fixed at W{fixed.w_bits}A{fixed.a_bits} (any form "
+                        f"of the space); got {choice}"
+                    )
+                check_choice(space, name, choice, widths=False)
             else:
                 check_choice(space, name, choice)
         return self
@@ -335,12 +372,21 @@ class SubnetConfig:
         w_symmetry="sym",
         a_symmetry="asym",
     ) -> SubnetConfig:
+        """One choice on every elastic layer; fixed-width layers keep their widths and take
+        the same form (their fixed choice when their form is fixed too)."""
         choice = LayerChoice(w_bits, a_bits, w_granularity, w_symmetry, a_symmetry)
+        form_fixed = fixed_form_layers(model)
         layers = []
         for name, fixed in layer_specs(model).items():
             if fixed is None:
                 check_choice(space, name, choice)
-            layers.append((name, fixed or choice))
+                layers.append((name, choice))
+            elif name in form_fixed:
+                layers.append((name, fixed))
+            else:
+                here = replace(choice, w_bits=fixed.w_bits, a_bits=fixed.a_bits)
+                check_choice(space, name, here, widths=False)
+                layers.append((name, here))
         return cls(layers)
 
     @classmethod
@@ -378,9 +424,10 @@ class SubnetConfig:
         granularity and symmetries (with forms=False the lowest/highest defaults).
 
         `w_bits` / `a_bits` fix that width on every elastic layer instead of drawing it (the
-        forms are still drawn): EQ-Net's highest and lowest LRH subnets. Fixed layers keep
-        their fixed choice. `a_bits=None` fixes float activations; leaving `a_bits` out draws
-        it (None among the space's widths is drawn like any other)."""
+        forms are still drawn): EQ-Net's highest and lowest LRH subnets. Fixed-width layers
+        keep their widths and draw their forms alike (with forms=False, or when their form is
+        fixed too, they keep their fixed choice). `a_bits=None` fixes float activations;
+        leaving `a_bits` out draws it (None among the space's widths is drawn like any other)."""
 
         def pick(values):
             i = int(torch.randint(len(values), (1,), generator=generator).item())
@@ -392,13 +439,17 @@ class SubnetConfig:
         ):
             if not drawn and value not in values:
                 raise ValueError(f"{name}={value!r}: the space's widths are {list(values)}")
+        form_fixed = fixed_form_layers(model)
         layers = []
         for name, fixed in layer_specs(model).items():
-            if fixed is not None:
+            if fixed is not None and (name in form_fixed or not forms):
                 layers.append((name, fixed))
                 continue
-            wb = pick(space.w_bits) if w_bits is None else w_bits
-            ab = pick(space.a_bits) if a_bits is DRAW else a_bits
+            if fixed is not None:
+                wb, ab = fixed.w_bits, fixed.a_bits
+            else:
+                wb = pick(space.w_bits) if w_bits is None else w_bits
+                ab = pick(space.a_bits) if a_bits is DRAW else a_bits
             if forms:
                 choice = LayerChoice(
                     wb,

@@ -40,7 +40,7 @@ import torch
 import eqkernels
 from eqkernels.format import split_planes, write_eqk
 
-from ..space import ElasticSpace, LayerChoice, SubnetConfig
+from ..space import ElasticSpace, LayerChoice, SubnetConfig, fixed_layer_choices
 from .fold import bn_affine, bn_for_width, find_foldable_bn, fold_affine, is_switchable_bn
 from .layout import (
     RECORD_VERSION,
@@ -160,10 +160,11 @@ def _normalize_configs(supernet, configs) -> OrderedDict[str, SubnetConfig]:
 
 
 def _all_forms(layer, supernet) -> list[LayerChoice]:
-    """Every choice a nested export stores for one layer (all forms of the space)."""
-    if layer.fixed_choice is not None:
-        return [layer.fixed_choice]
+    """Every choice a nested export stores for one layer (all forms of the space; for a
+    fixed-width layer, all forms at its fixed widths)."""
     s = supernet.space
+    if layer.fixed_choice is not None:
+        return fixed_layer_choices(s, layer.fixed_choice, layer.fixed_form)
     return [
         LayerChoice(wb, ab, g, ws, asym)
         for wb in s.w_bits

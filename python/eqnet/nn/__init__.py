@@ -2,7 +2,7 @@
 
 from .attention import ProjectedAttention
 from .batchnorm import SwitchableBatchNorm2d
-from .layers import QConv2d, QLinear
+from .layers import QConv2d, QLinear, saved_with_one_form
 from .quantizer import ElasticQuantizer, QuantParams
 from .supernet import Supernet
 
@@ -14,4 +14,5 @@ __all__ = [
     "QuantParams",
     "Supernet",
     "SwitchableBatchNorm2d",
+    "saved_with_one_form",
 ]

@@ -20,7 +20,9 @@ class _QuantizedLayer:
 
     is_elastic_layer = True
 
-    def _attach(self, space: ElasticSpace, fixed_choice: LayerChoice | None) -> None:
+    def _attach(
+        self, space: ElasticSpace, fixed_choice: LayerChoice | None, fixed_form: bool = False
+    ) -> None:
         if not isinstance(space, ElasticSpace):
             raise ValueError(f"space must be an ElasticSpace, got {type(space).__name__}")
         if fixed_choice is not None and not isinstance(fixed_choice, LayerChoice):
@@ -29,6 +31,7 @@ class _QuantizedLayer:
             )
         self.space = space
         self.fixed_choice = fixed_choice
+        self.fixed_form = False  # True: a fixed-width layer that also holds one form only
         channels = self.weight.shape[0]
         if fixed_choice is None:
             self.weight_quantizer = ElasticQuantizer(
@@ -46,16 +49,11 @@ class _QuantizedLayer:
                 *space.preferred_forms(),
             )
         else:
-            # A fixed-width layer holds exactly its one form (never nested: a fixed layer is
-            # stored in full, see DESIGN.md "The .eqk file").
-            c = fixed_choice
-            self.weight_quantizer = ElasticQuantizer(
-                "weight", (c.w_bits,), (c.w_granularity,), (c.w_symmetry,), channels=channels
-            )
-            self.act_quantizer = _act_quantizer(
-                () if c.a_bits is None else (c.a_bits,), (c.a_symmetry,)
-            )
-            first = c
+            # A fixed-width layer fixes its widths only: its quantizers hold every form of the
+            # space at those widths, as EQ-Net's first and last layers (never nested: a fixed
+            # layer is stored in full, see DESIGN.md "The .eqk file").
+            self._fixed_quantizers(space, fixed_choice, fixed_form=bool(fixed_form))
+            first = fixed_choice
         # Plain Python list (not submodules): the BNs are registered where they live in the
         # model; this only lets set_choice() switch them.
         self.switched_bns: list = []
@@ -63,13 +61,38 @@ class _QuantizedLayer:
         # A set while eqnet checks which layers run their quantized path (see coverage.py).
         self.path_recorder: set | None = None
         self.set_choice(first)
+        self.register_load_state_dict_pre_hook(_load_fixed_form_state)
+
+    def _fixed_quantizers(self, space, c: LayerChoice, fixed_form: bool) -> None:
+        """Quantizers of a fixed-width layer: every form of the space at its widths, or
+        (fixed_form) its one LayerChoice, the layout of state saved before forms were elastic
+        on fixed layers."""
+        w_forms = ((c.w_granularity,), (c.w_symmetry,))
+        a_syms = (c.a_symmetry,)
+        if not fixed_form:
+            w_forms = (space.w_granularities, space.w_symmetries)
+            a_syms = space.a_symmetries
+        self.fixed_form = fixed_form
+        self.weight_quantizer = ElasticQuantizer(
+            "weight", (c.w_bits,), *w_forms, channels=self.weight.shape[0]
+        )
+        self.act_quantizer = _act_quantizer(() if c.a_bits is None else (c.a_bits,), a_syms)
 
     def set_choice(self, choice: LayerChoice) -> None:
         if not isinstance(choice, LayerChoice):
             raise ValueError(f"choice must be a LayerChoice, got {type(choice).__name__}")
-        if self.fixed_choice is not None:
-            if choice != self.fixed_choice:
-                raise ValueError(f"this layer is fixed at {self.fixed_choice}; got {choice}")
+        fixed = self.fixed_choice
+        if fixed is not None:
+            if self.fixed_form:
+                if choice != fixed:
+                    raise ValueError(f"this layer is fixed at {fixed}; got {choice}")
+            elif (choice.w_bits, choice.a_bits) != (fixed.w_bits, fixed.a_bits):
+                raise ValueError(
+                    f"this layer is fixed at W{fixed.w_bits}A{fixed.a_bits} (any form of the "
+                    f"space); got {choice}"
+                )
+            else:
+                check_choice(self.space, type(self).__name__, choice, widths=False)
         else:
             check_choice(self.space, type(self).__name__, choice)
         self.active = choice
@@ -106,6 +129,52 @@ class _QuantizedLayer:
         return f"{super().extra_repr()}, {kind}, active={self.active}"
 
 
+def _one_form_saved(module, state_dict, prefix) -> str | None:
+    """The one weight form (e.g. `w8_channel_sym`) that `state_dict` holds for fixed-width
+    layer `module` when that differs from the forms the layer holds; else None."""
+    if getattr(module, "fixed_choice", None) is None or module.fixed_form:
+        return None
+    wq = prefix + "weight_quantizer.scale_"
+    saved = {k[len(wq) :] for k in state_dict if k.startswith(wq)}
+    own = {k[len("scale_") :] for k in module.weight_quantizer.state_dict() if "scale_" in k}
+    if len(saved) != 1 or saved == own:
+        return None
+    return next(iter(saved))
+
+
+def saved_with_one_form(model: nn.Module, state_dict) -> bool:
+    """True when `state_dict` (of `model`) was saved when fixed-width layers held one form:
+    rebuild the model with keep_first_last="8bit-fixed-form" before making an optimizer."""
+    return any(
+        _one_form_saved(m, state_dict, f"{name}." if name else "") is not None
+        for name, m in model.named_modules()
+        if isinstance(m, _QuantizedLayer)
+    )
+
+
+def _load_fixed_form_state(module, state_dict, prefix, *args) -> None:
+    """State saved when a fixed-width layer held one form (its weight quantizer has a single
+    scale): load it into that layout, so older runs keep their fixed layers' one form (which
+    may be outside the space: it was per-channel symmetric whatever the space)."""
+    name = _one_form_saved(module, state_dict, prefix)
+    if name is None:
+        return
+    _, granularity, symmetry = name.split("_")
+    aq = prefix + "act_quantizer.scale_a"
+    a_sym = "asym" if any(k.startswith(aq) and k.endswith("_asym") for k in state_dict) else "sym"
+    c = module.fixed_choice
+    old = LayerChoice(c.w_bits, c.a_bits, granularity, symmetry, a_sym)
+    previous = (module.weight_quantizer, module.act_quantizer)
+    module.fixed_choice = old
+    module._fixed_quantizers(module.space, old, fixed_form=True)
+    for before, after in zip(previous, (module.weight_quantizer, module.act_quantizer)):
+        if after is None:  # float activations (weight-only): no activation quantizer
+            continue
+        after.to(module.weight.device)
+        after.backend, after.narrow_range = before.backend, before.narrow_range
+    module.set_choice(old)
+
+
 def _act_quantizer(bits: tuple[int, ...], symmetries) -> ElasticQuantizer | None:
     """The activation quantizer over the integer widths; None in a weight-only layer (every
     activation float), so no activation scale exists to learn or export."""
@@ -117,12 +186,21 @@ def _act_quantizer(bits: tuple[int, ...], symmetries) -> ElasticQuantizer | None
 class QConv2d(_QuantizedLayer, nn.Conv2d):
     """nn.Conv2d with elastic fake quantization of its input and weight."""
 
-    def __init__(self, *args, space: ElasticSpace, fixed_choice: LayerChoice | None = None, **kw):
+    def __init__(
+        self,
+        *args,
+        space: ElasticSpace,
+        fixed_choice: LayerChoice | None = None,
+        fixed_form: bool = False,
+        **kw,
+    ):
         super().__init__(*args, **kw)
-        self._attach(space, fixed_choice)
+        self._attach(space, fixed_choice, fixed_form)
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, space: ElasticSpace, fixed_choice=None) -> QConv2d:
+    def from_float(
+        cls, module: nn.Conv2d, space: ElasticSpace, fixed_choice=None, fixed_form=False
+    ) -> QConv2d:
         if not isinstance(module, nn.Conv2d):
             raise ValueError(f"module must be an nn.Conv2d, got {type(module).__name__}")
         q = cls(
@@ -138,6 +216,7 @@ class QConv2d(_QuantizedLayer, nn.Conv2d):
             device="meta",
             space=space,
             fixed_choice=fixed_choice,
+            fixed_form=fixed_form,
         )
         return _share_state(module, q)
 
@@ -166,12 +245,21 @@ class QConv2d(_QuantizedLayer, nn.Conv2d):
 class QLinear(_QuantizedLayer, nn.Linear):
     """nn.Linear with elastic fake quantization of its input and weight."""
 
-    def __init__(self, *args, space: ElasticSpace, fixed_choice: LayerChoice | None = None, **kw):
+    def __init__(
+        self,
+        *args,
+        space: ElasticSpace,
+        fixed_choice: LayerChoice | None = None,
+        fixed_form: bool = False,
+        **kw,
+    ):
         super().__init__(*args, **kw)
-        self._attach(space, fixed_choice)
+        self._attach(space, fixed_choice, fixed_form)
 
     @classmethod
-    def from_float(cls, module: nn.Linear, space: ElasticSpace, fixed_choice=None) -> QLinear:
+    def from_float(
+        cls, module: nn.Linear, space: ElasticSpace, fixed_choice=None, fixed_form=False
+    ) -> QLinear:
         if not isinstance(module, nn.Linear):
             raise ValueError(f"module must be an nn.Linear, got {type(module).__name__}")
         q = cls(
@@ -181,6 +269,7 @@ class QLinear(_QuantizedLayer, nn.Linear):
             device="meta",
             space=space,
             fixed_choice=fixed_choice,
+            fixed_form=fixed_form,
         )
         return _share_state(module, q)
 

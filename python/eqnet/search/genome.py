@@ -1,7 +1,7 @@
 """Integer encoding of subnet configs for fast search.
 
 A `ChoiceTable` lists, for every quantized layer in model order, the LayerChoices it may take
-(one for a fixed-width layer). A genome is an int array of one choice index per layer, so a
+(for a fixed-width layer, the space's forms at its fixed widths). A genome is an int array of one choice index per layer, so a
 population is an `[N, L]` int array and every additive metric of a population is a gather from
 an `[L, C_max]` table followed by a row sum.
 """
@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from eqnet.search.cost import METRICS, CostModel, check_metric
-from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig, layer_specs
+from eqnet.space import (
+    ElasticSpace,
+    LayerChoice,
+    SubnetConfig,
+    fixed_form_layers,
+    fixed_layer_choices,
+    layer_specs,
+)
 
 
 def layer_options(space: ElasticSpace, forms: bool = True, form=None) -> list[LayerChoice]:
@@ -57,22 +64,26 @@ class ChoiceTable:
     def from_model(
         cls, space: ElasticSpace, model: torch.nn.Module, forms: bool = True, form=None
     ) -> ChoiceTable:
-        """Fixed layers keep their one choice; elastic ones take `layer_options`. With a target
-        `form`, a layer keeps only the choices the engine can run on its input's signedness
-        (TensorRT's int8 takes no unsigned 8-bit activation)."""
+        """Elastic layers take `layer_options`; fixed-width layers the forms at their widths
+        (`fixed_layer_choices`). With a target `form`, a layer keeps only the choices in that
+        form the engine can run on its input's signedness (TensorRT's int8 takes no unsigned
+        8-bit activation); a fixed-width layer with none keeps its fixed choice."""
         opts = layer_options(space, forms, form)
         specs = layer_specs(model)
+        form_fixed = fixed_form_layers(model)
         layers = OrderedDict()
         for name, fixed in specs.items():
             if fixed is not None:
-                layers[name] = [fixed]
-                continue
+                here = fixed_layer_choices(space, fixed, name in form_fixed, forms)
+            else:
+                here = opts
             if form is None:
-                layers[name] = opts
+                layers[name] = here
                 continue
             quantizer = getattr(model.get_submodule(name), "act_quantizer", None)
             signed = bool(getattr(quantizer, "signed", True))
-            layers[name] = [c for c in opts if form.allows(c, signed)]
+            allowed = [c for c in here if form.holds(c) and form.allows(c, signed)]
+            layers[name] = allowed if allowed or fixed is None else [fixed]
         return cls(layers)
 
     @property

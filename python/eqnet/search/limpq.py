@@ -170,9 +170,10 @@ def limpq_search(
     ind = normalize_indicators(indicators)
     objective, forbidden, masked = [], [], {}
     for name, opts in zip(table.names, table.choices):
-        if len(opts) == 1 and name not in ind:  # fixed-width layer
-            objective.append(np.zeros(1))
-            forbidden.append(np.zeros(1))
+        if name not in ind and len({(c.w_bits, c.a_bits) for c in opts}) == 1:
+            # a fixed-width layer: no indicator, no objective among its forms
+            objective.append(np.zeros(len(opts)))
+            forbidden.append(np.zeros(len(opts)))
             continue
         if name not in ind:
             raise ValueError(f"no importance indicators for elastic layer {name!r}")

@@ -23,6 +23,7 @@ from eqnet.data import (
     load_data,
     train_loader,
 )
+from eqnet.nn import saved_with_one_form
 from eqnet.run import TrainConfig, build_model, evaluate, init_is_quantized
 from eqnet.run import checkpoint as ckpt
 from eqnet.space import SubnetConfig
@@ -434,5 +435,12 @@ class Trainer:
                 )
             d["epochs"] = epochs
         trainer = cls(TrainConfig.from_dict(d), out_dir, data=data, load_init=False)
+        if d.get("keep_first_last") == "8bit" and saved_with_one_form(
+            trainer.model, state["model"]
+        ):
+            # saved when fixed layers held one form: rebuild in that layout, so the optimizer
+            # holds the parameters the checkpoint has
+            d["keep_first_last"] = "8bit-fixed-form"
+            trainer = cls(TrainConfig.from_dict(d), out_dir, data=trainer.data, load_init=False)
         trainer.load_state_dict(state)
         return trainer
