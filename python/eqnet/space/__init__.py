@@ -1,0 +1,36 @@
+"""The elastic quantization space (`ElasticSpace`, `LayerChoice`) and subnet configurations
+(`SubnetConfig`): what every elastic layer may take, and one choice per layer of a converted
+model."""
+
+from .elastic import (
+    BITS_RANGE,
+    DRAW,
+    FLOAT_ACT_BITS,
+    GRANULARITIES,
+    SYMMETRIES,
+    ElasticSpace,
+    LayerChoice,
+    a_bits_width,
+    check_choice,
+    fixed_form_layers,
+    fixed_layer_choices,
+    layer_specs,
+)
+from .subnet import ENCODING_WIDTH, SubnetConfig
+
+__all__ = [
+    "BITS_RANGE",
+    "DRAW",
+    "ENCODING_WIDTH",
+    "FLOAT_ACT_BITS",
+    "GRANULARITIES",
+    "SYMMETRIES",
+    "ElasticSpace",
+    "LayerChoice",
+    "SubnetConfig",
+    "a_bits_width",
+    "check_choice",
+    "fixed_form_layers",
+    "fixed_layer_choices",
+    "layer_specs",
+]
