@@ -96,11 +96,15 @@ class _IntLayer(nn.Module):
             )
         return super().__getattr__(name)
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def prepared(self):
+        """The prepared op of the current tensors (made on first use, once per width)."""
         op = self._prepared
         if op is None:
             op = self._prepared = self.prepare()
-        return op(x)
+        return op
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prepared()(x)
 
     def act_repr(self) -> str:
         if self.act_scale is None:
