@@ -227,11 +227,11 @@ def test_hostile_step_lists_are_refused():
         p.step("slice", [0], ints=(1, 0, 4, 0))
     bad_qconv = (torch.zeros(1, 20000, 16, 4, dtype=torch.int8), torch.zeros(16, dtype=torch.int64),
                  torch.ones(1), torch.ones(1), None, None, None)  # fmt: skip
-    ints = (8, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0, 255)
+    ints = (8, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0, 255, 0)
     with pytest.raises(ValueError, match="K too long"):
         p.step("qconv", [0], bad_qconv, ints, (1.0, 0.0))
     with pytest.raises(ValueError, match="act_quant_min/max"):
-        p.step("qconv", [0], bad_qconv, (1, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, -5, 250), (1.0, 0.0))
+        p.step("qconv", [0], bad_qconv, (1, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, -5, 250, 0), (1.0, 0.0))
     with pytest.raises(ValueError, match="before running"):
         p(torch.zeros(1))
     h = p.relu(p.input)

@@ -16,12 +16,14 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "common/lowbit_fused_entry.h"
 #include "common/registry.h"
+#include "runtime/step_conv.h"
 
 namespace {
 
@@ -51,12 +53,13 @@ const char* const kKindNames[kNumKinds] = {
     "avg_pool2d", "adaptive_avg_pool2d", "flatten", "slice", "pad"};
 
 // What each kind takes: inputs, tensors (required ones first; the rest may be None), ints,
-// floats. -1: any count (checked by the kind itself).
+// floats. -1: any count (checked by the kind itself). qconv reads its input and optionally a
+// residual added before its optional ReLU (ints: the conv's 13, then relu 0/1).
 struct Arity {
   int inputs, tensors, required_tensors, ints, floats;
 };
 constexpr Arity kArity[kNumKinds] = {
-    {1, 7, 4, 13, 2},   // qconv: packed, wsum, scale, act_scale | zw, bias, act_zp
+    {-1, 7, 4, 14, 2},  // qconv: packed, wsum, scale, act_scale | zw, bias, act_zp; + relu
     {1, 8, 4, 3, 2},    // qlinear: planes, wsum, scale, act_scale | kernel weights, zw, bias, act_zp
     {1, 2, 1, 7, 0},    // conv: weight | bias; stride, padding, dilation pairs, groups
     {1, 2, 1, 0, 0},    // linear: weight | bias
@@ -80,11 +83,13 @@ struct Step {
   std::vector<std::optional<at::Tensor>> tensors;
   std::vector<int64_t> ints;
   std::vector<double> floats;
+  std::shared_ptr<eqk::steps::QConv> qconv;  // k4n16 convs: prepared once (step_conv_cpu.cpp)
 };
 
 // Whether every value of a float tensor is finite (exponent bits not all ones).
 bool all_finite(const at::Tensor& t) {
-  if (t.scalar_type() != at::kFloat || !t.is_contiguous()) return at::isfinite(t).all().item<bool>();
+  const bool dense = t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.scalar_type() != at::kFloat || !dense) return at::isfinite(t).all().item<bool>();
   const uint32_t* p = reinterpret_cast<const uint32_t*>(t.data_ptr<float>());
   const int64_t n = t.numel();
   uint32_t bad = 0;
@@ -112,8 +117,13 @@ class StepProgram {
                 kNumKinds - 1, "), got ", kind);
     const Arity a = kArity[kind];
     const char* name = kKindNames[kind];
-    TORCH_CHECK(static_cast<int>(inputs.size()) == a.inputs, name, ": takes ", a.inputs,
-                " input buffer(s), got ", inputs.size());
+    if (a.inputs < 0) {
+      TORCH_CHECK(inputs.size() == 1 || inputs.size() == 2, name,
+                  ": takes 1 input buffer and optionally a residual, got ", inputs.size());
+    } else {
+      TORCH_CHECK(static_cast<int>(inputs.size()) == a.inputs, name, ": takes ", a.inputs,
+                  " input buffer(s), got ", inputs.size());
+    }
     TORCH_CHECK(static_cast<int>(tensors.size()) == a.tensors, name, ": takes ", a.tensors,
                 " tensors, got ", tensors.size());
     for (int i = 0; i < a.required_tensors; ++i)
@@ -134,7 +144,12 @@ class StepProgram {
     check_params(static_cast<Kind>(kind), name, tensors, ints, floats);
     for (int64_t b : inputs) last_use_[b] = static_cast<int64_t>(steps_.size());
     written_[output] = true;
-    steps_.push_back(Step{static_cast<Kind>(kind), inputs, output, tensors, ints, floats});
+    Step step{static_cast<Kind>(kind), inputs, output, tensors, ints, floats, nullptr};
+    if (step.kind == Kind::qconv && tensors[0]->dim() == 4)
+      step.qconv = eqk::steps::make_qconv(*tensors[0], *tensors[1], *tensors[2], *tensors[3],
+                                          tensors[4], tensors[5], tensors[6], ints, floats[0],
+                                          floats[1]);
+    steps_.push_back(std::move(step));
   }
 
   void finish(int64_t output) {
@@ -184,6 +199,7 @@ class StepProgram {
         const int64_t qmax = ints[12];
         TORCH_CHECK(bits >= 1 && bits <= 8 && N >= 1 && groups >= 1 && N % groups == 0, name,
                     ": bits must be in 1..8, out channels >= 1 and divisible by groups");
+        TORCH_CHECK(ints[13] == 0 || ints[13] == 1, name, ": relu must be 0 or 1");
         for (int i = 2; i < 10; ++i)
           TORCH_CHECK(ints[i] >= (i >= 6 && i < 8 ? 0 : 1), name,
                       ": kernel, stride, dilation must be >= 1 and padding >= 0");
@@ -290,11 +306,15 @@ class StepProgram {
     switch (s.kind) {
       case Kind::qconv: {
         if (!all_finite(x)) return std::nullopt;
+        const at::Tensor* res = s.inputs.size() > 1 ? &buf[s.inputs[1]] : nullptr;
+        if (s.qconv) return eqk::steps::run_qconv(*s.qconv, x, res, n[13] != 0, isa);
         auto y = eqk::fused::conv2d_int_fused(
             x, need(t[0]), need(t[1]), n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8],
             n[9], n[10], need(t[2]), s.floats[0], s.floats[1], t[4], t[5], need(t[3]), t[6],
             n[11], n[12], isa);
         TORCH_CHECK(y.has_value(), "qconv: the activation zero point lies outside its range");
+        if (res != nullptr) y->add_(*res);
+        if (n[13] != 0) y->relu_();
         return y;
       }
       case Kind::qlinear: {

@@ -147,9 +147,11 @@ class StepProgram:
         return self._impl.run(x, self._isa)
 
     # ------------------------------------------------------------------ quantized steps
-    def conv(self, prepared, src: int) -> int:
-        """A `PreparedConv2d` (cpp backend, integer activations) as one step; raises
-        NotImplementedError naming why when the fused kernel does not run it."""
+    def conv(self, prepared, src: int, *, residual: int | None = None, relu: bool = False) -> int:
+        """A `PreparedConv2d` (cpp backend, integer activations) as one step, optionally
+        followed by `+ residual` (a buffer of the output's shape) and ReLU in its epilogue (the
+        same fp32 operations as separate steps); raises NotImplementedError naming why when the
+        fused kernel does not run it."""
         why = _quantized_why_not(prepared, FUSED_CONV)
         in_channels, (kh, kw), stride, padding, dilation, groups = prepared.geometry
         cin_g = in_channels // groups
@@ -162,9 +164,10 @@ class StepProgram:
         p = prepared
         c = compensation(p.top_bits - p.bits) if p.compensate else 0.0
         ints = (p.bits, p.out_channels, kh, kw, *stride, *padding, *dilation, groups,
-                p.act.quant_min, p.act.quant_max)  # fmt: skip
+                p.act.quant_min, p.act.quant_max, int(relu))  # fmt: skip
         tensors = (packed, wsum, p.scale, a_s, p.weight_zero_point, p.bias, a_z)
-        return self.step("qconv", [src], tensors, ints, (float(2 ** (p.top_bits - p.bits)), c))
+        inputs = [src] if residual is None else [src, residual]
+        return self.step("qconv", inputs, tensors, ints, (float(2 ** (p.top_bits - p.bits)), c))
 
     def linear(self, prepared, src: int) -> int:
         """A `PreparedLinear` (cpp backend, integer activations) as one step (the input's last

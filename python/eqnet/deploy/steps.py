@@ -84,6 +84,8 @@ class _Builder:
         if m.training:
             _refuse(node, "the module is in training mode")
         p = self.prog
+        if isinstance(m, IntConv2d) and m.out_mul is None:
+            return self.conv_with_epilogue(node, m, src)
         if isinstance(m, IntConv2d | IntLinear):
             out = (p.conv if isinstance(m, IntConv2d) else p.linear)(m.prepared(), src)
             return out if m.out_mul is None else p.affine(out, m.out_mul, m.out_add)
@@ -108,6 +110,56 @@ class _Builder:
         if type(m) is nn.Linear:
             return p.float_linear(src, m.weight, m.bias)
         _refuse(node, f"module {type(m).__name__} has no step")
+
+    def conv_with_epilogue(self, node: fx.Node, m: IntConv2d, src: int) -> int:
+        """The conv, with a residual add and a ReLU that are its only consumers fused into
+        its epilogue (the nodes in between that are aliases map to the same buffer)."""
+        chain, user = self.sole_user_chain(node)
+        residual, fused = None, []
+        if user is not None and self.is_add(user):
+            other = user.args[1] if user.args[0] is chain[-1] else user.args[0]
+            in_place_other = user.target in (operator.iadd, "add_") and other is user.args[0]
+            if other in self.buf and other is not chain[-1] and not in_place_other:
+                residual, fused = self.buf[other], [user]
+                chain, user = [*chain, user], self.sole_user_chain(user)[1]
+        relu = user is not None and self.is_relu(user)
+        if relu:
+            fused.append(user)
+        out = self.prog.conv(m.prepared(), src, residual=residual, relu=relu)
+        for n in (*chain[1:], *fused):
+            self.buf[n] = out
+        return out
+
+    def sole_user_chain(self, node: fx.Node) -> tuple[list[fx.Node], fx.Node | None]:
+        """([node, alias nodes that follow it one by one], the next sole user or None)."""
+        chain = [node]
+        while len(chain[-1].users) == 1:
+            (user,) = chain[-1].users
+            is_alias = user.op == "call_module" and isinstance(
+                self.modules[user.target], _ALIAS_MODULES
+            )
+            if not is_alias or self.modules[user.target].training:
+                return chain, user
+            chain.append(user)
+        return chain, None
+
+    def is_add(self, n: fx.Node) -> bool:
+        fn = n.target
+        method = n.op == "call_method" and fn in ("add", "add_")
+        ok = (n.op == "call_function" and fn in _ADD) or method
+        return (
+            ok and len(n.args) == 2 and not n.kwargs and all(isinstance(a, fx.Node) for a in n.args)
+        )
+
+    def is_relu(self, n: fx.Node) -> bool:
+        if len(n.args) != 1 or set(n.kwargs) - {"inplace"}:
+            return False
+        if n.op == "call_module":
+            m = self.modules[n.target]
+            return isinstance(m, nn.ReLU) and not m.training
+        return (n.op == "call_function" and n.target in _RELU) or (
+            n.op == "call_method" and n.target in ("relu", "relu_")
+        )
 
     def function(self, node: fx.Node) -> int:
         fn, args, kw = node.target, node.args, dict(node.kwargs)
@@ -168,13 +220,7 @@ class _Builder:
         if len(node.users) != 1:
             return None
         (user,) = node.users
-        if user.op == "call_module":
-            m = self.modules[user.target]
-            ok = isinstance(m, nn.ReLU) and not m.training and len(user.args) == 1
-        else:
-            ok = user.target in _RELU or (user.op == "call_method" and user.target == "relu")
-            ok = ok and len(user.args) == 1 and set(user.kwargs) <= {"inplace"}
-        return user if ok else None
+        return user if self.is_relu(user) else None
 
 
 def _sizes(v) -> tuple | None:

@@ -1,0 +1,240 @@
+// The integer conv of the step executor (csrc/runtime/step_program_cpu.cpp): the arithmetic of
+// the fused conv (csrc/lowbit_gemm/lowbit_fused_conv_cpu.cpp, k4n16 weights) operation for
+// operation, so its results equal the per-layer op's bit for bit, with what a step list allows
+// on top:
+//   * the epilogue terms are computed once when the step is added, not per call;
+//   * activations stay channels-last between steps: the input is read as NHWC runs when it is
+//     a channels-last tensor (no scatter into the code buffer) and the output is written as a
+//     channels-last tensor straight from the GEMM tile (no transpose); the step list's float
+//     steps (ATen) take any memory format, so nothing else changes;
+//   * a following residual add and ReLU run in the epilogue on the fp32 result, the same two
+//     fp32 operations the separate steps would do (y = fl32(epilogue) + r; y < 0 ? 0 : y).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/lowbit_cpu_packed.h"
+#include "common/lowbit_fused_cpu.h"
+#include "runtime/step_conv.h"
+
+namespace eqk::steps {
+
+namespace {
+
+constexpr int64_t kRows = 64;  // output positions per task, as the per-layer kernel
+
+// One block's epilogue, rows x cnt channels: the per-layer kernel's double expression
+// ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then ReLU.
+template <bool kBias, bool kRes, bool kRelu>
+__attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64_t ldc,
+                                                         int64_t rows, int64_t cnt,
+                                                         const QConv& p, int64_t n0,
+                                                         const double* xz, const float* res,
+                                                         float* out, int64_t ldo) {
+  const double* corr = p.corr.data() + n0;
+  const double* zw = p.zw.data() + n0;
+  const double* cw = p.cw.data() + n0;
+  const double* sc = p.sc.data() + n0;
+  const double* bias = kBias ? p.bias.data() + n0 : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* c = C + r * ldc;
+    float* o = out + r * ldo;
+    const float* rr = kRes ? res + r * ldo : nullptr;
+    const double x = xz[r];
+    for (int64_t n = 0; n < cnt; ++n) {
+      double t = ((static_cast<double>(c[n]) + corr[n] - zw[n]) + x * cw[n]) * sc[n];
+      if (kBias) t = t + bias[n];
+      float v = static_cast<float>(t);
+      if (kRes) v = v + rr[n];
+      if (kRelu) v = v < 0.0f ? 0.0f : v;
+      o[n] = v;
+    }
+  }
+}
+
+using EpilogueFn = void (*)(const int32_t*, int64_t, int64_t, int64_t, const QConv&, int64_t,
+                            const double*, const float*, float*, int64_t);
+
+template <bool kBias, bool kRes, bool kRelu>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void epilogue_avx512(
+    const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p, int64_t n0,
+    const double* xz, const float* res, float* out, int64_t ldo) {
+  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+}
+
+template <bool kBias, bool kRes, bool kRelu>
+EQK_TARGET_AVX2 void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt,
+                                   const QConv& p, int64_t n0, const double* xz,
+                                   const float* res, float* out, int64_t ldo) {
+  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+}
+
+template <bool kBias, bool kRes, bool kRelu>
+void epilogue_portable(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p,
+                       int64_t n0, const double* xz, const float* res, float* out, int64_t ldo) {
+  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+}
+
+template <bool kBias, bool kRes, bool kRelu>
+EpilogueFn pick_level(int level) {
+  if (level >= 2) return &epilogue_avx512<kBias, kRes, kRelu>;
+  if (level == 1) return &epilogue_avx2<kBias, kRes, kRelu>;
+  return &epilogue_portable<kBias, kRes, kRelu>;
+}
+
+EpilogueFn pick_epilogue(int level, bool bias, bool res, bool relu) {
+  const int key = (bias ? 4 : 0) | (res ? 2 : 0) | (relu ? 1 : 0);
+  switch (key) {
+    case 0: return pick_level<false, false, false>(level);
+    case 1: return pick_level<false, false, true>(level);
+    case 2: return pick_level<false, true, false>(level);
+    case 3: return pick_level<false, true, true>(level);
+    case 4: return pick_level<true, false, false>(level);
+    case 5: return pick_level<true, false, true>(level);
+    case 6: return pick_level<true, true, false>(level);
+    default: return pick_level<true, true, true>(level);
+  }
+}
+
+// Codes of x [B, C, H, W] as channels-last padded bytes [B, Hp, Wp, C] (border: the code of
+// real zero, minus sub). A channels-last x is quantized in whole rows of W*C values.
+void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int64_t Wp,
+                std::vector<uint8_t>& u) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto& q = p.q;
+  u.assign(B * Hp * Wp * C, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
+  const float* xp = x.data_ptr<float>();
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / (W * C)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, h = i % H;
+        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * C;
+        eqk::lowbit::quantize_codes(level, xp + i * W * C, W * C, q.inv, q.z, q.lo, q.hi, q.off,
+                                    dst);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t i0, int64_t i1) {
+    std::vector<uint8_t> row(W);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / C, ch = i % C;
+      for (int64_t h = 0; h < H; ++h) {
+        eqk::lowbit::quantize_codes(level, xp + (i * H + h) * W, W, q.inv, q.z, q.lo, q.hi,
+                                    q.off, row.data());
+        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * C + ch;
+        for (int64_t w = 0; w < W; ++w) dst[w * C] = row[w];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& wsum,
+                                  const at::Tensor& scale, const at::Tensor& act_scale,
+                                  const std::optional<at::Tensor>& zw,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& act_zp,
+                                  const std::vector<int64_t>& n, double scale_factor, double c) {
+  auto p = std::make_shared<QConv>();
+  p->packed = packed;
+  p->wsum = wsum;
+  p->bits = n[0];
+  p->N = n[1];
+  p->kh = n[2], p->kw = n[3], p->sh = n[4], p->sw = n[5], p->ph = n[6], p->pw = n[7];
+  p->dh = n[8], p->dw = n[9], p->groups = n[10];
+  p->q = eqk::fused::act_quant(act_scale, act_zp, n[11], n[12]);
+  p->z_in_range = p->q.z >= p->q.lo && p->q.z <= p->q.hi;
+  const int64_t K = 4 * packed.size(1);  // an upper bound; the run checks the input's K
+  const eqk::fused::Epilogue e =
+      eqk::fused::make_epilogue(p->N, K, wsum, scale, scale_factor, c, zw, bias, p->q);
+  const int64_t N = p->N;
+  p->corr.resize(N), p->zw.resize(N), p->sc.resize(N);
+  for (int64_t i = 0; i < N; ++i) {  // the per-layer kernel's per-channel terms
+    p->corr[i] = static_cast<double>(static_cast<int64_t>(p->q.off) * e.wsum[i]);
+    p->zw[i] = e.z * static_cast<double>(e.wsum[i]);
+    p->sc[i] = e.sa * static_cast<double>(e.sb[i]);
+  }
+  p->cw = e.cw;
+  p->bias = e.bias;
+  p->z = e.z;
+  return p;
+}
+
+at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* residual,
+                     bool relu, int64_t isa) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat,
+              "qconv: x must be a float32 [B, C, H, W] tensor");
+  TORCH_CHECK(p.z_in_range, "qconv: the activation zero point lies outside its range");
+  const at::Tensor x = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) ? x_in
+                                                                          : x_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t groups = p.groups, N = p.N, cin_g = C / groups, n_g = N / groups;
+  TORCH_CHECK(C % groups == 0, "qconv: input channels ", C, " not divisible by groups");
+  const int64_t K = cin_g * p.kh * p.kw, K4 = (K + 3) / 4, Kp = 4 * K4;
+  const int64_t Npad = 16 * ((n_g + 15) / 16);
+  TORCH_CHECK(p.packed.numel() == groups * K4 * Npad * 4, "qconv: the input's ", C,
+              " channels do not match the packed weights");
+  const int64_t Hp = H + 2 * p.ph, Wp = W + 2 * p.pw;
+  const int64_t OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
+  const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
+  TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
+  const int64_t L = OH * OW;
+  auto y = at::empty({B, N, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor r;
+  if (residual != nullptr) {
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
+                "qconv: the residual must be float32 of the output's shape");
+    r = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  const int level = eqk::lowbit::kernel_level(isa);
+  std::vector<uint8_t> u;
+  codes_nhwc(level, x, p, Hp, Wp, u);
+  const EpilogueFn epi = pick_epilogue(level, !p.bias.empty(), residual != nullptr, relu);
+  const int8_t* wp = p.packed.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
+  const int64_t sub = p.q.off;
+  const int64_t blocks = (L + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, eqk::fused::kMinTaskMacs / (kRows * N * K));
+  at::parallel_for(0, B * blocks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> A(kRows * Kp, 0);
+    std::vector<int32_t> Cbuf(kRows * Npad);
+    std::vector<double> xz(kRows);
+    std::vector<int64_t> taps(p.kh * p.kw);
+    for (int64_t a = 0; a < p.kh; ++a)
+      for (int64_t bb = 0; bb < p.kw; ++bb)
+        taps[a * p.kw + bb] = (a * p.dh * Wp + bb * p.dw) * C;
+    const int64_t ntaps = p.kh * p.kw;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks, l0 = (t % blocks) * kRows;
+      const int64_t rows = std::min(kRows, L - l0);
+      const uint8_t* ub = u.data() + b * Hp * Wp * C;
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        for (int64_t rr = 0; rr < rows; ++rr) {
+          const int64_t l = l0 + rr, oy = l / OW, ox = l % OW;
+          uint8_t* dst = A.data() + rr * Kp;
+          const uint8_t* src = ub + (oy * p.sh * Wp + ox * p.sw) * C + gi * cin_g;
+          for (int64_t k = 0; k < ntaps; ++k) std::memcpy(dst + k * cin_g, src + taps[k], cin_g);
+          int32_t s = 0;  // K * 255 < 2^31 (checked when the step was added)
+          for (int64_t k = 0; k < K; ++k) s += dst[k];
+          const int64_t xs = s + K * sub;  // sum of the codes
+          xz[rr] = static_cast<double>(xs) - static_cast<double>(K) * p.z;
+        }
+        eqk::lowbit::packed_gemm(level, static_cast<int>(p.bits), A.data(), Kp, rows,
+                                 wp + gi * K4 * Npad * 4, K4, Npad, Cbuf.data(), Npad);
+        const int64_t n0 = gi * n_g, off = (b * L + l0) * N + n0;
+        epi(Cbuf.data(), Npad, rows, n_g, p, n0, xz.data(), rp == nullptr ? nullptr : rp + off,
+            yp + off, N);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace eqk::steps
