@@ -241,3 +241,18 @@ def test_hostile_step_lists_are_refused():
     with pytest.raises(ValueError, match="finish"):
         p.relu(h)
     torch.testing.assert_close(p(torch.tensor([-1.0, 2.0])), torch.tensor([0.0, 2.0]))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_every_isa_level_equals_modules(resnet20, isa):
+    """The program runs at the ISA cap it was built under; every level gives the same bits."""
+    from eqkernels.backend import force_cpu_isa
+
+    _, path = resnet20
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = load(path, bits=4, runtime="modules")(x)
+        with force_cpu_isa(isa):
+            steps = load(path, bits=4, runtime="steps")
+            got = steps(x)
+    assert torch.equal(got, want)

@@ -100,6 +100,53 @@ EpilogueFn pick_epilogue(int level, bool bias, bool res, bool relu) {
   }
 }
 
+// im2col of `rows` output positions from channels-last codes (columns in (kh, kw, cin_g) order,
+// the k4n16 weights' order) and each row's code sum term xz = (sum u + K sub) - K z, as the
+// per-layer kernel computes it.
+struct Im2col {
+  const uint8_t* ub;  // codes of this image, [Hp, Wp, C]
+  int64_t C, Wp, OW, cin_g, K, Kp, sub, sh, sw;
+  const int64_t* taps;
+  int64_t ntaps;
+  double z;
+};
+
+// Copies n bytes and returns their sum: 16-byte moves summed with psadbw (SSE2, the x86-64
+// baseline) and a byte loop for the rest. (A byte loop over a run length known only at run
+// time compiled to slow code, a memcpy call per run cost more than the GEMM.)
+inline int32_t copy_and_sum(uint8_t* dst, const uint8_t* src, int64_t n) {
+  int64_t i = 0;
+  int32_t sum = 0;
+#if defined(__SSE2__)
+  __m128i acc = _mm_setzero_si128();
+  for (; i + 16 <= n; i += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), v);
+    acc = _mm_add_epi64(acc, _mm_sad_epu8(v, _mm_setzero_si128()));
+  }
+  sum = static_cast<int32_t>(_mm_cvtsi128_si64(acc) +
+                             _mm_cvtsi128_si64(_mm_unpackhi_epi64(acc, acc)));
+#endif
+  for (; i < n; ++i) {
+    dst[i] = src[i];
+    sum += src[i];
+  }
+  return sum;
+}
+
+void im2col(const Im2col& g, int64_t l0, int64_t rows, int64_t gi, uint8_t* A, double* xz) {
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const int64_t l = l0 + rr, oy = l / g.OW, ox = l % g.OW;
+    uint8_t* dst = A + rr * g.Kp;
+    const uint8_t* src = g.ub + (oy * g.sh * g.Wp + ox * g.sw) * g.C + gi * g.cin_g;
+    int32_t sum = 0;  // K * 255 < 2^31 (checked when the step was added)
+    for (int64_t k = 0; k < g.ntaps; ++k)
+      sum += copy_and_sum(dst + k * g.cin_g, src + g.taps[k], g.cin_g);
+    const int64_t xs = sum + g.K * g.sub;  // sum of the codes
+    xz[rr] = static_cast<double>(xs) - static_cast<double>(g.K) * g.z;
+  }
+}
+
 // Codes of x [B, C, H, W] as channels-last padded bytes [B, Hp, Wp, C] (border: the code of
 // real zero, minus sub). A channels-last x is quantized in whole rows of W*C values.
 void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int64_t Wp,
@@ -214,18 +261,10 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / blocks, l0 = (t % blocks) * kRows;
       const int64_t rows = std::min(kRows, L - l0);
-      const uint8_t* ub = u.data() + b * Hp * Wp * C;
+      const Im2col g{u.data() + b * Hp * Wp * C, C, Wp, OW, cin_g, K, Kp, sub, p.sh, p.sw,
+                     taps.data(), ntaps, p.z};
       for (int64_t gi = 0; gi < groups; ++gi) {
-        for (int64_t rr = 0; rr < rows; ++rr) {
-          const int64_t l = l0 + rr, oy = l / OW, ox = l % OW;
-          uint8_t* dst = A.data() + rr * Kp;
-          const uint8_t* src = ub + (oy * p.sh * Wp + ox * p.sw) * C + gi * cin_g;
-          for (int64_t k = 0; k < ntaps; ++k) std::memcpy(dst + k * cin_g, src + taps[k], cin_g);
-          int32_t s = 0;  // K * 255 < 2^31 (checked when the step was added)
-          for (int64_t k = 0; k < K; ++k) s += dst[k];
-          const int64_t xs = s + K * sub;  // sum of the codes
-          xz[rr] = static_cast<double>(xs) - static_cast<double>(K) * p.z;
-        }
+        im2col(g, l0, rows, gi, A.data(), xz.data());
         eqk::lowbit::packed_gemm(level, static_cast<int>(p.bits), A.data(), Kp, rows,
                                  wp + gi * K4 * Npad * 4, K4, Npad, Cbuf.data(), Npad);
         const int64_t n0 = gi * n_g, off = (b * L + l0) * N + n0;

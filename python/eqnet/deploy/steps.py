@@ -49,6 +49,7 @@ class _Builder:
         self.graph = graph
         self.prog = eqkernels.StepProgram()
         self.buf: dict[fx.Node, int] = {}
+        self.active: set[fx.Node] = set()
 
     def arg(self, node: fx.Node, a) -> int:
         if not isinstance(a, fx.Node) or a not in self.buf:
@@ -69,12 +70,9 @@ class _Builder:
                 out = node.args[0]
                 self.prog.finish(self.arg(node, out))
                 return self.prog
-            if node.op == "call_module":
-                self.buf[node] = self.module(node, self.modules[node.target])
-            elif node.op in ("call_function", "call_method"):
-                self.buf[node] = self.function(node)
-            else:
+            if node.op not in ("call_module", "call_function", "call_method"):
                 _refuse(node, f"{node.op} nodes have no step")
+            self.handle(node)
         raise NotImplementedError("step runtime: the traced graph has no output")
 
     def module(self, node: fx.Node, m: nn.Module) -> int:
@@ -119,7 +117,8 @@ class _Builder:
         if user is not None and self.is_add(user):
             other = user.args[1] if user.args[0] is chain[-1] else user.args[0]
             in_place_other = user.target in (operator.iadd, "add_") and other is user.args[0]
-            if other in self.buf and other is not chain[-1] and not in_place_other:
+            ready = other is not chain[-1] and self.ensure(other, depth=4)
+            if ready and not in_place_other:
                 residual, fused = self.buf[other], [user]
                 chain, user = [*chain, user], self.sole_user_chain(user)[1]
         relu = user is not None and self.is_relu(user)
@@ -129,6 +128,36 @@ class _Builder:
         for n in (*chain[1:], *fused):
             self.buf[n] = out
         return out
+
+    def ensure(self, node, depth: int) -> bool:
+        """Whether `node` has a buffer, computing it now (ahead of graph order) when everything
+        it reads has one within `depth` such nodes: the residual of a block is often traced
+        after the conv whose epilogue adds it. Only pure nodes move (modules, functions and
+        methods whose tensor arguments are all available); a node that cannot be computed yet
+        is left to graph order."""
+        if not isinstance(node, fx.Node):
+            return False
+        if node in self.buf:
+            return True
+        if (
+            depth == 0
+            or node in self.active
+            or node.op not in ("call_module", "call_function", "call_method")
+        ):
+            return False
+        inputs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        if not all(self.ensure(a, depth - 1) for a in inputs):
+            return False
+        self.handle(node)
+        return node in self.buf
+
+    def handle(self, node: fx.Node) -> None:
+        self.active.add(node)  # a node being built is never computed ahead from inside itself
+        if node.op == "call_module":
+            self.buf[node] = self.module(node, self.modules[node.target])
+        else:
+            self.buf[node] = self.function(node)
+        self.active.discard(node)
 
     def sole_user_chain(self, node: fx.Node) -> tuple[list[fx.Node], fx.Node | None]:
         """([node, alias nodes that follow it one by one], the next sole user or None)."""
