@@ -147,6 +147,84 @@ void im2col(const Im2col& g, int64_t l0, int64_t rows, int64_t gi, uint8_t* A, d
   }
 }
 
+// Implicit GEMM (AVX-512 VNNI, cin_g % 4 == 0): the k4n16 GEMM of the per-layer kernel with
+// each row's activation bytes read in place from the channels-last codes, tap by tap (row r,
+// tap t: P[r] + taps[t]), instead of from an im2col copy. Same integer sums (exact in int32).
+template <int MR, int NTB>
+EQK_TARGET_AVX512 inline void implicit_tile(const uint8_t* const* P, const int64_t* taps,
+                                            int64_t ntaps, int64_t K4t, const int8_t* Wp,
+                                            int64_t Npad, int32_t* C, int64_t ldc) {
+  __m512i acc[MR][NTB];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NTB; ++t) acc[r][t] = _mm512_setzero_si512();
+  for (int64_t tap = 0; tap < ntaps; ++tap) {
+    const int8_t* wt = Wp + tap * K4t * Npad * 4;
+    const int64_t off = taps[tap];
+    for (int64_t kk = 0; kk < K4t; ++kk) {
+      const int8_t* w = wt + kk * Npad * 4;
+      __m512i wv[NTB];
+      for (int t = 0; t < NTB; ++t) wv[t] = _mm512_loadu_si512(w + 64 * t);
+      for (int r = 0; r < MR; ++r) {
+        int32_t a4;
+        std::memcpy(&a4, P[r] + off + 4 * kk, 4);
+        const __m512i av = _mm512_set1_epi32(a4);
+        for (int t = 0; t < NTB; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], av, wv[t]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NTB; ++t) _mm512_storeu_si512(C + r * ldc + 16 * t, acc[r][t]);
+}
+
+template <int MR>
+EQK_TARGET_AVX512 inline void implicit_rows(const uint8_t* const* P, const int64_t* taps,
+                                            int64_t ntaps, int64_t K4t, const int8_t* Wp,
+                                            int64_t Npad, int64_t t0, int ntb, int32_t* C,
+                                            int64_t ldc) {
+  const int8_t* w = Wp + 64 * t0;
+  int32_t* c = C + 16 * t0;
+  switch (ntb) {
+    case 1: implicit_tile<MR, 1>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
+    case 2: implicit_tile<MR, 2>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
+    case 3: implicit_tile<MR, 3>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
+    default: implicit_tile<MR, 4>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
+  }
+}
+
+EQK_TARGET_AVX512 void implicit_gemm(const uint8_t* const* P, int64_t rows, const int64_t* taps,
+                                     int64_t ntaps, int64_t K4t, const int8_t* Wp, int64_t Npad,
+                                     int32_t* C, int64_t ldc) {
+  const int64_t NT = Npad / 16;
+  for (int64_t t0 = 0; t0 < NT; t0 += 4) {
+    const int ntb = static_cast<int>(NT - t0 < 4 ? NT - t0 : 4);
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+      implicit_rows<4>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
+    const int64_t left = rows - r;
+    if (left == 3) implicit_rows<3>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
+    if (left == 2) implicit_rows<2>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
+    if (left == 1) implicit_rows<1>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
+  }
+}
+
+// Per padded pixel and group, the sum of the group's cin_g code bytes (for the implicit path's
+// code sums: a receptive field's sum is the sum of its taps' pixel sums).
+void group_sums(const uint8_t* u, int64_t pixels, int64_t C, int64_t groups, int32_t* S) {
+  const int64_t cin_g = C / groups;
+  at::parallel_for(0, pixels, 1024, [&](int64_t i0, int64_t i1) {
+    uint8_t scratch[64];
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t s = 0;
+        for (int64_t c0 = 0; c0 < cin_g; c0 += 64) {
+          const int64_t n = std::min<int64_t>(64, cin_g - c0);
+          s += copy_and_sum(scratch, u + i * C + g * cin_g + c0, n);
+        }
+        S[i * groups + g] = s;
+      }
+  });
+}
+
 // Codes of x [B, C, H, W] as channels-last padded bytes [B, Hp, Wp, C] (border: the code of
 // real zero, minus sub). A channels-last x is quantized in whole rows of W*C values.
 void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int64_t Wp,
@@ -240,8 +318,17 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     r = residual->contiguous(at::MemoryFormat::ChannelsLast);
   }
   const int level = eqk::lowbit::kernel_level(isa);
-  std::vector<uint8_t> u;
+  // Reused across calls and layers on this thread: a fresh buffer per call page-faulted.
+  static thread_local std::vector<uint8_t> u;
   codes_nhwc(level, x, p, Hp, Wp, u);
+  const uint8_t* codes = u.data();  // worker threads must not name the thread_local
+  const bool implicit = level >= 2 && cin_g % 4 == 0;
+  static thread_local std::vector<int32_t> sums;
+  if (implicit) {
+    sums.resize(B * Hp * Wp * groups);
+    group_sums(codes, B * Hp * Wp, C, groups, sums.data());
+  }
+  const int32_t* S = sums.data();
   const EpilogueFn epi = pick_epilogue(level, !p.bias.empty(), residual != nullptr, relu);
   const int8_t* wp = p.packed.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
@@ -258,15 +345,31 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
       for (int64_t bb = 0; bb < p.kw; ++bb)
         taps[a * p.kw + bb] = (a * p.dh * Wp + bb * p.dw) * C;
     const int64_t ntaps = p.kh * p.kw;
+    std::vector<int64_t> tap_pixels(ntaps);
+    for (int64_t k = 0; k < ntaps; ++k) tap_pixels[k] = taps[k] / C;
+    std::vector<const uint8_t*> P(kRows);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / blocks, l0 = (t % blocks) * kRows;
       const int64_t rows = std::min(kRows, L - l0);
-      const Im2col g{u.data() + b * Hp * Wp * C, C, Wp, OW, cin_g, K, Kp, sub, p.sh, p.sw,
+      const Im2col g{codes + b * Hp * Wp * C, C, Wp, OW, cin_g, K, Kp, sub, p.sh, p.sw,
                      taps.data(), ntaps, p.z};
       for (int64_t gi = 0; gi < groups; ++gi) {
-        im2col(g, l0, rows, gi, A.data(), xz.data());
-        eqk::lowbit::packed_gemm(level, static_cast<int>(p.bits), A.data(), Kp, rows,
-                                 wp + gi * K4 * Npad * 4, K4, Npad, Cbuf.data(), Npad);
+        if (implicit) {
+          const int32_t* Sb = S + b * Hp * Wp * groups + gi;
+          for (int64_t rr = 0; rr < rows; ++rr) {
+            const int64_t l = l0 + rr, pix = (l / OW) * p.sh * Wp + (l % OW) * p.sw;
+            P[rr] = g.ub + pix * C + gi * cin_g;
+            int64_t xs = K * sub;  // sum of the codes
+            for (int64_t k = 0; k < ntaps; ++k) xs += Sb[(pix + tap_pixels[k]) * groups];
+            xz[rr] = static_cast<double>(xs) - static_cast<double>(K) * p.z;
+          }
+          implicit_gemm(P.data(), rows, taps.data(), ntaps, cin_g / 4, wp + gi * K4 * Npad * 4,
+                        Npad, Cbuf.data(), Npad);
+        } else {
+          im2col(g, l0, rows, gi, A.data(), xz.data());
+          eqk::lowbit::packed_gemm(level, static_cast<int>(p.bits), A.data(), Kp, rows,
+                                   wp + gi * K4 * Npad * 4, K4, Npad, Cbuf.data(), Npad);
+        }
         const int64_t n0 = gi * n_g, off = (b * L + l0) * N + n0;
         epi(Cbuf.data(), Npad, rows, n_g, p, n0, xz.data(), rp == nullptr ? nullptr : rp + off,
             yp + off, N);

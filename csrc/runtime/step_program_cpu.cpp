@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "common/lowbit_cpu_dispatch.h"
 #include "common/lowbit_fused_entry.h"
 #include "common/registry.h"
 #include "runtime/step_conv.h"
@@ -86,15 +87,29 @@ struct Step {
   std::shared_ptr<eqk::steps::QConv> qconv;  // k4n16 convs: prepared once (step_conv_cpu.cpp)
 };
 
-// Whether every value of a float tensor is finite (exponent bits not all ones).
-bool all_finite(const at::Tensor& t) {
-  const bool dense = t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (t.scalar_type() != at::kFloat || !dense) return at::isfinite(t).all().item<bool>();
-  const uint32_t* p = reinterpret_cast<const uint32_t*>(t.data_ptr<float>());
-  const int64_t n = t.numel();
+// Whether n floats (as bits) are all finite (exponent bits not all ones); compiled per ISA so
+// that the loop vectorizes (it runs before every quantized step).
+__attribute__((always_inline)) inline bool finite_body(const uint32_t* p, int64_t n) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) bad |= ((p[i] & 0x7f800000u) == 0x7f800000u);
   return bad == 0;
+}
+__attribute__((target("avx512f,avx512bw"))) bool finite_avx512(const uint32_t* p, int64_t n) {
+  return finite_body(p, n);
+}
+__attribute__((target("avx2"))) bool finite_avx2(const uint32_t* p, int64_t n) {
+  return finite_body(p, n);
+}
+bool finite_portable(const uint32_t* p, int64_t n) { return finite_body(p, n); }
+
+bool all_finite(const at::Tensor& t, int64_t isa) {
+  const bool dense = t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.scalar_type() != at::kFloat || !dense) return at::isfinite(t).all().item<bool>();
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(t.data_ptr<float>());
+  const int level = eqk::lowbit::kernel_level(isa);
+  if (level >= 2) return finite_avx512(p, t.numel());
+  if (level == 1) return finite_avx2(p, t.numel());
+  return finite_portable(p, t.numel());
 }
 
 const at::Tensor& need(const std::optional<at::Tensor>& t) { return *t; }
@@ -305,7 +320,7 @@ class StepProgram {
     const auto& n = s.ints;
     switch (s.kind) {
       case Kind::qconv: {
-        if (!all_finite(x)) return std::nullopt;
+        if (!all_finite(x, isa)) return std::nullopt;
         const at::Tensor* res = s.inputs.size() > 1 ? &buf[s.inputs[1]] : nullptr;
         if (s.qconv) return eqk::steps::run_qconv(*s.qconv, x, res, n[13] != 0, isa);
         auto y = eqk::fused::conv2d_int_fused(
@@ -318,7 +333,7 @@ class StepProgram {
         return y;
       }
       case Kind::qlinear: {
-        if (!all_finite(x)) return std::nullopt;
+        if (!all_finite(x, isa)) return std::nullopt;
         TORCH_CHECK(x.dim() >= 1, "qlinear: input must have at least one dimension");
         const at::Tensor x2 = x.reshape({-1, x.size(-1)});
         at::Tensor y = eqk::fused::linear_int_fused(
