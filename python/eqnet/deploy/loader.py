@@ -69,7 +69,7 @@ class DeployedModel(nn.Module):
         self.backend = backend
         self.runtime = runtime
         self.active_config: SubnetConfig | None = None
-        self._program = None
+        self._program = self._modules_list = None
         self.runtime_reason: str | None = "not built yet"
         self.eval()
 
@@ -100,10 +100,13 @@ class DeployedModel(nn.Module):
 
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())
+        modules = self._modules_list
+        if modules is None:  # cached with the program: walking the tree cost ~30 us per call
+            modules = self._modules_list = list(self.model.modules())
+        return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
     def _apply(self, fn, *args, **kwargs):
-        self._program = None  # .to() / .float() replace the tensors the program holds
+        self._program = self._modules_list = None  # .to() / .float() replace its tensors
         return super()._apply(fn, *args, **kwargs)
 
     @property
@@ -147,7 +150,7 @@ class DeployedModel(nn.Module):
             layers[lname].set_tensors(_layer_tensors(self.header, tensors, lname, choice))
             layers[lname].backend = self.backend
         self.active_config = config
-        self._program = None
+        self._program = self._modules_list = None
         if self.runtime == "modules":
             self.runtime_reason = "runtime='modules'"
         elif self.runtime == "steps":
