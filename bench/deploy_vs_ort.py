@@ -100,8 +100,12 @@ def compare(
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         eqk = _eqk_file(name, float_model, size, tmp)
-        deployed = {b: load(eqk, bits=b, max_bits=b) for b in widths}
-        per_layer = load(eqk, bits=4, max_bits=4, runtime="modules") if 4 in widths else None
+        deployed = {b: load(eqk, bits=b, max_bits=b, model=float_model) for b in widths}
+        per_layer = (
+            load(eqk, bits=4, max_bits=4, runtime="modules", model=float_model)
+            if 4 in widths
+            else None
+        )
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             x = torch.randn(batch, *size, generator=gen)

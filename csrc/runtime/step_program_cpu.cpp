@@ -192,7 +192,9 @@ class StepProgram {
       for (int64_t b : s.inputs)
         if (last_use_[b] == static_cast<int64_t>(i) && b != 0) buf[b] = at::Tensor();
     }
-    return buf[output_];
+    // Channels-last intermediates are the executor's business: the caller gets the
+    // contiguous layout the per-layer path returns.
+    return buf[output_].contiguous();
   }
 
  private:
