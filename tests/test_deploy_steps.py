@@ -170,9 +170,18 @@ def test_nan_input_hooks_and_training_run_the_modules(resnet20):
         steps(x[:1])
     h.remove()
     assert len(seen) == 1  # the hook ran: the module path ran
+
+    class Boom:
+        def __call__(self, x):
+            raise AssertionError("the step program ran")
+
+    steps._program = Boom()  # training mode must not reach the (eval-only) program
     steps.train()
-    assert steps.training  # eval-only steps (dropout) are not taken in training mode
+    with torch.no_grad():
+        steps(x[:1])
     steps.eval()
+    with pytest.raises(AssertionError, match="the step program ran"), torch.no_grad():
+        steps(x[:1])
 
 
 # --------------------------------------------------------------------------- StepProgram
@@ -256,3 +265,39 @@ def test_every_isa_level_equals_modules(resnet20, isa):
             steps = load(path, bits=4, runtime="steps")
             got = steps(x)
     assert torch.equal(got, want)
+
+
+class _Depthwise(nn.Module):
+    """MobileNet-like: depthwise 3x3 (stride 1 and 2), pointwise, ReLU6, a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.dw2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu6(self.stem(x))
+        x = x + self.pw(F.relu6(self.dw(x)))
+        return self.fc(F.adaptive_avg_pool2d(self.dw2(x), 1).flatten(1))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_depthwise_steps_equal_modules_at_every_isa(tmp_path, isa):
+    from eqkernels.backend import force_cpu_isa
+
+    space = ElasticSpace(w_bits=(4, 8), a_bits=(4, 8), nested=True)
+    torch.manual_seed(0)
+    sn = eqnet.convert(_Depthwise(), space, keep_first_last="elastic")
+    eqnet.calibrate(sn, [(torch.randn(4, 3, 9, 9), torch.zeros(4))], batches=1, method="lsq")
+    path = tmp_path / "dw.eqk"
+    export(sn.eval(), path)
+    x = torch.randn(3, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    for bits in (4, 8):
+        with torch.no_grad():
+            want = load(path, bits=bits, model=_Depthwise(), runtime="modules")(x)
+            with force_cpu_isa(isa):
+                got = load(path, bits=bits, model=_Depthwise(), runtime="steps")(x)
+        assert torch.equal(got, want)

@@ -21,6 +21,8 @@ struct QConv {
   bool z_in_range = false;
   double z = 0.0;
   std::vector<double> corr, zw, cw, sc, bias;  // per-channel epilogue terms (bias may be empty)
+  bool depthwise = false;            // groups == in == out channels: step_depthwise_cpu.cpp
+  std::vector<int32_t> dw_weights;   // depthwise: weight codes [kh*kw][N]
 };
 
 // ints: bits, N, kh, kw, sh, sw, ph, pw, dh, dw, groups, qmin, qmax (the qconv step's).
@@ -30,6 +32,11 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
                                   const std::optional<at::Tensor>& bias,
                                   const std::optional<at::Tensor>& act_zp,
                                   const std::vector<int64_t>& ints, double scale_factor, double c);
+
+// The depthwise conv of x's codes u (channels-last, padded to Hp x Wp).
+at::Tensor run_depthwise(const QConv& p, const at::Tensor& x, const std::vector<uint8_t>& u,
+                         int64_t Hp, int64_t Wp, const at::Tensor* residual, bool relu,
+                         int level);
 
 // y = conv(x) [+ residual] [then ReLU] as a channels-last float32 [B, N, OH, OW] tensor.
 at::Tensor run_qconv(const QConv& p, const at::Tensor& x, const at::Tensor* residual, bool relu,

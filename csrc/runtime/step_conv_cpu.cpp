@@ -275,7 +275,16 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
   p->dh = n[8], p->dw = n[9], p->groups = n[10];
   p->q = eqk::fused::act_quant(act_scale, act_zp, n[11], n[12]);
   p->z_in_range = p->q.z >= p->q.lo && p->q.z <= p->q.hi;
-  const int64_t K = 4 * packed.size(1);  // an upper bound; the run checks the input's K
+  p->depthwise = packed.dim() == 2;
+  if (p->depthwise) {  // decoded int8 [N, kh*kw] -> int32 [kh*kw][N]
+    const int64_t taps = p->kh * p->kw;
+    const int8_t* d = packed.data_ptr<int8_t>();
+    p->dw_weights.resize(taps * p->N);
+    for (int64_t n = 0; n < p->N; ++n)
+      for (int64_t t = 0; t < taps; ++t) p->dw_weights[t * p->N + n] = d[n * taps + t];
+  }
+  // K matters only to Epilogue::operator(), which the steps do not call.
+  const int64_t K = p->depthwise ? p->kh * p->kw : 4 * packed.size(1);
   const eqk::fused::Epilogue e =
       eqk::fused::make_epilogue(p->N, K, wsum, scale, scale_factor, c, zw, bias, p->q);
   const int64_t N = p->N;
@@ -301,6 +310,15 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t groups = p.groups, N = p.N, cin_g = C / groups, n_g = N / groups;
   TORCH_CHECK(C % groups == 0, "qconv: input channels ", C, " not divisible by groups");
+  if (p.depthwise) {
+    TORCH_CHECK(C == groups && N == groups, "qconv: depthwise weights need ", groups,
+                " input channels, got ", C);
+    const int level = eqk::lowbit::kernel_level(isa);
+    static thread_local std::vector<uint8_t> dw_codes;
+    const int64_t Hp = x.size(2) + 2 * p.ph, Wp = x.size(3) + 2 * p.pw;
+    codes_nhwc(level, x, p, Hp, Wp, dw_codes);
+    return run_depthwise(p, x, dw_codes, Hp, Wp, residual, relu, level);
+  }
   const int64_t K = cin_g * p.kh * p.kw, K4 = (K + 3) / 4, Kp = 4 * K4;
   const int64_t Npad = 16 * ((n_g + 15) / 16);
   TORCH_CHECK(p.packed.numel() == groups * K4 * Npad * 4, "qconv: the input's ", C,

@@ -160,7 +160,9 @@ class StepProgram {
     for (int64_t b : inputs) last_use_[b] = static_cast<int64_t>(steps_.size());
     written_[output] = true;
     Step step{static_cast<Kind>(kind), inputs, output, tensors, ints, floats, nullptr};
-    if (step.kind == Kind::qconv && tensors[0]->dim() == 4)
+    // k4n16 convs, and depthwise convs of one output channel per group (channel multipliers
+    // run the per-layer kernel).
+    if (step.kind == Kind::qconv && (tensors[0]->dim() == 4 || ints[1] == ints[10]))
       step.qconv = eqk::steps::make_qconv(*tensors[0], *tensors[1], *tensors[2], *tensors[3],
                                           tensors[4], tensors[5], tensors[6], ints, floats[0],
                                           floats[1]);
