@@ -201,9 +201,16 @@ class GraphCounter:
         )
 
 
-def test_group_space_switches_tensor_channel_group_forms_in_one_graph(monkeypatch):
+@pytest.mark.parametrize(
+    "kernel_in_graphs",
+    [False, pytest.param(True, marks=[pytest.mark.slow, requires_cpp])],
+    ids=["inline", "kernel-op"],
+)
+def test_group_space_switches_tensor_channel_group_forms_in_one_graph(
+    monkeypatch, kernel_in_graphs
+):
     torch._dynamo.reset()
-    monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", False)
+    monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", kernel_in_graphs)
     space = _space(
         a_bits=(4,),
         w_granularities=("tensor", "channel", "group"),
@@ -278,3 +285,23 @@ def test_fake_quant_form_per_group_matches_oracle(backend):
     torch.testing.assert_close(xs.grad, rdx.float(), rtol=0, atol=0)
     torch.testing.assert_close(ss.grad.double(), rds * scale, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(zs.grad.double(), rdz * scale, rtol=1e-5, atol=1e-6)
+
+
+def test_train_config_group_size_gives_every_recipe_group_weights():
+    from eqnet.run.config import TrainConfig, recipe_space
+
+    def space(recipe, **kw):
+        w_bits = [4] if recipe == "qat" else [2, 3, 4]
+        cfg = TrainConfig(
+            recipe=recipe, model="digits_cnn", data="digits", w_bits=w_bits, a_bits=[None], **kw
+        )
+        return recipe_space(cfg.resolved())
+
+    for recipe in ("qat", "multiquant", "layered"):
+        got = space(recipe, group_size=64)
+        assert got.w_granularities == ("group",) and got.group_size == 64
+    assert space("layered", group_size=64).nested
+    assert space("eqnet", group_size=32).w_granularities == ("channel", "tensor", "group")
+    assert "group" not in space("qat").w_granularities  # no group_size: as before
+    with pytest.raises(ValueError, match="group_size=40: accepted values are positive multiples"):
+        TrainConfig(recipe="qat", model="digits_cnn", data="digits", group_size=40)
