@@ -27,9 +27,6 @@ from .scale_search import SCALE_EPS, RowStats, quant_mse, scale_candidates
 
 ROLES = ("weight", "activation")
 
-# SCALE_EPS: the smallest step size the forward ever sees. Far below any useful step (8-bit
-# steps of real weights are ~1e-4..1e-2) and far above fp32 underflow, so 1/s stays finite.
-
 # Activation values kept per quantizer for the clipping search (a fixed random subsample).
 CALIB_SAMPLES = 1 << 15
 
