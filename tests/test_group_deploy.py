@@ -220,6 +220,12 @@ def _group(header):
             lambda h: h["quant"]["layers"][MID]["weights"]["w4-group-asym"].pop("group_size"),
             r"needs 'group_size'",
         ),
+        (  # the fixed first layer (K = 27) stores per-channel scales under its group key
+            lambda h: h["quant"]["layers"]["model.0"]["weights"]["w8-group-asym"].update(
+                group_size=32
+            ),
+            r"group_size: 32 does not divide K=27",
+        ),
     ],
 )  # fmt: skip
 def test_hostile_group_fields_are_refused(asym_file, tmp_path, edit, match):
