@@ -115,6 +115,9 @@ def test_per_group_export_load_forward_equals_reference(space, tmp_path):
         want = reference_forward(net, cfg, x)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, fake, rtol=1e-5, atol=1e-5)
+        reference_op = load(path, config=cfg, model=_mlp(), backend="torch")
+        with torch.no_grad():
+            torch.testing.assert_close(reference_op(x).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def _group_keys(space, fixed=False):
