@@ -67,6 +67,58 @@ EQK_TARGET_AVX512 int32_t dot_group_avx512(const X* x, const int8_t* w, int64_t 
   return total;
 }
 
+// The 8 rows of a block against one activation chunk: each x load feeds 8 vpdpbusd, and the
+// 8 accumulators are reduced together (two hadd levels and one cross-lane add).
+template <typename X>
+EQK_TARGET_AVX512 void dot_rows8_avx512(const X* x, const int8_t* w, int64_t ldw, int64_t g,
+                                        const int32_t* rowsum, int64_t rs_stride, int32_t* out) {
+  __m256i acc[kRowBlock];
+  for (int r = 0; r < kRowBlock; ++r) acc[r] = _mm256_setzero_si256();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < g; k += 32) {
+    __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+    if constexpr (std::is_signed_v<X>) xv = _mm256_xor_si256(xv, flip);
+    for (int r = 0; r < kRowBlock; ++r) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + k));
+      acc[r] = _mm256_dpbusd_epi32(acc[r], xv, wv);
+    }
+  }
+  const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]),
+                                       _mm256_hadd_epi32(acc[2], acc[3]));
+  const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[4], acc[5]),
+                                       _mm256_hadd_epi32(acc[6], acc[7]));
+  __m256i total = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                                   _mm256_permute2x128_si256(u0, u1, 0x31));
+  if constexpr (std::is_signed_v<X>) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i rs = _mm256_i32gather_epi32(
+        rowsum, _mm256_mullo_epi32(idx, _mm256_set1_epi32(static_cast<int>(rs_stride))), 4);
+    total = _mm256_sub_epi32(total, _mm256_slli_epi32(rs, 7));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), total);
+}
+
+// The float64 epilogue of 8 rows at once (one row per lane), with the scalar path's operation
+// order: y += s * ((acc - z_a rowsum) + cz * xs) per group, j ascending, no fused multiply-add.
+// Per-group terms are stored [j][row]. Bit-identical to the scalar loop. (The masked
+// conversion with a zero merge source: GCC 12's unmasked form warns -Wmaybe-uninitialized.)
+EQK_TARGET_AVX512 void epilogue8_avx512(const int32_t* accs, const double* sv, const double* czv,
+                                        const double* rsv, const int32_t* xsum, int64_t G,
+                                        int64_t g, double z_a, double* out) {
+  __m512d y = _mm512_setzero_pd();
+  const __m512d za = _mm512_set1_pd(z_a);
+  for (int64_t j = 0; j < G; ++j) {
+    const __m512d acc = _mm512_mask_cvtepi32_pd(_mm512_setzero_pd(), 0xFF,
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(accs + j * kRowBlock)));
+    const __m512d xs = _mm512_set1_pd(double(xsum[j]) - double(g) * z_a);
+    const __m512d part = _mm512_sub_pd(acc, _mm512_mul_pd(za, _mm512_loadu_pd(rsv + j * kRowBlock)));
+    const __m512d total =
+        _mm512_add_pd(part, _mm512_mul_pd(_mm512_loadu_pd(czv + j * kRowBlock), xs));
+    y = _mm512_add_pd(y, _mm512_mul_pd(_mm512_loadu_pd(sv + j * kRowBlock), total));
+  }
+  _mm512_storeu_pd(out, y);
+}
+
 template <typename X>
 inline int32_t dot_at(int level, const X* x, const int8_t* w, int64_t g, int32_t rowsum) {
   if (level >= 2) return dot_group_avx512(x, w, g, rowsum);
@@ -117,7 +169,8 @@ void group_gemm(const X* x, int64_t M, int64_t K, int64_t g, const GroupWeights&
   const int64_t kp = 32 * P.W;
   at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int8_t> w(kRowBlock * kp);
-    std::vector<int32_t> rows(kRowBlock * G);
+    std::vector<int32_t> rows(kRowBlock * G), accs(kRowBlock * G);
+    std::vector<double> sv(kRowBlock * G), czv(kRowBlock * G), rsv(kRowBlock * G);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kRowBlock, n1 = std::min(N, n0 + kRowBlock);
       const int8_t* wb = gw.dec ? gw.dec + n0 * K : w.data();
@@ -132,19 +185,39 @@ void group_gemm(const X* x, int64_t M, int64_t K, int64_t g, const GroupWeights&
             rows[r * G + j] = s;
           }
       }
+      const int64_t rcount = n1 - n0;
+      for (int64_t r = 0; r < rcount; ++r)
+        for (int64_t j = 0; j < G; ++j) {
+          sv[j * kRowBlock + r] = e.s(n0 + r, G, j);
+          czv[j * kRowBlock + r] = e.cz(n0 + r, G, j);
+          rsv[j * kRowBlock + r] = double(rb[r * G + j]);
+        }
       for (int64_t m = 0; m < M; ++m) {
         const X* xr = x + m * K;
-        for (int64_t n = n0; n < n1; ++n) {
-          const int8_t* wr = wb + (n - n0) * ldw;
-          const int32_t* rs = rb + (n - n0) * G;
+        for (int64_t j = 0; j < G; ++j) {
+          if (level >= 2 && rcount == kRowBlock) {
+            dot_rows8_avx512(xr + j * g, wb + j * g, ldw, g, rb + j, G, accs.data() + j * kRowBlock);
+            continue;
+          }
+          for (int64_t r = 0; r < rcount; ++r)
+            accs[j * kRowBlock + r] =
+                dot_at(level, xr + j * g, wb + r * ldw + j * g, g, rb[r * G + j]);
+        }
+        if (level >= 2 && rcount == kRowBlock) {
+          epilogue8_avx512(accs.data(), sv.data(), czv.data(), rsv.data(), xsum.data() + m * G,
+                           G, g, z_a, out + m * N + n0);
+          continue;
+        }
+        for (int64_t r = 0; r < rcount; ++r) {
           double y = 0.0;
           for (int64_t j = 0; j < G; ++j) {
-            const int32_t acc = dot_at(level, xr + j * g, wr + j * g, g, rs[j]);
             const double xs = double(xsum[m * G + j]) - double(g) * z_a;
-            const double total = (double(acc) - z_a * double(rs[j])) + e.cz(n, G, j) * xs;
-            y += e.s(n, G, j) * total;
+            const double acc = double(accs[j * kRowBlock + r]);
+            const int64_t t = j * kRowBlock + r;
+            const double total = (acc - z_a * rsv[t]) + czv[t] * xs;
+            y += sv[t] * total;
           }
-          out[m * N + n] = y;
+          out[m * N + n0 + r] = y;
         }
       }
     }
