@@ -23,6 +23,7 @@ def run_on(backend):
     if backend == "torch":
         return "torch", contextlib.nullcontext
     if backend == "cuda":
+        need_kernel("lowbit_gemm_int_cuda")  # what the cuda backend's resolution requires
         need_kernel("unpack_bitplanes_cuda")
         return "cuda", contextlib.nullcontext
     need_kernel("lowbit_linear_group_int_cpu")
