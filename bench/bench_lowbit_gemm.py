@@ -31,17 +31,11 @@ import torch
 import torch.nn.functional as F
 
 import eqkernels as E
-from bench.harness import Table, threads_from_env, time_fn
+from bench.harness import Table, threads_from_env
 from eqkernels import _ext
 
 BITS = (2, 3, 4, 8)
 ACT = dict(act_scale=torch.tensor([0.02]), act_quant_min=-128, act_quant_max=127)
-
-
-def timed(fn, heavy):
-    if heavy:
-        return time_fn(fn, warmup=1, repeat=7, min_time=0.05)
-    return time_fn(fn, warmup=2, repeat=10, min_time=0.2)
 
 
 def bench_linear(table, M, N, K, quick=False):
@@ -55,9 +49,10 @@ def bench_linear(table, M, N, K, quick=False):
     row = dict(shape=shape, M=M, N=N, K=K)
 
     def add(provider, bits, act, fn, wbytes):
-        t = timed(fn, heavy)
+        t, t_min, cpu = timed_wall_cpu(fn, heavy)
         table.add(**row, provider=provider, bits=bits, act=act, time_ms=t * 1e3,
-                  weight_MB=wbytes / 1e6, GB_s=wbytes / t / 1e9)  # fmt: skip
+                  min_ms=t_min * 1e3, cpu_ms=cpu * 1e3, weight_MB=wbytes / 1e6,
+                  GB_s=wbytes / t / 1e9)  # fmt: skip
 
     add("torch fp32", 32, "fp32", lambda: x @ w32.T, 4 * N * K)
     wbf = (q8.float() * 0.01).to(torch.bfloat16)
@@ -95,9 +90,10 @@ def bench_conv(table, B, C=64, H=32):
     row = dict(shape=shape, M=B * H * H, N=C, K=K)
 
     def add(provider, bits, act, fn, wbytes):
-        t = timed(fn, B > 8)
+        t, t_min, cpu = timed_wall_cpu(fn, B > 8)
         table.add(**row, provider=provider, bits=bits, act=act, time_ms=t * 1e3,
-                  weight_MB=wbytes / 1e6, GB_s=wbytes / t / 1e9)  # fmt: skip
+                  min_ms=t_min * 1e3, cpu_ms=cpu * 1e3, weight_MB=wbytes / 1e6,
+                  GB_s=wbytes / t / 1e9)  # fmt: skip
 
     add("torch fp32", 32, "fp32", lambda: F.conv2d(x, w, padding=1), 4 * C * K)
     for bits in BITS:
@@ -234,7 +230,8 @@ def main(argv=None):
         return main_float(args)
     threads = threads_from_env()
     print(f"threads: {threads}; weights cache-resident (one weight set reused)")
-    cols = ["shape", "M", "N", "K", "provider", "bits", "act", "time_ms", "weight_MB", "GB_s"]
+    cols = ["shape", "M", "N", "K", "provider", "bits", "act", "time_ms", "min_ms", "cpu_ms"]
+    cols += ["weight_MB", "GB_s"]
     table = Table("lowbit_gemm", cols)
     ms = args.m or ((1, 16) if args.quick else (1, 16, 256))
     for N, K in ((4096, 14336), (4096, 4096)):
@@ -243,8 +240,13 @@ def main(argv=None):
     for B in () if args.m else (1,) if args.quick else (1, 32):
         bench_conv(table, B)
     if args.ggml:
-        add_ggml_rows(table, args.ggml, "linear", extra={})
+        add_ggml_rows(
+            table, args.ggml, "linear", extra=dict(min_ms=float("nan"), cpu_ms=float("nan"))
+        )
     table.ratio_to("x_torch_fp32", "time_ms", lambda r: r["provider"] == "torch fp32", ["shape"])
+    is_fp32 = lambda r: r["provider"] == "torch fp32"  # noqa: E731
+    table.ratio_to("x_fp32_min", "min_ms", is_fp32, ["shape"])
+    table.ratio_to("x_fp32_cpu", "cpu_ms", is_fp32, ["shape"])
     table.ratio_to("x_int_mm", "time_ms", lambda r: r["provider"] == "torch _int_mm", ["shape"])
     for r in table.rows:
         if r["act"] != "int8" or r["shape"].startswith("conv"):
