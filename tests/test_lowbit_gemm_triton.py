@@ -47,7 +47,7 @@ def oracle(x, q, n, b, scale, zw, g, compensate, bias):
 
 
 CASES = [  # M, N, K, group_size (None: per channel), zero point
-    (1, 70, 100, None, None),  # GEMV tile, K not a multiple of 32, two N blocks
+    (1, 70, 100, None, None),  # GEMV tile, K not a multiple of 32, three N blocks
     (3, 9, 128, 32, "group"),
     (40, 65, 192, 64, "channel"),  # 32-row tiles, partial M and N blocks
     (2, 33, 96, None, "channel"),

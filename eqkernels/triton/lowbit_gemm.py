@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..backend import triton_interpreted
 
-BLOCK_N = 64
+BLOCK_N = 32
 BLOCK_K = 32  # one plane word per row and plane
 GEMV_MAX_M = 16
 NO_SPECIALIZE = ("M", "N", "K", "W", "bits", "group_cols", "G")
