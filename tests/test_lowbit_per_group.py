@@ -214,3 +214,21 @@ def test_per_group_conv2d(backend, act, cin, cout, groups, ks, stride, padding, 
         with ctx():
             prepared = E.prepare_conv2d(planes, scale, b, n, **prep_kw)
             assert prepared.group_size == g and torch.equal(prepared(x), y)
+
+
+def test_per_group_conv2d_nan_reaches_its_receptive_fields_only():
+    need_kernel("lowbit_linear_group_int_cpu")
+    q, scale, zw, _x = case(11, 4, 64, 4, 32, "group")
+    x = torch.randn(1, 16, 5, 5)
+    x[0, 3, 0, 0] = float("nan")
+    act = dict(act_scale=torch.tensor([0.05]), act_quant_min=0, act_quant_max=255,
+               act_zero_point=torch.tensor([7.0]))  # fmt: skip
+    kw = dict(in_channels=16, kernel_size=2, weight_zero_point=zw, group_size=32, backend="cpp")
+    y = E.lowbit_conv2d(x, pack(q, 4), scale, 4, 4, **kw, **act)
+    assert torch.isnan(y[0, :, 0, 0]).all() and not torch.isnan(y[0, :, 1:, :]).any()
+    assert not torch.isnan(y[0, :, :, 1:]).any()
+    s_a, z_a = act["act_scale"], act["act_zero_point"]
+    geometry = (16, (2, 2), (1, 1), (0, 0), (1, 1), 1)
+    ref, mag = conv_oracle(x[..., 1:, :], q, 4, 4, scale, zw, 32, True, (s_a, z_a, 0, 255),
+                           geometry, None)  # fmt: skip
+    assert_matches(y[..., 1:, :], ref, mag)
