@@ -9,8 +9,9 @@
 //
 // Rows of the weight are int8 rows decoded once at load (the op caches them per planes
 // tensor), or decoded here a block at a time (the ISA decoders of lowbit_cpu_dispatch.h);
-// a block is reused for every activation row while it is in cache. The group dot products are
-// plain loops that the compiler vectorizes for each ISA target below.
+// a block is reused for every activation row while it is in cache. On AVX-512 (VNNI) the 8
+// rows of a block share each activation load and their float64 epilogue is one vector; the
+// AVX2 and portable group dot products are plain loops the compiler vectorizes per target.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
