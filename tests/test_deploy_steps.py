@@ -301,3 +301,20 @@ def test_depthwise_steps_equal_modules_at_every_isa(tmp_path, isa):
             with force_cpu_isa(isa):
                 got = load(path, bits=bits, model=_Depthwise(), runtime="steps")(x)
         assert torch.equal(got, want)
+
+
+def test_per_group_layers_fall_back_to_the_modules(tmp_path):
+    """The step executor's kernels take per-channel scales only: a per-group layer keeps the
+    whole network on the per-layer path (which runs per-group scales), with the reason."""
+    space = ElasticSpace(w_bits=(4,), a_bits=(8,), w_granularities=("group",), group_size=32)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(32, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 4))
+    sn = eqnet.convert(net, space, example_input=torch.randn(1, 32, 4, 4))
+    eqnet.calibrate(sn, [(torch.randn(4, 32, 4, 4), None)], batches=1, method="lsq")
+    path = tmp_path / "group.eqk"
+    export(sn.eval(), path)
+    auto = load(path, bits=4, model=net)
+    x = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(auto(x), load(path, bits=4, model=net, runtime="modules")(x))
+    assert auto.step_program() is None and "per-group" in auto.runtime_reason

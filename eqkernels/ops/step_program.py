@@ -155,6 +155,8 @@ class StepProgram:
         why = _quantized_why_not(prepared, FUSED_CONV)
         in_channels, (kh, kw), stride, padding, dilation, groups = prepared.geometry
         cin_g = in_channels // groups
+        if why is None and prepared.group_size:
+            why = "per-group weight scales"
         if why is None and cin_g > 1 and not int32_exact(cin_g * kh * kw, 255, prepared.bits):
             why = "K too long for exact int32 accumulation (the chunked path)"
         if why is not None:
