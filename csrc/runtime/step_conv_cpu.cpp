@@ -191,12 +191,12 @@ EQK_TARGET_AVX512 inline void implicit_rows(const uint8_t* const* P, const int64
   }
 }
 
+// Output channel tiles [tile0, tile1) of 16 channels.
 EQK_TARGET_AVX512 void implicit_gemm(const uint8_t* const* P, int64_t rows, const int64_t* taps,
                                      int64_t ntaps, int64_t K4t, const int8_t* Wp, int64_t Npad,
-                                     int32_t* C, int64_t ldc) {
-  const int64_t NT = Npad / 16;
-  for (int64_t t0 = 0; t0 < NT; t0 += 4) {
-    const int ntb = static_cast<int>(NT - t0 < 4 ? NT - t0 : 4);
+                                     int64_t tile0, int64_t tile1, int32_t* C, int64_t ldc) {
+  for (int64_t t0 = tile0; t0 < tile1; t0 += 4) {
+    const int ntb = static_cast<int>(tile1 - t0 < 4 ? tile1 - t0 : 4);
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4)
       implicit_rows<4>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
@@ -353,8 +353,17 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
   const int64_t sub = p.q.off;
   const int64_t blocks = (L + kRows - 1) / kRows;
-  const int64_t grain = std::max<int64_t>(1, eqk::fused::kMinTaskMacs / (kRows * N * K));
-  at::parallel_for(0, B * blocks, grain, [&](int64_t t0, int64_t t1) {
+  int64_t grain = std::max<int64_t>(1, eqk::fused::kMinTaskMacs / (kRows * N * K));
+  // Few position blocks (small late layers at batch 1): split the output channels too, so
+  // that every thread gets work; each output element is still computed by one task.
+  const int64_t NT = Npad / 16, threads = at::get_num_threads();
+  int64_t split = 1;
+  if (implicit && groups == 1 && threads > 1 && B * blocks < 2 * threads) {
+    split = std::min(NT, (2 * threads + B * blocks - 1) / (B * blocks));
+    grain = 1;
+  }
+  const int64_t per_task = (NT + split - 1) / split;
+  at::parallel_for(0, B * blocks * split, grain, [&](int64_t t0, int64_t t1) {
     std::vector<uint8_t> A(kRows * Kp, 0);
     std::vector<int32_t> Cbuf(kRows * Npad);
     std::vector<double> xz(kRows);
@@ -366,7 +375,10 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     std::vector<int64_t> tap_pixels(ntaps);
     for (int64_t k = 0; k < ntaps; ++k) tap_pixels[k] = taps[k] / C;
     std::vector<const uint8_t*> P(kRows);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t t = task / split, part = task % split;
+      const int64_t tile0 = part * per_task, tile1 = std::min(NT, tile0 + per_task);
+      if (tile0 >= tile1) continue;
       const int64_t b = t / blocks, l0 = (t % blocks) * kRows;
       const int64_t rows = std::min(kRows, L - l0);
       const Im2col g{codes + b * Hp * Wp * C, C, Wp, OW, cin_g, K, Kp, sub, p.sh, p.sw,
@@ -382,15 +394,16 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
             xz[rr] = static_cast<double>(xs) - static_cast<double>(K) * p.z;
           }
           implicit_gemm(P.data(), rows, taps.data(), ntaps, cin_g / 4, wp + gi * K4 * Npad * 4,
-                        Npad, Cbuf.data(), Npad);
+                        Npad, tile0, tile1, Cbuf.data(), Npad);
         } else {
           im2col(g, l0, rows, gi, A.data(), xz.data());
           eqk::lowbit::packed_gemm(level, static_cast<int>(p.bits), A.data(), Kp, rows,
                                    wp + gi * K4 * Npad * 4, K4, Npad, Cbuf.data(), Npad);
         }
-        const int64_t n0 = gi * n_g, off = (b * L + l0) * N + n0;
-        epi(Cbuf.data(), Npad, rows, n_g, p, n0, xz.data(), rp == nullptr ? nullptr : rp + off,
-            yp + off, N);
+        const int64_t c0 = 16 * tile0, cnt = std::min(16 * tile1, n_g) - c0;  // this task's
+        const int64_t n0 = gi * n_g + c0, off = (b * L + l0) * N + n0;
+        epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(),
+            rp == nullptr ? nullptr : rp + off, yp + off, N);
       }
     }
   });
