@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 from conftest import need_kernel, on
+from plane_oracle import pack_planes
 
 import eqkernels as E
 from eqkernels import _ext
@@ -44,6 +45,16 @@ def oracle_pack(q, bits):
 
 def random_codes(N, K, bits):
     return torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (N, K), dtype=torch.int64)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_vectorized_test_packer_matches_the_definition(bits):
+    """The other op tests build their planes with tests/plane_oracle.py: it must equal the
+    per-bit loop of the definition."""
+    torch.manual_seed(bits)
+    for N, K in [(1, 1), (3, 33), (2, 97), (4, 64)]:
+        q = random_codes(N, K, bits)
+        assert torch.equal(pack_planes(q, bits), oracle_pack(q, bits))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

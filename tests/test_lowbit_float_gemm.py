@@ -8,6 +8,7 @@ within the same bound, because the oracle takes the same bf16 values of x."""
 
 import pytest
 import torch
+from plane_oracle import pack_planes
 
 from eqkernels import _ext
 
@@ -32,18 +33,6 @@ def level_or_skip(level):
     got = _ext.kernel("lowbit_float_cpu_level")(level)
     if got < level:
         pytest.skip(f"this CPU runs the float low-bit GEMM at level {got} < {level}")
-
-
-def pack_planes(q, bits):
-    """Canonical planes int32[bits, N, ceil(K/32)]: plane 0 the sign bit, bit t of word j is
-    column 32 j + t, zero padding (written here from the layout's definition)."""
-    N, K = q.shape
-    W = (K + 31) // 32
-    code = q.to(torch.int64) % (1 << bits)
-    code = torch.nn.functional.pad(code, (0, 32 * W - K)).view(N, W, 32)
-    planes = [(((code >> (bits - 1 - j)) & 1) << torch.arange(32)).sum(-1) for j in range(bits)]
-    out = torch.stack(planes)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
 def oracle(x, q, s, cz, group_size):

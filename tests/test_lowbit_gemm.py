@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import call_on, need_kernel, on
+from plane_oracle import pack_planes as pack
 
 import eqkernels as E
 from eqkernels import _ext
@@ -30,21 +31,6 @@ def run_on(backend):
     need_kernel("lowbit_gemm_int_cpu")
     isa = backend.split("-", 1)[1]
     return "cpp", lambda: force_cpu_isa(isa)
-
-
-def pack(q, bits):
-    """Canonical planes of q[N, K] (vectorized here; the layout itself is tested in
-    test_bitplanes.py against a per-bit oracle)."""
-    N, K = q.shape
-    W = (K + 31) // 32
-    code = q.to(torch.int64) % (1 << bits)
-    code = F.pad(code, (0, 32 * W - K)).view(N, W, 32)
-    planes = []
-    for j in range(bits):
-        bit = (code >> (bits - 1 - j)) & 1
-        planes.append((bit << torch.arange(32)).sum(-1))
-    out = torch.stack(planes)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
 def weight64(q, n, b, scale, compensate, zw=None):

@@ -11,22 +11,11 @@ kernel's specializations are checked in tests/test_gpu_compile.py."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import call_on, need_kernel
+from plane_oracle import pack_planes as pack
 
 import eqkernels as E
 from eqkernels.backend import BackendUnavailable
-
-
-def pack(q, bits):
-    """Canonical planes of q[N, K] (the layout is tested against a per-bit oracle in
-    test_bitplanes.py)."""
-    N, K = q.shape
-    W = (K + 31) // 32
-    code = F.pad(q.to(torch.int64) % (1 << bits), (0, 32 * W - K)).view(N, W, 32)
-    planes = [(((code >> (bits - 1 - j)) & 1) << torch.arange(32)).sum(-1) for j in range(bits)]
-    out = torch.stack(planes)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
 def oracle(x, q, n, b, scale, zw, g, compensate, bias):

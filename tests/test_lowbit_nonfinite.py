@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import need_kernel
+from plane_oracle import pack_planes as _pack
 
 import eqkernels as E
 from eqkernels.backend import force_cpu_isa
@@ -27,16 +28,6 @@ def _backend(backend):
         return "torch", contextlib.nullcontext()
     need_kernel("lowbit_gemm_int_cpu")
     return "cpp", force_cpu_isa(backend.split("-", 1)[1])
-
-
-def _pack(q, bits):
-    """Canonical planes of signed codes q[N, K] (bit t of word j is column 32 j + t)."""
-    N, K = q.shape
-    W = (K + 31) // 32
-    code = F.pad(q.to(torch.int64) % (1 << bits), (0, 32 * W - K)).view(N, W, 32)
-    planes = [(((code >> (bits - 1 - j)) & 1) << torch.arange(32)).sum(-1) for j in range(bits)]
-    out = torch.stack(planes)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
 def _problem(N=6, K=45, bits=4, seed=0):

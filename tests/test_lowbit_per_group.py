@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import call_on, need_kernel
+from plane_oracle import pack_planes as pack
 
 import eqkernels as E
 from eqkernels.backend import force_cpu_isa
@@ -28,17 +29,6 @@ def run_on(backend):
         return "cuda", contextlib.nullcontext
     need_kernel("lowbit_linear_group_int_cpu")
     return "cpp", lambda: force_cpu_isa(backend.split("-", 1)[1])
-
-
-def pack(q, bits):
-    """Canonical planes of q[N, K] (the layout is tested against a per-bit oracle in
-    test_bitplanes.py)."""
-    N, K = q.shape
-    W = (K + 31) // 32
-    code = F.pad(q.to(torch.int64) % (1 << bits), (0, 32 * W - K)).view(N, W, 32)
-    planes = [(((code >> (bits - 1 - j)) & 1) << torch.arange(32)).sum(-1) for j in range(bits)]
-    out = torch.stack(planes)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
 def oracle(x, q, n, b, scale, zw, g, compensate, s_a, z_a, qmin, qmax, bias):
