@@ -105,7 +105,6 @@ def test_digits_cnn_steps_equal_modules(tmp_path):
         _logits_match_fake_quant(sn, steps.active_config, x, steps(x))
 
 
-@pytest.mark.slow  # ~10 s each: converting and exporting a torchvision network
 @pytest.mark.parametrize("arch", ["torchvision:mobilenet_v2", "torchvision:resnet18"])
 def test_torchvision_steps_equal_modules(tmp_path, arch):
     space = ElasticSpace(w_bits=(4, 8), a_bits=(4, 8), nested=True)

@@ -88,10 +88,11 @@ class DeployedModel(nn.Module):
             try:
                 self._program = build_program(self.model)
                 self.runtime_reason = None
-            except NotImplementedError as exc:
+            except Exception as exc:  # any failure to assemble leaves the (exact) module path
                 if self.runtime == "steps":
                     raise
-                self._program, self.runtime_reason = False, str(exc)
+                reason = str(exc) if isinstance(exc, NotImplementedError) else repr(exc)
+                self._program, self.runtime_reason = False, reason
         return self._program or None
 
     def _hooked(self) -> bool:
