@@ -372,8 +372,8 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
       for (int64_t bb = 0; bb < p.kw; ++bb)
         taps[a * p.kw + bb] = (a * p.dh * Wp + bb * p.dw) * C;
     const int64_t ntaps = p.kh * p.kw;
-    std::vector<int64_t> tap_pixels(ntaps);
-    for (int64_t k = 0; k < ntaps; ++k) tap_pixels[k] = taps[k] / C;
+    std::vector<int64_t> tap_sums(ntaps);  // offsets of the taps in the group sums
+    for (int64_t k = 0; k < ntaps; ++k) tap_sums[k] = taps[k] / C * groups;
     std::vector<const uint8_t*> P(kRows);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t t = task / split, part = task % split;
@@ -386,12 +386,16 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
       for (int64_t gi = 0; gi < groups; ++gi) {
         if (implicit) {
           const int32_t* Sb = S + b * Hp * Wp * groups + gi;
+          int64_t oy = l0 / OW, ox = l0 % OW;
           for (int64_t rr = 0; rr < rows; ++rr) {
-            const int64_t l = l0 + rr, pix = (l / OW) * p.sh * Wp + (l % OW) * p.sw;
+            const int64_t pix = oy * p.sh * Wp + ox * p.sw;
             P[rr] = g.ub + pix * C + gi * cin_g;
-            int64_t xs = K * sub;  // sum of the codes
-            for (int64_t k = 0; k < ntaps; ++k) xs += Sb[(pix + tap_pixels[k]) * groups];
+            const int32_t* sp = Sb + pix * groups;
+            int32_t s = 0;  // K * 255 < 2^31 (checked when the step was added)
+            for (int64_t k = 0; k < ntaps; ++k) s += sp[tap_sums[k]];
+            const int64_t xs = s + K * sub;  // sum of the codes
             xz[rr] = static_cast<double>(xs) - static_cast<double>(K) * p.z;
+            if (++ox == OW) ox = 0, ++oy;
           }
           implicit_gemm(P.data(), rows, taps.data(), ntaps, cin_g / 4, wp + gi * K4 * Npad * 4,
                         Npad, tile0, tile1, Cbuf.data(), Npad);
