@@ -20,7 +20,7 @@ struct QConv {
   eqk::fused::ActQuant q{};
   bool z_in_range = false;
   double z = 0.0;
-  std::vector<double> corr, zw, cw, sc, bias;  // per-channel epilogue terms (bias may be empty)
+  std::vector<double> corr, zw, czw, cw, sc, bias;  // per-channel epilogue terms (bias may be empty)
   bool depthwise = false;            // groups == in == out channels: step_depthwise_cpu.cpp
   std::vector<int32_t> dw_weights;   // depthwise: weight codes [kh*kw][N]
 };

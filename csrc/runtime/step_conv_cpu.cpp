@@ -35,8 +35,7 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
                                                          const QConv& p, int64_t n0,
                                                          const double* xz, const float* res,
                                                          float* out, int64_t ldo) {
-  const double* corr = p.corr.data() + n0;
-  const double* zw = p.zw.data() + n0;
+  const double* czw = p.czw.data() + n0;
   const double* cw = p.cw.data() + n0;
   const double* sc = p.sc.data() + n0;
   const double* bias = kBias ? p.bias.data() + n0 : nullptr;
@@ -46,7 +45,9 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
     const float* rr = kRes ? res + r * ldo : nullptr;
     const double x = xz[r];
     for (int64_t n = 0; n < cnt; ++n) {
-      double t = ((static_cast<double>(c[n]) + corr[n] - zw[n]) + x * cw[n]) * sc[n];
+      // czw = corr - zw: both integers below 2^53, so acc + corr - zw and acc + czw are
+      // the same exact integer (one double add fewer per output).
+      double t = ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n];
       if (kBias) t = t + bias[n];
       float v = static_cast<float>(t);
       if (kRes) v = v + rr[n];
@@ -294,6 +295,8 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
     p->zw[i] = e.z * static_cast<double>(e.wsum[i]);
     p->sc[i] = e.sa * static_cast<double>(e.sb[i]);
   }
+  p->czw.resize(N);
+  for (int64_t i = 0; i < N; ++i) p->czw[i] = p->corr[i] - p->zw[i];
   p->cw = e.cw;
   p->bias = e.bias;
   p->z = e.z;
