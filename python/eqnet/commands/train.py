@@ -19,6 +19,7 @@ from eqnet.run.config import (
     JOINT_LOSSES,
     KEEP_FIRST_LAST,
     LABELS,
+    LAYERED_GRANULARITIES,
     LRH_FORMS,
     OPTIMIZERS,
     RECIPES,
@@ -72,18 +73,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="digits_cnn (default), resnet20, resnet56, torchvision:NAME, or a user's "
-        "package.module:factory",
+        help="digits_cnn (default), resnet20, resnet56, llama-tiny (a causal LM; needs "
+        "transformers), torchvision:NAME, or a user's package.module:factory",
     )
     p.add_argument(
         "--model-kwargs",
         type=_json_object,
         default=None,
         metavar="JSON",
-        help="keyword arguments of a package.module:factory model, e.g. '{\"depth\": 4}'",
+        help="keyword arguments of a package.module:factory model, e.g. '{\"depth\": 4}', or "
+        "llama-tiny's size, e.g. '{\"hidden_size\": 128}'",
     )
     p.add_argument(
-        "--data", default=None, help="digits (default), X.npz, cifar10:DIR, imagefolder:DIR"
+        "--data",
+        default=None,
+        help="digits (default), X.npz, cifar10:DIR, imagefolder:DIR, or text for a causal LM: "
+        "stdlib-source (the standard library's .py files, bytes), source-tree:DIR",
     )
     p.add_argument("--epochs", type=count(1), default=None, help="total epochs (default 10)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
@@ -176,8 +181,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _bool_flag(s, "gpg", "eqnet: group progressive guidance")
     s.add_argument("--joint", choices=JOINT_LOSSES, default=None, help="layered joint loss")
     _bool_flag(s, "distill", "layered: cosine self-distillation")
+    s.add_argument(
+        "--w-granularity",
+        choices=LAYERED_GRANULARITIES,
+        default=None,
+        help="layered: one weight step per tensor, channel (default) or group",
+    )
+    s.add_argument(
+        "--group-size",
+        type=count(1),
+        default=None,
+        help="layered, --w-granularity group: input elements per group",
+    )
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--holdout", type=count(0), default=None, help="held-out training samples")
+    d.add_argument("--seq-len", type=count(1), default=None, help="text: tokens per window")
+    d.add_argument(
+        "--text-bytes", type=count(1), default=None, help="text: bytes read in all (default 1 MiB)"
+    )
     d.add_argument("--limit-train", type=count(1), default=None)
     d.add_argument("--limit-test", type=count(1), default=None)
     d.add_argument("--calib-batches", type=count(0), default=None)
@@ -219,7 +240,7 @@ _CONFIG_KEYS = (
     "warmup_epochs grad_clip amp seed device init deterministic w_bits a_bits keep_first_last "
     "per_bit_bn num_random uniform_prob oal zeta wdr gpg joint distill holdout limit_train limit_test "
     "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch labels label_smoothing "
-    "lrh_forms form w_form a_form vl_paper_init"
+    "lrh_forms form w_form a_form vl_paper_init w_granularity group_size seq_len text_bytes"
 ).split()
 
 
@@ -292,11 +313,13 @@ def run(args) -> int:
             raise
         print(message, file=sys.stderr)
         return 1
+    from eqnet.run.tasks import summary
+
     last = trainer.metrics[-1] if trainer.metrics else {}
-    accs = ", ".join(f"{k[4:]} {v * 100:.2f}%" for k, v in last.items() if k.startswith("acc_"))
     if distributed.is_main_process():
         print(
-            f"trained {trainer.config.recipe} to epoch {trainer.epoch}: {accs}; run in {args.out}"
+            f"trained {trainer.config.recipe} to epoch {trainer.epoch}: {summary(last)}; "
+            f"run in {args.out}"
         )
     distributed.cleanup()
     return 0
