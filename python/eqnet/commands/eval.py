@@ -207,8 +207,10 @@ def text_options(header: dict, args) -> dict:
     return out
 
 
-def references(paths, bundle, batch_size: int):
-    """(float rows, fake-quant callable or None) of the --reference runs."""
+def references(paths, bundle, batch_size: int, header: dict):
+    """(float rows, fake-quant callable or None) of the --reference runs; a supernet run's BN
+    statistics are re-estimated on as many batches as eqnet export did (the file records it;
+    else the run's bn_batches)."""
     import torch
 
     from eqnet.commands.export import recalibrate_widths
@@ -226,8 +228,10 @@ def references(paths, bundle, batch_size: int):
             continue
         if fake_quant is not None:
             raise ValueError(f"--reference {path}: one supernet run at most (its fake-quant)")
-        if run.config.bn_batches:  # the statistics eqnet export stored
-            batches = run.config.bn_batches
+        batches = header.get("extra", {}).get("bn_batches", run.config.bn_batches)
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise ValueError(f"the file's extra.bn_batches={batches!r} is not an int >= 0")
+        if batches:  # the statistics eqnet export stored
             recalibrate_widths(run.model, run.bn_images(batches), batches)
         supernet = run.model
 
@@ -281,7 +285,7 @@ def run(args) -> int:
         spec = args.data or header.get("extra", {}).get("data") or "digits"
         options = text_options(header, args)
         bundle = load_data(spec, augment=False, limit_test=args.limit_test, **options)
-        float_rows, fake_quant = references(args.reference, bundle, args.batch_size)
+        float_rows, fake_quant = references(args.reference, bundle, args.batch_size, header)
         rows = evaluate_file(
             args.file,
             bundle.test,

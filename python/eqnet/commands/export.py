@@ -92,7 +92,12 @@ def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dic
     batches = run.config.bn_batches if bn_batches is None else bn_batches
     if batches:
         recalibrate_widths(run.model, run.bn_images(batches), batches)
-    extra = {"data": run.config.data, "recipe": run.config.recipe, "run": str(run_dir)}
+    extra = {
+        "data": run.config.data,
+        "recipe": run.config.recipe,
+        "run": str(run_dir),
+        "bn_batches": batches,  # eqnet eval --reference re-estimates the run's BN the same way
+    }
     if data_task(run.config.data) == "causal-lm":  # what eqnet eval rebuilds the windows from
         extra["data_options"] = {"seq_len": run.config.seq_len, "text_bytes": run.config.text_bytes}
     return export(run.model, out, configs=configs or None, extra=extra)

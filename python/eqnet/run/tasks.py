@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .trained import evaluate
+
 
 def model_logits(out) -> torch.Tensor:
     """The logits tensor of a model's output (transformers' outputs carry it as `.logits`)."""
@@ -32,8 +34,6 @@ class ClassificationTask:
         return y
 
     def evaluate(self, model, loader, device=None) -> dict[str, float]:
-        from .trained import evaluate
-
         return {"acc": evaluate(model, loader, device)}
 
 
