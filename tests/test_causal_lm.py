@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from eqnet import models
-from eqnet.run import TrainConfig, get_task, mean_token_nll, perplexity, recipe_space
+from eqnet.run import TrainConfig, get_task, mean_token_nll, perplexity
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,18 +129,11 @@ def test_llama_tiny_converts_without_an_example_input():
     assert len(names) == 8  # q, k, v, o, gate, up, down, lm_head
 
 
-def test_language_model_options_are_checked():
-    with pytest.raises(ValueError, match="w_granularity: the layered recipe's option"):
-        TrainConfig(recipe="eqnet", w_granularity="channel")
-    with pytest.raises(ValueError, match="w_granularity='row': accepted values are tensor"):
-        TrainConfig(recipe="layered", w_granularity="row")
-    with pytest.raises(ValueError, match="group_size: needs w_granularity='group'"):
-        TrainConfig(recipe="layered", group_size=32)
+def test_text_options_are_checked():
     with pytest.raises(ValueError, match=r"seq_len=0: must be an int in 1\.\."):
         TrainConfig(seq_len=0)
-    config = TrainConfig(recipe="layered", w_granularity="tensor", a_bits=[None]).resolved()
-    space = recipe_space(config)
-    assert space.w_granularities == ("tensor",) and space.nested and space.weight_only
+    with pytest.raises(ValueError, match=r"text_bytes=True: must be an int in 1\.\."):
+        TrainConfig(text_bytes=True)
 
 
 def _lm_config(**overrides):

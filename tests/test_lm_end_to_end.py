@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
         "num_kv_heads": 2, "max_positions": 32}  # fmt: skip
-# per-channel weight steps: the weight granularity the layered recipe trains here
-GRANULARITY = {"w_granularity": "channel"}
+# the weights' granularity: per-channel steps, the layered recipe's default
+GRANULARITY = {}
 TEXT = {"data": "stdlib-source", "seq_len": 32, "text_bytes": 120_000, "limit_test": 48}
 
 

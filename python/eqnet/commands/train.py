@@ -19,7 +19,6 @@ from eqnet.run.config import (
     JOINT_LOSSES,
     KEEP_FIRST_LAST,
     LABELS,
-    LAYERED_GRANULARITIES,
     LRH_FORMS,
     OPTIMIZERS,
     RECIPES,
@@ -181,18 +180,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _bool_flag(s, "gpg", "eqnet: group progressive guidance")
     s.add_argument("--joint", choices=JOINT_LOSSES, default=None, help="layered joint loss")
     _bool_flag(s, "distill", "layered: cosine self-distillation")
-    s.add_argument(
-        "--w-granularity",
-        choices=LAYERED_GRANULARITIES,
-        default=None,
-        help="layered: one weight step per tensor, channel (default) or group",
-    )
-    s.add_argument(
-        "--group-size",
-        type=count(1),
-        default=None,
-        help="layered, --w-granularity group: input elements per group",
-    )
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--holdout", type=count(0), default=None, help="held-out training samples")
     d.add_argument("--seq-len", type=count(1), default=None, help="text: tokens per window")
@@ -240,7 +227,7 @@ _CONFIG_KEYS = (
     "warmup_epochs grad_clip amp seed device init deterministic w_bits a_bits keep_first_last "
     "per_bit_bn num_random uniform_prob oal zeta wdr gpg joint distill holdout limit_train limit_test "
     "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch labels label_smoothing "
-    "lrh_forms form w_form a_form vl_paper_init w_granularity group_size seq_len text_bytes"
+    "lrh_forms form w_form a_form vl_paper_init seq_len text_bytes"
 ).split()
 
 

@@ -19,8 +19,6 @@ LABELS = ("hard", "oal", "smooth")
 LRH_FORMS = ("drawn", "fixed")
 # recipes that train one quantization form, which form/w_form/a_form choose
 FIXED_FORM_RECIPES = ("qat", "multiquant", "limpq")
-# layered: the nested quantizer's symmetric weights, one step per tensor, channel or group
-LAYERED_GRANULARITIES = ("tensor", "channel", "group")
 
 # Recipe defaults for the fields left at None (papers' settings scaled to small models).
 _DEFAULT_BITS = {
@@ -87,17 +85,10 @@ class TrainConfig:
     # layered: the paper's setup (per-tensor weight steps initialized 2 mean|w|/sqrt(2^top-1),
     # activation steps max|a|/(2^(i+1)-1) from the first batch, float first/last layers)
     vl_paper_init: bool = False
-    # layered: the weights' granularity (tensor, channel or group; default channel, tensor
-    # under vl_paper_init) and the group size of "group" (None: the space's default)
-    w_granularity: str | None = None
-    group_size: int | None = None
     # qat: fine-tune this searched policy (a SubnetConfig JSON string: a string, so the layers
     # keep the model's order through the sorted JSON of the run) instead of one width
     policy: str | None = None
     # data and evaluation
-    # text data (causal language models): tokens per window, bytes of source text in all
-    seq_len: int = 128
-    text_bytes: int = 1 << 20
     holdout: int | None = None
     limit_train: int | None = None
     limit_test: int | None = None
@@ -106,6 +97,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     workers: int = 0
     max_steps_per_epoch: int | None = None
+    # text data (causal language models): tokens per window, bytes of source text in all
+    seq_len: int = 128
+    text_bytes: int = 1 << 20
     deterministic: bool = False
     progress: bool = True
 
@@ -167,7 +161,6 @@ class TrainConfig:
             )
         if self.vl_paper_init and self.recipe != "layered":
             raise ValueError("vl_paper_init: the layered recipe's option")
-        self._validate_layered_form()
         for name, high in (("seq_len", 1 << 16), ("text_bytes", 1 << 31)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
@@ -189,28 +182,6 @@ class TrainConfig:
                 if v is not None and len(v) != 1:
                     raise ValueError(f"{name}={v}: the qat recipe trains one width")
         return self
-
-    def _validate_layered_form(self) -> None:
-        for name in ("w_granularity", "group_size"):
-            if getattr(self, name) is not None and self.recipe != "layered":
-                raise ValueError(
-                    f"{name}: the layered recipe's option (qat, multiquant and limpq take w_form)"
-                )
-        if self.w_granularity is not None and self.w_granularity not in LAYERED_GRANULARITIES:
-            raise ValueError(
-                f"w_granularity={self.w_granularity!r}: accepted values are "
-                f"{', '.join(LAYERED_GRANULARITIES)}"
-            )
-        if self.group_size is not None:
-            if self.w_granularity != "group":
-                raise ValueError("group_size: needs w_granularity='group'")
-            g = self.group_size
-            if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-                raise ValueError(f"group_size={g!r}: must be a positive int")
-        if self.vl_paper_init and self.w_granularity not in (None, "tensor"):
-            raise ValueError(
-                f"w_granularity={self.w_granularity!r}: vl_paper_init trains per-tensor steps"
-            )
 
     def target_form(self):
         """The fixed form (`eqnet.forms.TargetForm`) of form/w_form/a_form, or None."""
@@ -297,10 +268,6 @@ def recipe_space(config: TrainConfig) -> ElasticSpace | None:
         )
     if config.recipe == "layered":
         # the paper's steps are per tensor; the package's default per channel
-        granularity = config.w_granularity or ("tensor" if config.vl_paper_init else "channel")
-        # group_size only where groups are asked for: the space's default otherwise
-        group = {} if config.group_size is None else {"group_size": config.group_size}
-        return ElasticSpace(
-            w_bits=w_bits, a_bits=a_bits, w_granularities=(granularity,), nested=True, **group
-        )
+        grans = ("tensor",) if config.vl_paper_init else ("channel",)
+        return ElasticSpace(w_bits=w_bits, a_bits=a_bits, w_granularities=grans, nested=True)
     return ElasticSpace(w_bits=w_bits, a_bits=a_bits)
