@@ -182,3 +182,54 @@ def _search_refuses(run_dir):
     options = SearchOptions(run=str(run_dir), method="layered", constraints=("avg_w_bits<=3",))
     with pytest.raises(NotImplementedError, match="searches classification runs only"):
         run_search(options)
+
+
+@pytest.fixture(scope="module")
+def llama_file(tmp_path_factory):
+    """A weight-only nested llama-tiny export (calibrated on random tokens)."""
+    import eqnet
+    from eqnet.space import ElasticSpace
+
+    space = ElasticSpace(w_bits=(2, 3, 4), a_bits=(None,), nested=True)
+    supernet = eqnet.convert(models.get("llama-tiny", 256, **SMALL), space)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    eqnet.calibrate(supernet, [ids], batches=1)
+    path = tmp_path_factory.mktemp("llama") / "lm.eqk"
+    eqnet.export(supernet.eval(), path)
+    return path, supernet, ids
+
+
+def test_llama_file_rebuilds_without_model_at_each_width(llama_file):
+    import eqnet
+
+    path, supernet, ids = llama_file
+    for b in (2, 3, 4):
+        deployed = eqnet.load(path, bits=b)  # the registered architecture, no model=
+        supernet.set_config(deployed.active_config)
+        with torch.no_grad():
+            ref, got = supernet(ids), deployed(ids)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), b
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda kw: kw.update(depth=kw.pop("num_heads")), "key"),  # no registered argument
+        (lambda kw: kw.update(hidden_size=4096), "model"),  # layers of another size
+        (lambda kw: kw.update(num_heads=3), "cannot build"),  # LlamaConfig would refuse it
+        (lambda kw: kw.update(num_layers=True), "num_layers"),
+    ],
+)
+def test_hostile_llama_arguments_are_refused(llama_file, tmp_path, edit, match):
+    from eqk_fuzzer import repack, reseal, split
+    from eqnet.deploy import load
+
+    from eqkernels import EqkFormatError
+
+    header, data = split(llama_file[0].read_bytes())
+    edit(header["model"]["arch"]["kwargs"])
+    reseal(header, bytearray(data))
+    crafted = tmp_path / "crafted.eqk"
+    crafted.write_bytes(repack(header, bytes(data)))
+    with pytest.raises(EqkFormatError, match=match):
+        load(crafted)
