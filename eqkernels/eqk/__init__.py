@@ -2,6 +2,7 @@
 (DESIGN.md "The .eqk file", docs/eqk-format.md)."""
 
 from .fields import is_int
+from .groups import GROUP_QUANTUM
 from .layout import (
     ALIGN,
     DTYPES,
@@ -27,6 +28,7 @@ __all__ = [
     "ALIGN",
     "DTYPES",
     "FORMAT_NAME",
+    "GROUP_QUANTUM",
     "MAGIC",
     "MAX_HEADER_BYTES",
     "MAX_SECTIONS",

@@ -9,9 +9,10 @@ import torch
 MAGIC = b"EQK1"
 FORMAT_NAME = "eqk"
 # Major versions are incompatible (rejected by readers of another major); minor versions only
-# add keys, which older readers ignore. 1.1 adds the per-section digests and the identity.
+# add keys, which older readers ignore. 1.1 adds the per-section digests and the identity, 1.2
+# the per-group scales of bit-plane tensors (`groups`).
 VERSION_MAJOR = 1
-VERSION_MINOR = 1
+VERSION_MINOR = 2
 # Parsing JSON costs up to ~30 bytes of Python objects per header byte (a header of nested
 # empty arrays), so the header size and its object count are bounded before parsing.
 MAX_HEADER_BYTES = 16 * 1024 * 1024

@@ -18,6 +18,7 @@ from typing import BinaryIO
 import torch
 
 from .fields import is_int
+from .groups import check_group_values
 from .layout import (
     CRC,
     DTYPES,
@@ -199,6 +200,25 @@ class EqkFile:
             raise KeyError(f"no planes of {name!r} are loaded")
         return torch.stack(stack)
 
+    @property
+    def groups(self) -> dict[str, dict]:
+        """(1.2) bit-plane tensor name -> its per-group scales record (`group_size`, `K`,
+        `scale`, `zero_point` tensor names); empty when the file has none."""
+        return self.header.get("groups", {})
+
+    def group_scales(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(scale float32[N, K/g], zero_point int32[N, K/g] or None, g) of bit-plane tensor
+        `name`; KeyError when it has no per-group scales or they are not loaded."""
+        group = self.groups.get(name)
+        if group is None:
+            raise KeyError(f"{name!r} has no per-group scales in this file")
+        zp = group["zero_point"]
+        return (
+            self.tensors[group["scale"]],
+            None if zp is None else self.tensors[zp],
+            group["group_size"],
+        )
+
     def upgrade(
         self,
         source,
@@ -218,7 +238,9 @@ class EqkFile:
                 raise EqkFormatError("upgrade: the file's header differs from the one loaded")
             key, wanted = _select(header, max_bits, config, sections)
             new = [i for i in wanted if i not in self.sections_read]
-            self.tensors.update(_read_sections(src, header, data_start, new))
+            added = _read_sections(src, header, data_start, new)
+            check_group_values(header, added)
+            self.tensors.update(added)
             self.sections_read = sorted(set(self.sections_read) | set(new))
             self.bytes_read += src.bytes_read
             self.selection = key
@@ -347,6 +369,7 @@ def read_eqk(
                     f"file has {src.size - end} unexpected bytes after the last section"
                 )
         tensors = _read_sections(src, header, data_start, wanted, hint)
+        check_group_values(header, tensors)
         return EqkFile(header, tensors, list(wanted), src.bytes_read, key, data_start, crc)
     finally:
         src.close()

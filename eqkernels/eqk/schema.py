@@ -4,7 +4,8 @@
 reader allocates anything a header value sizes: bounded counts, shapes against byte lengths,
 no overflowing size product, tensors inside their section and not overlapping, sections laid
 out by the layout rule, widths naming existing sections, and (version >= 1.1) one digest per
-section and the identity derived from them. New header keys are one more entry in `_HEADER`.
+section and the identity derived from them, and (1.2) per-group scales beside their planes
+(groups.py). New header keys are one more entry in `_HEADER`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .fields import (
     record,
     string,
 )
+from .groups import GROUPS_FIELD, check_groups
 from .layout import (
     ALIGN,
     CRC,
@@ -77,8 +79,9 @@ _HEADER = record(
         ),
         "digests": list_of(_HEX_DIGEST, min_len=1, max_len=MAX_SECTIONS),
         "identity": _HEX_DIGEST,
+        "groups": GROUPS_FIELD,
     },
-    optional_keys=("digests", "identity"),
+    optional_keys=("digests", "identity", "groups"),
 )
 
 
@@ -118,6 +121,7 @@ def validate_header(header) -> dict:
     _check_tensors(header["tensors"], sections)
     _check_widths(header)
     _check_digests(header)
+    check_groups(header)
     return header
 
 

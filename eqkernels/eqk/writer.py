@@ -171,6 +171,7 @@ def write_eqk(
     widths: Mapping[str, Iterable[int]] | None = None,
     quant: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict:
     """Write a .eqk file atomically and return its header (as a reader will see it).
 
@@ -188,6 +189,9 @@ def write_eqk(
         Non-nested files use any names (one per exported configuration) and any section sets;
         they have no prefix property.
     quant, extra: caller JSON objects (quantization parameters; anything else).
+    groups: per-group scales of bit-plane tensors: planes name -> {"group_size": g, "K": K,
+        "scale": tensor name (float32[N, K/g]), "zero_point": tensor name (int32[N, K/g]) or
+        None}; g a multiple of 32 dividing K (docs/eqk-format.md, version 1.2).
 
     The header records a SHA-256 digest of every section and the file's identity (a digest of
     those). The file is written through `eqkernels.atomic.atomic_write`, so `path` holds either
@@ -224,6 +228,8 @@ def write_eqk(
         "digests": digests,
         "identity": identity_of(digests),
     }
+    if groups:
+        header["groups"] = _as_json_object(groups, "groups")
     try:
         validate_header(header)  # the writer obeys exactly what the reader checks
     except EqkFormatError as exc:

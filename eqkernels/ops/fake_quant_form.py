@@ -15,6 +15,12 @@ form of a weight quantizer has the same argument shapes. `form_row` / `layered_f
 the rows. The forward is bit-identical to `fake_quant` / `fake_quant_layered` of the same form;
 the scale gradient of a broadcast per-tensor form is the sum of per-channel sums (the same
 terms, summed in a different order).
+
+Per-group scales (`group_size=g`, axis 0): x of shape [N, K] (or [N, ...] flattened to [N, K])
+with scale / zero_point of shape [N, K // g] run as the per-channel form of x viewed
+[N * K / g, g], exactly as `fake_quant(..., group_size=g)` does; a per-channel or per-tensor
+scale broadcast to [N, K // g] gives that form's forward bit for bit, so one graph serves the
+tensor, channel and group forms of a weight quantizer alike.
 """
 
 from __future__ import annotations
@@ -175,12 +181,18 @@ def fake_quant_form(
     grad_factor: Tensor,
     *,
     axis: int | None = None,
+    group_size: int | None = None,
     backend: str | None = "auto",
 ) -> Tensor:
     """Fake-quantize x with the form given as data (module docstring). scale and zero_point:
-    [1] per-tensor (axis=None) or [x.shape[axis]]; form: [quant_min, quant_max, inv_step,
-    step, comp]; grad_factor: one-element tensor (the LSQ gradient scale). Differentiable in
-    x, scale and zero_point. Values are checked like `fake_quant`'s in eager mode."""
+    [1] per-tensor (axis=None), [x.shape[axis]], or [N, K // group_size] per group (axis 0);
+    form: [quant_min, quant_max, inv_step, step, comp]; grad_factor: one-element tensor (the
+    LSQ gradient scale). Differentiable in x, scale and zero_point. Values are checked like
+    `fake_quant`'s in eager mode."""
+    if group_size is not None:
+        xg, sg, zg = _checks.group_view(x, scale, zero_point, axis, group_size)
+        y = fake_quant_form(xg, sg, zg, form, grad_factor, axis=0, backend=backend)
+        return y.reshape(x.shape)
     ax = _check(x, scale, zero_point, form, grad_factor, axis)
     _checks.check_values("scale", scale, positive=True)
     _checks.check_values("zero_point", zero_point, positive=False)
@@ -238,8 +250,13 @@ def fake_quant_form_inline(
     grad_factor: Tensor,
     *,
     axis: int | None = None,
+    group_size: int | None = None,
 ) -> Tensor:
     """`fake_quant_form` as plain torch ops (no custom op, no kernel): for compiled graphs,
     where inductor fuses it. Same forward; gradients equal up to summation order."""
+    if group_size is not None:
+        xg, sg, zg = _checks.group_view(x, scale, zero_point, axis, group_size)
+        y = fake_quant_form_inline(xg, sg, zg, form, grad_factor, axis=0)
+        return y.reshape(x.shape)
     ax = _check(x, scale, zero_point, form, grad_factor, axis)
     return _InlineForm.apply(x, scale, zero_point, form, grad_factor.reshape(()), ax)

@@ -19,7 +19,7 @@ from .nn.calibration import calibrate, recalibrate_bn
 from .nn.coverage import call_model, check_quantized_paths
 from .nn.layers import QConv2d, QLinear
 from .nn.supernet import Supernet
-from .space import ElasticSpace, LayerChoice
+from .space import ElasticSpace, LayerChoice, group_size_error
 
 __all__ = ["calibrate", "convert", "make_projections_modules", "recalibrate_bn"]
 
@@ -55,6 +55,10 @@ def convert(
     weight-only space whose a_bits is (None,)); their forms stay elastic over the space's
     (they start in `space.preferred_forms()`); "fp" leaves them float; "elastic" treats them
     like the others; "8bit-fixed-form" fixes their whole choice, form included (one form each).
+    With "group" among `space.w_granularities`, `space.group_size` must divide the input
+    dimension K of every elastic layer (in_features, or in_channels/groups*kh*kw), else
+    ValueError naming the layer; a fixed-width layer whose K it does not divide keeps
+    per-channel scales for its "group" form.
     per_bit_bn: replace each BatchNorm2d fed directly by an elastic layer with a
     SwitchableBatchNorm2d over space.w_bits.
     example_input: one input batch: a tensor, a tuple of positional arguments or a dict of
@@ -107,11 +111,16 @@ def convert(
         *space.preferred_forms(),
     )
     replacement: dict[int, nn.Module] = {}
+    names = {id(m): n for n, m in model.named_modules()}
     for layer in layers:
         is_edge = layer is first or layer is last
         if is_edge and keep_first_last == "fp":
             continue
         choice = fixed if is_edge and keep_first_last.startswith("8bit") else None
+        if choice is None and "group" in space.w_granularities:
+            reduction = layer.weight[0].numel()
+            if reduction % space.group_size:
+                raise ValueError(group_size_error(names[id(layer)], reduction, space.group_size))
         qcls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
         replacement[id(layer)] = qcls.from_float(
             layer, space, fixed_choice=choice, fixed_form=keep_first_last == "8bit-fixed-form"

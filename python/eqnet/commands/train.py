@@ -127,6 +127,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "switchable like the rest (lets a search move bits to them; docs/search.md)",
     )
     _bool_flag(s, "per-bit-bn", "one BN per weight width (default: on for layered)")
+    s.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="G",
+        help="per-group weight steps of G input elements per output row (a multiple of 32 "
+        "dividing every elastic layer's input dimension)",
+    )
     s.add_argument("--num-random", type=count(0), default=None, help="K random subnets per step")
     s.add_argument(
         "--uniform-prob",
@@ -227,7 +235,7 @@ _CONFIG_KEYS = (
     "warmup_epochs grad_clip amp seed device init deterministic w_bits a_bits keep_first_last "
     "per_bit_bn num_random uniform_prob oal zeta wdr gpg joint distill holdout limit_train limit_test "
     "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch labels label_smoothing "
-    "lrh_forms form w_form a_form vl_paper_init seq_len text_bytes"
+    "lrh_forms form w_form a_form vl_paper_init group_size seq_len text_bytes"
 ).split()
 
 

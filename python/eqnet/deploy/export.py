@@ -7,7 +7,9 @@ name relative to the Supernet, e.g. "model.conv1"):
   runtime keeps as is (float first/last layers, BN layers that could not be folded, ...).
 - `w/<layer>/<form>/planes@plane<j>`: the weight codes as canonical bit planes, MSB first, one
   tensor per plane; `w/<layer>/<form>/scale` (fp32, top-width step) and, for asymmetric weights,
-  `w/<layer>/<form>/zero_point` (int32 per output channel). Nested layers have one form per
+  `w/<layer>/<form>/zero_point` (int32 per output channel). Per-group forms (`w<b>-group-<sym>`,
+  `nested-group`) store both as [N, K / group_size] and list them in the file's `groups`
+  record; a fixed layer whose K the group size does not divide stores per-channel ones there. Nested layers have one form per
   granularity (`nested-<granularity>`, the top-width codes every width shares); non-nested and
   fixed-width layers one form per exported (bits, granularity, symmetry).
 - `a/<layer>/a<bits>-<symmetry>/scale|zero_point`: input activation quantizer of each form (a float
@@ -60,7 +62,7 @@ def weight_codes(weight: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tens
     """Integer codes of `weight` exactly as the fake-quant forward computes them.
 
     Returns (codes int32 [N, K] in the signed range of the stored width, weight zero point as
-    int32 [N] or None, stored width). Nested: the top-width codes `clamp(round(w * fl32(1/s)))`
+    int32 [N] (per group: [N, K / group_size]) or None, stored width). Nested: the top-width codes `clamp(round(w * fl32(1/s)))`
     (DESIGN.md "Quantization math", nested quantizer). Otherwise `clamp(round(v) + z_r)`; the
     op computes with `(q - z_w)` so the zero point rides along per channel.
     """
@@ -72,14 +74,15 @@ def weight_codes(weight: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tens
             "channel axis 0"
         )
     scale = params.scale.detach()
+    group = {"axis": params.axis, "group_size": params.group_size}
     if params.nested:
         bits = params.top_bits
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        q = eqkernels.quantize_codes(w, scale, None, lo, hi, axis=params.axis)
+        q = eqkernels.quantize_codes(w, scale, None, lo, hi, **group)
         return q.reshape(N, -1).to(torch.int32), None, bits
     bits = params.bits
     zp = None if params.zero_point is None else params.zero_point.detach()
-    q = eqkernels.quantize_codes(w, scale, zp, params.quant_min, params.quant_max, axis=params.axis)
+    q = eqkernels.quantize_codes(w, scale, zp, params.quant_min, params.quant_max, **group)
     q = q.reshape(N, -1).to(torch.int32)
     z_r = None if zp is None else torch.round(zp.to(torch.float32))
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -91,8 +94,9 @@ def weight_codes(weight: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tens
     offset = 0 if params.quant_min >= lo and params.quant_max <= hi else params.quant_min - lo
     zero = None
     if z_r is not None or offset:
-        zp = torch.zeros(N) if z_r is None else z_r.reshape(-1).expand(N)
-        zero = (zp - offset).to(torch.int32).contiguous()
+        shape = tuple(scale.shape) if params.group_size else (N,)
+        zp = torch.zeros(shape) if z_r is None else z_r.reshape(-1 if len(shape) == 1 else shape)
+        zero = (zp.expand(shape) - offset).to(torch.int32).contiguous()
     return q - offset, zero, bits
 
 
@@ -110,6 +114,7 @@ class _Plan:
     def __init__(self):
         self.tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.where: dict[str, int] = {}
+        self.groups: dict[str, dict] = {}  # planes -> per-group scales (write_eqk's `groups`)
 
     def add(self, name: str, tensor: torch.Tensor, where: int) -> None:
         if name in self.tensors:
@@ -277,6 +282,7 @@ def _write(supernet, path, record, layers, fold_of_layer, stored, nested, extra)
         widths=widths,
         quant=quant,
         extra=extra,
+        groups=plan.groups,
     )
 
 
@@ -331,16 +337,28 @@ def _plan_weight_form(plan, base, layer, qp, where, nested) -> dict:
         ((pname, ptensor),) = part.items()
         # Plane j is first needed at width j + 1 (nested); else with the form.
         plan.add(pname, ptensor, j + 1 if nested_layer else where)
-    plan.add(base + "/scale", qp.scale.detach().float().reshape(-1), 0 if nested else where)
+    scale = qp.scale.detach().float()
+    # per group: [N, K / g] beside the planes (the file's `groups` record); else [N] or [1]
+    scale = scale.reshape(scale.shape if qp.group_size else (-1,))
+    plan.add(base + "/scale", scale, 0 if nested else where)
     if zero is not None:
         plan.add(base + "/zero_point", zero, where)
-    return {
+    form = {
         "nested": bool(qp.nested),
         "stored_bits": bits,
         "K": codes.shape[1],
         "N": codes.shape[0],
         "has_zero_point": zero is not None,
     }
+    if qp.group_size:
+        form["group_size"] = qp.group_size
+        plan.groups[base + "/planes"] = {
+            "group_size": qp.group_size,
+            "K": codes.shape[1],
+            "scale": base + "/scale",
+            "zero_point": base + "/zero_point" if zero is not None else None,
+        }
+    return form
 
 
 def _plan_act_form(plan, base, layer, choice, where) -> dict:

@@ -106,8 +106,13 @@ class DeployedModel(nn.Module):
         if set(layers) != {n for n, _ in config}:
             raise ValueError("config: its layers do not match the deployed model's layers")
         for lname, choice in config:
+            layers[lname].layer_name = lname
             layers[lname].set_tensors(_layer_tensors(self.header, tensors, lname, choice))
             layers[lname].backend = self.backend
+            if layers[lname].group_size:
+                # per-group scales: prepared now, so a kernel that cannot run them (integer
+                # activations, convolutions) refuses at load, naming the layer
+                layers[lname].prepare_now()
         self.active_config = config
 
     def upgrade(self, bits: int | None = None, config=None, *, max_bits: int | None = None,
@@ -172,6 +177,7 @@ def _layer_tensors(header, tensors, lname, choice: LayerChoice) -> LayerTensors:
         act_quant_max=aform.get("quant_max", 0),
         mul=mul,
         add=add,
+        group_size=wform.get("group_size"),
     )
 
 

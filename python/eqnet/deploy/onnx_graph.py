@@ -152,9 +152,13 @@ def _tensor(name, values, container=None):
 
 def _qdq_nodes(plan: TensorQDQ, src: str, dst: str, prefix: str, weight_format: str):
     """(nodes, initializers) computing dst from src (activations) or from constants."""
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     axis = {} if plan.axis is None else {"axis": plan.axis}
+    final = dst
+    if plan.block_size:  # per group: blocked DQ of the [N, K] codes, reshaped to the weight's
+        axis["block_size"] = plan.block_size
+        dst = f"{prefix}.blocked"
     inits = [
         _tensor(f"{prefix}.scale", plan.scale),
         _tensor(f"{prefix}.zero_point", plan.zero_point, plan.container),
@@ -165,7 +169,8 @@ def _qdq_nodes(plan: TensorQDQ, src: str, dst: str, prefix: str, weight_format: 
             inits.append(_tensor(f"{prefix}.codes", plan.codes, plan.container))
             q = f"{prefix}.codes"
         else:
-            inits.append(_tensor(f"{prefix}.float", plan.dequantized))
+            flat = plan.dequantized.reshape(plan.codes.shape)
+            inits.append(_tensor(f"{prefix}.float", flat))
             q = f"{prefix}.q"
             nodes.append(
                 helper.make_node(
@@ -210,6 +215,12 @@ def _qdq_nodes(plan: TensorQDQ, src: str, dst: str, prefix: str, weight_format: 
             **axis,
         )
     )
+    if plan.block_size:
+        shape = np.asarray(plan.dequantized.shape, dtype=np.int64)
+        inits.append(numpy_helper.from_array(shape, f"{prefix}.shape"))
+        nodes.append(
+            helper.make_node("Reshape", [dst, f"{prefix}.shape"], [final], name=f"{prefix}/Reshape")
+        )
     return nodes, inits
 
 

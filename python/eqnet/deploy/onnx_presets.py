@@ -70,6 +70,8 @@ PRESETS: dict[str, TargetProfile] = {
         description="any form; smallest ONNX container (int4/uint4 at opset >= 21, else int8)",
         weight_containers=("int4", "uint4", "int8", "uint8", "int16", "uint16"),
         act_containers=("int4", "uint4", "int8", "uint8", "int16", "uint16"),
+        # per group: blocked DequantizeLinear (opset >= 21)
+        w_granularities=("tensor", "channel", "group"),
     ),
     "tensorrt": TargetProfile(
         name="tensorrt",

@@ -26,20 +26,24 @@ class TensorQDQ:
     bits: int
     container: str
     offset: int
-    scale: np.ndarray  # float32, 0-d (per-tensor) or [C] (per-channel)
+    scale: np.ndarray  # float32, 0-d (per-tensor), [C] (per-channel) or [C, K/g] (per-group)
     zero_point: np.ndarray  # int64, same shape as scale, offset applied
     axis: int | None
     clip: tuple[float, float] | None = None  # activations narrower than the container
     codes: np.ndarray | None = None  # weights: int64 codes, offset applied
     dequantized: np.ndarray | None = None  # weights: float32 (q - z) * s
     notes: list = dataclasses.field(default_factory=list)
+    # per-group weights: blocked DequantizeLinear (opset 21) of the codes as [C, K], axis 1
+    block_size: int | None = None
 
     def record(self) -> dict:
+        granularity = "tensor" if self.axis is None else "channel"
         return {
             "bits": self.bits,
             "container": self.container,
             "offset": self.offset,
-            "granularity": "tensor" if self.axis is None else "channel",
+            "granularity": "group" if self.block_size else granularity,
+            **({"block_size": self.block_size} if self.block_size else {}),
             "clip": self.clip is not None,
             **({"notes": self.notes} if self.notes else {}),
         }
@@ -132,14 +136,38 @@ def plan_activation(name, layer, choice, profile, opset, problems):
     )
 
 
+# Blocked QuantizeLinear / DequantizeLinear (the `block_size` attribute) arrived in opset 21.
+BLOCKED_OPSET = 21
+
+
+def _grouped(weight, p):
+    """Per-group weights as the per-channel form of the weight viewed [N * K / g, g] (what the
+    op computes); (weight view, params of that view, groups per row)."""
+    n, g = weight.shape[0], p.group_size
+    groups = weight[0].numel() // g
+    zp = None if p.zero_point is None else p.zero_point.reshape(-1)
+    view = dataclasses.replace(p, scale=p.scale.reshape(-1), zero_point=zp, group_size=None)
+    return weight.reshape(n * groups, g), view, groups
+
+
 def plan_weight(name, layer, choice, profile, opset, bn_mul, problems):
     p = layer.weight_quantizer.params(choice.w_bits, choice.w_granularity, choice.w_symmetry)
-    codes, s, z, notes = _qdq_weight(layer.weight, p)
+    weight, block, groups = layer.weight, p.group_size, 1
+    if block:
+        if opset < BLOCKED_OPSET:
+            problems.append(
+                f"layer {name!r}: per-group weights (group_size={block}) need blocked "
+                f"DequantizeLinear, opset >= {BLOCKED_OPSET}; got opset {opset}"
+            )
+            return None
+        weight, p, groups = _grouped(weight, p)
+    codes, s, z, notes = _qdq_weight(weight, p)
     # The codes must reproduce the quantizer's own output bit for bit (whatever backend runs).
     with torch.no_grad():
         expected = layer.weight_quantizer(
             layer.weight, choice.w_bits, choice.w_granularity, choice.w_symmetry
         ).float()
+    expected = expected.reshape(weight.shape)
     if not torch.equal((codes - z) * s, expected):
         raise RuntimeError(
             f"layer {name!r}: the exporter's weight codes do not reproduce the fake-quant "
@@ -156,7 +184,7 @@ def plan_weight(name, layer, choice, profile, opset, bn_mul, problems):
                 f"per channel); got w_granularity='tensor' (use fold_bn='keep' or 'affine')"
             )
             return None
-        a = bn_mul.detach().double().reshape(s.shape)
+        a = bn_mul.detach().double().repeat_interleave(groups).reshape(s.shape)
         if bool((a == 0).any()):
             problems.append(f"layer {name!r}: BN factor gamma/sqrt(var+eps) is 0 for a channel")
             return None
@@ -197,7 +225,15 @@ def plan_weight(name, layer, choice, profile, opset, bn_mul, problems):
     container, offset = picked
     scale = s.reshape(-1) if axis is not None else s.reshape(())
     zp = z.reshape(-1) if axis is not None else z.reshape(())
-    deq = (codes - z) * s
+    deq = ((codes - z) * s).reshape(layer.weight.shape)
+    if block:  # codes [N, K] with scales [N, K / g]: blocks of g along axis 1
+        n = layer.weight.shape[0]
+        scale, zp, codes, axis = (
+            scale.reshape(n, groups),
+            zp.reshape(n, groups),
+            codes.reshape(n, -1),
+            1,
+        )
     return TensorQDQ(
         layer=name,
         role="weight",
@@ -210,4 +246,5 @@ def plan_weight(name, layer, choice, profile, opset, bn_mul, problems):
         codes=codes.numpy().astype(np.int64) + offset,
         dequantized=deq.numpy().astype(np.float32),
         notes=notes,
+        block_size=block,
     )

@@ -17,7 +17,7 @@ import re
 import torch
 from torch import nn
 
-from eqkernels.eqk import EqkFormatError, plane_tensor_name
+from eqkernels.eqk import GROUP_QUANTUM, EqkFormatError, plane_tensor_name
 from eqkernels.eqk.fields import (
     any_object,
     boolean,
@@ -43,12 +43,13 @@ ARCH_KWARGS = ("num_classes", *LLAMA_TINY_DEFAULTS)
 _BITS = integer(1, 8)
 _FLOAT_TINY = torch.finfo(torch.float32).tiny
 _ACT_KEY = re.compile(r"a([1-8])-(?:sym|asym)")
+_GRANULARITIES = ("tensor", "channel", "group")
 
 _CHOICE = record(
     {
         "w_bits": _BITS,
         "a_bits": optional(_BITS),  # null: float activation
-        "w_granularity": one_of("tensor", "channel"),
+        "w_granularity": one_of(*_GRANULARITIES),
         "w_symmetry": one_of("sym", "asym"),
         "a_symmetry": one_of("sym", "asym"),
     }
@@ -106,7 +107,10 @@ _WEIGHT_FORM = record(
         "K": integer(1, MAX_CHANNELS * MAX_KERNEL * MAX_KERNEL),
         "N": integer(1, MAX_CHANNELS),
         "has_zero_point": boolean,
-    }
+        # per-group forms: the group size of their scales [N, K / group_size]
+        "group_size": integer(GROUP_QUANTUM, MAX_CHANNELS),
+    },
+    optional_keys=("group_size",),
 )
 _INT_ACT_FORM = record(
     {"quant_min": integer(-128, 0), "quant_max": integer(1, 255), "has_zero_point": boolean}
@@ -238,14 +242,14 @@ def _check_layer_forms(header, lname, geometry, qlayer, entries) -> None:
         bits = form["stored_bits"]
         if form["nested"]:
             granularity = wkey.removeprefix("nested-")
-            if not wkey.startswith("nested-") or granularity not in ("tensor", "channel"):
+            if not wkey.startswith("nested-") or granularity not in _GRANULARITIES:
                 raise fail(path, "a nested form's key must be nested-<granularity>")
             if bits != header["top_bits"]:
                 raise fail(path + ".stored_bits", f"{bits}, the file's top width is "
                                                   f"{header['top_bits']}")  # fmt: skip
         else:
             parts = wkey.split("-")
-            if len(parts) != 3 or parts[0] != f"w{bits}" or parts[1] not in ("tensor", "channel"):
+            if len(parts) != 3 or parts[0] != f"w{bits}" or parts[1] not in _GRANULARITIES:
                 raise fail(path + ".stored_bits", f"{bits} does not match the form key {wkey!r}")
             granularity = parts[1]
         base = f"w/{lname}/{wkey}"
@@ -253,9 +257,16 @@ def _check_layer_forms(header, lname, geometry, qlayer, entries) -> None:
             _expect(entries, plane_tensor_name(base + "/planes", j), "int32", [n, words])
         if plane_tensor_name(base + "/planes", bits) in entries:
             raise fail(path + ".stored_bits", f"{bits}, but the file holds more planes")
-        _expect(entries, base + "/scale", "float32", [n if granularity == "channel" else 1])
+        shape = _scale_shape(path, geometry, form, granularity, n, k)
+        _expect(entries, base + "/scale", "float32", shape)
         if form["has_zero_point"]:
-            _expect(entries, base + "/zero_point", "int32", [n])
+            _expect(entries, base + "/zero_point", "int32", shape if len(shape) == 2 else [n])
+        if len(shape) == 2:
+            zp = base + "/zero_point" if form["has_zero_point"] else None
+            want = {"group_size": form["group_size"], "K": k, "scale": base + "/scale",
+                    "zero_point": zp}  # fmt: skip
+            if header.get("groups", {}).get(base + "/planes") != want:
+                raise fail(path, f"the file's groups record of {base + '/planes'!r} is not {want}")
     for akey, form in qlayer["acts"].items():
         path = f"quant.layers[{lname!r}].acts[{akey!r}]"
         if (akey == FLOAT_ACT_KEY) != ("float" in form):
@@ -277,6 +288,23 @@ def _check_layer_forms(header, lname, geometry, qlayer, entries) -> None:
             _expect(entries, f"a/{lname}/{akey}/zero_point", "float32", [1])
     if geometry["bn"] is None and geometry["has_bias"]:
         _expect(entries, f"bias/{lname}", "float32", [n])
+
+
+def _scale_shape(path, geometry, form, granularity, n, k) -> list[int]:
+    """The stored scale shape of one weight form: [N, K / g] per group, [N] per channel, [1]
+    per tensor; a fixed layer's group form may hold per-channel scales (g not dividing K)."""
+    g = form.get("group_size")
+    if g is not None and granularity != "group":
+        raise fail(path + ".group_size", f"only a group form has one, not {granularity!r}")
+    if granularity == "group" and g is None:
+        if geometry["fixed"] is None:
+            raise fail(path, "an elastic layer's group form needs 'group_size'")
+        return [n]  # a fixed layer whose K the space's group size does not divide
+    if g is not None:
+        if k % g:
+            raise fail(path + ".group_size", f"{g} does not divide K={k}")
+        return [n, k // g]
+    return [n if granularity == "channel" else 1]
 
 
 def _check_config(cname: str, cfg: dict, model: dict, quant: dict) -> None:

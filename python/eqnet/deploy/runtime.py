@@ -17,6 +17,7 @@ the float model's own modules.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -31,16 +32,17 @@ class LayerTensors:
     """What one quantized layer runs with at one choice (all CPU/device tensors)."""
 
     planes: torch.Tensor  # int32 [>= bits, N, ceil(K/32)]
-    scale: torch.Tensor  # fp32 [1] or [N], the top-width step
+    scale: torch.Tensor  # fp32 [1], [N] or [N, K / group_size], the top-width step
     bits: int
     top_bits: int
-    weight_zero_point: torch.Tensor | None  # int32 [N] (asymmetric weights)
+    weight_zero_point: torch.Tensor | None  # int32 [N] or [N, K / g] (asymmetric weights)
     act_scale: torch.Tensor | None  # fp32 [1]; None: float activation (weight-only)
     act_zero_point: torch.Tensor | None  # fp32 [1], integer-valued
     act_quant_min: int
     act_quant_max: int
     mul: torch.Tensor | None  # fp32 [N], folded BN multiplier
     add: torch.Tensor | None  # fp32 [N], folded BN shift (+ mul * conv bias), or the bias
+    group_size: int | None = None  # per-group scales: columns per scale
 
 
 class _IntLayer(nn.Module):
@@ -61,6 +63,8 @@ class _IntLayer(nn.Module):
         self.out_features = out_features
         self.bits = 0
         self.top_bits = 0
+        self.group_size: int | None = None
+        self.layer_name = type(self).__name__  # the loader sets the layer's path
         self.act_quant_min = 0
         self.act_quant_max = 0
         # Non-persistent: the float state_dict of the deployed network stays the float model's.
@@ -99,8 +103,29 @@ class _IntLayer(nn.Module):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         op = self._prepared
         if op is None:
-            op = self._prepared = self.prepare()
+            op = self.prepare_now()
         return op(x)
+
+    def prepare_now(self):
+        """Prepare the op of the current tensors; a form the kernels do not implement raises
+        NotImplementedError naming this layer."""
+        try:
+            self._prepared = self.prepare()
+        except NotImplementedError as exc:
+            raise NotImplementedError(f"layer {self.layer_name!r}: {exc}") from exc
+        return self._prepared
+
+    def group_args(self, op) -> dict:
+        """`group_size=` for `op` when the scales are per group; NotImplementedError when
+        `op` takes no per-group scales."""
+        if not self.group_size:
+            return {}
+        if "group_size" not in inspect.signature(op).parameters:
+            raise NotImplementedError(
+                f"per-group weight scales (group_size={self.group_size}) are not implemented by "
+                f"eqkernels.{op.__name__}; export this layer with per-channel weights"
+            )
+        return {"group_size": self.group_size}
 
     def act_repr(self) -> str:
         if self.act_scale is None:
@@ -126,14 +151,16 @@ class _IntLayer(nn.Module):
         self.weight_zero_point = t.weight_zero_point
         self.act_scale, self.act_zero_point = t.act_scale, t.act_zero_point
         self.act_quant_min, self.act_quant_max = int(t.act_quant_min), int(t.act_quant_max)
-        scale = t.scale.reshape(-1)
+        self.group_size = t.group_size
+        scale = t.scale if t.group_size else t.scale.reshape(-1)
         self.out_mul = self.out_add = None
         if t.mul is None:
             self.scale, self.bias = scale, t.add
         elif bool(torch.all(t.mul > 0)):
             # y = mul * (s_a s_b acc') + add: the positive per-channel mul scales s_b exactly as
             # the op's epilogue would (one more fp32 rounding), so one op call does it all.
-            self.scale = (scale.expand(N) * t.mul).contiguous()
+            mul = t.mul[:, None] if t.group_size else t.mul
+            self.scale = ((scale if t.group_size else scale.expand(N)) * mul).contiguous()
             self.bias = t.add
         else:
             # The op requires positive scales: keep the affine as a separate multiply-add.
@@ -182,6 +209,7 @@ class IntConv2d(_IntLayer):
             weight_zero_point=self.weight_zero_point,
             act=self.act_quant(),
             backend=self.backend,
+            **self.group_args(eqkernels.prepare_conv2d),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,6 +242,7 @@ class IntLinear(_IntLayer):
             weight_zero_point=self.weight_zero_point,
             act=self.act_quant(),
             backend=self.backend,
+            **self.group_args(eqkernels.prepare_linear),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,6 +255,7 @@ class IntLinear(_IntLayer):
         return (
             f"{self.in_features}, {self.out_features}, "
             f"W{self.bits}/{self.top_bits} {self.act_repr()}"
+            + (f", group_size={self.group_size}" if self.group_size else "")
         )
 
 

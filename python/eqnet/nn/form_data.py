@@ -7,7 +7,10 @@ after its recompile limit). Instead the form is an integer buffer (`form_index`)
 depends on it from tensors:
 
 - the scale of every form, broadcast to [C] (a per-tensor scale repeated per channel), stacked
-  and indexed by `form_index`; the zero points likewise (a symmetric form has a zero offset);
+  and indexed by `form_index`; the zero points likewise (a symmetric form has a zero offset).
+  A quantizer that holds the per-group form broadcasts every form to its group shape
+  [C, K // group_size] instead and runs the group form of the op: the per-element map of a
+  broadcast scale is that form's own, so the tensor, channel and group forms share one graph;
 - the form row (range, layering step, compensation: `eqkernels.form_row`) from `form_table`,
   run by `eqkernels.fake_quant_form_inline` (or the kernel op, KERNEL_IN_GRAPHS);
 - the LSQ gradient scale 1/sqrt(n * max(qmax, 1)), with n the elements sharing one scale.
@@ -51,19 +54,24 @@ def form_table(quantizer) -> torch.Tensor:
 def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
     """The active form's fake quantization, selected by `quantizer.form_index` (a tensor)."""
     channels = quantizer.channels if quantizer.role == "weight" else 1
+    group_size = getattr(quantizer, "group_size", None)
+    # [C] per channel, [C, G] when the quantizer holds the group form (every form broadcast)
+    shape = (channels,) if group_size is None else quantizer.scale_shape("group")
     scales, zero_points, shares = [], [], []
     for bits, gran, sym in quantizer.forms():
         scale, zp = quantizer.raw_parameters(bits, gran, sym)
-        scales.append(positive(scale).expand(channels))
-        zero_points.append(zp.expand(channels) if zp is not None else scale.new_zeros(channels))
+        scales.append(_broadcast(positive(scale), shape))
+        zero_points.append(_broadcast(zp, shape) if zp is not None else scale.new_zeros(shape))
         if quantizer.role == "activation":
             # LSQ's activation gradient scale counts the features of one sample.
             shares.append(x[0].numel() if x.dim() > 1 else x.numel())
+        elif gran == "group":
+            shares.append(group_size)
         else:
             shares.append(x.numel() // channels if gran == "channel" else x.numel())
     index = quantizer.form_index.reshape(1)
-    scale = torch.stack(scales).index_select(0, index).reshape(channels)
-    zero_point = torch.stack(zero_points).index_select(0, index).reshape(channels)
+    scale = torch.stack(scales).index_select(0, index).reshape(shape)
+    zero_point = torch.stack(zero_points).index_select(0, index).reshape(shape)
     form = quantizer.form_table.index_select(0, index).reshape(-1)
     share = torch.tensor(shares, dtype=torch.float64, device=x.device).index_select(0, index)
     # float64 like the eager path's Python float, so both give the same fp32 product.
@@ -71,9 +79,25 @@ def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
     axis = quantizer.axis if quantizer.role == "weight" else None
     if KERNEL_IN_GRAPHS:
         return eqkernels.fake_quant_form(
-            x, scale, zero_point, form, grad_factor, axis=axis, backend=quantizer.backend
+            x,
+            scale,
+            zero_point,
+            form,
+            grad_factor,
+            axis=axis,
+            group_size=group_size,
+            backend=quantizer.backend,
         )
-    return eqkernels.fake_quant_form_inline(x, scale, zero_point, form, grad_factor, axis=axis)
+    return eqkernels.fake_quant_form_inline(
+        x, scale, zero_point, form, grad_factor, axis=axis, group_size=group_size
+    )
+
+
+def _broadcast(param: torch.Tensor, shape) -> torch.Tensor:
+    """A scale or zero point of shape [1], [C] or [C, G] broadcast to [C] or [C, G]."""
+    if len(shape) == 2 and param.dim() == 1:
+        return param[:, None].expand(shape)
+    return param.expand(shape)
 
 
 def form_owners(quantizer) -> dict[str, frozenset[int]]:

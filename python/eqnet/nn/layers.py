@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..space import ElasticSpace, LayerChoice, check_choice
+from ..space import ElasticSpace, LayerChoice, check_choice, group_size_error
 from .quantizer import ElasticQuantizer
 
 
@@ -34,6 +34,10 @@ class _QuantizedLayer:
         self.fixed_form = False  # True: a fixed-width layer that also holds one form only
         channels = self.weight.shape[0]
         if fixed_choice is None:
+            if self.group_as_channel(space):
+                raise ValueError(
+                    group_size_error(type(self).__name__, self.reduction, space.group_size)
+                )
             self.weight_quantizer = ElasticQuantizer(
                 "weight",
                 space.w_bits,
@@ -41,6 +45,7 @@ class _QuantizedLayer:
                 space.w_symmetries,
                 channels=channels,
                 nested=space.nested,
+                **self._group_args(space),
             )
             self.act_quantizer = _act_quantizer(space.int_a_bits, space.a_symmetries)
             first = LayerChoice(
@@ -73,10 +78,36 @@ class _QuantizedLayer:
             w_forms = (space.w_granularities, space.w_symmetries)
             a_syms = space.a_symmetries
         self.fixed_form = fixed_form
+        as_channel = self.group_as_channel(space)
+        if as_channel:
+            # The space's group size does not divide this fixed layer's input dimension (a
+            # first conv's 3*3*3 = 27, say): its group form keeps per-channel scales.
+            grans = tuple(dict.fromkeys("channel" if g == "group" else g for g in w_forms[0]))
+            w_forms = (grans, w_forms[1])
         self.weight_quantizer = ElasticQuantizer(
-            "weight", (c.w_bits,), *w_forms, channels=self.weight.shape[0]
+            "weight",
+            (c.w_bits,),
+            *w_forms,
+            channels=self.weight.shape[0],
+            group_as_channel=as_channel,
+            **self._group_args(space),
         )
         self.act_quantizer = _act_quantizer(() if c.a_bits is None else (c.a_bits,), a_syms)
+
+    @property
+    def reduction(self) -> int:
+        """K, the input dimension of the weight flattened to [N, K] (`weight.reshape(N, -1)`):
+        in_features, or in_channels / groups * kh * kw."""
+        return self.weight[0].numel()
+
+    def group_as_channel(self, space: ElasticSpace) -> bool:
+        """True when the space has per-group weights but its group size does not divide K."""
+        return "group" in space.w_granularities and self.reduction % space.group_size != 0
+
+    def _group_args(self, space: ElasticSpace) -> dict:
+        if "group" not in space.w_granularities or self.group_as_channel(space):
+            return {}
+        return {"group_size": space.group_size, "columns": self.reduction}
 
     def set_choice(self, choice: LayerChoice) -> None:
         if not isinstance(choice, LayerChoice):

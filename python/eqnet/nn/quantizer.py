@@ -13,7 +13,6 @@ the `eqkernels` ops; this module only selects the parameters (`params()`).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -22,18 +21,12 @@ from torch import nn
 
 import eqkernels
 
+from ..space import GRANULARITIES
 from . import form_data
+from .scale_search import SCALE_EPS, RowStats, quant_mse, scale_candidates
 
 ROLES = ("weight", "activation")
 
-# Smallest step size the forward ever sees. Far below any useful step (8-bit steps of real
-# weights are ~1e-4..1e-2) and far above fp32 underflow, so 1/s stays finite.
-SCALE_EPS = 1e-8
-
-# Clipping-search grid: fraction of the data's max |x| (or of [min, max] for asymmetric forms).
-CLIP_RATIOS = torch.linspace(0.25, 1.0, 16).tolist()
-# Largest number of elements one calibration call of the op works on (memory bound).
-CALIB_CHUNK_ELEMS = 1 << 23
 # Activation values kept per quantizer for the clipping search (a fixed random subsample).
 CALIB_SAMPLES = 1 << 15
 
@@ -43,7 +36,7 @@ class QuantParams:
     """Exactly what the fake-quant op receives for one form (deployment and ONNX export use
     these values to reproduce the forward)."""
 
-    scale: torch.Tensor  # positive fp32, shape [1] or [C]
+    scale: torch.Tensor  # positive fp32, shape [1], [C] or [C, K // group_size]
     zero_point: torch.Tensor | None  # fp32 (rounded by the op) or None for symmetric
     quant_min: int
     quant_max: int
@@ -51,6 +44,7 @@ class QuantParams:
     nested: bool
     bits: int
     top_bits: int | None = None  # nested only: the width the scale belongs to
+    group_size: int | None = None  # per group: scales [C, K // group_size] (axis 0)
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -84,6 +78,12 @@ class ElasticQuantizer(nn.Module):
     bits / granularities / symmetries: the forms this quantizer can take.
     channels: output channels (the length of per-channel scales; weights only).
     nested: weights only, symmetric only: one scale at max(bits) per granularity.
+    group_size / columns: weights with the "group" granularity: one scale per `group_size`
+        consecutive elements of each of the `channels` rows of the weight flattened to
+        [channels, columns] (a conv weight as `weight.reshape(N, -1)`); scales [N, columns/g].
+    group_as_channel: a "group" request runs the "channel" form (a fixed-width layer whose
+        input dimension the space's group size does not divide keeps per-channel scales);
+        "group" must then be absent from `granularities`.
     """
 
     def __init__(
@@ -96,6 +96,9 @@ class ElasticQuantizer(nn.Module):
         channels: int = 1,
         nested: bool = False,
         axis: int = 0,
+        group_size: int | None = None,
+        columns: int = 1,
+        group_as_channel: bool = False,
     ):
         super().__init__()
         if role not in ROLES:
@@ -107,9 +110,10 @@ class ElasticQuantizer(nn.Module):
         self.granularities = tuple(granularities)
         self.symmetries = tuple(symmetries)
         for g in self.granularities:
-            if g not in ("tensor", "channel"):
+            if g not in GRANULARITIES:
                 raise ValueError(
-                    f"granularities={granularities!r}: accepted values are tensor, channel"
+                    f"granularities={granularities!r}: accepted values are "
+                    f"{', '.join(GRANULARITIES)}"
                 )
         for s in self.symmetries:
             if s not in ("sym", "asym"):
@@ -126,6 +130,15 @@ class ElasticQuantizer(nn.Module):
         if channels < 1:
             raise ValueError(f"channels={channels}: must be >= 1")
         self.channels = int(channels)
+        self.group_size = _check_groups(self.granularities, group_size, columns, axis)
+        self.columns = int(columns)
+        self.group_as_channel = bool(group_as_channel)
+        if self.group_as_channel and (
+            "group" in self.granularities or "channel" not in self.granularities
+        ):
+            raise ValueError(
+                "group_as_channel=True takes granularities with 'channel' and without 'group'"
+            )
         self.nested = bool(nested)
         self.axis = int(axis)
         self.top_bits = max(self.bits)
@@ -143,7 +156,7 @@ class ElasticQuantizer(nn.Module):
 
         for key in self.form_keys():
             bits_, gran, sym = key
-            shape = (self.channels,) if gran == "channel" else (1,)
+            shape = self.scale_shape(gran)
             name = form_name(role, None if self.nested else bits_, gran, sym)
             self.register_parameter(f"scale_{name}", nn.Parameter(torch.ones(shape)))
             if sym == "asym":
@@ -160,6 +173,17 @@ class ElasticQuantizer(nn.Module):
         form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
 
     # -- forms --------------------------------------------------------------------------------
+    def scale_shape(self, granularity: str) -> tuple[int, ...]:
+        if granularity == "group":
+            return (self.channels, self.columns // self.group_size)
+        return (self.channels,) if granularity == "channel" else (1,)
+
+    def held_granularity(self, granularity: str) -> str:
+        """The granularity whose parameters run a `granularity` request (group_as_channel)."""
+        if granularity == "group" and self.group_as_channel:
+            return "channel"
+        return granularity
+
     def form_keys(self):
         """(bits, granularity, symmetry) of every parameter set (bits = top width if nested)."""
         if self.nested:
@@ -188,6 +212,7 @@ class ElasticQuantizer(nn.Module):
 
     def select(self, bits: int, granularity: str = "tensor", symmetry: str = "sym") -> None:
         """Make one form the active one (what forward(x) without a form runs)."""
+        granularity = self.held_granularity(granularity)
         self._check_form(bits, granularity, symmetry)
         self.active_index = self._form_list.index((bits, granularity, symmetry))
         self.form_index.fill_(self.active_index)
@@ -212,6 +237,7 @@ class ElasticQuantizer(nn.Module):
 
     def raw_parameters(self, bits, granularity="tensor", symmetry="sym"):
         """(scale, zero_point or None) nn.Parameters backing one form."""
+        granularity = self.held_granularity(granularity)
         self._check_form(bits, granularity, symmetry)
         name = form_name(self.role, None if self.nested else bits, granularity, symmetry)
         scale = getattr(self, f"scale_{name}")
@@ -221,7 +247,9 @@ class ElasticQuantizer(nn.Module):
     def params(self, bits: int, granularity: str = "tensor", symmetry: str = "sym") -> QuantParams:
         """The exact op arguments of one form, with the effective (positive) scale."""
         scale, zp = self.raw_parameters(bits, granularity, symmetry)
-        per_channel = granularity == "channel"
+        granularity = self.held_granularity(granularity)
+        per_channel = granularity in ("channel", "group")
+        group_size = self.group_size if granularity == "group" else None
         if self.nested:
             qmin, qmax = qrange(self.top_bits, True)
             return QuantParams(
@@ -233,13 +261,13 @@ class ElasticQuantizer(nn.Module):
                 True,
                 bits,
                 self.top_bits,
+                group_size,
             )
         qmin, qmax = qrange(bits, self._signed)
         if self.narrow_range and self.role == "weight" and symmetry == "sym" and qmax >= 1:
             qmin = -qmax
-        return QuantParams(
-            _positive(scale), zp, qmin, qmax, self.axis if per_channel else None, False, bits
-        )
+        axis = self.axis if per_channel else None
+        return QuantParams(_positive(scale), zp, qmin, qmax, axis, False, bits, None, group_size)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x, bits: int | None = None, granularity: str = "tensor", symmetry="sym"):
@@ -264,6 +292,7 @@ class ElasticQuantizer(nn.Module):
                 p.bits,
                 p.top_bits,
                 axis=p.axis,
+                group_size=p.group_size,
                 grad_factor=grad_factor,
                 backend=self.backend,
             )
@@ -274,6 +303,7 @@ class ElasticQuantizer(nn.Module):
             p.quant_min,
             p.quant_max,
             axis=p.axis,
+            group_size=p.group_size,
             grad_factor=grad_factor,
             backend=self.backend,
         )
@@ -283,6 +313,7 @@ class ElasticQuantizer(nn.Module):
         return (
             f"{kind}{self.role}, bits={list(self.bits)}, granularities={list(self.granularities)}, "
             f"symmetries={list(self.symmetries)}, channels={self.channels}, signed={self._signed}"
+            + (f", group_size={self.group_size}" if self.group_size else "")
         )
 
     # -- calibration --------------------------------------------------------------------------
@@ -307,9 +338,12 @@ class ElasticQuantizer(nn.Module):
             if gran not in rows:
                 if gran == "channel":
                     data = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+                elif gran == "group":
+                    # each group is one row: the per-channel statistics taken per group
+                    data = x.reshape(-1, self.group_size)
                 else:
                     data = x.reshape(1, -1)
-                rows[gran] = _RowStats(data)
+                rows[gran] = RowStats(data)
             scale, zp = self.raw_parameters(bits, gran, sym)
             s, z = self._search(rows[gran], bits, sym, method)
             scale.copy_(s.reshape(scale.shape))
@@ -319,7 +353,7 @@ class ElasticQuantizer(nn.Module):
     def _search(self, stats, bits, sym, method):
         """Best (scale [G], zero point [G] or None) for the rows [G, N] of `stats`."""
         data = stats.data
-        cand_s, cand_z = _candidates(stats, bits, self._signed, sym, method)  # [K, G]
+        cand_s, cand_z = scale_candidates(stats, bits, self._signed, sym, method)  # [K, G]
         if cand_s.shape[0] == 1:
             return cand_s[0], None if cand_z is None else cand_z[0]
         if self.nested:
@@ -328,7 +362,7 @@ class ElasticQuantizer(nn.Module):
             # dominated by the lowest width).
             err = torch.stack(
                 [
-                    _quant_mse(data, cand_s, None, b, self.top_bits, True, self.backend)
+                    quant_mse(data, cand_s, None, b, self.top_bits, True, self.backend)
                     .clamp_min(1e-30)
                     .log()
                     for b in self.bits
@@ -336,89 +370,30 @@ class ElasticQuantizer(nn.Module):
             ).mean(0)
         else:
             qmin, qmax = qrange(bits, self._signed)
-            err = _quant_mse(data, cand_s, cand_z, qmin, qmax, False, self.backend)
+            err = quant_mse(data, cand_s, cand_z, qmin, qmax, False, self.backend)
         best = err.argmin(0)  # [G]
         g = torch.arange(data.shape[0])
         return cand_s[best, g], None if cand_z is None else cand_z[best, g]
 
 
+def _check_groups(granularities, group_size, columns, axis) -> int | None:
+    """group_size when "group" is among `granularities` (it must divide `columns`), else None."""
+    if "group" not in granularities:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(
+            f"group_size={group_size!r}: the 'group' granularity needs a positive int group size"
+        )
+    if columns % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide columns={columns} (the weight's input "
+            "dimension)"
+        )
+    if axis != 0:
+        raise ValueError(f"axis={axis}: per-group scales group the rows of axis 0 only")
+    return group_size
+
+
 def _sync_signed(module, incompatible_keys):
     module._signed = bool(module.signed_range.item())
     module._refresh_form_table()
-
-
-class _RowStats:
-    """Per-row statistics of data [G, N], computed once and shared by every form."""
-
-    def __init__(self, data):
-        self.data = data
-
-    @functools.cached_property
-    def abs_mean(self):
-        return self.data.abs().mean(1)
-
-    @functools.cached_property
-    def lo(self):
-        return self.data.amin(1)
-
-    @functools.cached_property
-    def hi(self):
-        return self.data.amax(1)
-
-    @functools.cached_property
-    def abs_max(self):
-        return torch.maximum(self.hi, -self.lo)
-
-
-def _candidates(stats, bits, signed, sym, method):
-    """Candidate (scales [K, G], zero points [K, G] or None) for each row of data [G, N]."""
-    data = stats.data
-    qmin, qmax = qrange(bits, signed)
-    lsq = 2.0 * stats.abs_mean / math.sqrt(max(qmax, 1))  # [G]
-    if sym == "sym":
-        if signed:
-            # signed symmetric grid [-2^(b-1), 2^(b-1)-1]: scale the larger half-range
-            top = stats.abs_max
-            denom = max(-qmin, 1) if qmax < 1 else max(qmax, 1)
-        else:
-            top = stats.hi.clamp_min(0)
-            denom = max(qmax, 1)
-        if method == "lsq":
-            return lsq.clamp_min(SCALE_EPS)[None], None
-        ratios = torch.tensor(CLIP_RATIOS, dtype=data.dtype, device=data.device)
-        grid = ratios[:, None] * top[None] / denom
-        return torch.cat([grid, lsq[None]]).clamp_min(SCALE_EPS), None
-    # Asymmetric forms cover [ratio*min, ratio*max]; "lsq" uses ratio 1, the min/max
-    # initialization of LSQ+ (Bhalgat et al. 2020) for a learnable offset.
-    lo = stats.lo.clamp_max(0)  # keep real zero representable
-    hi = stats.hi.clamp_min(0)
-    ratios = [1.0] if method == "lsq" else CLIP_RATIOS
-    ratios = torch.tensor(ratios, dtype=data.dtype, device=data.device)
-    s = (ratios[:, None] * (hi - lo)[None] / (qmax - qmin)).clamp_min(SCALE_EPS)
-    z = qmin - torch.round(ratios[:, None] * lo[None] / s)
-    return s, z
-
-
-def _quant_mse(data, cand_s, cand_z, qmin_or_bits, qmax_or_top, nested, backend):
-    """MSE [K, G] of quantizing each row of data [G, N] with each candidate [K, G], computed
-    by the fake-quant op itself: candidates x rows become the channels of one per-channel call.
-    """
-    k, g = cand_s.shape
-    n = data.shape[1]
-    per_call = max(1, CALIB_CHUNK_ELEMS // max(g * n, 1))
-    out = []
-    for start in range(0, k, per_call):
-        s = cand_s[start : start + per_call]
-        kk = s.shape[0]
-        rep = data[None].expand(kk, g, n).reshape(kk * g, n)
-        if nested:
-            y = eqkernels.fake_quant_layered(
-                rep, s.reshape(-1), qmin_or_bits, qmax_or_top, axis=0, backend=backend
-            )
-        else:
-            z = None if cand_z is None else cand_z[start : start + per_call].reshape(-1)
-            y = eqkernels.fake_quant(
-                rep, s.reshape(-1), z, qmin_or_bits, qmax_or_top, axis=0, backend=backend
-            )
-        out.append((y - rep).pow(2).mean(1).reshape(kk, g))
-    return torch.cat(out)

@@ -3,12 +3,13 @@ recipe defaults, and the elastic space each recipe trains."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, fields
 
 from eqnet.convert import KEEP_FIRST_LAST
 from eqnet.forms import resolve_form
-from eqnet.space import ElasticSpace, SubnetConfig, a_bits_width
+from eqnet.space import ElasticSpace, SubnetConfig, a_bits_width, check_group_size
 
 RECIPES = ("float", "qat", "multiquant", "eqnet", "layered", "limpq")
 OPTIMIZERS = ("sgd", "adam")
@@ -88,6 +89,10 @@ class TrainConfig:
     # qat: fine-tune this searched policy (a SubnetConfig JSON string: a string, so the layers
     # keep the model's order through the sorted JSON of the run) instead of one width
     policy: str | None = None
+    # per-group weight steps of this many input elements of each output row (a multiple of 32
+    # dividing every elastic layer's input dimension): the recipe's weights take the "group"
+    # granularity (eqnet adds it to its drawn forms); None keeps per-channel / per-tensor
+    group_size: int | None = None
     # data and evaluation
     holdout: int | None = None
     limit_train: int | None = None
@@ -136,6 +141,8 @@ class TrainConfig:
             raise ValueError(f"uniform_prob={self.uniform_prob!r}: must be in [0, 1]")
         if not 0.0 <= self.zeta <= 1.0:
             raise ValueError(f"zeta={self.zeta!r}: must be in [0, 1]")
+        if self.group_size is not None:
+            check_group_size(self.group_size)
         for name in ("w_bits", "a_bits"):
             v = getattr(self, name)
             if v is not None:
@@ -236,7 +243,18 @@ class TrainConfig:
 def recipe_space(config: TrainConfig) -> ElasticSpace | None:
     """The elastic space the recipe of `config` (resolved: bit lists filled in) trains; None
     for the float recipe. EQ-Net adds random granularity and symmetry per layer; vertical
-    layering nests the weights (top width = max w_bits)."""
+    layering nests the weights (top width = max w_bits). With `group_size` the weights are per
+    group (a policy's or target form's own granularities stay; EQ-Net draws group too)."""
+    space = _recipe_space(config)
+    if space is None or config.group_size is None:
+        return space
+    grans = space.w_granularities
+    if config.policy is None and config.target_form() is None and "group" not in grans:
+        grans = (*grans, "group") if config.recipe == "eqnet" else ("group",)
+    return dataclasses.replace(space, w_granularities=grans, group_size=config.group_size)
+
+
+def _recipe_space(config: TrainConfig) -> ElasticSpace | None:
     if config.recipe == "float":
         return None
     w_bits, a_bits = tuple(config.w_bits), tuple(config.a_bits)

@@ -9,8 +9,11 @@ in a one-hot choice per layer (which is what the integer program in `ilp.py` nee
 - `size` (bytes) of what the quantized layers store to run:
     * weight codes at b_w bits each, bit-packed (N_params * b_w / 8, fractional bytes allowed);
     * weight quantizer parameters in fp32: one scale per output channel for per-channel
-      weights, one per tensor otherwise, plus as many zero points when the weights are
-      asymmetric;
+      weights, one per group of g input elements of each output row for per-group weights
+      (N * K / g scales for a weight [N, K], K = in_features or in_channels/groups*kh*kw;
+      what the .eqk file stores), one per tensor otherwise, plus as many zero points when the
+      weights are asymmetric. A fixed layer whose K the group size does not divide keeps
+      per-channel scales and is counted so;
     * the activation quantizer's fp32 scale, plus an fp32 zero point when asymmetric;
     * the bias in fp32 if the layer has one.
   BatchNorm and layers that are not quantized are not counted (BN folds into the scales and
@@ -71,9 +74,17 @@ class LayerCost:
     act_numel: int  # input activation elements per sample
     bias: int  # bias elements (0 if none)
     elastic: bool = True  # False for fixed-width layers (excluded from the papers' averages)
+    # elements per weight scale of the "group" granularity; None: the layer has no group form
+    # (a "group" choice then runs, and costs, per-channel scales)
+    group_size: int | None = None
+
+    def n_weight_scales(self, granularity: str) -> int:
+        if granularity == "group" and self.group_size:
+            return self.params // self.group_size
+        return self.out_channels if granularity in ("channel", "group") else 1
 
     def size_bytes(self, choice: LayerChoice) -> float:
-        n_scales = self.out_channels if choice.w_granularity == "channel" else 1
+        n_scales = self.n_weight_scales(choice.w_granularity)
         w_qparams = n_scales * (2 if choice.w_symmetry == "asym" else 1)
         a_qparams = 0 if choice.a_bits is None else (2 if choice.a_symmetry == "asym" else 1)
         fp32_values = w_qparams + a_qparams + self.bias
@@ -107,6 +118,7 @@ def _layer_cost(name: str, module: torch.nn.Module, inp: torch.Tensor, out: torc
         act_numel=int(inp.numel() // batch),
         bias=int(bias),
         elastic=getattr(module, "fixed_choice", None) is None,
+        group_size=getattr(getattr(module, "weight_quantizer", None), "group_size", None),
     )
 
 
@@ -151,6 +163,7 @@ class CostModel:
                             prev.act_numel + lc.act_numel,
                             lc.bias,
                             lc.elastic,
+                            lc.group_size,
                         )
                     records[name] = lc
 

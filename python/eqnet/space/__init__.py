@@ -4,6 +4,7 @@ model."""
 
 from .elastic import (
     BITS_RANGE,
+    DEFAULT_GROUP_SIZE,
     DRAW,
     FLOAT_ACT_BITS,
     GRANULARITIES,
@@ -12,14 +13,17 @@ from .elastic import (
     LayerChoice,
     a_bits_width,
     check_choice,
+    check_group_size,
     fixed_form_layers,
     fixed_layer_choices,
+    group_size_error,
     layer_specs,
 )
 from .subnet import ENCODING_WIDTH, SubnetConfig
 
 __all__ = [
     "BITS_RANGE",
+    "DEFAULT_GROUP_SIZE",
     "DRAW",
     "ENCODING_WIDTH",
     "FLOAT_ACT_BITS",
@@ -30,7 +34,9 @@ __all__ = [
     "SubnetConfig",
     "a_bits_width",
     "check_choice",
+    "check_group_size",
     "fixed_form_layers",
     "fixed_layer_choices",
+    "group_size_error",
     "layer_specs",
 ]

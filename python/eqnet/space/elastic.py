@@ -20,12 +20,38 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-GRANULARITIES = ("tensor", "channel")
+GRANULARITIES = ("tensor", "channel", "group")
+# Per-group weight scales: one per `group_size` consecutive input elements of each output row.
+# A multiple of 32 so that a group covers whole 32-column words of the bit planes (what the
+# low-bit GEMM's per-group path reads); 128 is the common language-model choice.
+DEFAULT_GROUP_SIZE = 128
+GROUP_SIZE_QUANTUM = 32
 SYMMETRIES = ("sym", "asym")
 BITS_RANGE = range(1, 9)
 # A float (unquantized) activation, `a_bits=None`, orders and costs as 16 bits: wider than any
 # integer width, the width of the fp16/bf16 activations that weight-only kernels read.
 FLOAT_ACT_BITS = 16
+
+
+def check_group_size(group_size) -> int:
+    """Raise ValueError unless `group_size` is a positive multiple of 32; returns it."""
+    g = group_size
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or g % GROUP_SIZE_QUANTUM:
+        raise ValueError(
+            f"group_size={g!r}: accepted values are positive multiples of {GROUP_SIZE_QUANTUM} "
+            f"(32, 64, 128, ...; default {DEFAULT_GROUP_SIZE})"
+        )
+    return g
+
+
+def group_size_error(layer: str, reduction: int, group_size: int) -> str:
+    """The one-line message for a layer whose input dimension `group_size` does not divide."""
+    return (
+        f"layer {layer!r}: group_size={group_size} does not divide its input dimension "
+        f"K={reduction} (in_features, or in_channels/groups*kh*kw of a conv); accepted "
+        f"group sizes are multiples of {GROUP_SIZE_QUANTUM} dividing K, or leave 'group' out "
+        "of w_granularities"
+    )
 
 
 def a_bits_width(a_bits: int | None) -> int:
@@ -67,6 +93,8 @@ class ElasticSpace:
     a_symmetries: tuple[str, ...] = ("asym",)
     nested: bool = False
     fixed_bits: int = 8  # width of first/last layers under keep_first_last="8bit"
+    # Elements per weight scale of the "group" granularity (input elements of one output row).
+    group_size: int = DEFAULT_GROUP_SIZE
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -88,6 +116,7 @@ class ElasticSpace:
             )
         if self.fixed_bits not in BITS_RANGE:
             raise ValueError(f"fixed_bits={self.fixed_bits}: must be an int in 1..8")
+        check_group_size(self.group_size)
 
     @property
     def top_bits(self) -> int:
@@ -156,7 +185,8 @@ class LayerChoice:
             raise ValueError(f"a_bits={v!r}: must be an int in 1..8 or None (float activation)")
         if self.w_granularity not in GRANULARITIES:
             raise ValueError(
-                f"w_granularity={self.w_granularity!r}: accepted values are tensor, channel"
+                f"w_granularity={self.w_granularity!r}: accepted values are "
+                f"{', '.join(GRANULARITIES)}"
             )
         for name in ("w_symmetry", "a_symmetry"):
             if getattr(self, name) not in SYMMETRIES:

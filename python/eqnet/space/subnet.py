@@ -13,6 +13,7 @@ import torch
 
 from .elastic import (
     DRAW,
+    GRANULARITIES,
     ElasticSpace,
     LayerChoice,
     a_bits_width,
@@ -272,13 +273,14 @@ class SubnetConfig:
     # -- numeric encoding ---------------------------------------------------------------
     def encode(self) -> torch.Tensor:
         """Fixed-length float encoding, 5 numbers per layer: w_bits/8, a_bits/8 (a float
-        activation as 16/8), per-channel flag, asymmetric-weight flag, asymmetric-activation
+        activation as 16/8), weight granularity level (0 per tensor, 1 per channel, 2 per
+        group: finer scales, higher level), asymmetric-weight flag, asymmetric-activation
         flag."""
         rows = [
             (
                 c.w_bits / 8.0,
                 a_bits_width(c.a_bits) / 8.0,
-                float(c.w_granularity == "channel"),
+                float(GRANULARITIES.index(c.w_granularity)),
                 float(c.w_symmetry == "asym"),
                 float(c.a_symmetry == "asym"),
             )

@@ -42,6 +42,8 @@ def vl_weight_steps(supernet) -> int:
             scale, _ = wq.raw_parameters(wq.top_bits, granularity, "sym")
             if granularity == "channel":
                 mean = w.reshape(w.shape[0], -1).mean(dim=1)
+            elif granularity == "group":
+                mean = w.reshape(-1, wq.group_size).mean(dim=1).reshape(scale.shape)
             else:
                 mean = w.mean().reshape(1)
             scale.copy_((2.0 * mean / denom).to(scale.dtype))
