@@ -1,6 +1,7 @@
 """A tiny Llama (transformers, from a config, random init) trained with the layered recipe in
-weight-only mode (float activations) at W2-W4 on byte-level text of the standard library's own
-sources, exported to one .eqk, loaded at 2, 3 and 4 bits, perplexity per width from `eqnet eval`.
+weight-only mode (float activations) at W2-W4 with per-group weight steps (group 32) on
+byte-level text of the standard library's own sources, exported to one .eqk, loaded at 2, 3 and
+4 bits, perplexity per width from `eqnet eval`.
 
 References: the untrained supernet's perplexity at each width (training must lower it: a
 learning check that fails when training does not learn), the fake-quant subnet of the trained
@@ -21,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
         "num_kv_heads": 2, "max_positions": 32}  # fmt: skip
-# the weights' granularity: per-channel steps, the layered recipe's default
-GRANULARITY = {}
+# per-group weights: one LSQ step per 32 consecutive weights of each row (top width, nested)
+GRANULARITY = {"group_size": 32}
 TEXT = {"data": "stdlib-source", "seq_len": 32, "text_bytes": 120_000, "limit_test": 48}
 
 
@@ -67,6 +68,9 @@ def test_tiny_llama_layered_weight_only_end_to_end(tmp_path, capsys):
     header = export_run(run_dir, path)
     assert header["nested"] and header["top_bits"] == 4
     assert header["model"]["arch"]["name"] == "llama-tiny"
+    # every layer's weights stored with per-group steps: one scale per 32 weights of a row
+    groups = header["groups"]
+    assert len(groups) == 15 and {g["group_size"] for g in groups.values()} == {32}
     csv_path = tmp_path / "eval.csv"
     args = ["eval", str(path), "--bits", "2,3,4", "--latency-runs", "1", "--csv", str(csv_path),
             "--limit-test", str(TEXT["limit_test"]),
