@@ -11,8 +11,14 @@ Weights are cache-resident: one weight set is reused every call (ggml's perf mod
 "weight MB" column is the bytes of weights one call reads (planes: bits * N * ceil(K/32) * 4);
 "GB/s" is that over the time. Ratios are baseline time / our time (higher = faster).
 
-Usage: `python -m bench.bench_lowbit_gemm [--quick] [--float] [--m 1 16]` (EQK_BENCH_THREADS sets threads; run with
-nothing else on the machine; EQK_EXT_DIR selects a private build of eqkernels._C).
+The default run also has per-group rows (g = 32, 128; W2/W3/W4, --quick: W4) of the integer
+path through `prepare_linear`. `--ggml BUILD` adds ggml's q4_0 and q4_K GEMV (M=1, N=4096,
+K=14336, from its `test-backend-ops perf`, which runs hardware_concurrency() threads) as rows
+beside our M=1, K=14336 shape (bench/ggml_perf.py).
+
+Usage: `python -m bench.bench_lowbit_gemm [--quick] [--float] [--m 1 16] [--ggml BUILD]`
+(EQK_BENCH_THREADS sets threads; run with nothing else on the machine; EQK_EXT_DIR selects a
+private build of eqkernels._C).
 """
 
 from __future__ import annotations
@@ -25,20 +31,14 @@ import torch
 import torch.nn.functional as F
 
 import eqkernels as E
-from bench.harness import Table, threads_from_env, time_fn
+from bench.harness import Table, threads_from_env
 from eqkernels import _ext
 
 BITS = (2, 3, 4, 8)
 ACT = dict(act_scale=torch.tensor([0.02]), act_quant_min=-128, act_quant_max=127)
 
 
-def timed(fn, heavy):
-    if heavy:
-        return time_fn(fn, warmup=1, repeat=7, min_time=0.05)
-    return time_fn(fn, warmup=2, repeat=10, min_time=0.2)
-
-
-def bench_linear(table, M, N, K):
+def bench_linear(table, M, N, K, quick=False):
     shape = f"linear M={M} N={N} K={K}"
     q8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
     planes = E.pack_bitplanes(q8, 8)
@@ -49,9 +49,10 @@ def bench_linear(table, M, N, K):
     row = dict(shape=shape, M=M, N=N, K=K)
 
     def add(provider, bits, act, fn, wbytes):
-        t = timed(fn, heavy)
+        t, t_min, cpu = timed_wall_cpu(fn, heavy)
         table.add(**row, provider=provider, bits=bits, act=act, time_ms=t * 1e3,
-                  weight_MB=wbytes / 1e6, GB_s=wbytes / t / 1e9)  # fmt: skip
+                  min_ms=t_min * 1e3, cpu_ms=cpu * 1e3, weight_MB=wbytes / 1e6,
+                  GB_s=wbytes / t / 1e9)  # fmt: skip
 
     add("torch fp32", 32, "fp32", lambda: x @ w32.T, 4 * N * K)
     wbf = (q8.float() * 0.01).to(torch.bfloat16)
@@ -67,6 +68,15 @@ def bench_linear(table, M, N, K):
             lambda pb=pb, bits=bits: E.lowbit_linear(x, pb, scale, bits, 8, K=K), wbytes)  # fmt: skip
         add("eqk lowbit_linear", bits, "int8",
             lambda pb=pb, bits=bits: E.lowbit_linear(x, pb, scale, bits, 8, K=K, **ACT), wbytes)  # fmt: skip
+    # Per-group scales on the integer path, through the prepared call (weights decoded once).
+    act = E.ActQuant(ACT["act_scale"], None, ACT["act_quant_min"], ACT["act_quant_max"])
+    for bits in (4,) if quick else (2, 3, 4):
+        pb = planes[:bits].contiguous()
+        for gs in (32, 128):
+            s = torch.rand(N, K // gs) * 0.01 + 0.001
+            op = E.prepare_linear(pb, s, bits, 8, K=K, act=act, group_size=gs)
+            add(f"eqk lowbit_linear g{gs}", bits, "int8", lambda op=op: op(x),
+                pb.numel() * 4 + s.numel() * 4)  # fmt: skip
 
 
 def bench_conv(table, B, C=64, H=32):
@@ -80,9 +90,10 @@ def bench_conv(table, B, C=64, H=32):
     row = dict(shape=shape, M=B * H * H, N=C, K=K)
 
     def add(provider, bits, act, fn, wbytes):
-        t = timed(fn, B > 8)
+        t, t_min, cpu = timed_wall_cpu(fn, B > 8)
         table.add(**row, provider=provider, bits=bits, act=act, time_ms=t * 1e3,
-                  weight_MB=wbytes / 1e6, GB_s=wbytes / t / 1e9)  # fmt: skip
+                  min_ms=t_min * 1e3, cpu_ms=cpu * 1e3, weight_MB=wbytes / 1e6,
+                  GB_s=wbytes / t / 1e9)  # fmt: skip
 
     add("torch fp32", 32, "fp32", lambda: F.conv2d(x, w, padding=1), 4 * C * K)
     for bits in BITS:
@@ -157,6 +168,23 @@ def bench_float_kernel(table, M, N, K, quick):
                     wbytes)  # fmt: skip
 
 
+def add_ggml_rows(table, build_dir, prefix, extra):
+    """ggml's q4_0 / q4_K GEMV (M=1, N=4096, K=14336, f32 activations that ggml quantizes to
+    8 bits inside) from its own `test-backend-ops perf`, as rows of our fp32 shape."""
+    from bench import ggml_perf
+
+    N, K = 4096, 14336
+    for type_a in ggml_perf.GGML_TYPES:
+        row = ggml_perf.run(build_dir, type_a, m=N, n=1, k=K)
+        t = row["us_per_run"] * 1e-6
+        wbytes = ggml_perf.BYTES_PER_WEIGHT[type_a] * N * K
+        values = dict(time_ms=t * 1e3, weight_MB=wbytes / 1e6, GB_s=wbytes / t / 1e9) | extra
+        values = {key: v for key, v in values.items() if key in table.columns}
+        table.add(shape=f"{prefix} M=1 N={N} K={K}", M=1, N=N, K=K,
+                  provider=f"ggml {type_a} (test-backend-ops, {row['runs']} runs)", bits=4,
+                  act="fp32", **values)  # fmt: skip
+
+
 def main_float(args):
     threads = threads_from_env()
     print(f"threads: {threads}; float-activation kernel; weights cache-resident")
@@ -167,6 +195,10 @@ def main_float(args):
     for K in (14336,) if args.quick else (14336, 4096):
         for M in ms:
             bench_float_kernel(table, M, 4096, K, args.quick)
+    if args.ggml:
+        add_ggml_rows(
+            table, args.ggml, "float-act", extra=dict(min_ms=float("nan"), cpu_ms=float("nan"))
+        )
     # Each activation dtype against torch's matmul in the same dtype (fp32 or bf16).
     is_torch = lambda r: r["provider"].startswith("torch")  # noqa: E731
     table.ratio_to("x_torch", "time_ms", is_torch, ["shape", "act"])
@@ -187,20 +219,34 @@ def main(argv=None):
         help="only the float-activation kernel rows (W2/W3/W4, per-channel and g=32/128, fp32 "
         "and bf16 activations, M=1..256, K=14336 and 4096; --quick: W4, M=1 and 16, K=14336)",
     )
+    parser.add_argument(
+        "--ggml",
+        metavar="PATH",
+        help="a ggml build dir holding bin/test-backend-ops: add its q4_0 and q4_K MUL_MAT perf "
+        "rows (M=1, N=4096, K=14336) beside ours (ggml is never a dependency)",
+    )
     args = parser.parse_args(argv)
     if args.float:
         return main_float(args)
     threads = threads_from_env()
     print(f"threads: {threads}; weights cache-resident (one weight set reused)")
-    cols = ["shape", "M", "N", "K", "provider", "bits", "act", "time_ms", "weight_MB", "GB_s"]
+    cols = ["shape", "M", "N", "K", "provider", "bits", "act", "time_ms", "min_ms", "cpu_ms"]
+    cols += ["weight_MB", "GB_s"]
     table = Table("lowbit_gemm", cols)
     ms = args.m or ((1, 16) if args.quick else (1, 16, 256))
     for N, K in ((4096, 14336), (4096, 4096)):
         for M in ms:
-            bench_linear(table, M, N, K)
+            bench_linear(table, M, N, K, args.quick)
     for B in () if args.m else (1,) if args.quick else (1, 32):
         bench_conv(table, B)
+    if args.ggml:
+        add_ggml_rows(
+            table, args.ggml, "linear", extra=dict(min_ms=float("nan"), cpu_ms=float("nan"))
+        )
     table.ratio_to("x_torch_fp32", "time_ms", lambda r: r["provider"] == "torch fp32", ["shape"])
+    is_fp32 = lambda r: r["provider"] == "torch fp32"  # noqa: E731
+    table.ratio_to("x_fp32_min", "min_ms", is_fp32, ["shape"])
+    table.ratio_to("x_fp32_cpu", "cpu_ms", is_fp32, ["shape"])
     table.ratio_to("x_int_mm", "time_ms", lambda r: r["provider"] == "torch _int_mm", ["shape"])
     for r in table.rows:
         if r["act"] != "int8" or r["shape"].startswith("conv"):

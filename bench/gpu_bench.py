@@ -5,8 +5,10 @@ fake_quant   fwd, bwd and fwd+bwd of LSQ+ fake quant (learnable scale and zero p
              torch._fake_quantize_learnable_per_{tensor,channel}_affine and against the device's
              measured copy bandwidth (y.copy_(x) of the same tensor), counting the bytes that must
              move: forward reads x and writes y, backward reads x and dy and writes dx.
-lowbit       lowbit_linear (cuda backend, int8 activations) at W2/W3/W4/W8, M = 1, 16, 256,
-             N = K = 8192, against the fp16 matmul and torch._int_mm (int8 x int8 -> int32).
+lowbit       lowbit_linear (cuda backend, int8 activations; and the Triton float-activation
+             GEMM with fp16 activations and per-group scales, g = 128) at W2/W3/W4/W8, M = 1,
+             16, 256, N = K = 8192, against the fp16 matmul and torch._int_mm (int8 x int8 ->
+             int32).
 supernet     one training step (forward, backward, SGD) of a ResNet-18-sized supernet
              (torchvision resnet18 converted, a random mixed config) against the float model.
 
@@ -183,6 +185,15 @@ def lowbit_rows(emit=_ignore) -> list[dict]:
                 )
             )
             group.append((f"eqkernels cuda W{bits}A8", seconds, error, bits / 8 * N * K))
+            # The Triton float-activation GEMM: fp16 activations, per-group scales (g = 128).
+            gscale = torch.rand(N, K // 128, device="cuda") + 0.01
+            seconds, error = _safe(
+                lambda x16=x16, p=planes, s=gscale, b=bits: E.lowbit_linear(
+                    x16, p, s, b, b, K=K, backend="triton", group_size=128
+                )
+            )
+            wbytes = bits / 8 * N * K + 4 * gscale.numel()
+            group.append((f"eqkernels triton W{bits} fp16 g128", seconds, error, wbytes))
         seconds, error = _safe(lambda x16=x16: x16 @ w16.T)
         group.append(("fp16 matmul", seconds, error, 2 * N * K))
         seconds, error = _safe(lambda x8=x8: torch._int_mm(x8, w8))

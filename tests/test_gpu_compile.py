@@ -64,7 +64,7 @@ def _assert_clean(rec: dict, what: str) -> None:
 # Triton
 
 
-@pytest.mark.slow  # ~10-20 s on 2 shared cores: 36 compiles, ptxas and cuobjdump runs
+@pytest.mark.slow  # ~50 s on 2 shared cores: 44 compiles, ptxas and cuobjdump runs
 def test_triton_specs_compile_to_cubin_without_spills(triton_compiled):
     records = triton_compiled["records"]
     specs = [(m, s) for m in aot.kernel_modules() for s in getattr(m, "AOT_SPECS", [])]
@@ -255,3 +255,35 @@ def test_doc_table_is_written_between_markers(tmp_path):
     assert body.count(gpu_resources.BEGIN) == 1 and body.startswith("# Backends\n\ntext\n")
     assert "| CUDA | `k<true>` (csrc/a.cu) | sm_80 | 40 | 128 | 0 | 0 | 0 / 0 |" in body
     assert "| Triton | t fp32 | sm_90 | compile error |" in body
+
+
+LOWBIT_LAUNCHES = [  # M, N, K, group_size
+    (1, 4096, 4096, None), (16, 4096, 14336, 128), (17, 33, 100, None), (256, 1, 64, 32),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lowbit_gemm_aot_specs_cover_every_launch(monkeypatch, dtype):
+    """The low-bit float GEMM's launcher (with the compiled kernel's choice: not the
+    interpreter's bf16 workaround) produces only listed specializations, and both BLOCK_M."""
+    from eqkernels.triton import lowbit_gemm as tlg
+
+    rule = _specialization_rule()
+    calls = []
+    kernel = tlg.lowbit_float_gemm_kernel
+    monkeypatch.setattr(tlg, "lowbit_float_gemm_kernel", _Recorder(kernel, calls))
+    monkeypatch.setattr(tlg, "triton_interpreted", lambda: False)
+    for M, N, K, g in LOWBIT_LAUNCHES:
+        W = (K + 31) // 32
+        x2 = torch.empty((M, K), dtype=dtype, device="meta")
+        planes = torch.empty((4, N, W), dtype=torch.int32, device="meta")
+        G = K // g if g else 1
+        scale = torch.empty((N, G), device="meta")
+        for bits in (1, 2, 4):
+            tlg.float_gemm(x2, planes, bits, K, scale, scale)
+    seen = set()
+    for kern, args, kwargs in calls:
+        signature, constexprs = _launch_signature(kern, args, kwargs, rule)
+        assert (kern, signature, constexprs) in tlg.AOT_SPECS, (signature, constexprs)
+        seen.add(constexprs["BLOCK_M"])
+    assert len(calls) == 3 * len(LOWBIT_LAUNCHES) and seen == {16, 32}

@@ -264,14 +264,10 @@ def test_per_group_bad_arguments():
             E.lowbit_linear(x, planes, scale, 3, 4, K=256, group_size=g)
     with pytest.raises(ValueError, match=r"scale: expected a float tensor of shape \[N=10, K/gr"):
         E.lowbit_linear(x, planes, scale, 3, 4, K=256, group_size=32)
-    with pytest.raises(NotImplementedError, match="integer activations with per-group"):
-        E.lowbit_linear(x, planes, scale, 3, 4, K=256, group_size=64, act_scale=torch.tensor([0.1]),
-                        act_quant_min=-128, act_quant_max=127)  # fmt: skip
-    with pytest.raises(NotImplementedError, match="integer activations with per-group"):
-        E.prepare_linear(
-            planes, scale, 3, 4, K=256, group_size=64, act=E.ActQuant(0.1, None, -128, 127)
-        )
     with pytest.raises(ValueError, match="scale: expected a float tensor of shape"):
         E.lowbit_conv2d(
             torch.randn(1, 256, 1, 1), planes, scale, 3, 4, in_channels=256, kernel_size=1
         )
+    with pytest.raises(ValueError, match="group_size=48: accepted values are None or a multiple"):
+        E.lowbit_conv2d(torch.randn(1, 256, 1, 1), planes, scale, 3, 4, in_channels=256,
+                        kernel_size=1, group_size=48)  # fmt: skip

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from ..backend import cpu_isa_cap
+from ..backend import BackendUnavailable, cpu_isa_cap, triton_importable
 from ._fake_quant_ref import quantize_codes, rounded_zero_point
 from ._lowbit_gemm_fused import fused_conv, fused_linear
+from ._lowbit_gemm_group import group_int_linear
 from ._lowbit_gemm_nonfinite import (
     all_finite,
     finite_stand_in,
@@ -25,6 +26,13 @@ INT_KERNELS = {"cpp": "lowbit_gemm_int_cpu", "cuda": "lowbit_gemm_int_cuda"}
 
 # The cpp float-activation GEMM; builds without it fall back to the two paths below.
 FLOAT_KERNEL = "lowbit_linear_float_cpu"
+
+# Backends whose fp16/bf16 float-activation path is the Triton GEMM (eqkernels/triton).
+TRITON_FLOAT_BACKENDS = ("triton", "cuda")
+TRITON_FLOAT_ONLY = (
+    "lowbit_linear: backend='triton' runs float activations only (act_scale=None); "
+    "integer activations run on 'cpp', 'cuda' or 'torch'"
+)
 
 # Below this many activation rows the cpp fallback uses the bit-serial kernel (reads only the
 # planes); above it, decoding the weights once and calling the float GEMM wins.
@@ -96,16 +104,23 @@ def _needs_rowsums(x, act_zero_point, z_r):
     return act_zero_point is not None and (x.device.type != "cpu" or bool(z_r != 0))
 
 
+def _scale_and_offset(s_b, c, weight_zero_point, N):
+    """(s_b, c - z_w) as contiguous fp32 [N, G] (G = 1 per channel)."""
+    G = s_b.shape[1] if s_b.dim() == 2 else 1
+    scale = s_b.to(torch.float32).reshape(N, G).contiguous()
+    cz = torch.full((N, G), c, dtype=torch.float32, device=s_b.device)
+    if weight_zero_point is not None:
+        z = weight_zero_point.to(torch.float32)
+        cz = cz - (z if z.dim() == 2 else z.reshape(N, 1))
+    return scale, cz.contiguous()
+
+
 def _float_kernel_linear(x2, planes, bits, K, c, s_b, weight_zero_point):
     """The C++ float-activation GEMM (plane panels decoded per cache block, fp32 FMA or
     vdpbf16ps) with one scale and one `c - z_w` per output row."""
     N = planes.shape[1]
-    G = s_b.shape[1] if s_b.dim() == 2 else 1
-    scale = s_b.to(torch.float32).reshape(N, G).contiguous()
-    cz = torch.full((N, G), c, dtype=torch.float32, device=x2.device)
-    if weight_zero_point is not None:
-        z = weight_zero_point.to(torch.float32)
-        cz = cz - (z if z.dim() == 2 else z.reshape(N, 1))
+    scale, cz = _scale_and_offset(s_b, c, weight_zero_point, N)
+    G = scale.shape[1]
     # bf16 panels hold q + c - z exactly while it needs <= 8 significant bits: true for nested
     # widths (z = 0) and for integer zero points without compensation (c = 0).
     exact_bf16 = weight_zero_point is None or c == 0.0
@@ -120,6 +135,15 @@ def _float_linear(x2, planes, bits, K, c, s_b, bias, weight_zero_point, backend)
     per_group = s_b.dim() == 2
     if backend == "cpp" and _ext.has_kernel(FLOAT_KERNEL):
         y = _float_kernel_linear(x2, planes, bits, K, c, s_b, weight_zero_point)
+    elif (
+        backend in TRITON_FLOAT_BACKENDS
+        and x2.dtype in (torch.float16, torch.bfloat16)
+        and triton_importable()
+    ):
+        from ..triton.lowbit_gemm import float_gemm  # imports triton: only when it runs
+
+        scale, cz = _scale_and_offset(s_b, c, weight_zero_point, N)
+        y = float_gemm(x2.contiguous(), planes[:bits].contiguous(), bits, K, scale, cz)
     elif backend == "cpp" and x2.shape[0] <= FLOAT_BITSERIAL_MAX_M and not per_group:
         xf = x2.to(torch.float32).contiguous()
         acc = _ext.kernel("lowbit_gemm_float_cpu")(
@@ -156,11 +180,8 @@ def linear_forward(
 ):
     """`lowbit_linear` on validated arguments (the registered op's schema)."""
     N = planes.shape[1]
-    if group_size and act_scale is not None:
-        raise NotImplementedError(
-            "lowbit_linear: integer activations with per-group weight scales (group_size) are "
-            "not implemented; use float activations (act_scale=None)"
-        )
+    if backend == "triton" and act_scale is not None:
+        raise BackendUnavailable(TRITON_FLOAT_ONLY)
     if group_size:
         scale = scale.reshape(N, K // group_size)
     lead = x.shape[:-1]
@@ -176,18 +197,25 @@ def linear_forward(
             return y.to(x.dtype).reshape(*lead, N)
         stand_in = finite_stand_in(x2, *act)  # float32: finite by construction
         args = (planes, scale, bits, top_bits, K, compensate, bias, weight_zero_point)
-        y = linear_forward(stand_in, *args, *act, backend)
+        y = linear_forward(stand_in, *args, *act, backend, group_size)
         return nan_rows(y, x2).to(x.dtype).reshape(*lead, N)
-    if act_scale is not None and backend == "cpp":
+    if act_scale is not None and backend == "cpp" and not group_size:
         y = fused_linear(x2, planes, scale, bits, top_bits, K, c, bias, weight_zero_point, act)
         if y is not None:
             return y.reshape(*lead, N)
-    s_b = step(scale, bits, top_bits, N)
     if act_scale is None:
+        s_b = step(scale, bits, top_bits, N)
         y = _float_linear(x2, planes, bits, K, c, s_b, bias, weight_zero_point, backend)
         return y.to(x.dtype).reshape(*lead, N)
     codes, z_r = _activation_codes(x2, *act)
     xq = codes.to(code_dtype(act_quant_min))
+    if group_size:
+        max_x = max(abs(act_quant_min), abs(act_quant_max))
+        steps = (scale, 2 ** (top_bits - bits))
+        wts = (planes, bits, K, group_size, c, act_scale, steps, weight_zero_point, bias, backend)
+        y = group_int_linear(xq, z_r, *wts, max_x)
+        return y.to(x.dtype).reshape(*lead, N)
+    s_b = step(scale, bits, top_bits, N)
     acc = int_accumulate(xq, planes, bits, act_quant_min, act_quant_max, backend)
     xsum = xq.sum(1, keepdim=True, dtype=torch.int64)
     rowsum = rowsums(planes, bits, K, backend) if _needs_rowsums(x, act_zero_point, z_r) else None
@@ -233,6 +261,32 @@ def _conv_accumulate(codes, planes, bits, geometry, act, backend):
     return torch.cat(parts, dim=2).permute(0, 2, 1).reshape(B, N, oh, ow)
 
 
+def _group_int_conv(codes, z_r, geometry, weights, qmin, qmax):
+    """The integer conv with per-group scales: each conv group's receptive fields (im2col of
+    the padded codes, in the weight's flattened order) through the per-group linear; float64
+    [B, N, OH, OW]."""
+    _, (kh, kw), stride, _, dilation, groups = geometry
+    planes, bits, g, c, act_scale, (scale, factor), wzp, bias, backend = weights
+    N = planes.shape[1]
+    B, n_g = codes.shape[0], N // groups
+    oh = (codes.shape[-2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (codes.shape[-1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = F.unfold(codes, (kh, kw), dilation=dilation, stride=stride)  # [B, Cin*kh*kw, L]
+    K = cols.shape[1] // groups
+    cols = cols.view(B, groups, K, oh * ow).permute(1, 0, 3, 2)  # [groups, B, L, K]
+    parts = []
+    for gi in range(groups):
+        rows = slice(gi * n_g, (gi + 1) * n_g)
+        xq = cols[gi].reshape(B * oh * ow, K).to(code_dtype(qmin))
+        part = group_int_linear(
+            xq, z_r, planes[:, rows], bits, K, g, c, act_scale, (scale[rows], factor),
+            None if wzp is None else wzp[rows], None if bias is None else bias[rows],
+            backend, max(abs(qmin), abs(qmax)), cache=False,
+        )  # fmt: skip
+        parts.append(part.view(B, oh * ow, n_g))
+    return torch.cat(parts, dim=2).permute(0, 2, 1).reshape(B, N, oh, ow)
+
+
 def conv2d_forward(
     x,
     planes,
@@ -248,10 +302,17 @@ def conv2d_forward(
     act_quant_min,
     act_quant_max,
     backend,
+    group_size=0,
 ):
     """`lowbit_conv2d` on validated arguments; `geometry` = (in_channels, kernel_size,
-    stride, padding, dilation, groups), each of the four middle entries an int pair."""
+    stride, padding, dilation, groups), each of the four middle entries an int pair;
+    `group_size` > 0: per-group scales along the flattened input dimension."""
     in_channels, (kh, kw), stride, padding, dilation, groups = geometry
+    N = planes.shape[1]
+    cin_g = in_channels // groups
+    K = cin_g * kh * kw
+    if group_size:
+        scale = scale.reshape(N, K // group_size)
     c = compensation(top_bits - bits) if compensate else 0.0
     act = (act_scale, act_zero_point, act_quant_min, act_quant_max)
     if not all_finite(x):  # the rules of _lowbit_gemm_nonfinite, the same for every backend
@@ -259,16 +320,13 @@ def conv2d_forward(
             backend = "torch"  # IEEE fp32 convolution of the dequantized weights
         else:
             stand_in = finite_stand_in(x, *act)  # float32: finite by construction
-            rest = (compensate, bias, weight_zero_point, *act, backend)
+            rest = (compensate, bias, weight_zero_point, *act, backend, group_size)
             y = conv2d_forward(stand_in, planes, scale, bits, top_bits, geometry, *rest)
             return nan_receptive_fields(y, x, geometry).to(x.dtype)
-    if act_scale is not None and backend == "cpp":
+    if act_scale is not None and backend == "cpp" and not group_size:
         y = fused_conv(x, planes, scale, bits, top_bits, geometry, c, bias, weight_zero_point, act)
         if y is not None:
             return y
-    N = planes.shape[1]
-    cin_g = in_channels // groups
-    K = cin_g * kh * kw
     s_b = step(scale, bits, top_bits, N)
     if act_scale is None:
         w = dequantized(planes, bits, K, s_b, c, weight_zero_point, backend)
@@ -284,6 +342,10 @@ def conv2d_forward(
         return y.to(x.dtype)
     codes, z_r = _activation_codes(x, *act)
     codes = _padded_codes(codes, z_r, padding)
+    if group_size:
+        steps = (scale, 2 ** (top_bits - bits))
+        wts = (planes, bits, group_size, c, act_scale, steps, weight_zero_point, bias, backend)
+        return _group_int_conv(codes, z_r, geometry, wts, act_quant_min, act_quant_max).to(x.dtype)
     # Per-position code sums of each group's receptive field (for the (c - z_w) term).
     ones = torch.ones((groups, cin_g, kh, kw), dtype=torch.float64, device=x.device)
     xsum = F.conv2d(codes.to(torch.float64), ones, None, stride, 0, dilation, groups)

@@ -73,6 +73,7 @@ def _conv_op(
     act_quant_min: int | None,
     act_quant_max: int | None,
     backend: str,
+    group_size: int = 0,
 ) -> torch.Tensor:
     geometry = (in_channels, *(tuple(v) for v in (kernel_size, stride, padding, dilation)), groups)
     return conv2d_forward(
@@ -90,6 +91,7 @@ def _conv_op(
         act_quant_min,
         act_quant_max,
         backend,
+        group_size,
     )
 
 

@@ -75,7 +75,8 @@ def _planes_stamp(planes):
     return (version, planes.data_ptr())
 
 
-def _kernel_weights(planes, key, make):
+def kernel_weights(planes, key, make):
+    """make() cached per planes tensor under `key` (rebuilt when the planes change)."""
     pid = id(planes)
     entry = _PACKED.get(pid)
     stamp = _planes_stamp(planes)
@@ -99,7 +100,7 @@ def packed_weights(planes, bits, K, cin_g, kh, kw, groups, layout):
     """(kernel-layout int8 weights, int64 weight code row sums), cached per planes tensor.
 
     `layout` is one of `_C.PACKED_LAYOUTS`' values."""
-    return _kernel_weights(
+    return kernel_weights(
         planes,
         ("packed", bits, K, cin_g, kh, kw, groups, layout),
         lambda: _ext.kernel("lowbit_pack_weights_cpu")(
@@ -110,6 +111,6 @@ def packed_weights(planes, bits, K, cin_g, kh, kw, groups, layout):
 
 def cached_rowsums(planes, bits, K):
     """`rowsums` on the cpp backend, cached per planes tensor."""
-    return _kernel_weights(
+    return kernel_weights(
         planes, ("rowsums", bits, K), lambda: rowsums(planes, bits, K, "cpp").contiguous()
     )
