@@ -7,8 +7,9 @@
 //     a channels-last tensor (no scatter into the code buffer) and the output is written as a
 //     channels-last tensor straight from the GEMM tile (no transpose); the step list's float
 //     steps (ATen) take any memory format, so nothing else changes;
-//   * a following residual add and ReLU run in the epilogue on the fp32 result, the same two
-//     fp32 operations the separate steps would do (y = fl32(epilogue) + r; y < 0 ? 0 : y).
+//   * a following residual add and ReLU or clamp (ReLU6) run in the epilogue on the fp32
+//     result, the same fp32 operations the separate steps would do
+//     (y = fl32(epilogue) + r; then y < 0 ? 0 : y, or min(max(y, lo), hi)).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -28,13 +29,15 @@ namespace {
 constexpr int64_t kRows = 64;  // output positions per task, as the per-layer kernel
 
 // One block's epilogue, rows x cnt channels: the per-layer kernel's double expression
-// ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then ReLU.
-template <bool kBias, bool kRes, bool kRelu>
+// ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then the
+// activation (kAct: 0 none, 1 ReLU, 2 clamp to [lo, hi]).
+template <bool kBias, bool kRes, int kAct>
 __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64_t ldc,
                                                          int64_t rows, int64_t cnt,
                                                          const QConv& p, int64_t n0,
                                                          const double* xz, const float* res,
-                                                         float* out, int64_t ldo) {
+                                                         float* out, int64_t ldo, float lo,
+                                                         float hi) {
   const double* czw = p.czw.data() + n0;
   const double* cw = p.cw.data() + n0;
   const double* sc = p.sc.data() + n0;
@@ -51,54 +54,55 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
       if (kBias) t = t + bias[n];
       float v = static_cast<float>(t);
       if (kRes) v = v + rr[n];
-      if (kRelu) v = v < 0.0f ? 0.0f : v;
+      if (kAct == 1) v = v < 0.0f ? 0.0f : v;
+      if (kAct == 2) v = std::min(std::max(v, lo), hi);
       o[n] = v;
     }
   }
 }
 
 using EpilogueFn = void (*)(const int32_t*, int64_t, int64_t, int64_t, const QConv&, int64_t,
-                            const double*, const float*, float*, int64_t);
+                            const double*, const float*, float*, int64_t, float, float);
 
-template <bool kBias, bool kRes, bool kRelu>
+template <bool kBias, bool kRes, int kAct>
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void epilogue_avx512(
     const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p, int64_t n0,
-    const double* xz, const float* res, float* out, int64_t ldo) {
-  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+    const double* xz, const float* res, float* out, int64_t ldo, float lo, float hi) {
+  epilogue_body<kBias, kRes, kAct>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, bool kRelu>
+template <bool kBias, bool kRes, int kAct>
 EQK_TARGET_AVX2 void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt,
                                    const QConv& p, int64_t n0, const double* xz,
-                                   const float* res, float* out, int64_t ldo) {
-  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+                                   const float* res, float* out, int64_t ldo, float lo,
+                                   float hi) {
+  epilogue_body<kBias, kRes, kAct>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, bool kRelu>
+template <bool kBias, bool kRes, int kAct>
 void epilogue_portable(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p,
-                       int64_t n0, const double* xz, const float* res, float* out, int64_t ldo) {
-  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+                       int64_t n0, const double* xz, const float* res, float* out, int64_t ldo,
+                       float lo, float hi) {
+  epilogue_body<kBias, kRes, kAct>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, bool kRelu>
+template <bool kBias, bool kRes, int kAct>
 EpilogueFn pick_level(int level) {
-  if (level >= 2) return &epilogue_avx512<kBias, kRes, kRelu>;
-  if (level == 1) return &epilogue_avx2<kBias, kRes, kRelu>;
-  return &epilogue_portable<kBias, kRes, kRelu>;
+  if (level >= 2) return &epilogue_avx512<kBias, kRes, kAct>;
+  if (level == 1) return &epilogue_avx2<kBias, kRes, kAct>;
+  return &epilogue_portable<kBias, kRes, kAct>;
 }
 
-EpilogueFn pick_epilogue(int level, bool bias, bool res, bool relu) {
-  const int key = (bias ? 4 : 0) | (res ? 2 : 0) | (relu ? 1 : 0);
-  switch (key) {
-    case 0: return pick_level<false, false, false>(level);
-    case 1: return pick_level<false, false, true>(level);
-    case 2: return pick_level<false, true, false>(level);
-    case 3: return pick_level<false, true, true>(level);
-    case 4: return pick_level<true, false, false>(level);
-    case 5: return pick_level<true, false, true>(level);
-    case 6: return pick_level<true, true, false>(level);
-    default: return pick_level<true, true, true>(level);
-  }
+template <bool kBias, bool kRes>
+EpilogueFn pick_act(int level, int act) {
+  if (act == 1) return pick_level<kBias, kRes, 1>(level);
+  if (act == 2) return pick_level<kBias, kRes, 2>(level);
+  return pick_level<kBias, kRes, 0>(level);
+}
+
+EpilogueFn pick_epilogue(int level, bool bias, bool res, int act) {
+  if (bias) return res ? pick_act<true, true>(level, act) : pick_act<true, false>(level, act);
+  return res ? pick_act<false, true>(level, act) : pick_act<false, false>(level, act);
 }
 
 // im2col of `rows` output positions from channels-last codes (columns in (kh, kw, cin_g) order,
@@ -300,14 +304,17 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
   p->cw = e.cw;
   p->bias = e.bias;
   p->z = e.z;
+  if (p->depthwise) prepare_depthwise_vnni(*p);
   return p;
 }
 
 at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* residual,
-                     bool relu, int64_t isa) {
+                     Activation act, int64_t isa, BufferPool* pool) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat,
               "qconv: x must be a float32 [B, C, H, W] tensor");
   TORCH_CHECK(p.z_in_range, "qconv: the activation zero point lies outside its range");
+  BufferPool none;
+  BufferPool& outs = pool != nullptr ? *pool : none;
   const at::Tensor x = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) ? x_in
                                                                           : x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -320,7 +327,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     static thread_local std::vector<uint8_t> dw_codes;
     const int64_t Hp = x.size(2) + 2 * p.ph, Wp = x.size(3) + 2 * p.pw;
     codes_nhwc(level, x, p, Hp, Wp, dw_codes);
-    return run_depthwise(p, x, dw_codes, Hp, Wp, residual, relu, level);
+    return run_depthwise(p, x, dw_codes, Hp, Wp, residual, act, level, outs);
   }
   const int64_t K = cin_g * p.kh * p.kw, K4 = (K + 3) / 4, Kp = 4 * K4;
   const int64_t Npad = 16 * ((n_g + 15) / 16);
@@ -331,7 +338,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
   TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
   const int64_t L = OH * OW;
-  auto y = at::empty({B, N, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto y = outs.channels_last(B, N, OH, OW, x.options());
   at::Tensor r;
   if (residual != nullptr) {
     TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
@@ -350,7 +357,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     group_sums(codes, B * Hp * Wp, C, groups, sums.data());
   }
   const int32_t* S = sums.data();
-  const EpilogueFn epi = pick_epilogue(level, !p.bias.empty(), residual != nullptr, relu);
+  const EpilogueFn epi = pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind);
   const int8_t* wp = p.packed.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
@@ -410,7 +417,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
         const int64_t c0 = 16 * tile0, cnt = std::min(16 * tile1, n_g) - c0;  // this task's
         const int64_t n0 = gi * n_g + c0, off = (b * L + l0) * N + n0;
         epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(),
-            rp == nullptr ? nullptr : rp + off, yp + off, N);
+            rp == nullptr ? nullptr : rp + off, yp + off, N, act.lo, act.hi);
       }
     }
   });
