@@ -351,7 +351,7 @@ class _Mobile(nn.Module):
 def test_clamp_fused_and_depthwise_equal_modules_at_every_isa(tmp_path, isa):
     """ReLU6 / Hardtanh / F.relu6 run in the conv epilogues (no clamp step is left), and the
     program equals the modules bit for bit at every ISA level, on repeated runs (the second
-    and third run on storage pooled by the first)."""
+    and third run on storage pooled by the first) and with the batch split into samples."""
     from eqkernels.backend import force_cpu_isa
 
     space = ElasticSpace(w_bits=(4, 8), a_bits=(4, 8), nested=True)
@@ -374,6 +374,16 @@ def test_clamp_fused_and_depthwise_equal_modules_at_every_isa(tmp_path, isa):
                 assert torch.equal(steps(x), modules(x))
         kinds = [k for k, _ in steps.step_program().profile(xs[0])]
         assert "clamp" not in kinds and kinds.count("qconv") == 4, kinds
+        # A batch run in chunks of samples (here one by one) gives the same bits, and a NaN
+        # in one sample still sends the whole batch to the per-layer path.
+        steps.step_program().set_chunk_bytes(1)
+        xn = xs[0].clone()
+        xn[2, 1, 3, 4] = float("nan")
+        with torch.no_grad():
+            assert torch.equal(steps(xs[1]), modules(xs[1]))
+            got, want = steps(xn), modules(xn)
+        assert got[2].isnan().any()
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 def test_profile_times_every_step():
@@ -383,3 +393,5 @@ def test_profile_times_every_step():
     prof = p.profile(torch.randn(3, 4))
     assert [k for k, _ in prof] == ["relu", "clamp", "flatten"]
     assert all(s >= 0.0 for _, s in prof)
+    with pytest.raises(ValueError, match="nbytes"):
+        p.set_chunk_bytes(0)

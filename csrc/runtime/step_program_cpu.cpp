@@ -14,6 +14,7 @@
 // nothing, and the caller runs its own per-layer path on that input.
 #include <torch/extension.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -169,6 +170,12 @@ class StepProgram {
       step.qconv = eqk::steps::make_qconv(*tensors[0], *tensors[1], *tensors[2], *tensors[3],
                                           tensors[4], tensors[5], tensors[6], ints, floats[0],
                                           floats[1]);
+    // Steps that mix the samples of a batch, or whose fp32 result may depend on the batch size
+    // (ATen's float conv / linear pick algorithms by shape), keep the batch whole.
+    const Kind k = step.kind;
+    if (k == Kind::conv || k == Kind::linear || k == Kind::pad ||
+        (k == Kind::flatten && ints[0] < 1) || (k == Kind::slice && ints[0] < 1))
+      per_sample_ = false;
     steps_.push_back(std::move(step));
   }
 
@@ -183,8 +190,25 @@ class StepProgram {
   int64_t num_steps() const { return static_cast<int64_t>(steps_.size()); }
 
   // The output for input x, or nullopt when a quantized step met a non-finite input.
+  // A batch whose largest intermediate (measured on an earlier run) exceeds chunk_bytes runs
+  // in chunks of samples, so that each step's output stays in cache for the next step; every
+  // step computes each sample alone (per_sample_), so the chunks give the same bits.
   std::optional<at::Tensor> run(const at::Tensor& x, int64_t isa) {
-    return run_impl(x, isa, nullptr);
+    const int64_t B = x.dim() >= 1 ? x.size(0) : 1, per = sample_bytes_.load();
+    const int64_t chunk = per > 0 ? std::max<int64_t>(1, chunk_bytes_.load() / per) : B;
+    if (!per_sample_ || chunk >= B) return run_impl(x, isa, nullptr);
+    std::vector<at::Tensor> parts;
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      auto y = run_impl(x.slice(0, b0, std::min(B, b0 + chunk)), isa, nullptr);
+      if (!y.has_value()) return std::nullopt;
+      parts.push_back(std::move(*y));
+    }
+    return at::cat(parts, 0);
+  }
+
+  void set_chunk_bytes(int64_t bytes) {
+    TORCH_CHECK(bytes >= 1, "StepProgram: chunk_bytes must be >= 1, got ", bytes);
+    chunk_bytes_ = bytes;
   }
 
   // Seconds spent in each step for input x (empty when a quantized step met a non-finite
@@ -209,6 +233,7 @@ class StepProgram {
                 "StepProgram: x must be a float32 CPU tensor");
     std::vector<at::Tensor> buf(written_.size());
     buf[0] = x;
+    int64_t sample_max = 0;
     eqk::steps::BufferPool pool;
     {
       std::lock_guard<std::mutex> lock(pool_mutex_);
@@ -220,6 +245,8 @@ class StepProgram {
                                          : std::chrono::steady_clock::time_point{};
       std::optional<at::Tensor> y = execute(s, buf, static_cast<int64_t>(i), isa, pool);
       if (!y.has_value()) return std::nullopt;
+      if (x.dim() >= 1 && x.size(0) >= 1 && y->dim() >= 1 && y->size(0) == x.size(0))
+        sample_max = std::max<int64_t>(sample_max, y->nbytes() / x.size(0));
       if (seconds != nullptr)
         seconds->push_back(
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -231,6 +258,7 @@ class StepProgram {
     // contiguous layout the per-layer path returns.
     at::Tensor out = buf[output_].contiguous();
     buf.clear();
+    sample_bytes_ = std::max(sample_bytes_.load(), sample_max);
     std::lock_guard<std::mutex> lock(pool_mutex_);
     pool_.swap(pool);
     return out;
@@ -242,6 +270,9 @@ class StepProgram {
   std::vector<bool> written_;
   std::vector<int64_t> last_use_;
   int64_t output_ = -1;
+  bool per_sample_ = true;
+  std::atomic<int64_t> sample_bytes_{0};               // largest intermediate per sample
+  std::atomic<int64_t> chunk_bytes_{int64_t(4) << 20};  // about an L2 + L3 share per core
 
   static void check_params(Kind k, const char* name,
                            const std::vector<std::optional<at::Tensor>>& t,
@@ -441,6 +472,8 @@ EQK_REGISTER(step_program_cpu) {
       .def("add", &StepProgram::add, "append a step (kind, inputs, output, tensors, ints, floats)")
       .def("finish", &StepProgram::finish, "mark the output buffer; no step can be added after")
       .def("num_steps", &StepProgram::num_steps)
+      .def("set_chunk_bytes", &StepProgram::set_chunk_bytes,
+           "largest intermediate (bytes) from which a batch runs in chunks of samples")
       .def("step_kinds", &StepProgram::step_kinds, "the kind name of each step, in order")
       .def("profile", &StepProgram::profile, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "seconds per step for x (empty when a quantized step met a non-finite input)")

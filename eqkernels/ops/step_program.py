@@ -130,6 +130,18 @@ class StepProgram:
         self._impl, self.output, self._probe = impl, int(output), None
         return self
 
+    def set_chunk_bytes(self, nbytes: int) -> None:
+        """Run a batch in chunks of samples when its largest intermediate per sample (measured
+        on an earlier run) times the batch exceeds `nbytes` (default 4 MiB), so that each
+        step's output is still in cache when the next step reads it. Only programs whose steps
+        compute every sample alone split (no float conv / linear, whose fp32 algorithm ATen
+        picks by shape, no flatten or slice of dimension 0, no pad); the result is the same."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+            raise ValueError(f"nbytes: expected an int >= 1, got {nbytes!r}")
+        if self._impl is None:
+            raise ValueError("StepProgram: call finish(output) before set_chunk_bytes")
+        self._impl.set_chunk_bytes(nbytes)
+
     def profile(self, x: torch.Tensor) -> list[tuple[str, float]]:
         """(step kind, seconds) for each step of one run on x, in order (a separate C++ entry
         point: the plain call carries no timing); empty when a quantized step met a
