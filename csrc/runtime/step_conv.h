@@ -30,6 +30,10 @@ struct QConv {
   bool z_in_range = false;
   double z = 0.0;
   std::vector<double> corr, zw, czw, cw, sc, bias;  // per-channel epilogue terms (bias may be empty)
+  // Every cw is 0 (symmetric weights, no compensation): the term (xsum - K z) cw adds +0 to
+  // an integer-valued double that is never -0, so leaving it out (and the code sums with it)
+  // gives the same bits.
+  bool cw_zero = false;
   bool depthwise = false;            // groups == in == out channels: step_depthwise_cpu.cpp
   std::vector<int32_t> dw_weights;   // depthwise: weight codes [kh*kw][N]
   std::vector<int8_t> dw_w4;         // depthwise, VNNI: [kh][Npad16][4] kernel rows (kw <= 4)

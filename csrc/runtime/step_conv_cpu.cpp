@@ -31,7 +31,7 @@ constexpr int64_t kRows = 64;  // output positions per task, as the per-layer ke
 // One block's epilogue, rows x cnt channels: the per-layer kernel's double expression
 // ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then the
 // activation (kAct: 0 none, 1 ReLU, 2 clamp to [lo, hi]).
-template <bool kBias, bool kRes, int kAct>
+template <bool kBias, bool kRes, int kAct, bool kCw>
 __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64_t ldc,
                                                          int64_t rows, int64_t cnt,
                                                          const QConv& p, int64_t n0,
@@ -46,11 +46,12 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
     const int32_t* c = C + r * ldc;
     float* o = out + r * ldo;
     const float* rr = kRes ? res + r * ldo : nullptr;
-    const double x = xz[r];
+    const double x = kCw ? xz[r] : 0.0;
     for (int64_t n = 0; n < cnt; ++n) {
       // czw = corr - zw: both integers below 2^53, so acc + corr - zw and acc + czw are
       // the same exact integer (one double add fewer per output).
-      double t = ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n];
+      double t = kCw ? ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n]
+                     : (static_cast<double>(c[n]) + czw[n]) * sc[n];
       if (kBias) t = t + bias[n];
       float v = static_cast<float>(t);
       if (kRes) v = v + rr[n];
@@ -64,45 +65,52 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
 using EpilogueFn = void (*)(const int32_t*, int64_t, int64_t, int64_t, const QConv&, int64_t,
                             const double*, const float*, float*, int64_t, float, float);
 
-template <bool kBias, bool kRes, int kAct>
+template <bool kBias, bool kRes, int kAct, bool kCw>
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void epilogue_avx512(
     const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p, int64_t n0,
     const double* xz, const float* res, float* out, int64_t ldo, float lo, float hi) {
-  epilogue_body<kBias, kRes, kAct>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
+  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, int kAct>
+template <bool kBias, bool kRes, int kAct, bool kCw>
 EQK_TARGET_AVX2 void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt,
                                    const QConv& p, int64_t n0, const double* xz,
                                    const float* res, float* out, int64_t ldo, float lo,
                                    float hi) {
-  epilogue_body<kBias, kRes, kAct>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
+  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, int kAct>
+template <bool kBias, bool kRes, int kAct, bool kCw>
 void epilogue_portable(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p,
                        int64_t n0, const double* xz, const float* res, float* out, int64_t ldo,
                        float lo, float hi) {
-  epilogue_body<kBias, kRes, kAct>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
+  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, int kAct>
+template <bool kBias, bool kRes, int kAct, bool kCw>
 EpilogueFn pick_level(int level) {
-  if (level >= 2) return &epilogue_avx512<kBias, kRes, kAct>;
-  if (level == 1) return &epilogue_avx2<kBias, kRes, kAct>;
-  return &epilogue_portable<kBias, kRes, kAct>;
+  if (level >= 2) return &epilogue_avx512<kBias, kRes, kAct, kCw>;
+  if (level == 1) return &epilogue_avx2<kBias, kRes, kAct, kCw>;
+  return &epilogue_portable<kBias, kRes, kAct, kCw>;
 }
 
-template <bool kBias, bool kRes>
+template <bool kBias, bool kRes, bool kCw>
 EpilogueFn pick_act(int level, int act) {
-  if (act == 1) return pick_level<kBias, kRes, 1>(level);
-  if (act == 2) return pick_level<kBias, kRes, 2>(level);
-  return pick_level<kBias, kRes, 0>(level);
+  if (act == 1) return pick_level<kBias, kRes, 1, kCw>(level);
+  if (act == 2) return pick_level<kBias, kRes, 2, kCw>(level);
+  return pick_level<kBias, kRes, 0, kCw>(level);
 }
 
-EpilogueFn pick_epilogue(int level, bool bias, bool res, int act) {
-  if (bias) return res ? pick_act<true, true>(level, act) : pick_act<true, false>(level, act);
-  return res ? pick_act<false, true>(level, act) : pick_act<false, false>(level, act);
+template <bool kCw>
+EpilogueFn pick_bias_res(int level, bool bias, bool res, int act) {
+  if (bias)
+    return res ? pick_act<true, true, kCw>(level, act) : pick_act<true, false, kCw>(level, act);
+  return res ? pick_act<false, true, kCw>(level, act) : pick_act<false, false, kCw>(level, act);
+}
+
+EpilogueFn pick_epilogue(int level, bool bias, bool res, int act, bool cw) {
+  return cw ? pick_bias_res<true>(level, bias, res, act)
+            : pick_bias_res<false>(level, bias, res, act);
 }
 
 // im2col of `rows` output positions from channels-last codes (columns in (kh, kw, cin_g) order,
@@ -302,6 +310,7 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
   p->czw.resize(N);
   for (int64_t i = 0; i < N; ++i) p->czw[i] = p->corr[i] - p->zw[i];
   p->cw = e.cw;
+  p->cw_zero = std::all_of(p->cw.begin(), p->cw.end(), [](double v) { return v == 0.0; });
   p->bias = e.bias;
   p->z = e.z;
   if (p->depthwise) prepare_depthwise_vnni(*p);
@@ -352,12 +361,12 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   const uint8_t* codes = u.data();  // worker threads must not name the thread_local
   const bool implicit = level >= 2 && cin_g % 4 == 0;
   static thread_local std::vector<int32_t> sums;
-  if (implicit) {
+  if (implicit && !p.cw_zero) {
     sums.resize(B * Hp * Wp * groups);
     group_sums(codes, B * Hp * Wp, C, groups, sums.data());
   }
   const int32_t* S = sums.data();
-  const EpilogueFn epi = pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind);
+  const EpilogueFn epi = pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind, !p.cw_zero);
   const int8_t* wp = p.packed.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
@@ -400,6 +409,10 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
           for (int64_t rr = 0; rr < rows; ++rr) {
             const int64_t pix = oy * p.sh * Wp + ox * p.sw;
             P[rr] = g.ub + pix * C + gi * cin_g;
+            if (p.cw_zero) {  // the code sums are not needed
+              if (++ox == OW) ox = 0, ++oy;
+              continue;
+            }
             const int32_t* sp = Sb + pix * groups;
             int32_t s = 0;  // K * 255 < 2^31 (checked when the step was added)
             for (int64_t k = 0; k < ntaps; ++k) s += sp[tap_sums[k]];

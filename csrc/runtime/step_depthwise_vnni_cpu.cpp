@@ -3,7 +3,8 @@
 // adds a whole kernel row for 16 channels: per input row iy the executor builds
 //   R[ox][c][t] = u[iy][ox * sw + t * dw][c]  (t < kw, 0 for the unused bytes),
 // once per row and cached across the output rows that read it, and an output position costs kh
-// vpdpbusd for the weighted sums and kh for the code sums (weights 1). The sums are the same
+// vpdpbusd for the weighted sums and kh for the code sums (weights 1; none when every cw is
+// 0, see QConv::cw_zero). The sums are the same
 // integers as the scalar kernel's, from the codes minus their offset u = code - off:
 //   acc = sum u w + off wsum[c],   xs = sum u + K off,
 // and the epilogue is its double expression op for op (no FMA), on 8 lanes at a time:
@@ -56,19 +57,23 @@ EQK_TARGET_AVX512 void build_row(const VnniArgs& a, int64_t b, int64_t iy, uint3
 }
 
 // Eight lanes of the double epilogue (lanes [h * 8, h * 8 + 8) of a 16-channel block).
+template <bool kCw>
 EQK_TARGET_AVX512 inline __m256 epilogue8(__m256i acc, __m256i xs, const QConv& p, int64_t c,
                                           __m512d kz) {
   using eqk::avx512::kAll8;
   __m512d t = _mm512_sub_pd(_mm512_maskz_cvtepi32_pd(kAll8, acc),
                             _mm512_loadu_pd(p.zw.data() + c));
-  const __m512d x = _mm512_sub_pd(_mm512_maskz_cvtepi32_pd(kAll8, xs), kz);
-  t = _mm512_add_pd(t, _mm512_mul_pd(x, _mm512_loadu_pd(p.cw.data() + c)));
+  if (kCw) {
+    const __m512d x = _mm512_sub_pd(_mm512_maskz_cvtepi32_pd(kAll8, xs), kz);
+    t = _mm512_add_pd(t, _mm512_mul_pd(x, _mm512_loadu_pd(p.cw.data() + c)));
+  }
   t = _mm512_mul_pd(t, _mm512_loadu_pd(p.sc.data() + c));
   if (!p.bias.empty()) t = _mm512_add_pd(t, _mm512_loadu_pd(p.bias.data() + c));
   return eqk::avx512::cvtpd_ps(t);
 }
 
-// Output row (b, oy) from the R rows of its kh taps.
+// Output row (b, oy) from the R rows of its kh taps (kCw: with the code sums, see cw_zero).
+template <bool kCw>
 EQK_TARGET_AVX512 void compute_row(const VnniArgs& a, int64_t b, int64_t oy,
                                    const uint32_t* const* R) {
   const QConv& p = *a.p;
@@ -91,11 +96,11 @@ EQK_TARGET_AVX512 void compute_row(const VnniArgs& a, int64_t b, int64_t oy,
       for (int64_t ta = 0; ta < p.kh; ++ta) {
         const __m512i v = _mm512_loadu_si512(R[ta] + ox * a.Cpad + c0);
         acc = _mm512_dpbusd_epi32(acc, v, w[ta]);
-        xs = _mm512_dpbusd_epi32(xs, v, ones);
+        if (kCw) xs = _mm512_dpbusd_epi32(xs, v, ones);
       }
       using eqk::avx512::extract_hi256, eqk::avx512::extract_lo256;
-      const __m256 f0 = epilogue8(extract_lo256(acc), extract_lo256(xs), p, c0, kz);
-      const __m256 f1 = epilogue8(extract_hi256(acc), extract_hi256(xs), p, c0 + 8, kz);
+      const __m256 f0 = epilogue8<kCw>(extract_lo256(acc), extract_lo256(xs), p, c0, kz);
+      const __m256 f1 = epilogue8<kCw>(extract_hi256(acc), extract_hi256(xs), p, c0 + 8, kz);
       const __m512 zero_ps = _mm512_setzero_ps();
       __m512 v = _mm512_mask_insertf32x8(zero_ps, eqk::avx512::kAll16, zero_ps, f0, 0);
       v = _mm512_mask_insertf32x8(v, eqk::avx512::kAll16, v, f1, 1);
@@ -157,7 +162,10 @@ void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, floa
         if (key[slot] != k) build_row(a, b, iy, r), key[slot] = k;
         R[ta] = r;
       }
-      compute_row(a, b, oy, R);
+      if (p.cw_zero)
+        compute_row<false>(a, b, oy, R);
+      else
+        compute_row<true>(a, b, oy, R);
     }
   });
 }
