@@ -34,6 +34,9 @@ struct QConv {
   // an integer-valued double that is never -0, so leaving it out (and the code sums with it)
   // gives the same bits.
   bool cw_zero = false;
+  // |epilogue| is below 2^120 for any codes (bounded sums, finite terms): the fp32 output, and
+  // its ReLU or clamp, is finite whatever the input was.
+  bool finite_output = false;
   bool depthwise = false;            // groups == in == out channels: step_depthwise_cpu.cpp
   std::vector<int32_t> dw_weights;   // depthwise: weight codes [kh*kw][N]
   std::vector<int8_t> dw_w4;         // depthwise, VNNI: [kh][Npad16][4] kernel rows (kw <= 4)

@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -313,6 +314,18 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
   p->cw_zero = std::all_of(p->cw.begin(), p->cw.end(), [](double v) { return v == 0.0; });
   p->bias = e.bias;
   p->z = e.z;
+  // |code| <= 255 and |weight code| <= 128: |acc|, |code sum| below K 2^16 and K 2^8.
+  const double acc_max = static_cast<double>(K) * 65536.0;
+  const double xs_max = static_cast<double>(K) * 256.0;
+  double bound = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    const double xz = xs_max + std::abs(static_cast<double>(K) * p->z);
+    double b = (acc_max + std::abs(p->corr[i]) + std::abs(p->zw[i]) + xz * std::abs(p->cw[i])) *
+               std::abs(p->sc[i]);
+    if (!p->bias.empty()) b += std::abs(p->bias[i]);
+    bound = std::max(bound, b);
+  }
+  p->finite_output = std::isfinite(bound) && bound < 1.3e36;  // 2^120
   if (p->depthwise) prepare_depthwise_vnni(*p);
   return p;
 }

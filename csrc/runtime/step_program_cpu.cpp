@@ -126,6 +126,7 @@ class StepProgram {
     written_.assign(num_buffers, false);
     written_[0] = true;  // the input
     last_use_.assign(num_buffers, -1);
+    finite_.assign(num_buffers, false);
   }
 
   void add(int64_t kind, const std::vector<int64_t>& inputs, int64_t output,
@@ -170,6 +171,12 @@ class StepProgram {
       step.qconv = eqk::steps::make_qconv(*tensors[0], *tensors[1], *tensors[2], *tensors[3],
                                           tensors[4], tensors[5], tensors[6], ints, floats[0],
                                           floats[1]);
+    // A buffer that is finite whatever the input: a prepared conv without residual whose
+    // epilogue is bounded in fp32 (its integer sums are), and ReLU / clamp of one. The next
+    // quantized step skips its finiteness pass over such an input.
+    const bool from_finite = finite_[inputs[0]];
+    if (step.qconv && step.qconv->finite_output && inputs.size() == 1) finite_[output] = true;
+    if ((step.kind == Kind::relu || step.kind == Kind::clamp) && from_finite) finite_[output] = true;
     // Steps that mix the samples of a batch, or whose fp32 result may depend on the batch size
     // (ATen's float conv / linear pick algorithms by shape), keep the batch whole.
     const Kind k = step.kind;
@@ -270,6 +277,7 @@ class StepProgram {
   std::vector<bool> written_;
   std::vector<int64_t> last_use_;
   int64_t output_ = -1;
+  std::vector<bool> finite_;  // buffers finite by construction (see add())
   bool per_sample_ = true;
   std::atomic<int64_t> sample_bytes_{0};               // largest intermediate per sample
   std::atomic<int64_t> chunk_bytes_{int64_t(4) << 20};  // about an L2 + L3 share per core
@@ -395,7 +403,7 @@ class StepProgram {
     const auto& n = s.ints;
     switch (s.kind) {
       case Kind::qconv: {
-        if (!all_finite(x, isa)) return std::nullopt;
+        if (!finite_[s.inputs[0]] && !all_finite(x, isa)) return std::nullopt;
         const at::Tensor* res = s.inputs.size() > 1 ? &buf[s.inputs[1]] : nullptr;
         const eqk::steps::Activation act{static_cast<int>(n[13]), static_cast<float>(s.floats[2]),
                                          static_cast<float>(s.floats[3])};
