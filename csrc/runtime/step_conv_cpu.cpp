@@ -379,7 +379,8 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     group_sums(codes, B * Hp * Wp, C, groups, sums.data());
   }
   const int32_t* S = sums.data();
-  const EpilogueFn epi = pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind, !p.cw_zero);
+  const EpilogueFn epi =
+      pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind, !p.cw_zero);
   const int8_t* wp = p.packed.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
