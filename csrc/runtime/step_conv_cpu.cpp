@@ -245,7 +245,11 @@ void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int6
                 std::vector<uint8_t>& u) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto& q = p.q;
-  u.assign(B * Hp * Wp * C, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
+  // Without padding every byte is written below: no fill pass.
+  if (p.ph == 0 && p.pw == 0)
+    u.resize(B * Hp * Wp * C);
+  else
+    u.assign(B * Hp * Wp * C, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
   const float* xp = x.data_ptr<float>();
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / (W * C)), [&](int64_t i0, int64_t i1) {
