@@ -72,6 +72,9 @@ CASES = [  # M, N, K, group_size
     (70, 9, 320, 64),  # more activation rows than one row block
     (2, 6, 4160, 64),  # K spans several panels
     (4, 5, 4100, 4100),  # per-channel over several panels, K % 32 != 0
+    # From 16 rows (AVX-512): outer-product panels of 32 weight rows, the last one partial
+    (19, 40, 4160, 64),  # per-group over several panels
+    (16, 70, 4100, 4100),  # per-channel over several panels, K % 32 != 0
 ]
 
 
@@ -91,7 +94,7 @@ def test_fp32_activations_match_float64_oracle(level, bits, case):
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("bits", [2, 4, 7])
-@pytest.mark.parametrize("case", CASES[1:5], ids=lambda c: "M{}N{}K{}g{}".format(*c))
+@pytest.mark.parametrize("case", CASES[1:5] + CASES[6:], ids=lambda c: "M{}N{}K{}g{}".format(*c))
 def test_bf16_activations_match_float64_oracle(level, bits, case):
     level_or_skip(level)
     M, N, K, gs = case
@@ -113,8 +116,11 @@ def test_planes_beyond_bits_are_not_read():
                        f(x, torch.cat([planes, extra]), 3, 128, s, cz, 32, -1))  # fmt: skip
 
 
-def test_results_do_not_depend_on_thread_count():
-    x, _q, planes, s, cz = make_case(9, 300, 640, 4, 64, compensated=True, zero_point=False)
+@pytest.mark.parametrize("M", [9, 20])  # dot-product and outer-product panels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_do_not_depend_on_thread_count(M, dtype):
+    x, _q, planes, s, cz = make_case(M, 300, 640, 4, 64, compensated=True, zero_point=False)
+    x = x.to(dtype)
     f = kernel()
     old = torch.get_num_threads()
     try:
