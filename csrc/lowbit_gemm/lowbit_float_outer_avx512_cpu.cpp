@@ -134,7 +134,8 @@ inline __mmask16 lanes(int64_t n) {
 }  // namespace
 
 void pack_outer_avx512(const uint32_t* rows, int64_t cols, uint32_t* panel) {
-  for (int64_t c = 0; c < cols; c += 16) transpose16(rows + c, cols, panel + c * kOuterNb, kOuterNb);
+  for (int64_t c = 0; c < cols; c += 16)
+    transpose16(rows + c, cols, panel + c * kOuterNb, kOuterNb);
 }
 
 // 12 rows x 2 vectors: 24 accumulators, 2 weight vectors and a broadcast in the 32 registers.
