@@ -7,8 +7,12 @@ For each model and batch size, in the same process and at the same thread count:
   onnxruntime with default session options except the thread count;
 - `ORT int8`: onnxruntime's own static quantization of that export (`quantize_static`, QDQ,
   per-channel weights, int8 activations and weights, MinMax calibration on random inputs);
-- `eqk WbAb`: the `.eqk` file of the converted supernet (nested weights 2/4/8, activations
-  2/4/8, first/last layers 8-bit), loaded with `eqnet.deploy.load(path, bits=b, max_bits=b)`.
+- `eqk WbAb steps`: the `.eqk` file of the converted supernet (nested weights 2/4/8,
+  activations 2/4/8, first/last layers 8-bit), loaded with `eqnet.deploy.load(path, bits=b,
+  max_bits=b)`: the step-list runtime (one C++ call per forward; a row reads `modules
+  (fallback)` if the network could not be expressed as a step list);
+- `eqk W4A4 modules`: the same file with `runtime="modules"` (one prepared op per layer, the
+  rest of the network in Python), the runtime before the step list.
 
 Latency does not depend on the weights' values, so every network is randomly initialized and
 calibrated on random data. The runtimes are timed in rotation (one call of each per round,
@@ -83,7 +87,9 @@ def _eqk_file(name: str, float_model, size, tmp: Path) -> Path:
     return path
 
 
-def compare(table, name: str, size: tuple, batches: tuple, threads: int, timing: dict) -> None:
+def compare(
+    table, name: str, size: tuple, batches: tuple, threads: int, timing: dict, widths=WIDTHS
+) -> None:
     """Add the rows of one model (module docstring) to `table`."""
     from eqnet import models
     from eqnet.deploy import load
@@ -94,7 +100,12 @@ def compare(table, name: str, size: tuple, batches: tuple, threads: int, timing:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         eqk = _eqk_file(name, float_model, size, tmp)
-        deployed = {b: load(eqk, bits=b, max_bits=b) for b in WIDTHS}
+        deployed = {b: load(eqk, bits=b, max_bits=b, model=float_model) for b in widths}
+        per_layer = (
+            load(eqk, bits=4, max_bits=4, runtime="modules", model=float_model)
+            if 4 in widths
+            else None
+        )
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             x = torch.randn(batch, *size, generator=gen)
@@ -105,8 +116,14 @@ def compare(table, name: str, size: tuple, batches: tuple, threads: int, timing:
             for label, path in (("ORT fp32", fp32), ("ORT int8", int8)):
                 session = _session(path, threads)
                 rows.append((label, lambda s=session, f=feed: s.run(None, f)))
-            for b in WIDTHS:
-                rows.append((f"eqk W{b}A{b}", lambda m=deployed[b], x=x: m(x)))
+            for b in widths:
+                m = deployed[b]
+                with torch.no_grad():
+                    m(x)  # builds the step program (or records why not)
+                how = "steps" if m.runtime_reason is None else "modules (fallback)"
+                rows.append((f"eqk W{b}A{b} {how}", lambda m=m, x=x: m(x)))
+            if per_layer is not None:
+                rows.append(("eqk W4A4 modules", lambda m=per_layer, x=x: m(x)))
             with torch.no_grad():
                 medians = rotation_medians([fn for _, fn in rows], **timing[batch])
             for (label, _), sec in zip(rows, medians):

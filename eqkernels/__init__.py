@@ -36,6 +36,7 @@ _OPS = {
     "PreparedLinear": "eqkernels.ops.lowbit_gemm",
     "PreparedConv2d": "eqkernels.ops.lowbit_gemm",
     "ActQuant": "eqkernels.ops.lowbit_gemm",
+    "StepProgram": "eqkernels.ops.step_program",
     "quantize_codes": "eqkernels.ops.fake_quant",
     "EqkFormatError": "eqkernels.format",
 }

@@ -40,6 +40,18 @@ def _fake_quant_accuracy(run_dir, bits):
         return float((sn(xs).argmax(1) == ys).double().mean()), len(ys)
 
 
+def _float_accuracy(run_dir):
+    from eqnet.data import load_data
+    from eqnet.run import load_run
+
+    model = load_run(run_dir).model
+    test = load_data("digits", augment=False).test
+    xs = torch.stack([test[i][0] for i in range(len(test))])
+    ys = torch.stack([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        return float((model(xs).argmax(1) == ys).double().mean())
+
+
 @pytest.mark.slow
 def test_export_and_eval(layered_run, capsys):
     root = layered_run
@@ -58,12 +70,15 @@ def test_export_and_eval(layered_run, capsys):
     assert "nested" in out and path.exists()
 
     csv_path = root / "eval.csv"
-    assert main(["eval", str(path), "--latency-runs", "2", "--csv", str(csv_path)]) == 0
+    references = ["--reference", str(root / "f"), "--reference", str(root / "l")]
+    argv = ["eval", str(path), "--latency-runs", "2", "--csv", str(csv_path), *references]
+    assert main(argv) == 0
     table = capsys.readouterr().out
-    assert table.startswith("| selection |")
+    assert table.startswith("| selection |") and "fake_quant_accuracy" in table
     with open(csv_path) as f:
         rows = {r["selection"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"W2", "W3", "W4", "halfway"}
+    assert set(rows) == {"float (f)", "W2", "W3", "W4", "halfway"}
+    assert float(rows["float (f)"]["accuracy"]) == pytest.approx(_float_accuracy(root / "f"))
     reads = [int(rows[f"W{b}"]["bytes_read"]) for b in (2, 3, 4)]
     assert reads[0] < reads[1] < reads[2]
     planes = [int(rows[f"W{b}"]["elastic_plane_bytes"]) for b in (2, 3, 4)]
@@ -71,6 +86,8 @@ def test_export_and_eval(layered_run, capsys):
     for b in (2, 3, 4):
         ref, n = _fake_quant_accuracy(root / "l", b)
         assert abs(float(rows[f"W{b}"]["accuracy"]) - ref) < 1.0 / n, b
+        # --reference: the same fake-quant subnet (export kept the run's BN: --bn-batches 0)
+        assert float(rows[f"W{b}"]["fake_quant_accuracy"]) == pytest.approx(ref, abs=1e-12)
         assert float(rows[f"W{b}"]["latency_ms_b1"]) > 0
 
 

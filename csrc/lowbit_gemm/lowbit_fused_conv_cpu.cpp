@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/lowbit_cpu_packed.h"
+#include "common/lowbit_fused_entry.h"
 #include "common/lowbit_fused_cpu.h"
 #include "common/registry.h"
 
@@ -216,6 +217,18 @@ std::optional<at::Tensor> lowbit_conv2d_int_fused_cpu(
 }
 
 }  // namespace
+
+std::optional<at::Tensor> eqk::fused::conv2d_int_fused(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& wsum, int64_t bits, int64_t N,
+    int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+    int64_t dw, int64_t groups, const at::Tensor& scale, double scale_factor, double c,
+    const std::optional<at::Tensor>& zw, const std::optional<at::Tensor>& bias,
+    const at::Tensor& act_scale, const std::optional<at::Tensor>& act_zp, int64_t qmin,
+    int64_t qmax, int64_t isa) {
+  return lowbit_conv2d_int_fused_cpu(x, packed, wsum, bits, N, kh, kw, sh, sw, ph, pw, dh, dw,
+                                     groups, scale, scale_factor, c, zw, bias, act_scale, act_zp,
+                                     qmin, qmax, isa);
+}
 
 EQK_REGISTER(lowbit_fused_conv_cpu) {
   m.def("lowbit_conv2d_int_fused_cpu", &lowbit_conv2d_int_fused_cpu,

@@ -29,6 +29,7 @@
 #include "common/lowbit_cpu_gfni.h"
 #include "common/lowbit_cpu_packed.h"
 #include "common/lowbit_fused_cpu.h"
+#include "common/lowbit_fused_entry.h"
 #include "common/registry.h"
 
 namespace {
@@ -295,6 +296,16 @@ at::Tensor lowbit_linear_int_fused_cpu(const at::Tensor& x_in, const at::Tensor&
 }
 
 }  // namespace
+
+at::Tensor eqk::fused::linear_int_fused(
+    const at::Tensor& x, const at::Tensor& planes, int64_t bits,
+    const std::optional<at::Tensor>& kernel_weights, const at::Tensor& wsum,
+    const at::Tensor& scale, double scale_factor, double c, const std::optional<at::Tensor>& zw,
+    const std::optional<at::Tensor>& bias, const at::Tensor& act_scale,
+    const std::optional<at::Tensor>& act_zp, int64_t qmin, int64_t qmax, int64_t isa) {
+  return lowbit_linear_int_fused_cpu(x, planes, bits, kernel_weights, wsum, scale, scale_factor, c,
+                                     zw, bias, act_scale, act_zp, qmin, qmax, isa);
+}
 
 EQK_REGISTER(lowbit_fused_cpu) {
   m.def("lowbit_pack_weights_cpu", &lowbit_pack_weights_cpu,

@@ -64,7 +64,8 @@ def convert(
     example_input: one input batch: a tensor, a tuple of positional arguments or a dict of
     keyword arguments. Used for a hooked forward that finds the execution order and the
     dataflow (needed unless keep_first_last="elastic" and per_bit_bn=False; models from
-    `eqnet.models.get` carry a default, `eqnet_input_size`), and to check that every converted
+    `eqnet.models.get` carry a default: `eqnet_example_input()`, else a random tensor of
+    `eqnet_input_size`), and to check that every converted
     layer runs its quantized path in train and eval mode, with and without grad: a layer that
     does not (its parent reads its .weight, a fused fast path skips it) raises ValueError
     naming it. Without an example input, `calibrate` runs this check on its first batch.
@@ -225,6 +226,9 @@ def _example_input(model, example_input):
                 f"keyword arguments, got {type(example_input).__name__}"
             )
         return example_input
+    make_example = getattr(model, "eqnet_example_input", None)
+    if callable(make_example):  # a model whose inputs are no float tensor (token ids)
+        return make_example()
     size = getattr(model, "eqnet_input_size", None)
     if size is None:
         raise ValueError(

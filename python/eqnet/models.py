@@ -8,6 +8,10 @@
   for ResNet-20), as in the quantization papers' CIFAR setups.
 - "torchvision:<name>": any torchvision classification model, randomly initialized
   (weights=None: nothing is ever downloaded).
+- "llama-tiny": a small transformers `LlamaForCausalLM` built from a `LlamaConfig` (random
+  initialization, nothing downloaded; needs transformers) with a vocabulary of `num_classes`
+  tokens (256: bytes), wrapped so that token ids [B, T] give logits [B, T, V]; keyword
+  arguments `LLAMA_TINY_DEFAULTS` set its size.
 - "package.module:factory": a user's own model, `factory(**kwargs)` (with
   `num_classes=num_classes` added when the factory takes that argument).
 
@@ -26,14 +30,39 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-NAMES = ("digits_cnn", "resnet20", "resnet56", "torchvision:<name>", "package.module:factory")
+NAMES = (
+    "digits_cnn",
+    "resnet20",
+    "resnet56",
+    "llama-tiny",
+    "torchvision:<name>",
+    "package.module:factory",
+)
+# llama-tiny's keyword arguments: defaults and accepted ranges (inclusive)
+LLAMA_TINY_DEFAULTS = {
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "max_positions": 512,
+}
+LLAMA_TINY_LIMITS = {
+    "hidden_size": (1, 8192),
+    "intermediate_size": (1, 32768),
+    "num_layers": (1, 64),
+    "num_heads": (1, 256),
+    "num_kv_heads": (1, 256),
+    "max_positions": (1, 1 << 16),
+}
 
 
 def is_registered(name) -> bool:
     """A name `get` builds from this package or torchvision alone (no user module imported):
     the architectures a file may name for eqnet.load to rebuild."""
     return isinstance(name, str) and (
-        name in ("digits_cnn", "resnet20", "resnet56") or name.startswith("torchvision:")
+        name in ("digits_cnn", "resnet20", "resnet56", "llama-tiny")
+        or name.startswith("torchvision:")
     )
 
 
@@ -45,6 +74,8 @@ def get(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
         raise ValueError(f"num_classes={num_classes!r}: must be a positive int")
     if isinstance(name, str) and _FACTORY.match(name) and not name.startswith("torchvision:"):
         return _factory(name, num_classes, kwargs)
+    if name == "llama-tiny":
+        return llama_tiny(num_classes, **kwargs)
     if kwargs:
         raise ValueError(
             f"model keyword arguments {sorted(kwargs)} are for 'package.module:factory' models; "
@@ -140,6 +171,73 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class CausalLM(nn.Module):
+    """A transformers causal language model as a plain module: token ids [B, T] -> logits
+    [B, T, V] (no key/value cache: training and whole-window evaluation)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    def eqnet_example_input(self) -> torch.Tensor:
+        """Token ids for eqnet.convert's traced forward (random floats are no tokens)."""
+        p = next(self.parameters())
+        n = min(8, self.lm.config.max_position_embeddings)
+        vocab = self.lm.config.vocab_size
+        ids = torch.arange(n).mul(37).remainder(vocab).unsqueeze(0)
+        return ids.to(p.device)
+
+
+def llama_tiny(num_classes: int = 256, **kwargs) -> CausalLM:
+    """`CausalLM` over a randomly initialized `LlamaForCausalLM` of vocabulary `num_classes`;
+    `kwargs` override `LLAMA_TINY_DEFAULTS` within `LLAMA_TINY_LIMITS`."""
+    unknown = sorted(set(kwargs) - set(LLAMA_TINY_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"llama-tiny: unknown keyword arguments {unknown}; accepted: "
+            f"{', '.join(LLAMA_TINY_DEFAULTS)}"
+        )
+    size = {**LLAMA_TINY_DEFAULTS, **kwargs}
+    for key, (low, high) in LLAMA_TINY_LIMITS.items():
+        v = size[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ValueError(f"llama-tiny: {key}={v!r}: must be an int in {low}..{high}")
+    heads, kv = size["num_heads"], size["num_kv_heads"]
+    if size["hidden_size"] % heads or heads % kv:
+        raise ValueError(
+            f"llama-tiny: hidden_size={size['hidden_size']} must be a multiple of num_heads="
+            f"{heads}, and num_heads a multiple of num_kv_heads={kv}"
+        )
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as exc:
+        raise ImportError(
+            f"model 'llama-tiny' needs the transformers package (pip install transformers): {exc}"
+        ) from None
+    config = LlamaConfig(
+        vocab_size=num_classes,
+        hidden_size=size["hidden_size"],
+        intermediate_size=size["intermediate_size"],
+        num_hidden_layers=size["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=size["max_positions"],
+        use_cache=False,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    model = CausalLM(LlamaForCausalLM(config))
+    model.eqnet_input_size = (1, min(8, size["max_positions"]))
+    # What eqnet.export records so that eqnet.load rebuilds the network without `model=`.
+    model.eqnet_arch = {"name": "llama-tiny", "kwargs": {"num_classes": num_classes, **size}}
+    return model
 
 
 def _factory(name: str, num_classes: int, kwargs: dict) -> nn.Module:

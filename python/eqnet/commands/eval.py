@@ -2,12 +2,16 @@
 
     eqnet eval model.eqk                       # every stored width and config, test split
     eqnet eval model.eqk --bits 2,4 --config mixed --csv eval.csv
+    eqnet eval lm.eqk --bits 2,3,4 --reference runs/lm_float --reference runs/lm_layered
 
 For each selection the file is loaded afresh, reading only what that selection needs (nested
 files: the prefix up to its widest plane), and reported: top-1 accuracy on the data's test
-split, bytes read from the file, model size (bytes of the tensors the selection uses), the
+split (a language model: the mean next-token NLL over every test token and the perplexity
+exp(NLL)), bytes read from the file, model size (bytes of the tensors the selection uses), the
 weight-plane bytes one forward reads for the elastic layers, and the median latency of one
-forward at batch 1 on this machine. Printed as a markdown table; `--csv` also writes CSV.
+forward at batch 1 on this machine. `--reference RUN` adds a float run as a row of its own, or
+the exported supernet run's fake-quant subnet at each selection as a column (BN re-estimated as
+eqnet export does). Printed as a markdown table; `--csv` also writes CSV.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ COLUMNS = (
     "elastic_plane_bytes",
     "latency_ms_b1",
 )
+# the task's metrics (eqnet.run.tasks) -> the columns they fill
+METRIC_COLUMNS = {"acc": "accuracy", "nll": "nll", "ppl": "perplexity"}
+TASK_METRICS = {"classification": ("accuracy",), "causal-lm": ("perplexity", "nll")}
+# text data options an LM file records for eval (eqnet export writes them)
+TEXT_OPTIONS = ("seq_len", "text_bytes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +57,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-runs", type=count(1), default=30, help="batch-1 forwards timed")
     p.add_argument("--backend", default=None, help="eqkernels backend (default auto)")
     p.add_argument("--csv", default=None, metavar="PATH", help="also write the rows as CSV")
+    p.add_argument(
+        "--reference",
+        action="append",
+        default=None,
+        metavar="RUN",
+        help="a float run (a row of its own) or the exported supernet run (its fake-quant "
+        "subnet at each selection, a column); repeatable",
+    )
+    p.add_argument("--seq-len", type=count(1), default=None, help="text: default the file's")
+    p.add_argument("--text-bytes", type=count(1), default=None, help="text: default the file's")
 
 
 def selections(header: dict, bits=None, configs=None) -> list[tuple[str, dict]]:
@@ -120,53 +139,119 @@ def evaluate_file(
     latency_runs: int = 30,
     backend: str | None = None,
     progress=None,
+    task: str = "classification",
+    reference=None,
 ) -> list[dict]:
-    """One row per selection (see COLUMNS)."""
+    """One row per selection (see COLUMNS; a causal-LM `task` reports perplexity and nll in
+    place of accuracy). `reference(config) -> metrics` (e.g. a fake-quant supernet's) fills
+    the `fake_quant_*` columns."""
     import torch
 
     from eqnet.deploy import load
+    from eqnet.run import get_task
 
+    measure = get_task(task)
     loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size)
+    if len(loader) == 0:
+        raise ValueError("the test split is empty")
+    x1 = next(iter(loader))[0][:1]
     rows = []
     for label, kwargs in sel:
         if progress:
             progress(f"eval {label}: loading {Path(path).name}")
         deployed = load(path, backend=backend, **kwargs)
-        correct = total = 0
-        x1 = None
-        with torch.no_grad():
-            for x, y in loader:
-                correct += int((deployed(x).argmax(1) == y).sum())
-                total += len(y)
-                if x1 is None:
-                    x1 = x[:1]
-        if total == 0:
-            raise ValueError("the test split is empty")
-        rows.append(
+        row = {"selection": label, "mean_w_bits": round(deployed.active_config.mean_w_bits(), 3)}
+        metrics = measure.evaluate(deployed, loader, torch.device("cpu"))
+        row.update({METRIC_COLUMNS[k]: v for k, v in metrics.items()})
+        if reference is not None:
+            ref = reference(deployed.active_config)
+            row.update({f"fake_quant_{METRIC_COLUMNS[k]}": v for k, v in ref.items()})
+        row.update(
             {
-                "selection": label,
-                "mean_w_bits": round(deployed.active_config.mean_w_bits(), 3),
-                "accuracy": correct / total,
                 "bytes_read": deployed.bytes_read,
                 "model_bytes": _selection_bytes(deployed),
                 "elastic_plane_bytes": deployed.plane_bytes(),
                 "latency_ms_b1": _latency_ms(deployed, x1, latency_runs),
             }
         )
+        rows.append(row)
         if progress:
-            r = rows[-1]
-            progress(f"eval {label}: accuracy {r['accuracy']:.4f}, {r['bytes_read']} bytes read")
+            shown = ", ".join(f"{c} {row[c]:.4f}" for c in TASK_METRICS[task])
+            progress(f"eval {label}: {shown}, {row['bytes_read']} bytes read")
     return rows
 
 
+def columns_for(task: str, fake_quant: bool = False) -> tuple[str, ...]:
+    """The table's columns: COLUMNS with the task's metrics (and their fake-quant reference)."""
+    metrics = TASK_METRICS[task]
+    refs = tuple(f"fake_quant_{m}" for m in metrics) if fake_quant else ()
+    return ("selection", "mean_w_bits", *metrics, *refs, *COLUMNS[3:])
+
+
+def text_options(header: dict, args) -> dict:
+    """seq_len / text_bytes for text data: the arguments, else what the file records."""
+    recorded = header.get("extra", {}).get("data_options") or {}
+    if not isinstance(recorded, dict):
+        raise ValueError("the file's extra.data_options is not an object; pass --seq-len")
+    out = {}
+    for key in TEXT_OPTIONS:
+        value = getattr(args, key, None)
+        if value is None and key in recorded:
+            value = recorded[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"the file's extra.data_options.{key}={value!r} is not an int >= 1"
+                )
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def references(paths, bundle, batch_size: int, header: dict):
+    """(float rows, fake-quant callable or None) of the --reference runs; a supernet run's BN
+    statistics are re-estimated on as many batches as eqnet export did (the file records it;
+    else the run's bn_batches)."""
+    import torch
+
+    from eqnet.commands.export import recalibrate_widths
+    from eqnet.run import get_task, load_run
+
+    measure = get_task(bundle.task)
+    loader = torch.utils.data.DataLoader(bundle.test, batch_size=batch_size)
+    rows, fake_quant = [], None
+    for path in paths or []:
+        run = load_run(path)
+        if run.space is None:
+            metrics = measure.evaluate(run.model, loader, torch.device("cpu"))
+            row = {"selection": f"float ({Path(path).name})", "mean_w_bits": 32}
+            rows.append(row | {METRIC_COLUMNS[k]: v for k, v in metrics.items()})
+            continue
+        if fake_quant is not None:
+            raise ValueError(f"--reference {path}: one supernet run at most (its fake-quant)")
+        batches = header.get("extra", {}).get("bn_batches", run.config.bn_batches)
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise ValueError(f"the file's extra.bn_batches={batches!r} is not an int >= 0")
+        if batches:  # the statistics eqnet export stored
+            recalibrate_widths(run.model, run.bn_images(batches), batches)
+        supernet = run.model
+
+        def fake_quant(config, supernet=supernet):
+            supernet.set_config(config)
+            return measure.evaluate(supernet, loader, torch.device("cpu"))
+
+    return rows, fake_quant
+
+
 def markdown(rows: list[dict], columns=COLUMNS) -> str:
-    def fmt(v):
+    def fmt(v, column):
         if isinstance(v, float):
+            if "perplexity" in column:  # widths differ in the second decimal
+                return f"{v:.3f}"
             return f"{v:.4f}" if v < 10 else f"{v:.1f}"
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c, ""), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -198,7 +283,9 @@ def run(args) -> int:
         bits = _parse_bits(args.bits) if args.bits else None
         sel = selections(header, bits, args.config)
         spec = args.data or header.get("extra", {}).get("data") or "digits"
-        bundle = load_data(spec, augment=False, limit_test=args.limit_test)
+        options = text_options(header, args)
+        bundle = load_data(spec, augment=False, limit_test=args.limit_test, **options)
+        float_rows, fake_quant = references(args.reference, bundle, args.batch_size, header)
         rows = evaluate_file(
             args.file,
             bundle.test,
@@ -207,12 +294,16 @@ def run(args) -> int:
             latency_runs=args.latency_runs,
             backend=args.backend,
             progress=lambda m: print(m, file=sys.stderr, flush=True),
+            task=bundle.task,
+            reference=fake_quant,
         )
     except (EqkFormatError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"eqnet eval: error: {exc}", file=sys.stderr)
         return 1
-    print(markdown(rows))
+    rows = float_rows + rows
+    columns = columns_for(bundle.task, fake_quant is not None)
+    print(markdown(rows, columns))
     if args.csv:
-        write_csv(args.csv, rows)
+        write_csv(args.csv, rows, columns)
         print(f"wrote {args.csv}", file=sys.stderr)
     return 0

@@ -82,6 +82,7 @@ def recalibrate_widths(supernet, loader, batches: int) -> None:
 def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dict:
     """Export a trained run (BN statistics re-estimated on its augmented held-out split first,
     unless bn_batches=0); returns the written header."""
+    from eqnet.data import data_task
     from eqnet.deploy import export
     from eqnet.run import load_run
 
@@ -91,12 +92,15 @@ def export_run(run_dir, out, configs=None, bn_batches: int | None = None) -> dic
     batches = run.config.bn_batches if bn_batches is None else bn_batches
     if batches:
         recalibrate_widths(run.model, run.bn_images(batches), batches)
-    return export(
-        run.model,
-        out,
-        configs=configs or None,
-        extra={"data": run.config.data, "recipe": run.config.recipe, "run": str(run_dir)},
-    )
+    extra = {
+        "data": run.config.data,
+        "recipe": run.config.recipe,
+        "run": str(run_dir),
+        "bn_batches": batches,  # eqnet eval --reference re-estimates the run's BN the same way
+    }
+    if data_task(run.config.data) == "causal-lm":  # what eqnet eval rebuilds the windows from
+        extra["data_options"] = {"seq_len": run.config.seq_len, "text_bytes": run.config.text_bytes}
+    return export(run.model, out, configs=configs or None, extra=extra)
 
 
 def summary(header: dict) -> str:

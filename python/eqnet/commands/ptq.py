@@ -41,8 +41,8 @@ def _config(args):
     if source.recipe != "float":
         raise ValueError(f"{args.run}: a {source.recipe!r} run; ptq quantizes a float run")
     keep = (
-        "model data batch_size seed holdout limit_train limit_test calib_batches bn_batches "
-        "eval_batch_size device"
+        "model model_kwargs data batch_size seed holdout limit_train limit_test calib_batches "
+        "bn_batches eval_batch_size device seq_len text_bytes"
     ).split()
     d = {k: getattr(source, k) for k in keep}
     d.update(recipe="qat", init=str(args.run), epochs=1, progress=False)
@@ -72,9 +72,11 @@ def run(args) -> int:
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"eqnet ptq: error: {exc}", file=sys.stderr)
         return 1
-    acc = trainer.metrics[-1]["acc_ptq"]
+    from eqnet.run.tasks import summary
+
     target = trainer.recipe.target(trainer)
     print(
-        f"post-training quantized {args.run} ({target.summary()}): {acc * 100:.2f}%; run in {args.out}"
+        f"post-training quantized {args.run} ({target.summary()}): "
+        f"{summary(trainer.metrics[-1])}; run in {args.out}"
     )
     return 0

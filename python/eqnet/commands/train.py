@@ -72,18 +72,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="digits_cnn (default), resnet20, resnet56, torchvision:NAME, or a user's "
-        "package.module:factory",
+        help="digits_cnn (default), resnet20, resnet56, llama-tiny (a causal LM; needs "
+        "transformers), torchvision:NAME, or a user's package.module:factory",
     )
     p.add_argument(
         "--model-kwargs",
         type=_json_object,
         default=None,
         metavar="JSON",
-        help="keyword arguments of a package.module:factory model, e.g. '{\"depth\": 4}'",
+        help="keyword arguments of a package.module:factory model, e.g. '{\"depth\": 4}', or "
+        "llama-tiny's size, e.g. '{\"hidden_size\": 128}'",
     )
     p.add_argument(
-        "--data", default=None, help="digits (default), X.npz, cifar10:DIR, imagefolder:DIR"
+        "--data",
+        default=None,
+        help="digits (default), X.npz, cifar10:DIR, imagefolder:DIR, or text for a causal LM: "
+        "stdlib-source (the standard library's .py files, bytes), source-tree:DIR",
     )
     p.add_argument("--epochs", type=count(1), default=None, help="total epochs (default 10)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
@@ -186,6 +190,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _bool_flag(s, "distill", "layered: cosine self-distillation")
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--holdout", type=count(0), default=None, help="held-out training samples")
+    d.add_argument("--seq-len", type=count(1), default=None, help="text: tokens per window")
+    d.add_argument(
+        "--text-bytes", type=count(1), default=None, help="text: bytes read in all (default 1 MiB)"
+    )
     d.add_argument("--limit-train", type=count(1), default=None)
     d.add_argument("--limit-test", type=count(1), default=None)
     d.add_argument("--calib-batches", type=count(0), default=None)
@@ -227,7 +235,7 @@ _CONFIG_KEYS = (
     "warmup_epochs grad_clip amp seed device init deterministic w_bits a_bits keep_first_last "
     "per_bit_bn num_random uniform_prob oal zeta wdr gpg joint distill holdout limit_train limit_test "
     "calib_batches bn_batches eval_batch_size workers max_steps_per_epoch labels label_smoothing "
-    "lrh_forms form w_form a_form vl_paper_init group_size"
+    "lrh_forms form w_form a_form vl_paper_init group_size seq_len text_bytes"
 ).split()
 
 
@@ -300,11 +308,13 @@ def run(args) -> int:
             raise
         print(message, file=sys.stderr)
         return 1
+    from eqnet.run.tasks import summary
+
     last = trainer.metrics[-1] if trainer.metrics else {}
-    accs = ", ".join(f"{k[4:]} {v * 100:.2f}%" for k, v in last.items() if k.startswith("acc_"))
     if distributed.is_main_process():
         print(
-            f"trained {trainer.config.recipe} to epoch {trainer.epoch}: {accs}; run in {args.out}"
+            f"trained {trainer.config.recipe} to epoch {trainer.epoch}: {summary(last)}; "
+            f"run in {args.out}"
         )
     distributed.cleanup()
     return 0

@@ -36,8 +36,8 @@ def model_record(supernet, arch: str | None, arch_kwargs: Mapping | None) -> dic
     if not models.is_registered(arch):
         raise ValueError(
             f"arch={arch!r}: a registered model name as given to eqnet.models.get "
-            "(digits_cnn, resnet20, resnet56, torchvision:<name>); a user's own model needs no "
-            "arch (load it with eqnet.load(path, model=...))"
+            "(digits_cnn, resnet20, resnet56, llama-tiny, torchvision:<name>); a user's own "
+            "model needs no arch (load it with eqnet.load(path, model=...))"
         )
     return {"name": arch, "kwargs": dict(arch_kwargs or {})}
 

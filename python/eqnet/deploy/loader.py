@@ -43,8 +43,10 @@ from .layout import (
 )
 from .record import check_network, check_record, check_values
 from .runtime import IntConv2d, IntLinear, LayerTensors, int_layer
+from .steps import build_program
 
 _PREFIX = "model."
+RUNTIMES = ("auto", "steps", "modules")
 
 
 # ------------------------------------------------------------------------------- the model
@@ -56,17 +58,57 @@ class DeployedModel(nn.Module):
     Module names under `.model` match the Supernet's (e.g. "model.conv1"), so a SubnetConfig of
     the Supernet addresses the integer layers directly."""
 
-    def __init__(self, net: nn.Module, eqk: EqkFile, source, backend: str | None):
+    def __init__(self, net: nn.Module, eqk: EqkFile, source, backend: str | None,
+                 runtime: str = "auto"):  # fmt: skip
         super().__init__()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime: {runtime!r}; accepted: {', '.join(RUNTIMES)}")
         self.model = net
         self.eqk = eqk
         self.source = source
         self.backend = backend
+        self.runtime = runtime
         self.active_config: SubnetConfig | None = None
+        self._program = self._modules_list = None
+        self.runtime_reason: str | None = "not built yet"
         self.eval()
 
     def forward(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and not self.training and not self._hooked():
+            program = self.step_program()
+            y = None if program is None else program(args[0])
+            if y is not None:
+                return y
         return self.model(*args, **kwargs)
+
+    def step_program(self):
+        """The step-list program of the current configuration (steps.py), or None when the
+        per-layer module path runs (`runtime_reason` says why)."""
+        if self._program is None and self.runtime != "modules":
+            try:
+                self._program = build_program(self.model)
+                self.runtime_reason = None
+            except Exception as exc:  # any failure to assemble leaves the (exact) module path
+                if self.runtime == "steps":
+                    raise
+                reason = str(exc) if isinstance(exc, NotImplementedError) else repr(exc)
+                self._program, self.runtime_reason = False, reason
+        return self._program or None
+
+    def _hooked(self) -> bool:
+        """Whether a forward hook is registered on any module (the program would skip it)."""
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return True
+        modules = self._modules_list
+        if modules is None:  # cached with the program: walking the tree cost ~30 us per call
+            modules = self._modules_list = list(self.model.modules())
+        return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._program = self._modules_list = None  # .to() / .float() replace its tensors
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def header(self) -> dict:
@@ -114,6 +156,11 @@ class DeployedModel(nn.Module):
                 # activations, convolutions) refuses at load, naming the layer
                 layers[lname].prepare_now()
         self.active_config = config
+        self._program = self._modules_list = None
+        if self.runtime == "modules":
+            self.runtime_reason = "runtime='modules'"
+        elif self.runtime == "steps":
+            self.step_program()  # raises here, not at the first forward
 
     def upgrade(self, bits: int | None = None, config=None, *, max_bits: int | None = None,
                 source=None) -> DeployedModel:  # fmt: skip
@@ -308,6 +355,7 @@ def load(
     max_bits: int | None = None,
     backend: str | None = None,
     model: nn.Module | None = None,
+    runtime: str = "auto",
 ) -> DeployedModel:
     """Load a .eqk file as an integer inference model.
 
@@ -321,6 +369,12 @@ def load(
     max_bits: nested files only: read only the prefix of the file that width needs (a file that
         holds just that prefix loads); without it the whole file is read and must be complete.
     backend: eqkernels backend of the integer ops (None = auto).
+    runtime: "auto" runs the forward as one step-list program in C++ (steps.py) when the
+        network can be expressed as one, else the per-layer modules (`runtime_reason` says
+        why); "steps" requires the program (NotImplementedError naming the node otherwise);
+        "modules" always runs the per-layer modules. Both give the same outputs; inputs the
+        program does not take (non-finite values, graph capture, other dtypes or devices,
+        training mode) run the modules.
     Malformed files raise eqkernels.EqkFormatError; bad arguments raise ValueError.
     """
     eqk = read_eqk(path, max_bits=max_bits) if max_bits is not None else read_eqk(path)
@@ -335,6 +389,6 @@ def load(
     cfg = config_from(header, bits, config)
     root = _build_network(header, model)
     _load_float_tensors(root, eqk, given=model is not None)
-    deployed = DeployedModel(root.model, eqk, path, backend)
+    deployed = DeployedModel(root.model, eqk, path, backend, runtime)
     deployed.configure(cfg)
     return deployed

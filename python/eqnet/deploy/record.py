@@ -31,6 +31,7 @@ from eqkernels.eqk.fields import (
     string,
 )
 
+from ..models import LLAMA_TINY_DEFAULTS
 from .layout import FLOAT_ACT_KEY, config_from, layer_geometry, required_tensors
 
 MAX_CHANNELS = 1 << 20
@@ -38,6 +39,7 @@ MAX_KERNEL = 64
 MAX_STRIDE = 64
 MAX_PADDING = 1024
 MAX_CLASSES = 1 << 20
+ARCH_KWARGS = ("num_classes", *LLAMA_TINY_DEFAULTS)
 _BITS = integer(1, 8)
 _FLOAT_TINY = torch.finfo(torch.float32).tiny
 _ACT_KEY = re.compile(r"a([1-8])-(?:sym|asym)")
@@ -79,7 +81,13 @@ _LINEAR = record(
 _ARCH = record(
     {
         "name": string(256),
-        "kwargs": dict_of(integer(1, MAX_CLASSES), key_check=one_of("num_classes"), max_len=1),
+        # the registered models' integer arguments (llama-tiny's size); models.get checks
+        # their ranges before anything is built
+        "kwargs": dict_of(
+            integer(1, MAX_CLASSES),
+            key_check=one_of(*ARCH_KWARGS),
+            max_len=len(ARCH_KWARGS),
+        ),
     }
 )
 _MODEL = record(

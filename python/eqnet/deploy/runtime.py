@@ -100,11 +100,15 @@ class _IntLayer(nn.Module):
             )
         return super().__getattr__(name)
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def prepared(self):
+        """The prepared op of the current tensors (made on first use, once per width)."""
         op = self._prepared
         if op is None:
             op = self.prepare_now()
-        return op(x)
+        return op
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prepared()(x)
 
     def prepare_now(self):
         """Prepare the op of the current tensors; a form the kernels do not implement raises

@@ -102,6 +102,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     workers: int = 0
     max_steps_per_epoch: int | None = None
+    # text data (causal language models): tokens per window, bytes of source text in all
+    seq_len: int = 128
+    text_bytes: int = 1 << 20
     deterministic: bool = False
     progress: bool = True
 
@@ -165,6 +168,10 @@ class TrainConfig:
             )
         if self.vl_paper_init and self.recipe != "layered":
             raise ValueError("vl_paper_init: the layered recipe's option")
+        for name, high in (("seq_len", 1 << 16), ("text_bytes", 1 << 31)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
+                raise ValueError(f"{name}={v!r}: must be an int in 1..{high}")
         if self.policy is not None:
             if self.recipe != "qat":
                 raise ValueError("policy: the qat recipe fine-tunes a searched policy")

@@ -146,7 +146,13 @@ class TrainedRun:
         """The run's data set with the same splits (its holdout is the split for BN
         recalibration and search); `overrides` go to `eqnet.data.load_data`."""
         c = self.config
-        kwargs = dict(holdout=c.holdout, limit_train=c.limit_train, limit_test=c.limit_test)
+        kwargs = dict(
+            holdout=c.holdout,
+            limit_train=c.limit_train,
+            limit_test=c.limit_test,
+            seq_len=c.seq_len,
+            text_bytes=c.text_bytes,
+        )
         kwargs.update(overrides)
         return load_data(c.data, **kwargs)
 

@@ -310,9 +310,9 @@ class DistributedTrainer(Trainer):
         self._pass += 1
         last = self._pass == self._passes and not self._manual_sync
         if last:
-            return self._ddp_forward(x)
+            return self.task.outputs(self._ddp_forward(x))
         with self.ddp.no_sync():
-            return self._ddp_forward(x)
+            return self.task.outputs(self._ddp_forward(x))
 
     def _ddp_forward(self, x):
         if self.scaler is not None:

@@ -3,8 +3,8 @@
 No training: the quantizers of the float model are calibrated (the same MSE calibration every
 recipe starts from) on held-out batches, the BN statistics are re-estimated at the config on
 the augmented held-out batches, and the result is written as a `qat` run at epoch 0 (its
-metrics row holds `acc_ptq`), so search, export and eval read it like any run; resuming it
-trains QAT from this start.
+metrics row holds `acc_ptq`, or `nll_ptq` and `ppl_ptq` for a language model), so search,
+export and eval read it like any run; resuming it trains QAT from this start.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ def post_training_quantize(config: TrainConfig, out_dir: str | Path | None = Non
     target = trainer.recipe.target(trainer)
     trainer.model.set_config(target)
     trainer.recalibrate(trainer.bn_images, trainer.config.bn_batches)
-    from eqnet.run import evaluate
-
-    row = {"epoch": 0, "acc_ptq": evaluate(trainer.model, trainer.test_loader, trainer.device)}
+    metrics = trainer.task.evaluate(trainer.model, trainer.test_loader, trainer.device)
+    row = {"epoch": 0, **{f"{key}_ptq": value for key, value in metrics.items()}}
     trainer.metrics.append(row)
     if out_dir is not None:
         ckpt.save_checkpoint(out_dir, trainer.state_dict())

@@ -116,7 +116,8 @@ class ConfigSampler:
                 # the same default forms as SubnetConfig.lowest/highest
                 *self.space.preferred_forms(),
             )
-            out.append((f"w{wb}a{ab}", cfg))
+            # "float": a weight-only width's activations, as `eqnet train --a-bits` spells it
+            out.append((f"w{wb}a{'float' if ab is None else ab}", cfg))
         return out
 
     def state_dict(self) -> dict:

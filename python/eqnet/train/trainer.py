@@ -1,14 +1,14 @@
-"""The supernet trainer: one loop for every recipe, checkpoints, resume, evaluation.
+"""The supernet trainer: one loop for every recipe and task, checkpoints, resume, evaluation.
 
-Reproducibility: the data order of epoch e depends on (seed, e) only; augmentation draws from
-the global torch RNG and subnet sampling from the ConfigSampler's own generator, and both
-states are saved at the end of every epoch; so `Trainer.from_run(dir).fit()` continues a run
-exactly as if it had never stopped.
+The data decide the task (`eqnet.run.tasks`): image classification, or a causal language model
+trained on next-token cross-entropy, one row of logits per token, so every recipe's losses
+apply per token. Its checkpointed state and resuming are in `state.py` (reproducibility: the
+data order of epoch e depends on (seed, e) only, and every RNG state is saved, so a resumed
+run continues exactly); the evaluation of the subnets in `evaluation.py`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -23,28 +23,22 @@ from eqnet.data import (
     load_data,
     train_loader,
 )
-from eqnet.nn import saved_with_one_form
-from eqnet.run import TrainConfig, build_model, evaluate, init_is_quantized
+from eqnet.run import TrainConfig, build_model, get_task, init_is_quantized
 from eqnet.run import checkpoint as ckpt
+from eqnet.run.tasks import summary
 from eqnet.space import SubnetConfig
 
+from .evaluation import evaluate_subnets
 from .labels import make_labels
 from .losses import soft_cross_entropy
 from .recipes import get_recipe
 from .sampler import ConfigSampler
 from .schedule import WarmupCosine
+from .state import TrainerState
 
 
 class NonFiniteLossError(RuntimeError):
     """A NaN or infinite loss: training stopped, the last good checkpoint is kept."""
-
-
-def _bn_buffers(model):
-    return {
-        n: b.clone()
-        for n, b in model.named_buffers()
-        if n.endswith(("running_mean", "running_var", "num_batches_tracked"))
-    }
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -56,7 +50,7 @@ def _resolve_device(name: str) -> torch.device:
         raise ValueError(f"{exc} (or auto)") from None
 
 
-class Trainer:
+class Trainer(TrainerState):
     """Trains `config.recipe` and writes checkpoints and metrics to `out_dir` (if given)."""
 
     def __init__(
@@ -77,8 +71,14 @@ class Trainer:
         self.recipe = get_recipe(c.recipe)
         # Data first: a bad path or an empty set fails before any model is built.
         self.data = data or load_data(
-            c.data, holdout=c.holdout, limit_train=c.limit_train, limit_test=c.limit_test
+            c.data,
+            holdout=c.holdout,
+            limit_train=c.limit_train,
+            limit_test=c.limit_test,
+            seq_len=c.seq_len,
+            text_bytes=c.text_bytes,
         )
+        self.task = get_task(self.data.task)
         self.train_loader = train_loader(self.data.train, c.batch_size, c.seed, c.workers)
         self.holdout_loader = eval_loader(self.data.holdout, c.batch_size, c.workers)
         self.test_loader = eval_loader(self.data.test, c.eval_batch_size, c.workers)
@@ -192,12 +192,13 @@ class Trainer:
 
     # -- helpers for recipes ---------------------------------------------------------------
     def forward(self, cfg: SubnetConfig | None, x: torch.Tensor) -> torch.Tensor:
+        """The logits of subnet `cfg` on `x`, one row per sample (per token for a causal LM)."""
         if cfg is not None:
             self.model.set_config(cfg)
         if self.scaler is not None:
             with torch.autocast("cuda", dtype=torch.float16):
-                return self.model(x)
-        return self.model(x)
+                return self.task.outputs(self.model(x))
+        return self.task.outputs(self.model(x))
 
     def ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """CE with the hard label, or with the online adaptive label (eq. 4) when enabled."""
@@ -244,7 +245,7 @@ class Trainer:
         """One optimizer step of the recipe on one batch."""
         self.calibrate()
         self.model.train()
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = x.to(self.device), self.task.targets(y.to(self.device))
         factor = self.schedule.factor()
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
@@ -296,26 +297,8 @@ class Trainer:
         recalibrate_bn(self.model, loader, batches=batches)
 
     def evaluate_subnets(self) -> dict:
-        """Test accuracy of the recipe's evaluation subnets (lowest, highest, the fixed random
-        one), each after BN recalibration on the augmented held-out batches (`bn_split`). The
-        training BN statistics are restored afterwards, so evaluation does not change the
-        training state."""
-        saved = _bn_buffers(self.model)
-        active = self.model.config() if self.space is not None else None
-        results = {}
-        for name, cfg in self.recipe.eval_configs(self).items():
-            if cfg is not None:
-                self.model.set_config(cfg)
-                if self.recipe.recalibrate_bn:
-                    self.recalibrate(self.bn_images, self.config.bn_batches)
-            results[f"acc_{name}"] = evaluate(self.model, self.test_loader, self.device)
-        with torch.no_grad():
-            buffers = dict(self.model.named_buffers())
-            for n, b in saved.items():
-                buffers[n].copy_(b)
-        if active is not None:
-            self.model.set_config(active)
-        return results
+        """The task's test metrics of the recipe's evaluation subnets (`evaluation.py`)."""
+        return evaluate_subnets(self)
 
     def fit(self, stop_after: int | None = None) -> list[dict]:
         """Train up to `config.epochs` (or stop after epoch `stop_after`, to resume later);
@@ -346,101 +329,9 @@ class Trainer:
                 ckpt.save_checkpoint(self.out_dir, self.state_dict())
                 ckpt.write_metrics(self.out_dir, self.metrics)
             if c.progress:
-                accs = " ".join(
-                    f"{k[4:]}={v * 100:.2f}%" for k, v in row.items() if k.startswith("acc_")
-                )
                 print(
-                    f"epoch {row['epoch']}/{c.epochs} loss={row.get('train_loss', 0):.4f} {accs}",
+                    f"epoch {row['epoch']}/{c.epochs} loss={row.get('train_loss', 0):.4f} "
+                    f"{summary(row)}",
                     flush=True,
                 )
         return self.metrics
-
-    # -- state -----------------------------------------------------------------------------
-    def run_record(self) -> dict:
-        return {
-            "config": self.config.to_dict(),
-            "data": {
-                "name": self.data.name,
-                "num_classes": self.data.num_classes,
-                "input_shape": list(self.data.input_shape),
-                "train": len(self.data.train),
-                "holdout": len(self.data.holdout),
-                "test": len(self.data.test),
-            },
-            "space": None if self.space is None else self.space.to_dict(),
-            "eval_random": None
-            if self.eval_random is None
-            else json.loads(self.eval_random.to_json()),
-        }
-
-    def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        if self.sampler is not None:
-            rng["sampler"] = self.sampler.state_dict()["generator"]
-        return {
-            "epoch": self.epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "labels": None if self.labels is None else self.labels.state_dict(),
-            "rng": rng,
-            "config": self.config.to_json(),
-            "num_classes": self.data.num_classes,
-            "space": None if self.space is None else json.dumps(self.space.to_dict()),
-            "eval_random": None if self.eval_random is None else self.eval_random.to_json(),
-            "metrics": json.dumps(self.metrics),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        if self.labels is not None and state.get("labels") is not None:
-            self.labels.load_state_dict(state["labels"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if self.sampler is not None:
-            self.sampler.load_state_dict({"generator": state["rng"]["sampler"]})
-        if state.get("eval_random"):
-            self.eval_random = SubnetConfig.from_json(state["eval_random"])
-        self.epoch = int(state["epoch"])
-        self.metrics = json.loads(state["metrics"])
-        self.needs_calibration = False
-
-    @classmethod
-    def from_run(
-        cls, out_dir, epochs: int | None = None, data: DataBundle | None = None, **overrides
-    ):
-        """Resume the run in `out_dir` from its last checkpoint; `epochs` extends (or keeps)
-        the run length (a different length changes the cosine schedule from here on);
-        `overrides` may change settings that do not alter the result (progress, device,
-        workers)."""
-        state = ckpt.load_checkpoint(out_dir)
-        d = json.loads(state["config"])
-        allowed = {"progress", "device", "workers"}
-        bad = set(overrides) - allowed
-        if bad:
-            raise ValueError(f"cannot override {sorted(bad)} on resume; allowed: {sorted(allowed)}")
-        d.update(overrides)
-        if epochs is not None:
-            if epochs < int(state["epoch"]):
-                raise ValueError(
-                    f"epochs={epochs}: the run in {out_dir} already completed {state['epoch']} epochs"
-                )
-            d["epochs"] = epochs
-        trainer = cls(TrainConfig.from_dict(d), out_dir, data=data, load_init=False)
-        if d.get("keep_first_last") == "8bit" and saved_with_one_form(
-            trainer.model, state["model"]
-        ):
-            # saved when fixed layers held one form: rebuild in that layout, so the optimizer
-            # holds the parameters the checkpoint has
-            d["keep_first_last"] = "8bit-fixed-form"
-            trainer = cls(TrainConfig.from_dict(d), out_dir, data=trainer.data, load_init=False)
-        trainer.load_state_dict(state)
-        return trainer

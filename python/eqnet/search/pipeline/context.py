@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from eqnet.data import bn_split, eval_loader, fixed_batches, load_data
+from eqnet.data import bn_split, data_task, eval_loader, fixed_batches, load_data
 from eqnet.forms import set_narrow_weights
 from eqnet.run import load_run
 from eqnet.search.accuracy_data import fraction_correct, supernet_correctness
@@ -30,9 +30,14 @@ class SearchContext:
         self.run = load_run(options.run, map_location=options.device)
         if self.run.space is None:
             raise ValueError(f"{options.run}: a float run has no quantization space to search")
+        c = self.run.config
+        if data_task(c.data) != "classification":
+            raise NotImplementedError(
+                f"{options.run}: a {data_task(c.data)} run; the search ranks subnets by top-1 "
+                "accuracy on held-out images, so it searches classification runs only"
+            )
         self.supernet = self.run.model.to(options.device)
         self.space = self.run.space
-        c = self.run.config
         self.device = torch.device(options.device)
         self.bn_batches = c.bn_batches if options.bn_batches is None else options.bn_batches
         # the run's own held-out / test split; BN statistics from the augmented held-out images

@@ -1,0 +1,420 @@
+// The integer conv of the step executor (csrc/runtime/step_program_cpu.cpp): the arithmetic of
+// the fused conv (csrc/lowbit_gemm/lowbit_fused_conv_cpu.cpp, k4n16 weights) operation for
+// operation, so its results equal the per-layer op's bit for bit, with what a step list allows
+// on top:
+//   * the epilogue terms are computed once when the step is added, not per call;
+//   * activations stay channels-last between steps: the input is read as NHWC runs when it is
+//     a channels-last tensor (no scatter into the code buffer) and the output is written as a
+//     channels-last tensor straight from the GEMM tile (no transpose); the step list's float
+//     steps (ATen) take any memory format, so nothing else changes;
+//   * a following residual add and ReLU run in the epilogue on the fp32 result, the same two
+//     fp32 operations the separate steps would do (y = fl32(epilogue) + r; y < 0 ? 0 : y).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/lowbit_cpu_packed.h"
+#include "common/lowbit_fused_cpu.h"
+#include "runtime/step_conv.h"
+
+namespace eqk::steps {
+
+namespace {
+
+constexpr int64_t kRows = 64;  // output positions per task, as the per-layer kernel
+
+// One block's epilogue, rows x cnt channels: the per-layer kernel's double expression
+// ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then ReLU.
+template <bool kBias, bool kRes, bool kRelu>
+__attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64_t ldc,
+                                                         int64_t rows, int64_t cnt,
+                                                         const QConv& p, int64_t n0,
+                                                         const double* xz, const float* res,
+                                                         float* out, int64_t ldo) {
+  const double* czw = p.czw.data() + n0;
+  const double* cw = p.cw.data() + n0;
+  const double* sc = p.sc.data() + n0;
+  const double* bias = kBias ? p.bias.data() + n0 : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* c = C + r * ldc;
+    float* o = out + r * ldo;
+    const float* rr = kRes ? res + r * ldo : nullptr;
+    const double x = xz[r];
+    for (int64_t n = 0; n < cnt; ++n) {
+      // czw = corr - zw: both integers below 2^53, so acc + corr - zw and acc + czw are
+      // the same exact integer (one double add fewer per output).
+      double t = ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n];
+      if (kBias) t = t + bias[n];
+      float v = static_cast<float>(t);
+      if (kRes) v = v + rr[n];
+      if (kRelu) v = v < 0.0f ? 0.0f : v;
+      o[n] = v;
+    }
+  }
+}
+
+using EpilogueFn = void (*)(const int32_t*, int64_t, int64_t, int64_t, const QConv&, int64_t,
+                            const double*, const float*, float*, int64_t);
+
+template <bool kBias, bool kRes, bool kRelu>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void epilogue_avx512(
+    const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p, int64_t n0,
+    const double* xz, const float* res, float* out, int64_t ldo) {
+  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+}
+
+template <bool kBias, bool kRes, bool kRelu>
+EQK_TARGET_AVX2 void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt,
+                                   const QConv& p, int64_t n0, const double* xz,
+                                   const float* res, float* out, int64_t ldo) {
+  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+}
+
+template <bool kBias, bool kRes, bool kRelu>
+void epilogue_portable(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p,
+                       int64_t n0, const double* xz, const float* res, float* out, int64_t ldo) {
+  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+}
+
+template <bool kBias, bool kRes, bool kRelu>
+EpilogueFn pick_level(int level) {
+  if (level >= 2) return &epilogue_avx512<kBias, kRes, kRelu>;
+  if (level == 1) return &epilogue_avx2<kBias, kRes, kRelu>;
+  return &epilogue_portable<kBias, kRes, kRelu>;
+}
+
+EpilogueFn pick_epilogue(int level, bool bias, bool res, bool relu) {
+  const int key = (bias ? 4 : 0) | (res ? 2 : 0) | (relu ? 1 : 0);
+  switch (key) {
+    case 0: return pick_level<false, false, false>(level);
+    case 1: return pick_level<false, false, true>(level);
+    case 2: return pick_level<false, true, false>(level);
+    case 3: return pick_level<false, true, true>(level);
+    case 4: return pick_level<true, false, false>(level);
+    case 5: return pick_level<true, false, true>(level);
+    case 6: return pick_level<true, true, false>(level);
+    default: return pick_level<true, true, true>(level);
+  }
+}
+
+// im2col of `rows` output positions from channels-last codes (columns in (kh, kw, cin_g) order,
+// the k4n16 weights' order) and each row's code sum term xz = (sum u + K sub) - K z, as the
+// per-layer kernel computes it.
+struct Im2col {
+  const uint8_t* ub;  // codes of this image, [Hp, Wp, C]
+  int64_t C, Wp, OW, cin_g, K, Kp, sub, sh, sw;
+  const int64_t* taps;
+  int64_t ntaps;
+  double z;
+};
+
+// Copies n bytes and returns their sum: 16-byte moves summed with psadbw (SSE2, the x86-64
+// baseline) and a byte loop for the rest. (A byte loop over a run length known only at run
+// time compiled to slow code, a memcpy call per run cost more than the GEMM.)
+inline int32_t copy_and_sum(uint8_t* dst, const uint8_t* src, int64_t n) {
+  int64_t i = 0;
+  int32_t sum = 0;
+#if defined(__SSE2__)
+  __m128i acc = _mm_setzero_si128();
+  for (; i + 16 <= n; i += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), v);
+    acc = _mm_add_epi64(acc, _mm_sad_epu8(v, _mm_setzero_si128()));
+  }
+  sum = static_cast<int32_t>(_mm_cvtsi128_si64(acc) +
+                             _mm_cvtsi128_si64(_mm_unpackhi_epi64(acc, acc)));
+#endif
+  for (; i < n; ++i) {
+    dst[i] = src[i];
+    sum += src[i];
+  }
+  return sum;
+}
+
+void im2col(const Im2col& g, int64_t l0, int64_t rows, int64_t gi, uint8_t* A, double* xz) {
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const int64_t l = l0 + rr, oy = l / g.OW, ox = l % g.OW;
+    uint8_t* dst = A + rr * g.Kp;
+    const uint8_t* src = g.ub + (oy * g.sh * g.Wp + ox * g.sw) * g.C + gi * g.cin_g;
+    int32_t sum = 0;  // K * 255 < 2^31 (checked when the step was added)
+    for (int64_t k = 0; k < g.ntaps; ++k)
+      sum += copy_and_sum(dst + k * g.cin_g, src + g.taps[k], g.cin_g);
+    const int64_t xs = sum + g.K * g.sub;  // sum of the codes
+    xz[rr] = static_cast<double>(xs) - static_cast<double>(g.K) * g.z;
+  }
+}
+
+// Implicit GEMM (AVX-512 VNNI, cin_g % 4 == 0): the k4n16 GEMM of the per-layer kernel with
+// each row's activation bytes read in place from the channels-last codes, tap by tap (row r,
+// tap t: P[r] + taps[t]), instead of from an im2col copy. Same integer sums (exact in int32).
+template <int MR, int NTB>
+EQK_TARGET_AVX512 inline void implicit_tile(const uint8_t* const* P, const int64_t* taps,
+                                            int64_t ntaps, int64_t K4t, const int8_t* Wp,
+                                            int64_t Npad, int32_t* C, int64_t ldc) {
+  __m512i acc[MR][NTB];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NTB; ++t) acc[r][t] = _mm512_setzero_si512();
+  for (int64_t tap = 0; tap < ntaps; ++tap) {
+    const int8_t* wt = Wp + tap * K4t * Npad * 4;
+    const int64_t off = taps[tap];
+    for (int64_t kk = 0; kk < K4t; ++kk) {
+      const int8_t* w = wt + kk * Npad * 4;
+      __m512i wv[NTB];
+      for (int t = 0; t < NTB; ++t) wv[t] = _mm512_loadu_si512(w + 64 * t);
+      for (int r = 0; r < MR; ++r) {
+        int32_t a4;
+        std::memcpy(&a4, P[r] + off + 4 * kk, 4);
+        const __m512i av = _mm512_set1_epi32(a4);
+        for (int t = 0; t < NTB; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], av, wv[t]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NTB; ++t) _mm512_storeu_si512(C + r * ldc + 16 * t, acc[r][t]);
+}
+
+template <int MR>
+EQK_TARGET_AVX512 inline void implicit_rows(const uint8_t* const* P, const int64_t* taps,
+                                            int64_t ntaps, int64_t K4t, const int8_t* Wp,
+                                            int64_t Npad, int64_t t0, int ntb, int32_t* C,
+                                            int64_t ldc) {
+  const int8_t* w = Wp + 64 * t0;
+  int32_t* c = C + 16 * t0;
+  switch (ntb) {
+    case 1: implicit_tile<MR, 1>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
+    case 2: implicit_tile<MR, 2>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
+    case 3: implicit_tile<MR, 3>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
+    default: implicit_tile<MR, 4>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
+  }
+}
+
+// Output channel tiles [tile0, tile1) of 16 channels.
+EQK_TARGET_AVX512 void implicit_gemm(const uint8_t* const* P, int64_t rows, const int64_t* taps,
+                                     int64_t ntaps, int64_t K4t, const int8_t* Wp, int64_t Npad,
+                                     int64_t tile0, int64_t tile1, int32_t* C, int64_t ldc) {
+  for (int64_t t0 = tile0; t0 < tile1; t0 += 4) {
+    const int ntb = static_cast<int>(tile1 - t0 < 4 ? tile1 - t0 : 4);
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+      implicit_rows<4>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
+    const int64_t left = rows - r;
+    if (left == 3) implicit_rows<3>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
+    if (left == 2) implicit_rows<2>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
+    if (left == 1) implicit_rows<1>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
+  }
+}
+
+// Per padded pixel and group, the sum of the group's cin_g code bytes (for the implicit path's
+// code sums: a receptive field's sum is the sum of its taps' pixel sums).
+void group_sums(const uint8_t* u, int64_t pixels, int64_t C, int64_t groups, int32_t* S) {
+  const int64_t cin_g = C / groups;
+  at::parallel_for(0, pixels, 1024, [&](int64_t i0, int64_t i1) {
+    uint8_t scratch[64];
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t s = 0;
+        for (int64_t c0 = 0; c0 < cin_g; c0 += 64) {
+          const int64_t n = std::min<int64_t>(64, cin_g - c0);
+          s += copy_and_sum(scratch, u + i * C + g * cin_g + c0, n);
+        }
+        S[i * groups + g] = s;
+      }
+  });
+}
+
+// Codes of x [B, C, H, W] as channels-last padded bytes [B, Hp, Wp, C] (border: the code of
+// real zero, minus sub). A channels-last x is quantized in whole rows of W*C values.
+void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int64_t Wp,
+                std::vector<uint8_t>& u) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto& q = p.q;
+  u.assign(B * Hp * Wp * C, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
+  const float* xp = x.data_ptr<float>();
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / (W * C)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, h = i % H;
+        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * C;
+        eqk::lowbit::quantize_codes(level, xp + i * W * C, W * C, q.inv, q.z, q.lo, q.hi, q.off,
+                                    dst);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t i0, int64_t i1) {
+    std::vector<uint8_t> row(W);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / C, ch = i % C;
+      for (int64_t h = 0; h < H; ++h) {
+        eqk::lowbit::quantize_codes(level, xp + (i * H + h) * W, W, q.inv, q.z, q.lo, q.hi,
+                                    q.off, row.data());
+        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * C + ch;
+        for (int64_t w = 0; w < W; ++w) dst[w * C] = row[w];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& wsum,
+                                  const at::Tensor& scale, const at::Tensor& act_scale,
+                                  const std::optional<at::Tensor>& zw,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& act_zp,
+                                  const std::vector<int64_t>& n, double scale_factor, double c) {
+  auto p = std::make_shared<QConv>();
+  p->packed = packed;
+  p->wsum = wsum;
+  p->bits = n[0];
+  p->N = n[1];
+  p->kh = n[2], p->kw = n[3], p->sh = n[4], p->sw = n[5], p->ph = n[6], p->pw = n[7];
+  p->dh = n[8], p->dw = n[9], p->groups = n[10];
+  p->q = eqk::fused::act_quant(act_scale, act_zp, n[11], n[12]);
+  p->z_in_range = p->q.z >= p->q.lo && p->q.z <= p->q.hi;
+  p->depthwise = packed.dim() == 2;
+  if (p->depthwise) {  // decoded int8 [N, kh*kw] -> int32 [kh*kw][N]
+    const int64_t taps = p->kh * p->kw;
+    const int8_t* d = packed.data_ptr<int8_t>();
+    p->dw_weights.resize(taps * p->N);
+    for (int64_t n = 0; n < p->N; ++n)
+      for (int64_t t = 0; t < taps; ++t) p->dw_weights[t * p->N + n] = d[n * taps + t];
+  }
+  // K matters only to Epilogue::operator(), which the steps do not call.
+  const int64_t K = p->depthwise ? p->kh * p->kw : 4 * packed.size(1);
+  const eqk::fused::Epilogue e =
+      eqk::fused::make_epilogue(p->N, K, wsum, scale, scale_factor, c, zw, bias, p->q);
+  const int64_t N = p->N;
+  p->corr.resize(N), p->zw.resize(N), p->sc.resize(N);
+  for (int64_t i = 0; i < N; ++i) {  // the per-layer kernel's per-channel terms
+    p->corr[i] = static_cast<double>(static_cast<int64_t>(p->q.off) * e.wsum[i]);
+    p->zw[i] = e.z * static_cast<double>(e.wsum[i]);
+    p->sc[i] = e.sa * static_cast<double>(e.sb[i]);
+  }
+  p->czw.resize(N);
+  for (int64_t i = 0; i < N; ++i) p->czw[i] = p->corr[i] - p->zw[i];
+  p->cw = e.cw;
+  p->bias = e.bias;
+  p->z = e.z;
+  return p;
+}
+
+at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* residual,
+                     bool relu, int64_t isa) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat,
+              "qconv: x must be a float32 [B, C, H, W] tensor");
+  TORCH_CHECK(p.z_in_range, "qconv: the activation zero point lies outside its range");
+  const at::Tensor x = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) ? x_in
+                                                                          : x_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t groups = p.groups, N = p.N, cin_g = C / groups, n_g = N / groups;
+  TORCH_CHECK(C % groups == 0, "qconv: input channels ", C, " not divisible by groups");
+  if (p.depthwise) {
+    TORCH_CHECK(C == groups && N == groups, "qconv: depthwise weights need ", groups,
+                " input channels, got ", C);
+    const int level = eqk::lowbit::kernel_level(isa);
+    static thread_local std::vector<uint8_t> dw_codes;
+    const int64_t Hp = x.size(2) + 2 * p.ph, Wp = x.size(3) + 2 * p.pw;
+    codes_nhwc(level, x, p, Hp, Wp, dw_codes);
+    return run_depthwise(p, x, dw_codes, Hp, Wp, residual, relu, level);
+  }
+  const int64_t K = cin_g * p.kh * p.kw, K4 = (K + 3) / 4, Kp = 4 * K4;
+  const int64_t Npad = 16 * ((n_g + 15) / 16);
+  TORCH_CHECK(p.packed.numel() == groups * K4 * Npad * 4, "qconv: the input's ", C,
+              " channels do not match the packed weights");
+  const int64_t Hp = H + 2 * p.ph, Wp = W + 2 * p.pw;
+  const int64_t OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
+  const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
+  TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
+  const int64_t L = OH * OW;
+  auto y = at::empty({B, N, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor r;
+  if (residual != nullptr) {
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
+                "qconv: the residual must be float32 of the output's shape");
+    r = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  const int level = eqk::lowbit::kernel_level(isa);
+  // Reused across calls and layers on this thread: a fresh buffer per call page-faulted.
+  static thread_local std::vector<uint8_t> u;
+  codes_nhwc(level, x, p, Hp, Wp, u);
+  const uint8_t* codes = u.data();  // worker threads must not name the thread_local
+  const bool implicit = level >= 2 && cin_g % 4 == 0;
+  static thread_local std::vector<int32_t> sums;
+  if (implicit) {
+    sums.resize(B * Hp * Wp * groups);
+    group_sums(codes, B * Hp * Wp, C, groups, sums.data());
+  }
+  const int32_t* S = sums.data();
+  const EpilogueFn epi = pick_epilogue(level, !p.bias.empty(), residual != nullptr, relu);
+  const int8_t* wp = p.packed.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
+  const int64_t sub = p.q.off;
+  const int64_t blocks = (L + kRows - 1) / kRows;
+  int64_t grain = std::max<int64_t>(1, eqk::fused::kMinTaskMacs / (kRows * N * K));
+  // Few position blocks (small late layers at batch 1): split the output channels too, so
+  // that every thread gets work; each output element is still computed by one task.
+  const int64_t NT = Npad / 16, threads = at::get_num_threads();
+  int64_t split = 1;
+  if (implicit && groups == 1 && threads > 1 && B * blocks < 2 * threads) {
+    split = std::min(NT, (2 * threads + B * blocks - 1) / (B * blocks));
+    grain = 1;
+  }
+  const int64_t per_task = (NT + split - 1) / split;
+  at::parallel_for(0, B * blocks * split, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> A(kRows * Kp, 0);
+    std::vector<int32_t> Cbuf(kRows * Npad);
+    std::vector<double> xz(kRows);
+    std::vector<int64_t> taps(p.kh * p.kw);
+    for (int64_t a = 0; a < p.kh; ++a)
+      for (int64_t bb = 0; bb < p.kw; ++bb)
+        taps[a * p.kw + bb] = (a * p.dh * Wp + bb * p.dw) * C;
+    const int64_t ntaps = p.kh * p.kw;
+    std::vector<int64_t> tap_sums(ntaps);  // offsets of the taps in the group sums
+    for (int64_t k = 0; k < ntaps; ++k) tap_sums[k] = taps[k] / C * groups;
+    std::vector<const uint8_t*> P(kRows);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t t = task / split, part = task % split;
+      const int64_t tile0 = part * per_task, tile1 = std::min(NT, tile0 + per_task);
+      if (tile0 >= tile1) continue;
+      const int64_t b = t / blocks, l0 = (t % blocks) * kRows;
+      const int64_t rows = std::min(kRows, L - l0);
+      const Im2col g{codes + b * Hp * Wp * C, C, Wp, OW, cin_g, K, Kp, sub, p.sh, p.sw,
+                     taps.data(), ntaps, p.z};
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        if (implicit) {
+          const int32_t* Sb = S + b * Hp * Wp * groups + gi;
+          int64_t oy = l0 / OW, ox = l0 % OW;
+          for (int64_t rr = 0; rr < rows; ++rr) {
+            const int64_t pix = oy * p.sh * Wp + ox * p.sw;
+            P[rr] = g.ub + pix * C + gi * cin_g;
+            const int32_t* sp = Sb + pix * groups;
+            int32_t s = 0;  // K * 255 < 2^31 (checked when the step was added)
+            for (int64_t k = 0; k < ntaps; ++k) s += sp[tap_sums[k]];
+            const int64_t xs = s + K * sub;  // sum of the codes
+            xz[rr] = static_cast<double>(xs) - static_cast<double>(K) * p.z;
+            if (++ox == OW) ox = 0, ++oy;
+          }
+          implicit_gemm(P.data(), rows, taps.data(), ntaps, cin_g / 4, wp + gi * K4 * Npad * 4,
+                        Npad, tile0, tile1, Cbuf.data(), Npad);
+        } else {
+          im2col(g, l0, rows, gi, A.data(), xz.data());
+          eqk::lowbit::packed_gemm(level, static_cast<int>(p.bits), A.data(), Kp, rows,
+                                   wp + gi * K4 * Npad * 4, K4, Npad, Cbuf.data(), Npad);
+        }
+        const int64_t c0 = 16 * tile0, cnt = std::min(16 * tile1, n_g) - c0;  // this task's
+        const int64_t n0 = gi * n_g + c0, off = (b * L + l0) * N + n0;
+        epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(),
+            rp == nullptr ? nullptr : rp + off, yp + off, N);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace eqk::steps

@@ -1,0 +1,105 @@
+// Depthwise integer conv of the step executor (groups == in == out channels): channels-last
+// codes, the channels of one output position accumulated together (vectorized over channels),
+// the per-layer depthwise kernel's exact sums and float64 epilogue
+//   y = ((acc - z wsum[n]) + (xsum - K z) cw[n]) * (s_a s_b[n]) (+ bias[n]),
+// rounded to fp32, then + residual and ReLU as the conv steps do. Results equal the per-layer
+// op's bit for bit (the per-layer kernel loops over channels per position instead).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/lowbit_cpu_dispatch.h"
+#include "runtime/step_conv.h"
+
+namespace eqk::steps {
+
+namespace {
+
+struct DwArgs {
+  const QConv* p;
+  const uint8_t* u;  // codes - off, [B, Hp, Wp, C]
+  const float* res;  // [B, OH, OW, C] or null
+  float* y;          // [B, OH, OW, C]
+  int64_t C, Hp, Wp, OH, OW;
+  bool relu;
+};
+
+// One output row (b, oy): int32 sums over the taps per channel, then the epilogue.
+__attribute__((always_inline)) inline void dw_row_body(const DwArgs& a, int64_t b, int64_t oy,
+                                                       int32_t* acc, int32_t* xs) {
+  const QConv& p = *a.p;
+  const int64_t C = a.C, ntaps = p.kh * p.kw, K = ntaps;
+  const int32_t off = p.q.off;
+  const double kz = static_cast<double>(K) * p.z;
+  const bool has_bias = !p.bias.empty();
+  for (int64_t ox = 0; ox < a.OW; ++ox) {
+    for (int64_t n = 0; n < C; ++n) acc[n] = 0, xs[n] = 0;
+    for (int64_t ta = 0; ta < p.kh; ++ta)
+      for (int64_t tb = 0; tb < p.kw; ++tb) {
+        const int64_t iy = oy * p.sh + ta * p.dh, ix = ox * p.sw + tb * p.dw;
+        const uint8_t* src = a.u + ((b * a.Hp + iy) * a.Wp + ix) * C;
+        const int32_t* w = p.dw_weights.data() + (ta * p.kw + tb) * C;
+        for (int64_t n = 0; n < C; ++n) {
+          const int32_t code = static_cast<int32_t>(src[n]) + off;
+          acc[n] += code * w[n];
+          xs[n] += code;
+        }
+      }
+    const int64_t o = ((b * a.OH + oy) * a.OW + ox) * C;
+    for (int64_t n = 0; n < C; ++n) {
+      double t = (static_cast<double>(acc[n]) - p.zw[n]) +
+                 (static_cast<double>(xs[n]) - kz) * p.cw[n];
+      t = t * p.sc[n];
+      if (has_bias) t = t + p.bias[n];
+      float v = static_cast<float>(t);
+      if (a.res != nullptr) v = v + a.res[o + n];
+      if (a.relu) v = v < 0.0f ? 0.0f : v;
+      a.y[o + n] = v;
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void dw_row_avx512(
+    const DwArgs& a, int64_t b, int64_t oy, int32_t* acc, int32_t* xs) {
+  dw_row_body(a, b, oy, acc, xs);
+}
+EQK_TARGET_AVX2 void dw_row_avx2(const DwArgs& a, int64_t b, int64_t oy, int32_t* acc,
+                                 int32_t* xs) {
+  dw_row_body(a, b, oy, acc, xs);
+}
+void dw_row_portable(const DwArgs& a, int64_t b, int64_t oy, int32_t* acc, int32_t* xs) {
+  dw_row_body(a, b, oy, acc, xs);
+}
+
+}  // namespace
+
+at::Tensor run_depthwise(const QConv& p, const at::Tensor& x, const std::vector<uint8_t>& u,
+                         int64_t Hp, int64_t Wp, const at::Tensor* residual, bool relu,
+                         int level) {
+  const int64_t B = x.size(0), C = x.size(1);
+  const int64_t OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
+  const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
+  TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
+  auto y = at::empty({B, C, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor r;
+  if (residual != nullptr) {
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
+                "qconv: the residual must be float32 of the output's shape");
+    r = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  const DwArgs a{&p, u.data(), residual != nullptr ? r.data_ptr<float>() : nullptr,
+                 y.data_ptr<float>(), C, Hp, Wp, OH, OW, relu};
+  auto row = level >= 2 ? &dw_row_avx512 : level == 1 ? &dw_row_avx2 : &dw_row_portable;
+  const int64_t grain =
+      std::max<int64_t>(1, eqk::fused::kMinTaskMacs / std::max<int64_t>(1, OW * C * p.kh * p.kw));
+  at::parallel_for(0, B * OH, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<int32_t> acc(C), xs(C);
+    for (int64_t i = i0; i < i1; ++i) row(a, i / OH, i % OH, acc.data(), xs.data());
+  });
+  return y;
+}
+
+}  // namespace eqk::steps

@@ -1,0 +1,406 @@
+// A step list over numbered buffers, executed in one C++ call (CPU): the integer low-bit
+// conv/linear of the fused kernels (common/lowbit_fused_entry.h) and the float glue between them
+// (ReLU, residual adds, pooling, flatten, slicing, padding, float conv/linear through ATen). A
+// list of ops is not a model: whoever assembles it (eqnet.deploy) decides what it computes.
+//
+// Buffer 0 holds the input; every other buffer is written by exactly one step, before any step
+// reads it (checked when a step is added, so a program is a DAG in execution order). A buffer is
+// released after its last reader; an elementwise step writes into its first input in place when
+// that input dies there and its storage is not shared (never the caller's input).
+//
+// Non-finite values: the integer steps quantize their float input, and the package's NaN rule
+// (an output whose receptive field holds a NaN is NaN, +-Inf clamps) lives in the Python ops.
+// Every quantized step therefore checks its input first; a non-finite value makes run() return
+// nothing, and the caller runs its own per-layer path on that input.
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/lowbit_cpu_dispatch.h"
+#include "common/lowbit_fused_entry.h"
+#include "common/registry.h"
+#include "runtime/step_conv.h"
+
+namespace {
+
+// Step kinds (exposed to Python as _C.STEP_KINDS, name -> value).
+enum class Kind : int64_t {
+  qconv = 0,
+  qlinear = 1,
+  conv = 2,
+  linear = 3,
+  affine = 4,
+  relu = 5,
+  clamp = 6,
+  add = 7,
+  add_relu = 8,
+  max_pool2d = 9,
+  avg_pool2d = 10,
+  adaptive_avg_pool2d = 11,
+  flatten = 12,
+  slice = 13,
+  pad = 14,
+};
+constexpr int64_t kNumKinds = 15;
+
+const char* const kKindNames[kNumKinds] = {
+    "qconv",      "qlinear",    "conv",       "linear",   "affine",
+    "relu",       "clamp",      "add",        "add_relu", "max_pool2d",
+    "avg_pool2d", "adaptive_avg_pool2d", "flatten", "slice", "pad"};
+
+// What each kind takes: inputs, tensors (required ones first; the rest may be None), ints,
+// floats. -1: any count (checked by the kind itself). qconv reads its input and optionally a
+// residual added before its optional ReLU (ints: the conv's 13, then relu 0/1).
+struct Arity {
+  int inputs, tensors, required_tensors, ints, floats;
+};
+constexpr Arity kArity[kNumKinds] = {
+    {-1, 7, 4, 14, 2},  // qconv: packed, wsum, scale, act_scale | zw, bias, act_zp; + relu
+    {1, 8, 4, 3, 2},    // qlinear: planes, wsum, scale, act_scale | kernel weights, zw, bias, act_zp
+    {1, 2, 1, 7, 0},    // conv: weight | bias; stride, padding, dilation pairs, groups
+    {1, 2, 1, 0, 0},    // linear: weight | bias
+    {1, 2, 2, 0, 0},    // affine: mul, add (per channel of dim 1)
+    {1, 0, 0, 0, 0},    // relu
+    {1, 0, 0, 0, 2},    // clamp: lo, hi
+    {2, 0, 0, 0, 0},    // add
+    {2, 0, 0, 0, 0},    // add_relu
+    {1, 0, 0, 9, 0},    // max_pool2d: kernel, stride, padding, dilation pairs, ceil_mode
+    {1, 0, 0, 8, 0},    // avg_pool2d: kernel, stride, padding pairs, ceil_mode, count_include_pad
+    {1, 0, 0, 2, 0},    // adaptive_avg_pool2d: output size pair
+    {1, 0, 0, 2, 0},    // flatten: start_dim, end_dim
+    {1, 0, 0, 4, 0},    // slice: dim, start, end, step
+    {1, 0, 0, -1, 1},   // pad: pairs of (before, after) from the last dim; value
+};
+
+struct Step {
+  Kind kind;
+  std::vector<int64_t> inputs;
+  int64_t output;
+  std::vector<std::optional<at::Tensor>> tensors;
+  std::vector<int64_t> ints;
+  std::vector<double> floats;
+  std::shared_ptr<eqk::steps::QConv> qconv;  // k4n16 convs: prepared once (step_conv_cpu.cpp)
+};
+
+// Whether n floats (as bits) are all finite (exponent bits not all ones); compiled per ISA so
+// that the loop vectorizes (it runs before every quantized step).
+__attribute__((always_inline)) inline bool finite_body(const uint32_t* p, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= ((p[i] & 0x7f800000u) == 0x7f800000u);
+  return bad == 0;
+}
+__attribute__((target("avx512f,avx512bw"))) bool finite_avx512(const uint32_t* p, int64_t n) {
+  return finite_body(p, n);
+}
+__attribute__((target("avx2"))) bool finite_avx2(const uint32_t* p, int64_t n) {
+  return finite_body(p, n);
+}
+bool finite_portable(const uint32_t* p, int64_t n) { return finite_body(p, n); }
+
+bool all_finite(const at::Tensor& t, int64_t isa) {
+  const bool dense = t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.scalar_type() != at::kFloat || !dense) return at::isfinite(t).all().item<bool>();
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(t.data_ptr<float>());
+  const int level = eqk::lowbit::kernel_level(isa);
+  if (level >= 2) return finite_avx512(p, t.numel());
+  if (level == 1) return finite_avx2(p, t.numel());
+  return finite_portable(p, t.numel());
+}
+
+const at::Tensor& need(const std::optional<at::Tensor>& t) { return *t; }
+
+class StepProgram {
+ public:
+  explicit StepProgram(int64_t num_buffers) {
+    TORCH_CHECK(num_buffers >= 1 && num_buffers <= (int64_t(1) << 20),
+                "StepProgram: num_buffers must be in 1..2^20, got ", num_buffers);
+    written_.assign(num_buffers, false);
+    written_[0] = true;  // the input
+    last_use_.assign(num_buffers, -1);
+  }
+
+  void add(int64_t kind, const std::vector<int64_t>& inputs, int64_t output,
+           const std::vector<std::optional<at::Tensor>>& tensors,
+           const std::vector<int64_t>& ints, const std::vector<double>& floats) {
+    TORCH_CHECK(output_ < 0, "StepProgram: no step can be added after finish()");
+    TORCH_CHECK(kind >= 0 && kind < kNumKinds, "step kind must be one of _C.STEP_KINDS (0..",
+                kNumKinds - 1, "), got ", kind);
+    const Arity a = kArity[kind];
+    const char* name = kKindNames[kind];
+    if (a.inputs < 0) {
+      TORCH_CHECK(inputs.size() == 1 || inputs.size() == 2, name,
+                  ": takes 1 input buffer and optionally a residual, got ", inputs.size());
+    } else {
+      TORCH_CHECK(static_cast<int>(inputs.size()) == a.inputs, name, ": takes ", a.inputs,
+                  " input buffer(s), got ", inputs.size());
+    }
+    TORCH_CHECK(static_cast<int>(tensors.size()) == a.tensors, name, ": takes ", a.tensors,
+                " tensors, got ", tensors.size());
+    for (int i = 0; i < a.required_tensors; ++i)
+      TORCH_CHECK(tensors[i].has_value(), name, ": tensor ", i, " is required");
+    for (const auto& t : tensors)
+      TORCH_CHECK(!t.has_value() || (t->device().is_cpu() && t->layout() == at::kStrided),
+                  name, ": tensors must be dense CPU tensors");
+    TORCH_CHECK(a.ints < 0 || static_cast<int>(ints.size()) == a.ints, name, ": takes ", a.ints,
+                " ints, got ", ints.size());
+    TORCH_CHECK(static_cast<int>(floats.size()) == a.floats, name, ": takes ", a.floats,
+                " floats, got ", floats.size());
+    const int64_t nb = static_cast<int64_t>(written_.size());
+    for (int64_t b : inputs)
+      TORCH_CHECK(b >= 0 && b < nb && written_[b], name, ": input buffer ", b,
+                  " is not written by an earlier step (buffers 0..", nb - 1, ", 0 the input)");
+    TORCH_CHECK(output >= 1 && output < nb && !written_[output], name, ": output buffer ", output,
+                " must be in 1..", nb - 1, " and written by no other step");
+    check_params(static_cast<Kind>(kind), name, tensors, ints, floats);
+    for (int64_t b : inputs) last_use_[b] = static_cast<int64_t>(steps_.size());
+    written_[output] = true;
+    Step step{static_cast<Kind>(kind), inputs, output, tensors, ints, floats, nullptr};
+    // k4n16 convs, and depthwise convs of one output channel per group (channel multipliers
+    // run the per-layer kernel).
+    if (step.kind == Kind::qconv && (tensors[0]->dim() == 4 || ints[1] == ints[10]))
+      step.qconv = eqk::steps::make_qconv(*tensors[0], *tensors[1], *tensors[2], *tensors[3],
+                                          tensors[4], tensors[5], tensors[6], ints, floats[0],
+                                          floats[1]);
+    steps_.push_back(std::move(step));
+  }
+
+  void finish(int64_t output) {
+    TORCH_CHECK(output_ < 0, "StepProgram: finish() was called already");
+    TORCH_CHECK(output >= 0 && output < static_cast<int64_t>(written_.size()) && written_[output],
+                "StepProgram: the output buffer ", output, " is not written by any step");
+    output_ = output;
+    last_use_[output] = static_cast<int64_t>(steps_.size());  // kept to the end
+  }
+
+  int64_t num_steps() const { return static_cast<int64_t>(steps_.size()); }
+
+  // The output for input x, or nullopt when a quantized step met a non-finite input.
+  std::optional<at::Tensor> run(const at::Tensor& x, int64_t isa) {
+    TORCH_CHECK(output_ >= 0, "StepProgram: call finish(output) before run()");
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+                "StepProgram: x must be a float32 CPU tensor");
+    std::vector<at::Tensor> buf(written_.size());
+    buf[0] = x;
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      const Step& s = steps_[i];
+      std::optional<at::Tensor> y = execute(s, buf, static_cast<int64_t>(i), isa);
+      if (!y.has_value()) return std::nullopt;
+      buf[s.output] = std::move(*y);
+      for (int64_t b : s.inputs)
+        if (last_use_[b] == static_cast<int64_t>(i) && b != 0) buf[b] = at::Tensor();
+    }
+    // Channels-last intermediates are the executor's business: the caller gets the
+    // contiguous layout the per-layer path returns.
+    return buf[output_].contiguous();
+  }
+
+ private:
+  std::vector<Step> steps_;
+  std::vector<bool> written_;
+  std::vector<int64_t> last_use_;
+  int64_t output_ = -1;
+
+  static void check_params(Kind k, const char* name,
+                           const std::vector<std::optional<at::Tensor>>& t,
+                           const std::vector<int64_t>& ints, const std::vector<double>& f) {
+    auto is_float = [](const std::optional<at::Tensor>& v) {
+      return !v.has_value() || v->scalar_type() == at::kFloat;
+    };
+    switch (k) {
+      case Kind::qconv: {
+        const at::Tensor& packed = *t[0];
+        const int64_t bits = ints[0], N = ints[1], groups = ints[10], qmin = ints[11];
+        const int64_t qmax = ints[12];
+        TORCH_CHECK(bits >= 1 && bits <= 8 && N >= 1 && groups >= 1 && N % groups == 0, name,
+                    ": bits must be in 1..8, out channels >= 1 and divisible by groups");
+        TORCH_CHECK(ints[13] == 0 || ints[13] == 1, name, ": relu must be 0 or 1");
+        for (int i = 2; i < 10; ++i)
+          TORCH_CHECK(ints[i] >= (i >= 6 && i < 8 ? 0 : 1), name,
+                      ": kernel, stride, dilation must be >= 1 and padding >= 0");
+        TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous(), name,
+                    ": packed weights must be contiguous int8");
+        if (packed.dim() == 4) {  // k4n16: exact int32 sums of K unsigned bytes
+          const int64_t n_g = N / groups, npad = 16 * ((n_g + 15) / 16);
+          TORCH_CHECK(packed.size(0) == groups && packed.size(2) == npad && packed.size(3) == 4,
+                      name, ": packed weights must be int8 [groups, K4, Npad, 4]");
+          TORCH_CHECK(4 * packed.size(1) * 255 * (int64_t(1) << (bits - 1)) < (int64_t(1) << 31),
+                      name, ": K too long for exact int32 accumulation at ", bits, " bits");
+        } else {
+          TORCH_CHECK(packed.dim() == 2 && packed.size(0) == N && packed.size(1) == ints[2] * ints[3],
+                      name, ": depthwise packed weights must be int8 [N, kh*kw]");
+        }
+        check_epilogue(name, t[1], t[2], t[4], t[5], t[3], t[6], N, qmin, qmax);
+        break;
+      }
+      case Kind::qlinear: {
+        const at::Tensor& planes = *t[0];
+        const int64_t bits = ints[0];
+        TORCH_CHECK(planes.scalar_type() == at::kInt && planes.dim() == 3 &&
+                        planes.is_contiguous() && bits >= 1 && bits <= 8 && planes.size(0) >= bits,
+                    name, ": planes must be contiguous int32 [>= bits, N, W], bits in 1..8");
+        const int64_t amax = std::max(std::abs(ints[1]), std::abs(ints[2]));
+        TORCH_CHECK(32 * planes.size(2) * amax * (int64_t(1) << (bits - 1)) < (int64_t(1) << 31),
+                    name, ": K too long for exact int32 accumulation at ", bits, " bits");
+        check_epilogue(name, t[1], t[2], t[5], t[6], t[3], t[7], planes.size(1), ints[1],
+                       ints[2]);
+        break;
+      }
+      case Kind::conv:
+        TORCH_CHECK(t[0]->dim() == 4 && is_float(t[0]) && is_float(t[1]), name,
+                    ": weight must be float32 [Cout, Cin/groups, kh, kw], bias float32");
+        TORCH_CHECK(ints[0] >= 1 && ints[1] >= 1 && ints[2] >= 0 && ints[3] >= 0 &&
+                        ints[4] >= 1 && ints[5] >= 1 && ints[6] >= 1,
+                    name, ": stride, dilation, groups >= 1 and padding >= 0");
+        break;
+      case Kind::linear:
+        TORCH_CHECK(t[0]->dim() == 2 && is_float(t[0]) && is_float(t[1]), name,
+                    ": weight must be float32 [N, K], bias float32");
+        break;
+      case Kind::affine:
+        TORCH_CHECK(is_float(t[0]) && is_float(t[1]) && t[0]->dim() == 1 &&
+                        t[1]->sizes() == t[0]->sizes(),
+                    name, ": mul and add must be float32 [C]");
+        break;
+      case Kind::clamp:
+        TORCH_CHECK(f[0] <= f[1], name, ": lo must be <= hi");
+        break;
+      case Kind::max_pool2d:
+      case Kind::avg_pool2d:
+        for (int i = 0; i < 6; ++i)
+          TORCH_CHECK(ints[i] >= (i < 4 ? 1 : 0), name,
+                      ": kernel and stride must be >= 1, padding >= 0");
+        TORCH_CHECK(k == Kind::avg_pool2d || (ints[6] >= 1 && ints[7] >= 1), name,
+                    ": dilation must be >= 1");
+        break;
+      case Kind::adaptive_avg_pool2d:
+        TORCH_CHECK(ints[0] >= 1 && ints[1] >= 1, name, ": output size must be >= 1");
+        break;
+      case Kind::slice:
+        TORCH_CHECK(ints[3] >= 1, name, ": step must be >= 1");
+        break;
+      case Kind::pad:
+        TORCH_CHECK(!ints.empty() && ints.size() % 2 == 0 && ints.size() <= 8, name,
+                    ": pads must be 2, 4, 6 or 8 ints");
+        break;
+      default:
+        break;
+    }
+  }
+
+  static void check_epilogue(const char* name, const std::optional<at::Tensor>& wsum,
+                             const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& zw,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& act_scale,
+                             const std::optional<at::Tensor>& act_zp, int64_t N, int64_t qmin,
+                             int64_t qmax) {
+    TORCH_CHECK(wsum->scalar_type() == at::kLong && wsum->numel() == N && wsum->is_contiguous(),
+                name, ": wsum must be contiguous int64 [N]");
+    TORCH_CHECK(scale->numel() == 1 || scale->numel() == N, name, ": scale must hold 1 or N values");
+    TORCH_CHECK(!zw.has_value() || zw->numel() == N, name, ": weight zero point must hold N values");
+    TORCH_CHECK(!bias.has_value() || bias->numel() == N, name, ": bias must hold N values");
+    TORCH_CHECK(act_scale->numel() == 1 && (!act_zp.has_value() || act_zp->numel() == 1), name,
+                ": act scale and zero point must hold one value");
+    TORCH_CHECK(qmin >= -128 && qmax <= 255 && qmin < qmax && (qmin >= 0 || qmax <= 127), name,
+                ": act_quant_min/max must fit uint8 or int8");
+  }
+
+  bool in_place_ok(const Step& s, const std::vector<at::Tensor>& buf, int64_t i) const {
+    const int64_t b = s.inputs[0];
+    const at::Tensor& t = buf[b];
+    return b != 0 && last_use_[b] == i && t.is_contiguous() && t.storage().use_count() == 1 &&
+           (s.inputs.size() < 2 || s.inputs[1] != b);
+  }
+
+  std::optional<at::Tensor> execute(const Step& s, std::vector<at::Tensor>& buf, int64_t i,
+                                    int64_t isa) const {
+    const at::Tensor& x = buf[s.inputs[0]];
+    const auto& t = s.tensors;
+    const auto& n = s.ints;
+    switch (s.kind) {
+      case Kind::qconv: {
+        if (!all_finite(x, isa)) return std::nullopt;
+        const at::Tensor* res = s.inputs.size() > 1 ? &buf[s.inputs[1]] : nullptr;
+        if (s.qconv) return eqk::steps::run_qconv(*s.qconv, x, res, n[13] != 0, isa);
+        auto y = eqk::fused::conv2d_int_fused(
+            x, need(t[0]), need(t[1]), n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8],
+            n[9], n[10], need(t[2]), s.floats[0], s.floats[1], t[4], t[5], need(t[3]), t[6],
+            n[11], n[12], isa);
+        TORCH_CHECK(y.has_value(), "qconv: the activation zero point lies outside its range");
+        if (res != nullptr) y->add_(*res);
+        if (n[13] != 0) y->relu_();
+        return y;
+      }
+      case Kind::qlinear: {
+        if (!all_finite(x, isa)) return std::nullopt;
+        TORCH_CHECK(x.dim() >= 1, "qlinear: input must have at least one dimension");
+        const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+        at::Tensor y = eqk::fused::linear_int_fused(
+            x2, need(t[0]).slice(0, 0, n[0]), n[0], t[4], need(t[1]), need(t[2]), s.floats[0],
+            s.floats[1], t[5], t[6], need(t[3]), t[7], n[1], n[2], isa);
+        std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+        shape.back() = y.size(1);
+        return y.reshape(shape);
+      }
+      case Kind::conv:
+        return at::conv2d(x, need(t[0]), t[1], {n[0], n[1]}, {n[2], n[3]}, {n[4], n[5]}, n[6]);
+      case Kind::linear:
+        return at::linear(x, need(t[0]), t[1]);
+      case Kind::affine: {
+        TORCH_CHECK(x.dim() >= 2 && x.size(1) == t[0]->numel(),
+                    "affine: input dim 1 must match the channel count");
+        std::vector<int64_t> shape(x.dim(), 1);
+        shape[1] = -1;
+        return at::add(at::mul(x, t[0]->view(shape)), t[1]->view(shape));
+      }
+      case Kind::relu:
+        return in_place_ok(s, buf, i) ? at::relu_(buf[s.inputs[0]]) : at::relu(x);
+      case Kind::clamp:
+        return in_place_ok(s, buf, i) ? at::clamp_(buf[s.inputs[0]], s.floats[0], s.floats[1])
+                                      : at::clamp(x, s.floats[0], s.floats[1]);
+      case Kind::add:
+      case Kind::add_relu: {
+        const at::Tensor& b = buf[s.inputs[1]];
+        at::Tensor y = in_place_ok(s, buf, i) && b.sizes() == x.sizes()
+                           ? buf[s.inputs[0]].add_(b)
+                           : at::add(x, b);
+        return s.kind == Kind::add_relu ? at::relu_(y) : y;
+      }
+      case Kind::max_pool2d:
+        return at::max_pool2d(x, {n[0], n[1]}, {n[2], n[3]}, {n[4], n[5]}, {n[6], n[7]},
+                              n[8] != 0);
+      case Kind::avg_pool2d:
+        return at::avg_pool2d(x, {n[0], n[1]}, {n[2], n[3]}, {n[4], n[5]}, n[6] != 0,
+                              n[7] != 0);
+      case Kind::adaptive_avg_pool2d:
+        return at::adaptive_avg_pool2d(x, {n[0], n[1]});
+      case Kind::flatten:
+        return at::flatten(x, n[0], n[1]);
+      case Kind::slice:
+        return x.slice(n[0], n[1], n[2], n[3]);
+      case Kind::pad:
+        return at::constant_pad_nd(x, n, s.floats[0]);
+    }
+    TORCH_CHECK(false, "unknown step kind");
+  }
+};
+
+}  // namespace
+
+EQK_REGISTER(step_program_cpu) {
+  pybind11::class_<StepProgram>(m, "StepProgramCpu")
+      .def(pybind11::init<int64_t>(), pybind11::arg("num_buffers"))
+      .def("add", &StepProgram::add, "append a step (kind, inputs, output, tensors, ints, floats)")
+      .def("finish", &StepProgram::finish, "mark the output buffer; no step can be added after")
+      .def("num_steps", &StepProgram::num_steps)
+      .def("run", &StepProgram::run, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "the output for x, or None when a quantized step met a non-finite input");
+  pybind11::dict kinds;
+  for (int64_t k = 0; k < kNumKinds; ++k) kinds[kKindNames[k]] = k;
+  m.attr("STEP_KINDS") = kinds;
+}
