@@ -6,6 +6,8 @@ and `y = x @ w^T` summed in float64. fp32 activations agree within fp32 summatio
 bf16 activations (vdpbf16ps: exact bf16 products, fp32 sums, each group's sum scaled in fp32)
 within the same bound, because the oracle takes the same bf16 values of x."""
 
+import functools
+
 import pytest
 import torch
 from plane_oracle import pack_planes
@@ -103,6 +105,31 @@ def test_bf16_activations_match_float64_oracle(level, bits, case):
     assert torch.all(err <= fp32_bound(xb, q, s, cz, gs)), err.max()
 
 
+# From 16 activation rows (AVX-512): outer-product panels of 32 weight rows (the last one
+# partial here) over several panels of columns (2048 fp32, 4096 bf16).
+OUTER_CASES = [(19, 40, 4160, 64), (16, 33, 4100, 4100)]  # per-group; per-channel, K % 32 != 0
+
+
+@functools.cache
+def outer_case(case, bits):
+    M, N, K, gs = case
+    return make_case(M, N, K, bits, gs, compensated=bits < 8, zero_point=bits == 8, seed=2)
+
+
+@pytest.mark.parametrize("level", (2, 3, 4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bits", [2, 4, 7])
+@pytest.mark.parametrize("case", OUTER_CASES, ids=lambda c: "M{}N{}K{}g{}".format(*c))
+def test_outer_panels_match_float64_oracle(level, dtype, bits, case):
+    level_or_skip(level)
+    gs = case[3]
+    x, q, planes, s, cz = outer_case(case, bits)
+    x = x.to(dtype)
+    y = kernel()(x, planes, bits, case[2], s, cz, gs, level)
+    err = (y.to(torch.float64) - oracle(x, q, s, cz, gs)).abs()
+    assert torch.all(err <= fp32_bound(x, q, s, cz, gs)), err.max()
+
+
 def test_planes_beyond_bits_are_not_read():
     """A b-bit call reads only the first b planes (a file prefix): garbage after them changes
     nothing."""
@@ -113,8 +140,11 @@ def test_planes_beyond_bits_are_not_read():
                        f(x, torch.cat([planes, extra]), 3, 128, s, cz, 32, -1))  # fmt: skip
 
 
-def test_results_do_not_depend_on_thread_count():
-    x, _q, planes, s, cz = make_case(9, 300, 640, 4, 64, compensated=True, zero_point=False)
+@pytest.mark.parametrize("M", [9, 20])  # dot-product and outer-product panels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_do_not_depend_on_thread_count(M, dtype):
+    x, _q, planes, s, cz = make_case(M, 300, 640, 4, 64, compensated=True, zero_point=False)
+    x = x.to(dtype)
     f = kernel()
     old = torch.get_num_threads()
     try:

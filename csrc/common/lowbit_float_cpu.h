@@ -72,4 +72,19 @@ void panel_gemm_bf16_avx512bf16(const uint16_t* x, int64_t ldx, int64_t mb, cons
                                 int64_t nb, int64_t kc, const Weights& w, int64_t n0, int64_t g0,
                                 int64_t gs_kc, float* out, int64_t ldo);
 
+// Outer-product panels (AVX-512, lowbit_float_outer_avx512_cpu.cpp): kOuterNb output rows with
+// the output index fastest. pack: panel[c * kOuterNb + r] = rows[r * cols + c] for r < 16 and
+// 32-bit elements (an fp32 weight, or the bf16 pair of columns 2c, 2c + 1), cols a multiple
+// of 16.
+constexpr int64_t kOuterNb = 32;
+void pack_outer_avx512(const uint32_t* rows, int64_t cols, uint32_t* panel);
+// out[m * ldo + r] += sum_{k < kc} x[m * ldx + k] * panel[k * kOuterNb + r], m < mb, r < nb.
+void panel_outer_f32_avx512(const float* x, int64_t ldx, int64_t mb, const float* panel,
+                            int64_t kc, int64_t nb, float* out, int64_t ldo);
+// out[m * ldo + r] += sum_g sT[g * kOuterNb + r] sum_{k in g} x[m, k] w[r, k], groups of gs_kc
+// columns (kc a multiple of gs_kc), w the bf16 pairs panel[(k / 2) * kOuterNb + r].
+void panel_outer_bf16_avx512bf16(const uint16_t* x, int64_t ldx, int64_t mb,
+                                 const uint32_t* panel, int64_t kc, const float* sT,
+                                 int64_t gs_kc, int64_t nb, float* out, int64_t ldo);
+
 }  // namespace eqk::lowbit_float

@@ -8,7 +8,8 @@
 // register (vpermps), which folds sign extension, compensation, zero point and the per-group
 // scale into one shuffle; wider codes sign-extend, convert and scale.
 // GEMM: dot-product form (the panel holds weight rows along k), an MR x NR block of 16-lane
-// accumulators, each reduced once per panel.
+// accumulators, each reduced once per panel (the outer-product form for 16 and more activation
+// rows is in lowbit_float_outer_avx512_cpu.cpp).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -208,10 +209,16 @@ EQK_TARGET_BF16 void decode_bf16_t(const Weights& w, int64_t n0, int64_t nb, int
 // two byte permutes and one gf2p8affineqb give the 64 sign-extended codes of 64 columns
 // (lowbit_cpu_gfni.h: a canonical row's 8 consecutive 64-column blocks sit exactly where a
 // tile's 8 rows do). A byte permute spreads 16 codes to the low bytes of 16 lanes, and the
-// low 4 bits (the code mod 16) index the group's table.
+// low 4 bits (the code mod 16) index the group's table; for bf16, 32 codes go to 16-bit lanes
+// and one vpermw looks up 32 weights in the table's bf16 copy.
 #define EQK_TARGET_GFNI_F                                                                 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,bmi2," \
                         "fma,avx512bf16")))
+
+// The 16 fp32 entries as bf16, twice (vpermw indexes 32 entries).
+EQK_TARGET_GFNI_F __attribute__((always_inline)) inline __m512i bf16_table(__m512 t) {
+  return (__m512i)_mm512_cvtne2ps_pbh(t, t);
+}
 
 template <int BITS, bool BF16>
 EQK_TARGET_GFNI_F void decode_gfni_t(const Weights& w, int64_t n0, int64_t nb, int64_t k0,
@@ -225,6 +232,12 @@ EQK_TARGET_GFNI_F void decode_gfni_t(const Weights& w, int64_t n0, int64_t nb, i
     for (int l = 0; l < 16; ++l) id[4 * l] = static_cast<uint8_t>(16 * v + l);
     spread[v] = _mm512_load_si512(id);
   }
+  __m512i halves[2];
+  for (int h = 0; h < 2; ++h) {
+    alignas(64) uint8_t id[64] = {};
+    for (int l = 0; l < 32; ++l) id[2 * l] = static_cast<uint8_t>(32 * h + l);
+    halves[h] = _mm512_load_si512(id);
+  }
   const int64_t row_bytes = 4 * w.W;
   for (int64_t r = 0; r < nb; ++r) {
     const int64_t n = n0 + r;
@@ -234,6 +247,7 @@ EQK_TARGET_GFNI_F void decode_gfni_t(const Weights& w, int64_t n0, int64_t nb, i
     int64_t g = w.group(k0);
     int64_t g_end = g == w.G - 1 ? INT64_MAX : (g + 1) * w.gs;
     __m512 table = group_table<BITS>(BF16 ? 1.0f : srow[g], crow[g]);
+    __m512i tbf = bf16_table(table);
     for (int64_t i = 0; i < kc; i += 512) {
       const int64_t byte0 = (k0 + i) / 8, avail = row_bytes - byte0;
       const __mmask64 lm = avail >= 64 ? ~__mmask64(0) : (__mmask64(1) << avail) - 1;
@@ -245,23 +259,35 @@ EQK_TARGET_GFNI_F void decode_gfni_t(const Weights& w, int64_t n0, int64_t nb, i
       for (int rb = 0; rb < blocks; ++rb) {
         const __m512i codes = eqk::lowbit::decode_row<BITS>(z, d, rb);
         const int64_t base = i + 64 * rb, nvec = std::min<int64_t>(4, (kc - base) / 16);
+        if constexpr (BF16) {
+          // 32 columns per vpermw: bytes 2l of the index are codes 32h + l, and the bf16 table
+          // repeats the 16 entries in both halves (an index's low 5 bits are its code mod 32).
+          uint16_t* out = static_cast<uint16_t*>(panel_out) + r * kc + base;
+          for (int h = 0; 2 * h < nvec; ++h) {
+            if (k0 + base + 32 * h >= g_end) {  // groups hold whole 32-column blocks
+              ++g;
+              g_end = g == w.G - 1 ? INT64_MAX : (g + 1) * w.gs;
+              table = group_table<BITS>(1.0f, crow[g]);
+              tbf = bf16_table(table);
+            }
+            const __m512i idx =
+                _mm512_mask_permutexvar_epi8(codes, ~__mmask64(0), halves[h], codes);
+            _mm512_storeu_si512(out + 32 * h,
+                                _mm512_mask_permutexvar_epi16(tbf, ~__mmask32(0), idx, tbf));
+          }
+          continue;
+        }
         __m512 wv[4];
         for (int v = 0; v < nvec; ++v) {
           if (k0 + base + 16 * v >= g_end) {  // groups hold whole 32-column blocks
             ++g;
             g_end = g == w.G - 1 ? INT64_MAX : (g + 1) * w.gs;
-            table = group_table<BITS>(BF16 ? 1.0f : srow[g], crow[g]);
+            table = group_table<BITS>(srow[g], crow[g]);
           }
           wv[v] = lookup(spread_codes(spread[v], codes), table);
         }
-        if constexpr (BF16) {
-          uint16_t* out = static_cast<uint16_t*>(panel_out) + r * kc + base;
-          for (int v = 0; v + 1 < nvec; v += 2)
-            _mm512_storeu_si512(out + 16 * v, (__m512i)_mm512_cvtne2ps_pbh(wv[v + 1], wv[v]));
-        } else {
-          float* out = static_cast<float*>(panel_out) + r * kc + base;
-          for (int v = 0; v < nvec; ++v) _mm512_storeu_ps(out + 16 * v, wv[v]);
-        }
+        float* out = static_cast<float*>(panel_out) + r * kc + base;
+        for (int v = 0; v < nvec; ++v) _mm512_storeu_ps(out + 16 * v, wv[v]);
       }
     }
   }

@@ -4,7 +4,8 @@
 //
 // Up to kRegsMaxM activation rows and 4 bits (with VBMI + GFNI): each weight row is decoded in
 // registers and multiplied at once (gemv_regs_avx512); bf16 activations take this path as fp32.
-// Otherwise panels, per thread (threads split the output rows): for each block of kKc
+// From kOuterMinM rows with AVX-512: outer-product panels (run_outer), the weights decoded once.
+// Otherwise dot-product panels, per thread (threads split the output rows): for each block of kKc
 // columns, for each block of kMc activation rows (their kKc-column slice stays in L2), for each
 // block of kNb weight rows: decode the kNb x kKc panel (L2), then run the register-blocked dot
 // products of every activation row of the block against it. The panel is decoded
@@ -32,6 +33,11 @@ constexpr int64_t kNb = 16;    // weight rows per panel
 constexpr int64_t kKc = 2048;  // columns per panel (rounded to whole groups)
 constexpr int64_t kMc = 64;    // activation rows sharing one decoded panel
 constexpr int64_t kRegsMaxM = 4;  // up to this many rows: decode in registers, no panel
+// From this many rows (AVX-512): outer-product panels of kOuterNb rows, decoded once per call;
+// below, the transpose costs more than the dot-product form's repeated reductions save.
+constexpr int64_t kOuterMinM = 16;
+constexpr int64_t kOuterKcF32 = 2048;   // columns per outer panel, fp32 (256 KB panel)
+constexpr int64_t kOuterKcBf16 = 4096;  // bf16 (256 KB panel): longer plane streams per row
 
 bool cpu_has_avx512bf16() {
 #if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
@@ -137,6 +143,58 @@ void run_bf16(const Weights& w, const uint16_t* x, int64_t M, int64_t kp, int64_
   });
 }
 
+// AVX-512 outer-product panels: per block of kOuterNb weight rows and kc columns, decode 16
+// rows at a time (row-major: scaled fp32, or unscaled q + cz in bf16) and transpose them into
+// the panel, then run every activation row against it, so each weight is decoded once per call.
+// Threads split the row blocks; each output is summed by one thread in a fixed order.
+template <bool BF16>
+void run_outer(const Weights& w, const void* x, int64_t M, int64_t kp, int64_t kc_step,
+               float* out) {
+  constexpr int64_t nr = lf::kOuterNb;
+  constexpr int64_t per32 = BF16 ? 2 : 1;  // weights per 32-bit panel element
+  const int64_t nblocks = (w.N + nr - 1) / nr;
+  const int64_t groups_max = w.G == 1 ? 1 : kc_step / w.gs;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> rows(16 * kc_step / per32), panel(nr * kc_step / per32);
+    std::vector<float> sT(nr * groups_max);
+    for (int64_t k0 = 0; k0 < kp; k0 += kc_step) {
+      const int64_t kc = std::min(kc_step, kp - k0), cols = kc / per32;
+      const int64_t gs_kc = w.G == 1 ? kc : w.gs, g0 = w.G == 1 ? 0 : k0 / w.gs;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * nr, nb = std::min(nr, w.N - n0);
+        for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+          const int64_t rn = std::max<int64_t>(0, std::min<int64_t>(16, nb - r0));
+          // rows past N are zero (their outputs are masked off)
+          std::fill(rows.begin() + rn * cols, rows.begin() + 16 * cols, 0u);
+          if (rn > 0 && BF16)
+            lf::decode_panel_bf16_avx512bf16(w, n0 + r0, rn, k0, kc,
+                                             reinterpret_cast<uint16_t*>(rows.data()));
+          if (rn > 0 && !BF16)
+            lf::decode_panel_f32_avx512(w, n0 + r0, rn, k0, kc,
+                                        reinterpret_cast<float*>(rows.data()));
+          lf::pack_outer_avx512(rows.data(), cols, panel.data() + r0);
+        }
+        if constexpr (BF16) {
+          for (int64_t gi = 0; gi < kc / gs_kc; ++gi)
+            for (int64_t r = 0; r < nr; ++r)
+              sT[gi * nr + r] = r < nb ? w.scale[(n0 + r) * w.G + g0 + gi] : 0.0f;
+          lf::panel_outer_bf16_avx512bf16(static_cast<const uint16_t*>(x) + k0, kp, M,
+                                          panel.data(), kc, sT.data(), gs_kc, nb, out + n0, w.N);
+        } else {
+          lf::panel_outer_f32_avx512(static_cast<const float*>(x) + k0, kp, M,
+                                     reinterpret_cast<const float*>(panel.data()), kc, nb,
+                                     out + n0, w.N);
+        }
+      }
+    }
+  });
+}
+
+// Columns per panel near `target`, whole groups (a group's scale covers whole 32-column blocks).
+int64_t panel_cols(const Weights& w, int64_t kp, int64_t target) {
+  return w.G == 1 ? std::min(kp, target) : w.gs * std::max<int64_t>(1, target / w.gs);
+}
+
 // float32 [M, N] = x @ ((q_b + cz) * s)^T with scale s and cz = c - z_w per output row and
 // group of `group_size` columns ([N, K / group_size]; group_size = K for per-channel).
 at::Tensor lowbit_linear_float_cpu(const at::Tensor& x_in, const at::Tensor& planes, int64_t bits,
@@ -148,12 +206,16 @@ at::Tensor lowbit_linear_float_cpu(const at::Tensor& x_in, const at::Tensor& pla
   const int level = float_kernel_level(isa);
   const Weights w = check_weights(planes, bits, K, scale, cz, group_size, level);
   const int64_t M = x_in.size(0), kp = 32 * w.W;
-  // Panels hold whole groups, so a group's scale applies to whole 32-column blocks.
-  const int64_t kc_step = w.G == 1 ? std::min(kp, kKc) : w.gs * std::max<int64_t>(1, kKc / w.gs);
+  const int64_t kc_step = panel_cols(w, kp, kKc);
   auto out = at::zeros({M, w.N}, x_in.options().dtype(at::kFloat));
   if (M == 0) return out;
   if (x_in.scalar_type() == at::kBFloat16 && level >= 4 && !(M <= kRegsMaxM && w.bits <= 4)) {
     const at::Tensor xp = padded(x_in, kp);
+    if (M >= kOuterMinM) {
+      run_outer<true>(w, xp.data_ptr<at::BFloat16>(), M, kp, panel_cols(w, kp, kOuterKcBf16),
+                      out.data_ptr<float>());
+      return out;
+    }
     run_bf16(w, reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()), M, kp, kc_step,
              out.data_ptr<float>());
     return out;
@@ -165,6 +227,11 @@ at::Tensor lowbit_linear_float_cpu(const at::Tensor& x_in, const at::Tensor& pla
     at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
       lf::gemv_regs_avx512(w, xf, kp, M, n0, n1, o, w.N);
     });
+    return out;
+  }
+  if (level >= 2 && M >= kOuterMinM) {
+    run_outer<false>(w, xp.data_ptr<float>(), M, kp, panel_cols(w, kp, kOuterKcF32),
+                     out.data_ptr<float>());
     return out;
   }
   run_f32(w, xp.data_ptr<float>(), M, kp, kc_step, level, out.data_ptr<float>());
