@@ -237,9 +237,15 @@ def test_hostile_step_lists_are_refused():
                  torch.ones(1), torch.ones(1), None, None, None)  # fmt: skip
     ints = (8, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0, 255, 0)
     with pytest.raises(ValueError, match="K too long"):
-        p.step("qconv", [0], bad_qconv, ints, (1.0, 0.0))
+        p.step("qconv", [0], bad_qconv, ints, (1.0, 0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="act_quant_min/max"):
-        p.step("qconv", [0], bad_qconv, (1, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, -5, 250, 0), (1.0, 0.0))
+        p.step(
+            "qconv",
+            [0],
+            bad_qconv,
+            (1, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, -5, 250, 0),
+            (1.0, 0.0, 0.0, 0.0),
+        )
     with pytest.raises(ValueError, match="before running"):
         p(torch.zeros(1))
     h = p.relu(p.input)
@@ -317,3 +323,75 @@ def test_per_group_layers_fall_back_to_the_modules(tmp_path):
     with torch.no_grad():
         assert torch.equal(auto(x), load(path, bits=4, model=net, runtime="modules")(x))
     assert auto.step_program() is None and "per-group" in auto.runtime_reason
+
+
+class _Mobile(nn.Module):
+    """MobileNetV2-like with 24 channels (one full 16-channel vector and a partial one): ReLU6
+    and Hardtanh modules and F.relu6 after convs (fused into their epilogues), depthwise 3x3 at
+    stride 1 and 2, a residual add; activations over 1 MiB at batch 4 (pooled storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.act0 = nn.ReLU6()
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.act1 = nn.Hardtanh(-1.0, 2.0)
+        self.pw = nn.Conv2d(24, 24, 1)
+        self.dw2 = nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24, bias=False)
+        self.fc = nn.Linear(24, 4)
+
+    def forward(self, x):
+        x = self.act0(self.stem(x))
+        x = x + self.pw(self.act1(self.dw(x)))
+        x = F.relu6(self.dw2(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_clamp_fused_and_depthwise_equal_modules_at_every_isa(tmp_path, isa):
+    """ReLU6 / Hardtanh / F.relu6 run in the conv epilogues (no clamp step is left), and the
+    program equals the modules bit for bit at every ISA level, on repeated runs (the second
+    and third run on storage pooled by the first) and with the batch split into samples."""
+    from eqkernels.backend import force_cpu_isa
+
+    space = ElasticSpace(w_bits=(4, 8), a_bits=(4, 8), nested=True)
+    torch.manual_seed(0)
+    sn = eqnet.convert(_Mobile(), space, keep_first_last="elastic")
+    eqnet.calibrate(sn, [(torch.randn(4, 3, 16, 16), torch.zeros(4))], batches=1, method="lsq")
+    path = tmp_path / "mobile.eqk"
+    export(sn.eval(), path)
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, 3, 64, 64, generator=gen) for _ in range(2)] + [
+        torch.randn(1, 3, 17, 15, generator=gen)
+    ]
+    for bits in (4, 8):
+        modules = load(path, bits=bits, model=_Mobile(), runtime="modules")
+        with force_cpu_isa(isa):
+            steps = load(path, bits=bits, model=_Mobile(), runtime="steps")
+            assert steps.step_program() is not None  # built (and its ISA fixed) here
+        with torch.no_grad():
+            for x in xs:
+                assert torch.equal(steps(x), modules(x))
+        kinds = [k for k, _ in steps.step_program().profile(xs[0])]
+        assert "clamp" not in kinds and kinds.count("qconv") == 4, kinds
+        # A batch run in chunks of samples (here one by one) gives the same bits, and a NaN
+        # in one sample still sends the whole batch to the per-layer path.
+        steps.step_program().set_chunk_bytes(1)
+        xn = xs[0].clone()
+        xn[2, 1, 3, 4] = float("nan")
+        with torch.no_grad():
+            assert torch.equal(steps(xs[1]), modules(xs[1]))
+            got, want = steps(xn), modules(xn)
+        assert got[2].isnan().any()
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_profile_times_every_step():
+    p = eqkernels.StepProgram()
+    h = p.clamp(p.relu(p.input), 0.0, 1.0)
+    p.finish(p.flatten(h, 0))
+    prof = p.profile(torch.randn(3, 4))
+    assert [k for k, _ in prof] == ["relu", "clamp", "flatten"]
+    assert all(s >= 0.0 for _, s in prof)
+    with pytest.raises(ValueError, match="nbytes"):
+        p.set_chunk_bytes(0)

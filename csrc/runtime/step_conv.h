@@ -10,8 +10,17 @@
 #include <vector>
 
 #include "common/lowbit_fused_cpu.h"
+#include "runtime/step_buffer_pool.h"
 
 namespace eqk::steps {
+
+// What follows the (residual-added) fp32 result in the epilogue: kind 0 nothing, 1 ReLU
+// (v < 0 ? 0 : v), 2 clamp to [lo, hi] (ReLU6, Hardtanh), each the fp32 operation that the
+// separate step would do.
+struct Activation {
+  int kind = 0;
+  float lo = 0.0f, hi = 0.0f;
+};
 
 struct QConv {
   at::Tensor packed, wsum;  // k4n16 int8 weights, int64 weight code row sums
@@ -21,9 +30,25 @@ struct QConv {
   bool z_in_range = false;
   double z = 0.0;
   std::vector<double> corr, zw, czw, cw, sc, bias;  // per-channel epilogue terms (bias may be empty)
+  // Every cw is 0 (symmetric weights, no compensation): the term (xsum - K z) cw adds +0 to
+  // an integer-valued double that is never -0, so leaving it out (and the code sums with it)
+  // gives the same bits.
+  bool cw_zero = false;
+  // |epilogue| is below 2^120 for any codes (bounded sums, finite terms): the fp32 output, and
+  // its ReLU or clamp, is finite whatever the input was.
+  bool finite_output = false;
   bool depthwise = false;            // groups == in == out channels: step_depthwise_cpu.cpp
   std::vector<int32_t> dw_weights;   // depthwise: weight codes [kh*kw][N]
+  std::vector<int8_t> dw_w4;         // depthwise, VNNI: [kh][Npad16][4] kernel rows (kw <= 4)
+  std::vector<int32_t> dw_corr;      // depthwise, VNNI: off * (weight code sum) [Npad16]
 };
+
+// The VNNI depthwise kernel (step_depthwise_vnni_cpu.cpp): its weights and padded epilogue
+// terms (called by make_qconv), whether a step has them, and the conv on padded codes u.
+void prepare_depthwise_vnni(QConv& p);
+bool depthwise_vnni_fits(const QConv& p);
+void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, float* y, int64_t B,
+                        int64_t Hp, int64_t Wp, int64_t OH, int64_t OW, Activation act);
 
 // ints: bits, N, kh, kw, sh, sw, ph, pw, dh, dw, groups, qmin, qmax (the qconv step's).
 std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& wsum,
@@ -33,13 +58,14 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
                                   const std::optional<at::Tensor>& act_zp,
                                   const std::vector<int64_t>& ints, double scale_factor, double c);
 
-// The depthwise conv of x's codes u (channels-last, padded to Hp x Wp).
+// The depthwise conv of x's codes u (channels-last, padded to Hp x Wp), output from `outs`.
 at::Tensor run_depthwise(const QConv& p, const at::Tensor& x, const std::vector<uint8_t>& u,
-                         int64_t Hp, int64_t Wp, const at::Tensor* residual, bool relu,
-                         int level);
+                         int64_t Hp, int64_t Wp, const at::Tensor* residual, Activation act,
+                         int level, BufferPool& outs);
 
-// y = conv(x) [+ residual] [then ReLU] as a channels-last float32 [B, N, OH, OW] tensor.
-at::Tensor run_qconv(const QConv& p, const at::Tensor& x, const at::Tensor* residual, bool relu,
-                     int64_t isa);
+// y = act(conv(x) [+ residual]) as a channels-last float32 [B, N, OH, OW] tensor.
+// The output comes from `pool` when given.
+at::Tensor run_qconv(const QConv& p, const at::Tensor& x, const at::Tensor* residual,
+                     Activation act, int64_t isa, BufferPool* pool = nullptr);
 
 }  // namespace eqk::steps

@@ -7,12 +7,14 @@
 //     a channels-last tensor (no scatter into the code buffer) and the output is written as a
 //     channels-last tensor straight from the GEMM tile (no transpose); the step list's float
 //     steps (ATen) take any memory format, so nothing else changes;
-//   * a following residual add and ReLU run in the epilogue on the fp32 result, the same two
-//     fp32 operations the separate steps would do (y = fl32(epilogue) + r; y < 0 ? 0 : y).
+//   * a following residual add and ReLU or clamp (ReLU6) run in the epilogue on the fp32
+//     result, the same fp32 operations the separate steps would do
+//     (y = fl32(epilogue) + r; then y < 0 ? 0 : y, or min(max(y, lo), hi)).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -28,13 +30,15 @@ namespace {
 constexpr int64_t kRows = 64;  // output positions per task, as the per-layer kernel
 
 // One block's epilogue, rows x cnt channels: the per-layer kernel's double expression
-// ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then ReLU.
-template <bool kBias, bool kRes, bool kRelu>
+// ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then the
+// activation (kAct: 0 none, 1 ReLU, 2 clamp to [lo, hi]).
+template <bool kBias, bool kRes, int kAct, bool kCw>
 __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64_t ldc,
                                                          int64_t rows, int64_t cnt,
                                                          const QConv& p, int64_t n0,
                                                          const double* xz, const float* res,
-                                                         float* out, int64_t ldo) {
+                                                         float* out, int64_t ldo, float lo,
+                                                         float hi) {
   const double* czw = p.czw.data() + n0;
   const double* cw = p.cw.data() + n0;
   const double* sc = p.sc.data() + n0;
@@ -43,62 +47,71 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
     const int32_t* c = C + r * ldc;
     float* o = out + r * ldo;
     const float* rr = kRes ? res + r * ldo : nullptr;
-    const double x = xz[r];
+    const double x = kCw ? xz[r] : 0.0;
     for (int64_t n = 0; n < cnt; ++n) {
       // czw = corr - zw: both integers below 2^53, so acc + corr - zw and acc + czw are
       // the same exact integer (one double add fewer per output).
-      double t = ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n];
+      double t = kCw ? ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n]
+                     : (static_cast<double>(c[n]) + czw[n]) * sc[n];
       if (kBias) t = t + bias[n];
       float v = static_cast<float>(t);
       if (kRes) v = v + rr[n];
-      if (kRelu) v = v < 0.0f ? 0.0f : v;
+      if (kAct == 1) v = v < 0.0f ? 0.0f : v;
+      if (kAct == 2) v = std::min(std::max(v, lo), hi);
       o[n] = v;
     }
   }
 }
 
 using EpilogueFn = void (*)(const int32_t*, int64_t, int64_t, int64_t, const QConv&, int64_t,
-                            const double*, const float*, float*, int64_t);
+                            const double*, const float*, float*, int64_t, float, float);
 
-template <bool kBias, bool kRes, bool kRelu>
+template <bool kBias, bool kRes, int kAct, bool kCw>
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void epilogue_avx512(
     const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p, int64_t n0,
-    const double* xz, const float* res, float* out, int64_t ldo) {
-  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+    const double* xz, const float* res, float* out, int64_t ldo, float lo, float hi) {
+  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, bool kRelu>
+template <bool kBias, bool kRes, int kAct, bool kCw>
 EQK_TARGET_AVX2 void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt,
                                    const QConv& p, int64_t n0, const double* xz,
-                                   const float* res, float* out, int64_t ldo) {
-  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+                                   const float* res, float* out, int64_t ldo, float lo,
+                                   float hi) {
+  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, bool kRelu>
+template <bool kBias, bool kRes, int kAct, bool kCw>
 void epilogue_portable(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p,
-                       int64_t n0, const double* xz, const float* res, float* out, int64_t ldo) {
-  epilogue_body<kBias, kRes, kRelu>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo);
+                       int64_t n0, const double* xz, const float* res, float* out, int64_t ldo,
+                       float lo, float hi) {
+  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, bool kRelu>
+template <bool kBias, bool kRes, int kAct, bool kCw>
 EpilogueFn pick_level(int level) {
-  if (level >= 2) return &epilogue_avx512<kBias, kRes, kRelu>;
-  if (level == 1) return &epilogue_avx2<kBias, kRes, kRelu>;
-  return &epilogue_portable<kBias, kRes, kRelu>;
+  if (level >= 2) return &epilogue_avx512<kBias, kRes, kAct, kCw>;
+  if (level == 1) return &epilogue_avx2<kBias, kRes, kAct, kCw>;
+  return &epilogue_portable<kBias, kRes, kAct, kCw>;
 }
 
-EpilogueFn pick_epilogue(int level, bool bias, bool res, bool relu) {
-  const int key = (bias ? 4 : 0) | (res ? 2 : 0) | (relu ? 1 : 0);
-  switch (key) {
-    case 0: return pick_level<false, false, false>(level);
-    case 1: return pick_level<false, false, true>(level);
-    case 2: return pick_level<false, true, false>(level);
-    case 3: return pick_level<false, true, true>(level);
-    case 4: return pick_level<true, false, false>(level);
-    case 5: return pick_level<true, false, true>(level);
-    case 6: return pick_level<true, true, false>(level);
-    default: return pick_level<true, true, true>(level);
-  }
+template <bool kBias, bool kRes, bool kCw>
+EpilogueFn pick_act(int level, int act) {
+  if (act == 1) return pick_level<kBias, kRes, 1, kCw>(level);
+  if (act == 2) return pick_level<kBias, kRes, 2, kCw>(level);
+  return pick_level<kBias, kRes, 0, kCw>(level);
+}
+
+template <bool kCw>
+EpilogueFn pick_bias_res(int level, bool bias, bool res, int act) {
+  if (bias)
+    return res ? pick_act<true, true, kCw>(level, act) : pick_act<true, false, kCw>(level, act);
+  return res ? pick_act<false, true, kCw>(level, act) : pick_act<false, false, kCw>(level, act);
+}
+
+EpilogueFn pick_epilogue(int level, bool bias, bool res, int act, bool cw) {
+  return cw ? pick_bias_res<true>(level, bias, res, act)
+            : pick_bias_res<false>(level, bias, res, act);
 }
 
 // im2col of `rows` output positions from channels-last codes (columns in (kh, kw, cin_g) order,
@@ -232,7 +245,11 @@ void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int6
                 std::vector<uint8_t>& u) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto& q = p.q;
-  u.assign(B * Hp * Wp * C, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
+  // Without padding every byte is written below: no fill pass.
+  if (p.ph == 0 && p.pw == 0)
+    u.resize(B * Hp * Wp * C);
+  else
+    u.assign(B * Hp * Wp * C, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
   const float* xp = x.data_ptr<float>();
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / (W * C)), [&](int64_t i0, int64_t i1) {
@@ -298,16 +315,32 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
   p->czw.resize(N);
   for (int64_t i = 0; i < N; ++i) p->czw[i] = p->corr[i] - p->zw[i];
   p->cw = e.cw;
+  p->cw_zero = std::all_of(p->cw.begin(), p->cw.end(), [](double v) { return v == 0.0; });
   p->bias = e.bias;
   p->z = e.z;
+  // |code| <= 255 and |weight code| <= 128: |acc|, |code sum| below K 2^16 and K 2^8.
+  const double acc_max = static_cast<double>(K) * 65536.0;
+  const double xs_max = static_cast<double>(K) * 256.0;
+  double bound = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    const double xz = xs_max + std::abs(static_cast<double>(K) * p->z);
+    double b = (acc_max + std::abs(p->corr[i]) + std::abs(p->zw[i]) + xz * std::abs(p->cw[i])) *
+               std::abs(p->sc[i]);
+    if (!p->bias.empty()) b += std::abs(p->bias[i]);
+    bound = std::max(bound, b);
+  }
+  p->finite_output = std::isfinite(bound) && bound < 1.3e36;  // 2^120
+  if (p->depthwise) prepare_depthwise_vnni(*p);
   return p;
 }
 
 at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* residual,
-                     bool relu, int64_t isa) {
+                     Activation act, int64_t isa, BufferPool* pool) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat,
               "qconv: x must be a float32 [B, C, H, W] tensor");
   TORCH_CHECK(p.z_in_range, "qconv: the activation zero point lies outside its range");
+  BufferPool none;
+  BufferPool& outs = pool != nullptr ? *pool : none;
   const at::Tensor x = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) ? x_in
                                                                           : x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -320,7 +353,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     static thread_local std::vector<uint8_t> dw_codes;
     const int64_t Hp = x.size(2) + 2 * p.ph, Wp = x.size(3) + 2 * p.pw;
     codes_nhwc(level, x, p, Hp, Wp, dw_codes);
-    return run_depthwise(p, x, dw_codes, Hp, Wp, residual, relu, level);
+    return run_depthwise(p, x, dw_codes, Hp, Wp, residual, act, level, outs);
   }
   const int64_t K = cin_g * p.kh * p.kw, K4 = (K + 3) / 4, Kp = 4 * K4;
   const int64_t Npad = 16 * ((n_g + 15) / 16);
@@ -331,7 +364,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
   TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
   const int64_t L = OH * OW;
-  auto y = at::empty({B, N, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto y = outs.channels_last(B, N, OH, OW, x.options());
   at::Tensor r;
   if (residual != nullptr) {
     TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
@@ -345,12 +378,13 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   const uint8_t* codes = u.data();  // worker threads must not name the thread_local
   const bool implicit = level >= 2 && cin_g % 4 == 0;
   static thread_local std::vector<int32_t> sums;
-  if (implicit) {
+  if (implicit && !p.cw_zero) {
     sums.resize(B * Hp * Wp * groups);
     group_sums(codes, B * Hp * Wp, C, groups, sums.data());
   }
   const int32_t* S = sums.data();
-  const EpilogueFn epi = pick_epilogue(level, !p.bias.empty(), residual != nullptr, relu);
+  const EpilogueFn epi =
+      pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind, !p.cw_zero);
   const int8_t* wp = p.packed.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
@@ -393,6 +427,10 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
           for (int64_t rr = 0; rr < rows; ++rr) {
             const int64_t pix = oy * p.sh * Wp + ox * p.sw;
             P[rr] = g.ub + pix * C + gi * cin_g;
+            if (p.cw_zero) {  // the code sums are not needed
+              if (++ox == OW) ox = 0, ++oy;
+              continue;
+            }
             const int32_t* sp = Sb + pix * groups;
             int32_t s = 0;  // K * 255 < 2^31 (checked when the step was added)
             for (int64_t k = 0; k < ntaps; ++k) s += sp[tap_sums[k]];
@@ -410,7 +448,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
         const int64_t c0 = 16 * tile0, cnt = std::min(16 * tile1, n_g) - c0;  // this task's
         const int64_t n0 = gi * n_g + c0, off = (b * L + l0) * N + n0;
         epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(),
-            rp == nullptr ? nullptr : rp + off, yp + off, N);
+            rp == nullptr ? nullptr : rp + off, yp + off, N, act.lo, act.hi);
       }
     }
   });

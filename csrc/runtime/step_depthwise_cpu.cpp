@@ -2,8 +2,9 @@
 // codes, the channels of one output position accumulated together (vectorized over channels),
 // the per-layer depthwise kernel's exact sums and float64 epilogue
 //   y = ((acc - z wsum[n]) + (xsum - K z) cw[n]) * (s_a s_b[n]) (+ bias[n]),
-// rounded to fp32, then + residual and ReLU as the conv steps do. Results equal the per-layer
-// op's bit for bit (the per-layer kernel loops over channels per position instead).
+// rounded to fp32, then + residual and the activation as the conv steps do. Results equal the
+// per-layer op's bit for bit (the per-layer kernel loops over channels per position instead).
+// With AVX-512 VNNI, kernels up to 4 wide run step_depthwise_vnni_cpu.cpp instead.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -24,7 +25,7 @@ struct DwArgs {
   const float* res;  // [B, OH, OW, C] or null
   float* y;          // [B, OH, OW, C]
   int64_t C, Hp, Wp, OH, OW;
-  bool relu;
+  Activation act;
 };
 
 // One output row (b, oy): int32 sums over the taps per channel, then the epilogue.
@@ -56,7 +57,8 @@ __attribute__((always_inline)) inline void dw_row_body(const DwArgs& a, int64_t 
       if (has_bias) t = t + p.bias[n];
       float v = static_cast<float>(t);
       if (a.res != nullptr) v = v + a.res[o + n];
-      if (a.relu) v = v < 0.0f ? 0.0f : v;
+      if (a.act.kind == 1) v = v < 0.0f ? 0.0f : v;
+      if (a.act.kind == 2) v = std::min(std::max(v, a.act.lo), a.act.hi);
       a.y[o + n] = v;
     }
   }
@@ -77,21 +79,25 @@ void dw_row_portable(const DwArgs& a, int64_t b, int64_t oy, int32_t* acc, int32
 }  // namespace
 
 at::Tensor run_depthwise(const QConv& p, const at::Tensor& x, const std::vector<uint8_t>& u,
-                         int64_t Hp, int64_t Wp, const at::Tensor* residual, bool relu,
-                         int level) {
+                         int64_t Hp, int64_t Wp, const at::Tensor* residual, Activation act,
+                         int level, BufferPool& outs) {
   const int64_t B = x.size(0), C = x.size(1);
   const int64_t OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
   const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
   TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
-  auto y = at::empty({B, C, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto y = outs.channels_last(B, C, OH, OW, x.options());
   at::Tensor r;
   if (residual != nullptr) {
     TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
                 "qconv: the residual must be float32 of the output's shape");
     r = residual->contiguous(at::MemoryFormat::ChannelsLast);
   }
-  const DwArgs a{&p, u.data(), residual != nullptr ? r.data_ptr<float>() : nullptr,
-                 y.data_ptr<float>(), C, Hp, Wp, OH, OW, relu};
+  const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
+  if (level >= 2 && depthwise_vnni_fits(p)) {
+    run_depthwise_vnni(p, u.data(), rp, y.data_ptr<float>(), B, Hp, Wp, OH, OW, act);
+    return y;
+  }
+  const DwArgs a{&p, u.data(), rp, y.data_ptr<float>(), C, Hp, Wp, OH, OW, act};
   auto row = level >= 2 ? &dw_row_avx512 : level == 1 ? &dw_row_avx2 : &dw_row_portable;
   const int64_t grain =
       std::max<int64_t>(1, eqk::fused::kMinTaskMacs / std::max<int64_t>(1, OW * C * p.kh * p.kw));

@@ -14,9 +14,12 @@
 // nothing, and the caller runs its own per-layer path on that input.
 #include <torch/extension.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -55,12 +58,13 @@ const char* const kKindNames[kNumKinds] = {
 
 // What each kind takes: inputs, tensors (required ones first; the rest may be None), ints,
 // floats. -1: any count (checked by the kind itself). qconv reads its input and optionally a
-// residual added before its optional ReLU (ints: the conv's 13, then relu 0/1).
+// residual added before its optional activation (ints: the conv's 13, then the activation:
+// 0 none, 1 ReLU, 2 clamp to [lo, hi]; floats: scale factor, compensation, lo, hi).
 struct Arity {
   int inputs, tensors, required_tensors, ints, floats;
 };
 constexpr Arity kArity[kNumKinds] = {
-    {-1, 7, 4, 14, 2},  // qconv: packed, wsum, scale, act_scale | zw, bias, act_zp; + relu
+    {-1, 7, 4, 14, 4},  // qconv: packed, wsum, scale, act_scale | zw, bias, act_zp; + act
     {1, 8, 4, 3, 2},    // qlinear: planes, wsum, scale, act_scale | kernel weights, zw, bias, act_zp
     {1, 2, 1, 7, 0},    // conv: weight | bias; stride, padding, dilation pairs, groups
     {1, 2, 1, 0, 0},    // linear: weight | bias
@@ -122,6 +126,7 @@ class StepProgram {
     written_.assign(num_buffers, false);
     written_[0] = true;  // the input
     last_use_.assign(num_buffers, -1);
+    finite_.assign(num_buffers, false);
   }
 
   void add(int64_t kind, const std::vector<int64_t>& inputs, int64_t output,
@@ -166,6 +171,18 @@ class StepProgram {
       step.qconv = eqk::steps::make_qconv(*tensors[0], *tensors[1], *tensors[2], *tensors[3],
                                           tensors[4], tensors[5], tensors[6], ints, floats[0],
                                           floats[1]);
+    // A buffer that is finite whatever the input: a prepared conv without residual whose
+    // epilogue is bounded in fp32 (its integer sums are), and ReLU / clamp of one. The next
+    // quantized step skips its finiteness pass over such an input.
+    const bool from_finite = finite_[inputs[0]];
+    if (step.qconv && step.qconv->finite_output && inputs.size() == 1) finite_[output] = true;
+    if ((step.kind == Kind::relu || step.kind == Kind::clamp) && from_finite) finite_[output] = true;
+    // Steps that mix the samples of a batch, or whose fp32 result may depend on the batch size
+    // (ATen's float conv / linear pick algorithms by shape), keep the batch whole.
+    const Kind k = step.kind;
+    if (k == Kind::conv || k == Kind::linear || k == Kind::pad ||
+        (k == Kind::flatten && ints[0] < 1) || (k == Kind::slice && ints[0] < 1))
+      per_sample_ = false;
     steps_.push_back(std::move(step));
   }
 
@@ -180,30 +197,90 @@ class StepProgram {
   int64_t num_steps() const { return static_cast<int64_t>(steps_.size()); }
 
   // The output for input x, or nullopt when a quantized step met a non-finite input.
+  // A batch whose largest intermediate (measured on an earlier run) exceeds chunk_bytes runs
+  // in chunks of samples, so that each step's output stays in cache for the next step; every
+  // step computes each sample alone (per_sample_), so the chunks give the same bits.
   std::optional<at::Tensor> run(const at::Tensor& x, int64_t isa) {
+    const int64_t B = x.dim() >= 1 ? x.size(0) : 1, per = sample_bytes_.load();
+    const int64_t chunk = per > 0 ? std::max<int64_t>(1, chunk_bytes_.load() / per) : B;
+    if (!per_sample_ || chunk >= B) return run_impl(x, isa, nullptr);
+    std::vector<at::Tensor> parts;
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      auto y = run_impl(x.slice(0, b0, std::min(B, b0 + chunk)), isa, nullptr);
+      if (!y.has_value()) return std::nullopt;
+      parts.push_back(std::move(*y));
+    }
+    return at::cat(parts, 0);
+  }
+
+  void set_chunk_bytes(int64_t bytes) {
+    TORCH_CHECK(bytes >= 1, "StepProgram: chunk_bytes must be >= 1, got ", bytes);
+    chunk_bytes_ = bytes;
+  }
+
+  // Seconds spent in each step for input x (empty when a quantized step met a non-finite
+  // input); a separate entry point so that run() carries no timing.
+  std::vector<double> profile(const at::Tensor& x, int64_t isa) {
+    std::vector<double> seconds;
+    if (!run_impl(x, isa, &seconds).has_value()) seconds.clear();
+    return seconds;
+  }
+
+  std::vector<std::string> step_kinds() const {
+    std::vector<std::string> names;
+    for (const Step& s : steps_) names.emplace_back(kKindNames[static_cast<int64_t>(s.kind)]);
+    return names;
+  }
+
+ private:
+  std::optional<at::Tensor> run_impl(const at::Tensor& x, int64_t isa,
+                                     std::vector<double>* seconds) {
     TORCH_CHECK(output_ >= 0, "StepProgram: call finish(output) before run()");
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
                 "StepProgram: x must be a float32 CPU tensor");
     std::vector<at::Tensor> buf(written_.size());
     buf[0] = x;
+    int64_t sample_max = 0;
+    eqk::steps::BufferPool pool;
+    {
+      std::lock_guard<std::mutex> lock(pool_mutex_);
+      pool.swap(pool_);
+    }
     for (size_t i = 0; i < steps_.size(); ++i) {
       const Step& s = steps_[i];
-      std::optional<at::Tensor> y = execute(s, buf, static_cast<int64_t>(i), isa);
+      const auto t0 = seconds != nullptr ? std::chrono::steady_clock::now()
+                                         : std::chrono::steady_clock::time_point{};
+      std::optional<at::Tensor> y = execute(s, buf, static_cast<int64_t>(i), isa, pool);
       if (!y.has_value()) return std::nullopt;
+      if (x.dim() >= 1 && x.size(0) >= 1 && y->dim() >= 1 && y->size(0) == x.size(0))
+        sample_max = std::max<int64_t>(sample_max, y->nbytes() / x.size(0));
+      if (seconds != nullptr)
+        seconds->push_back(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       buf[s.output] = std::move(*y);
       for (int64_t b : s.inputs)
-        if (last_use_[b] == static_cast<int64_t>(i) && b != 0) buf[b] = at::Tensor();
+        if (last_use_[b] == static_cast<int64_t>(i) && b != 0) pool.give(std::move(buf[b]));
     }
     // Channels-last intermediates are the executor's business: the caller gets the
     // contiguous layout the per-layer path returns.
-    return buf[output_].contiguous();
+    at::Tensor out = buf[output_].contiguous();
+    buf.clear();
+    sample_bytes_ = std::max(sample_bytes_.load(), sample_max);
+    std::lock_guard<std::mutex> lock(pool_mutex_);
+    pool_.swap(pool);
+    return out;
   }
 
- private:
   std::vector<Step> steps_;
+  eqk::steps::BufferPool pool_;  // storage kept between runs (step_buffer_pool.h)
+  std::mutex pool_mutex_;
   std::vector<bool> written_;
   std::vector<int64_t> last_use_;
   int64_t output_ = -1;
+  std::vector<bool> finite_;  // buffers finite by construction (see add())
+  bool per_sample_ = true;
+  std::atomic<int64_t> sample_bytes_{0};               // largest intermediate per sample
+  std::atomic<int64_t> chunk_bytes_{int64_t(4) << 20};  // about an L2 + L3 share per core
 
   static void check_params(Kind k, const char* name,
                            const std::vector<std::optional<at::Tensor>>& t,
@@ -218,7 +295,9 @@ class StepProgram {
         const int64_t qmax = ints[12];
         TORCH_CHECK(bits >= 1 && bits <= 8 && N >= 1 && groups >= 1 && N % groups == 0, name,
                     ": bits must be in 1..8, out channels >= 1 and divisible by groups");
-        TORCH_CHECK(ints[13] == 0 || ints[13] == 1, name, ": relu must be 0 or 1");
+        TORCH_CHECK(ints[13] >= 0 && ints[13] <= 2, name,
+                    ": activation must be 0 (none), 1 (ReLU) or 2 (clamp)");
+        TORCH_CHECK(ints[13] != 2 || f[2] <= f[3], name, ": clamp lo must be <= hi");
         for (int i = 2; i < 10; ++i)
           TORCH_CHECK(ints[i] >= (i >= 6 && i < 8 ? 0 : 1), name,
                       ": kernel, stride, dilation must be >= 1 and padding >= 0");
@@ -318,22 +397,25 @@ class StepProgram {
   }
 
   std::optional<at::Tensor> execute(const Step& s, std::vector<at::Tensor>& buf, int64_t i,
-                                    int64_t isa) const {
+                                    int64_t isa, eqk::steps::BufferPool& pool) const {
     const at::Tensor& x = buf[s.inputs[0]];
     const auto& t = s.tensors;
     const auto& n = s.ints;
     switch (s.kind) {
       case Kind::qconv: {
-        if (!all_finite(x, isa)) return std::nullopt;
+        if (!finite_[s.inputs[0]] && !all_finite(x, isa)) return std::nullopt;
         const at::Tensor* res = s.inputs.size() > 1 ? &buf[s.inputs[1]] : nullptr;
-        if (s.qconv) return eqk::steps::run_qconv(*s.qconv, x, res, n[13] != 0, isa);
+        const eqk::steps::Activation act{static_cast<int>(n[13]), static_cast<float>(s.floats[2]),
+                                         static_cast<float>(s.floats[3])};
+        if (s.qconv) return eqk::steps::run_qconv(*s.qconv, x, res, act, isa, &pool);
         auto y = eqk::fused::conv2d_int_fused(
             x, need(t[0]), need(t[1]), n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8],
             n[9], n[10], need(t[2]), s.floats[0], s.floats[1], t[4], t[5], need(t[3]), t[6],
             n[11], n[12], isa);
         TORCH_CHECK(y.has_value(), "qconv: the activation zero point lies outside its range");
         if (res != nullptr) y->add_(*res);
-        if (n[13] != 0) y->relu_();
+        if (act.kind == 1) y->relu_();
+        if (act.kind == 2) y->clamp_(s.floats[2], s.floats[3]);
         return y;
       }
       case Kind::qlinear: {
@@ -398,6 +480,11 @@ EQK_REGISTER(step_program_cpu) {
       .def("add", &StepProgram::add, "append a step (kind, inputs, output, tensors, ints, floats)")
       .def("finish", &StepProgram::finish, "mark the output buffer; no step can be added after")
       .def("num_steps", &StepProgram::num_steps)
+      .def("set_chunk_bytes", &StepProgram::set_chunk_bytes,
+           "largest intermediate (bytes) from which a batch runs in chunks of samples")
+      .def("step_kinds", &StepProgram::step_kinds, "the kind name of each step, in order")
+      .def("profile", &StepProgram::profile, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "seconds per step for x (empty when a quantized step met a non-finite input)")
       .def("run", &StepProgram::run, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "the output for x, or None when a quantized step met a non-finite input");
   pybind11::dict kinds;

@@ -130,6 +130,29 @@ class StepProgram:
         self._impl, self.output, self._probe = impl, int(output), None
         return self
 
+    def set_chunk_bytes(self, nbytes: int) -> None:
+        """Run a batch in chunks of samples when its largest intermediate per sample (measured
+        on an earlier run) times the batch exceeds `nbytes` (default 4 MiB), so that each
+        step's output is still in cache when the next step reads it. Only programs whose steps
+        compute every sample alone split (no float conv / linear, whose fp32 algorithm ATen
+        picks by shape, no flatten or slice of dimension 0, no pad); the result is the same."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+            raise ValueError(f"nbytes: expected an int >= 1, got {nbytes!r}")
+        if self._impl is None:
+            raise ValueError("StepProgram: call finish(output) before set_chunk_bytes")
+        self._impl.set_chunk_bytes(nbytes)
+
+    def profile(self, x: torch.Tensor) -> list[tuple[str, float]]:
+        """(step kind, seconds) for each step of one run on x, in order (a separate C++ entry
+        point: the plain call carries no timing); empty when a quantized step met a
+        non-finite input."""
+        if self._impl is None:
+            raise ValueError("StepProgram: call finish(output) before profiling it")
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError("x: expected a float32 CPU tensor")
+        seconds = self._impl.profile(x.detach(), self._isa)
+        return list(zip(self._impl.step_kinds(), seconds)) if seconds else []
+
     def __len__(self) -> int:
         return len(self._steps)
 
@@ -147,11 +170,24 @@ class StepProgram:
         return self._impl.run(x, self._isa)
 
     # ------------------------------------------------------------------ quantized steps
-    def conv(self, prepared, src: int, *, residual: int | None = None, relu: bool = False) -> int:
+    def conv(
+        self,
+        prepared,
+        src: int,
+        *,
+        residual: int | None = None,
+        relu: bool = False,
+        clamp: tuple[float, float] | None = None,
+    ) -> int:
         """A `PreparedConv2d` (cpp backend, integer activations) as one step, optionally
-        followed by `+ residual` (a buffer of the output's shape) and ReLU in its epilogue (the
-        same fp32 operations as separate steps); raises NotImplementedError naming why when the
-        fused kernel does not run it."""
+        followed by `+ residual` (a buffer of the output's shape) and then ReLU (`relu=True`) or
+        a clamp to `clamp=(lo, hi)` (ReLU6, Hardtanh) in its epilogue (the same fp32 operations
+        as separate steps); raises NotImplementedError naming why when the fused kernel does
+        not run it."""
+        if relu and clamp is not None:
+            raise ValueError("conv step: relu and clamp exclude each other; pass one")
+        lo, hi = (0.0, 0.0) if clamp is None else (float(clamp[0]), float(clamp[1]))
+        act = 2 if clamp is not None else int(relu)
         why = _quantized_why_not(prepared, FUSED_CONV)
         in_channels, (kh, kw), stride, padding, dilation, groups = prepared.geometry
         cin_g = in_channels // groups
@@ -166,10 +202,11 @@ class StepProgram:
         p = prepared
         c = compensation(p.top_bits - p.bits) if p.compensate else 0.0
         ints = (p.bits, p.out_channels, kh, kw, *stride, *padding, *dilation, groups,
-                p.act.quant_min, p.act.quant_max, int(relu))  # fmt: skip
+                p.act.quant_min, p.act.quant_max, act)  # fmt: skip
         tensors = (packed, wsum, p.scale, a_s, p.weight_zero_point, p.bias, a_z)
         inputs = [src] if residual is None else [src, residual]
-        return self.step("qconv", inputs, tensors, ints, (float(2 ** (p.top_bits - p.bits)), c))
+        floats = (float(2 ** (p.top_bits - p.bits)), c, lo, hi)
+        return self.step("qconv", inputs, tensors, ints, floats)
 
     def linear(self, prepared, src: int) -> int:
         """A `PreparedLinear` (cpp backend, integer activations) as one step (the input's last

@@ -110,8 +110,9 @@ class _Builder:
         _refuse(node, f"module {type(m).__name__} has no step")
 
     def conv_with_epilogue(self, node: fx.Node, m: IntConv2d, src: int) -> int:
-        """The conv, with a residual add and a ReLU that are its only consumers fused into
-        its epilogue (the nodes in between that are aliases map to the same buffer)."""
+        """The conv, with a residual add and a ReLU or clamp (ReLU6, Hardtanh) that are its
+        only consumers fused into its epilogue (the nodes in between that are aliases map to
+        the same buffer)."""
         chain, user = self.sole_user_chain(node)
         residual, fused = None, []
         if user is not None and self.is_add(user):
@@ -122,9 +123,10 @@ class _Builder:
                 residual, fused = self.buf[other], [user]
                 chain, user = [*chain, user], self.sole_user_chain(user)[1]
         relu = user is not None and self.is_relu(user)
-        if relu:
+        clamp = None if user is None or relu else self.clamp_bounds(user)
+        if relu or clamp is not None:
             fused.append(user)
-        out = self.prog.conv(m.prepared(), src, residual=residual, relu=relu)
+        out = self.prog.conv(m.prepared(), src, residual=residual, relu=relu, clamp=clamp)
         for n in (*chain[1:], *fused):
             self.buf[n] = out
         return out
@@ -189,6 +191,17 @@ class _Builder:
         return (n.op == "call_function" and n.target in _RELU) or (
             n.op == "call_method" and n.target in ("relu", "relu_")
         )
+
+    def clamp_bounds(self, n: fx.Node) -> tuple[float, float] | None:
+        """(lo, hi) when n is an eval-mode ReLU6 / Hardtanh module or F.relu6 of one tensor."""
+        if len(n.args) != 1 or set(n.kwargs) - {"inplace"}:
+            return None
+        if n.op == "call_module":
+            m = self.modules[n.target]
+            if isinstance(m, nn.ReLU6 | nn.Hardtanh) and not m.training:
+                return float(m.min_val), float(m.max_val)
+            return None
+        return (0.0, 6.0) if n.op == "call_function" and n.target is F.relu6 else None
 
     def function(self, node: fx.Node) -> int:
         fn, args, kw = node.target, node.args, dict(node.kwargs)
