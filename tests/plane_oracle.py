@@ -1,4 +1,5 @@
-"""The canonical bit-plane layout written from its definition, vectorized, for the op tests.
+"""The canonical bit-plane layout and the nested weight values, written from their definitions
+(vectorized) for the low-bit op tests.
 
 int32[bits, N, ceil(K/32)]: plane 0 holds the sign bit (two's complement in `bits` bits), bit t of
 word j is column 32 j + t, padding columns are zero. `tests/test_bitplanes.py` checks this
@@ -17,3 +18,17 @@ def pack_planes(q: torch.Tensor, bits: int) -> torch.Tensor:
     planes = [(((code >> (bits - 1 - j)) & 1) << torch.arange(32)).sum(-1) for j in range(bits)]
     out = torch.stack(planes)
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def nested_weights(q, n, b, scale, zw, g, compensate):
+    """float64 [N, K] weights of the top-b of n-bit codes q: floor(q / 2^k) + c_k - z_w scaled by
+    2^k s (k = n - b, c_k = (1 - 2^-k) / 2 when compensated); `scale` [N, K/g] or per channel,
+    `zw` None, [N] or [N, K/g]."""
+    k = n - b
+    c = 0.5 * (1 - 2.0**-k) if (compensate and k > 0) else 0.0
+    w = torch.floor(q.to(torch.float64) / 2.0**k) + c
+    if zw is not None:
+        z = zw.to(torch.float64)
+        w = w - (z.repeat_interleave(g, dim=1) if z.dim() == 2 else z.reshape(-1, 1))
+    s = (2.0**k * scale.to(torch.float64)).reshape(q.shape[0], -1)
+    return w * (s.repeat_interleave(g, dim=1) if s.shape[1] > 1 else s)

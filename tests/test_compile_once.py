@@ -15,6 +15,7 @@ import torch
 from conftest import requires_cpp
 from eqnet.nn import form_data
 from eqnet.space import ElasticSpace, SubnetConfig
+from graph_counter import GraphCounter
 from torch import nn
 
 import eqkernels
@@ -114,22 +115,6 @@ def test_fake_quant_form_rejects_bad_form_shape():
 
 
 # -- compile once -------------------------------------------------------------------------------
-class GraphCounter:
-    """AOTAutograd backend that runs the traced graphs and counts the forward graphs."""
-
-    def __init__(self):
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
-
-        self.forward_graphs = 0
-
-        def forward_compiler(gm, example_inputs):
-            self.forward_graphs += 1
-            return make_boxed_func(gm.forward)
-
-        self.backend = aot_autograd(
-            fw_compiler=forward_compiler, bw_compiler=lambda gm, ex: make_boxed_func(gm.forward)
-        )
 
 
 FULL = ElasticSpace(

@@ -14,6 +14,7 @@ from conftest import requires_cpp
 from eqnet.nn import form_data
 from eqnet.search.cost import CostModel
 from eqnet.space import ElasticSpace, LayerChoice, SubnetConfig
+from graph_counter import GraphCounter
 from torch import nn
 
 import eqkernels
@@ -183,22 +184,6 @@ def test_fixed_layer_whose_k_g_does_not_divide_keeps_channel_scales():
 
 
 # -- compile once -------------------------------------------------------------------------------
-class GraphCounter:
-    """AOTAutograd backend that runs the traced graphs and counts the forward graphs."""
-
-    def __init__(self):
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
-
-        self.forward_graphs = 0
-
-        def forward_compiler(gm, example_inputs):
-            self.forward_graphs += 1
-            return make_boxed_func(gm.forward)
-
-        self.backend = aot_autograd(
-            fw_compiler=forward_compiler, bw_compiler=lambda gm, ex: make_boxed_func(gm.forward)
-        )
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ kernel's specializations are checked in tests/test_gpu_compile.py."""
 import pytest
 import torch
 from conftest import call_on, need_kernel
+from plane_oracle import nested_weights
 from plane_oracle import pack_planes as pack
 
 import eqkernels as E
@@ -20,14 +21,7 @@ from eqkernels.backend import BackendUnavailable
 
 def oracle(x, q, n, b, scale, zw, g, compensate, bias):
     """(float64 y, float64 x-magnitude-weighted sum |x| @ |w|^T) from the module docstring."""
-    k = n - b
-    c = 0.5 * (1 - 2.0**-k) if (compensate and k > 0) else 0.0
-    w = torch.floor(q.to(torch.float64) / 2.0**k) + c
-    if zw is not None:
-        z = zw.to(torch.float64)
-        w = w - (z.repeat_interleave(g, dim=1) if z.dim() == 2 else z.reshape(-1, 1))
-    s = (2.0**k * scale.to(torch.float64)).reshape(q.shape[0], -1)
-    w = w * (s.repeat_interleave(g, dim=1) if s.shape[1] > 1 else s)
+    w = nested_weights(q, n, b, scale, zw, g, compensate)
     xd = x.to(torch.float64)
     y, mag = xd @ w.T, xd.abs() @ w.abs().T
     if bias is not None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import call_on, need_kernel
+from plane_oracle import nested_weights
 from plane_oracle import pack_planes as pack
 
 import eqkernels as E
@@ -33,13 +34,7 @@ def run_on(backend):
 
 def oracle(x, q, n, b, scale, zw, g, compensate, s_a, z_a, qmin, qmax, bias):
     """(float64 y, float64 sum of |terms|) from the equations in the module docstring."""
-    k = n - b
-    c = 0.5 * (1 - 2.0**-k) if (compensate and k > 0) else 0.0
-    w = torch.floor(q.to(torch.float64) / 2.0**k) + c
-    if zw is not None:
-        z = zw.to(torch.float64)
-        w = w - (z.repeat_interleave(g, dim=1) if z.dim() == 2 else z.reshape(-1, 1))
-    w = w * (2.0**k * scale.to(torch.float64)).repeat_interleave(g, dim=1)
+    w = nested_weights(q, n, b, scale, zw, g, compensate)
     inv = torch.tensor(1.0, dtype=torch.float32) / s_a.reshape(()).to(torch.float32)
     v = (x.to(torch.float32) * inv).to(torch.float64)
     zr = torch.round(z_a.reshape(()).to(torch.float64)) if z_a is not None else 0.0
@@ -140,13 +135,7 @@ def conv_oracle(x, q, n, b, scale, zw, g, compensate, act, geometry, bias):
     dequantized codes (the op pads codes with z_a, which is real zero)."""
     _cin, (kh, kw), stride, padding, dilation, groups = geometry
     N = q.shape[0]
-    k = n - b
-    c = 0.5 * (1 - 2.0**-k) if (compensate and k > 0) else 0.0
-    w = torch.floor(q.to(torch.float64) / 2.0**k) + c
-    if zw is not None:
-        z = zw.to(torch.float64)
-        w = w - (z.repeat_interleave(g, dim=1) if z.dim() == 2 else z.reshape(-1, 1))
-    w = (w * (2.0**k * scale.to(torch.float64)).repeat_interleave(g, dim=1)).view(N, -1, kh, kw)
+    w = nested_weights(q, n, b, scale, zw, g, compensate).view(N, -1, kh, kw)
     if act is None:
         xd = x.to(torch.float64)
     else:
