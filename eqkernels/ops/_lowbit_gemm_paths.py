@@ -245,19 +245,31 @@ def _conv_accumulate(codes, planes, bits, geometry, act, backend):
         q = unpack(planes, bits, K, backend).to(torch.float64).view(N, cin_g, kh, kw)
         acc = F.conv2d(codes.to(torch.float64), q, None, stride, 0, dilation, groups)
         return acc.round().to(torch.int64)
-    B = codes.shape[0]
+    n_g = N // groups
+    qmin, qmax = act[2], act[3]
+
+    def part(g, xq):
+        rows = planes[:bits, g * n_g : (g + 1) * n_g]
+        return int_accumulate(xq, rows, bits, qmin, qmax, backend)
+
+    return _per_conv_group(codes, geometry, N, code_dtype(qmin), part)
+
+
+def _per_conv_group(codes, geometry, N, dtype, part):
+    """Runs `part(g, xq)` on each conv group's receptive fields (im2col of `codes` in the
+    weight's flattened order, `xq` [B*OH*OW, K] of `dtype`), each returning [B*OH*OW, N/groups];
+    assembled to [B, N, OH, OW]."""
+    _, (kh, kw), stride, _, dilation, groups = geometry
+    B, n_g = codes.shape[0], N // groups
     oh = (codes.shape[-2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (codes.shape[-1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cols = F.unfold(codes, (kh, kw), dilation=dilation, stride=stride)  # [B, Cin*kh*kw, L]
-    cols = cols.view(B, groups, K, oh * ow).permute(1, 0, 3, 2)  # [g, B, L, K]
-    n_g = N // groups
-    qmin, qmax = act[2], act[3]
-    parts = []
-    for g in range(groups):
-        xq = cols[g].reshape(B * oh * ow, K).to(code_dtype(qmin))
-        p = planes[:bits, g * n_g : (g + 1) * n_g]
-        part = int_accumulate(xq, p, bits, qmin, qmax, backend)
-        parts.append(part.view(B, oh * ow, n_g))
+    K = cols.shape[1] // groups
+    cols = cols.view(B, groups, K, oh * ow).permute(1, 0, 3, 2)  # [groups, B, L, K]
+    parts = [
+        part(g, cols[g].reshape(B * oh * ow, K).to(dtype)).view(B, oh * ow, n_g)
+        for g in range(groups)
+    ]
     return torch.cat(parts, dim=2).permute(0, 2, 1).reshape(B, N, oh, ow)
 
 
@@ -265,26 +277,20 @@ def _group_int_conv(codes, z_r, geometry, weights, qmin, qmax):
     """The integer conv with per-group scales: each conv group's receptive fields (im2col of
     the padded codes, in the weight's flattened order) through the per-group linear; float64
     [B, N, OH, OW]."""
-    _, (kh, kw), stride, _, dilation, groups = geometry
+    in_channels, (kh, kw), _, _, _, groups = geometry
     planes, bits, g, c, act_scale, (scale, factor), wzp, bias, backend = weights
     N = planes.shape[1]
-    B, n_g = codes.shape[0], N // groups
-    oh = (codes.shape[-2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (codes.shape[-1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    cols = F.unfold(codes, (kh, kw), dilation=dilation, stride=stride)  # [B, Cin*kh*kw, L]
-    K = cols.shape[1] // groups
-    cols = cols.view(B, groups, K, oh * ow).permute(1, 0, 3, 2)  # [groups, B, L, K]
-    parts = []
-    for gi in range(groups):
+    n_g, K = N // groups, in_channels // groups * kh * kw
+
+    def part(gi, xq):
         rows = slice(gi * n_g, (gi + 1) * n_g)
-        xq = cols[gi].reshape(B * oh * ow, K).to(code_dtype(qmin))
-        part = group_int_linear(
+        return group_int_linear(
             xq, z_r, planes[:, rows], bits, K, g, c, act_scale, (scale[rows], factor),
             None if wzp is None else wzp[rows], None if bias is None else bias[rows],
             backend, max(abs(qmin), abs(qmax)), cache=False,
         )  # fmt: skip
-        parts.append(part.view(B, oh * ow, n_g))
-    return torch.cat(parts, dim=2).permute(0, 2, 1).reshape(B, N, oh, ow)
+
+    return _per_conv_group(codes, geometry, N, code_dtype(qmin), part)
 
 
 def conv2d_forward(

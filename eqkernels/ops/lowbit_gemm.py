@@ -126,8 +126,9 @@ def lowbit_linear(
     (per-tensor `act_scale`, `act_zero_point`, and the code range `act_quant_min/max`, which
     must fit uint8 or int8) select the integer path. `group_size=g` (a multiple of 32 dividing
     K): per-group scales `[N, K // g]`, group `j` of row `n` being columns `j*g .. (j+1)*g - 1`
-    (and `weight_zero_point` `[N]` or `[N, K // g]`), on both activation paths. Inference op: no autograd. A layer that runs many
-    times with the same weights calls `prepare_linear` once instead.
+    (and `weight_zero_point` `[N]` or `[N, K // g]`), on both activation paths. Inference op:
+    no autograd. A layer that runs many times with the same weights calls `prepare_linear`
+    once instead.
     """
     gs = check_group_size(group_size, K)
     check_weights(planes, scale, bits, top_bits, K, bias, weight_zero_point, x=x, group_size=gs)
