@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from eqnet.data import load_data
-from eqnet.run import TrainConfig, load_run
+from digits_runs import digits_data, tiny_config
+from eqnet.run import load_run
 from eqnet.space import SubnetConfig
 from eqnet.train import Trainer
 from eqnet.train.labels import OnlineAdaptiveLabels, SmoothedLabels
@@ -16,75 +16,57 @@ from eqnet.train.labels import OnlineAdaptiveLabels, SmoothedLabels
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_data("digits", holdout=64, limit_train=160, limit_test=96)
-
-
-def tiny(recipe, **kw):
-    base = dict(
-        recipe=recipe,
-        epochs=1,
-        batch_size=32,
-        lr=0.05,
-        calib_batches=1,
-        bn_batches=1,
-        max_steps_per_epoch=2,
-        progress=False,
-        holdout=64,
-        limit_train=160,
-        limit_test=96,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return digits_data()
 
 
 def test_labels_option_and_validation(digits):
-    assert tiny("multiquant").resolved().labels == "oal"
-    assert tiny("qat").resolved().labels == "hard"
-    assert tiny("multiquant", oal=False).resolved().labels == "hard"
-    t = Trainer(tiny("multiquant", labels="smooth", label_smoothing=0.2), data=digits)
+    assert tiny_config("multiquant").resolved().labels == "oal"
+    assert tiny_config("qat").resolved().labels == "hard"
+    assert tiny_config("multiquant", oal=False).resolved().labels == "hard"
+    t = Trainer(tiny_config("multiquant", labels="smooth", label_smoothing=0.2), data=digits)
     assert isinstance(t.labels, SmoothedLabels) and t.labels.smoothing == 0.2
     assert not t.config.oal
-    assert isinstance(Trainer(tiny("multiquant"), data=digits).labels, OnlineAdaptiveLabels)
+    assert isinstance(Trainer(tiny_config("multiquant"), data=digits).labels, OnlineAdaptiveLabels)
     with pytest.raises(ValueError, match="oal=True contradicts labels='smooth'"):
-        tiny("multiquant", labels="smooth", oal=True)
+        tiny_config("multiquant", labels="smooth", oal=True)
     with pytest.raises(ValueError, match="labels='soft': accepted values are hard, oal, smooth"):
-        tiny("multiquant", labels="soft")
+        tiny_config("multiquant", labels="soft")
 
 
 @pytest.mark.parametrize("recipe", ["qat", "multiquant", "limpq"])
 def test_fixed_form_recipes_train_one_form(recipe, digits):
     kw = {} if recipe == "qat" else dict(w_bits=[2, 4], a_bits=[2, 4])
-    t = Trainer(tiny(recipe, w_form="tensor/asym", a_form="tensor/sym", **kw), data=digits)
+    t = Trainer(tiny_config(recipe, w_form="tensor/asym", a_form="tensor/sym", **kw), data=digits)
     assert t.space.w_granularities == ("tensor",)
     assert (t.space.w_symmetries, t.space.a_symmetries) == (("asym",), ("sym",))
-    t = Trainer(tiny(recipe, form="tensorrt", **kw), data=digits)
+    t = Trainer(tiny_config(recipe, form="tensorrt", **kw), data=digits)
     assert (t.space.w_granularities, t.space.w_symmetries) == (("channel",), ("sym",))
     assert t.space.a_symmetries == ("sym",)
     layers = [m for m in t.model.quantized_layers().values() if m.fixed_choice is None]
     assert layers and all(m.weight_quantizer.narrow_range for m in layers)
     with pytest.raises(ValueError, match="the eqnet recipe trains its own forms"):
-        tiny("eqnet", form="snpe")
+        tiny_config("eqnet", form="snpe")
     with pytest.raises(ValueError, match="target form 'tpu'"):
-        tiny(recipe, form="tpu")
+        tiny_config(recipe, form="tpu")
 
 
 def test_tensorrt_form_run_reloads_narrow(digits, tmp_path):
-    Trainer(tiny("qat", form="tensorrt"), tmp_path / "q", data=digits).fit()
+    Trainer(tiny_config("qat", form="tensorrt"), tmp_path / "q", data=digits).fit()
     model = load_run(tmp_path / "q").model
     assert all(m.weight_quantizer.narrow_range for m in model.quantized_layers().values())
 
 
 def test_eqnet_lrh_forms_reach_the_sampler(digits):
     kw = dict(w_bits=[2, 4], a_bits=[2, 4], keep_first_last="elastic")
-    assert Trainer(tiny("eqnet", **kw), data=digits).sampler.extreme_forms == "drawn"
-    fixed = Trainer(tiny("eqnet", lrh_forms="fixed", **kw), data=digits)
+    assert Trainer(tiny_config("eqnet", **kw), data=digits).sampler.extreme_forms == "drawn"
+    fixed = Trainer(tiny_config("eqnet", lrh_forms="fixed", **kw), data=digits)
     assert fixed.sampler.extreme_forms == "fixed"
     with pytest.raises(ValueError, match="lrh_forms='sometimes'"):
-        tiny("eqnet", lrh_forms="sometimes")
+        tiny_config("eqnet", lrh_forms="sometimes")
 
 
 def test_vl_paper_init_setup(digits):
-    c = tiny("layered", w_bits=[2, 3, 4], a_bits=[2, 3, 4], vl_paper_init=True)
+    c = tiny_config("layered", w_bits=[2, 3, 4], a_bits=[2, 3, 4], vl_paper_init=True)
     t = Trainer(c, data=digits)
     assert t.config.keep_first_last == "fp" and t.space.w_granularities == ("tensor",)
     t.calibrate()
@@ -95,11 +77,11 @@ def test_vl_paper_init_setup(digits):
         a = {i: float(layer.act_quantizer.params(i, "tensor", "asym").scale) for i in (2, 4)}
         assert a[2] / a[4] == pytest.approx(31 / 7, rel=1e-6)
     with pytest.raises(ValueError, match="vl_paper_init: the layered recipe's option"):
-        tiny("qat", vl_paper_init=True)
+        tiny_config("qat", vl_paper_init=True)
 
 
 def test_qat_fine_tunes_a_policy_from_its_supernet(digits, tmp_path):
-    sup = tiny("limpq", w_bits=[2, 3, 4], a_bits=[2, 3, 4])
+    sup = tiny_config("limpq", w_bits=[2, 3, 4], a_bits=[2, 3, 4])
     Trainer(sup, tmp_path / "sup", data=digits).fit()
     supernet = load_run(tmp_path / "sup")
     cfg = SubnetConfig.uniform(supernet.space, supernet.model, 3, 3)
@@ -109,7 +91,7 @@ def test_qat_fine_tunes_a_policy_from_its_supernet(digits, tmp_path):
     path.write_text(json.dumps({"chosen": [{"config": json.loads(cfg.to_json())["layers"]}]}))
     policy = SubnetConfig.from_file(path, 0)
     assert policy == cfg
-    q = tiny("qat", policy=policy.to_json(), init=str(tmp_path / "sup"))
+    q = tiny_config("qat", policy=policy.to_json(), init=str(tmp_path / "sup"))
     assert q.resolved().w_bits == [3, 4, 8] and q.resolved().a_bits == [2, 3, 8]
     t = Trainer(q, tmp_path / "ft", data=digits)
     assert not t.needs_calibration  # the supernet's steps are the start
@@ -130,9 +112,9 @@ def test_qat_fine_tunes_a_policy_from_its_supernet(digits, tmp_path):
     with pytest.raises(ValueError, match="pick=1"):
         SubnetConfig.from_file(path, 1)
     with pytest.raises(ValueError, match="policy: the policy sets every layer"):
-        tiny("qat", policy=policy.to_json(), w_bits=[4])
+        tiny_config("qat", policy=policy.to_json(), w_bits=[4])
     with pytest.raises(FileNotFoundError, match="no float checkpoint"):
         Trainer(
-            tiny("qat", policy=policy.to_json(), init=str(tmp_path / "ft0")),
+            tiny_config("qat", policy=policy.to_json(), init=str(tmp_path / "ft0")),
             data=digits,
         )

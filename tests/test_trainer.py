@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from digits_runs import digits_data, tiny_config
 from eqnet.data import DataError, load_data
 from eqnet.run import TrainConfig, evaluate, load_run
 from eqnet.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -16,27 +17,16 @@ from eqnet.train.sampler import ConfigSampler
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_data("digits", holdout=64, limit_train=160, limit_test=96)
+    return digits_data()
 
 
 def tiny(recipe, **kw):
-    base = dict(
-        recipe=recipe,
-        epochs=2,
-        batch_size=32,
-        lr=0.05,
-        calib_batches=1,
-        bn_batches=1,
-        max_steps_per_epoch=3,
-        progress=False,
-        holdout=64,  # the same splits as the digits fixture, so the runs record them
-        limit_train=160,
-        limit_test=96,
-    )
+    """Two epochs of three steps; elastic recipes on widths 2 and 4."""
+    base = dict(epochs=2, max_steps_per_epoch=3)
     if recipe not in ("float", "qat"):
         base.update(w_bits=[2, 4], a_bits=[2, 4])
     base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(recipe, **base)
 
 
 def _batches(data, n, bs=32):
