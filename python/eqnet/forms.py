@@ -22,7 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from eqnet.space import GRANULARITIES, SYMMETRIES, ElasticSpace, LayerChoice, SubnetConfig
+from eqnet.space import (
+    GRANULARITIES,
+    SYMMETRIES,
+    ElasticSpace,
+    LayerChoice,
+    SubnetConfig,
+    check_form_fields,
+)
 
 
 @dataclass(frozen=True)
@@ -41,16 +48,7 @@ class TargetForm:
     act_code_range: tuple[int, int] | None = None
 
     def __post_init__(self):
-        if self.w_granularity not in GRANULARITIES:
-            raise ValueError(
-                f"w_granularity={self.w_granularity!r}: accepted values are "
-                f"{', '.join(GRANULARITIES)}"
-            )
-        for name in ("w_symmetry", "a_symmetry"):
-            if getattr(self, name) not in SYMMETRIES:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r}: accepted values are {', '.join(SYMMETRIES)}"
-                )
+        check_form_fields(self.w_granularity, self.w_symmetry, self.a_symmetry)
         if self.narrow_weights and self.w_symmetry != "sym":
             raise ValueError("narrow_weights=True takes symmetric weights only (w_symmetry='sym')")
 

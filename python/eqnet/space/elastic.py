@@ -166,6 +166,17 @@ class ElasticSpace:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def check_form_fields(w_granularity, w_symmetry, a_symmetry) -> None:
+    """One-line ValueErrors for a form's weight granularity and weight/activation symmetry."""
+    if w_granularity not in GRANULARITIES:
+        raise ValueError(
+            f"w_granularity={w_granularity!r}: accepted values are {', '.join(GRANULARITIES)}"
+        )
+    for name, value in (("w_symmetry", w_symmetry), ("a_symmetry", a_symmetry)):
+        if value not in SYMMETRIES:
+            raise ValueError(f"{name}={value!r}: accepted values are {', '.join(SYMMETRIES)}")
+
+
 @dataclass(frozen=True)
 class LayerChoice:
     """The quantization form of one layer."""
@@ -183,14 +194,7 @@ class LayerChoice:
         v = self.a_bits
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v not in BITS_RANGE):
             raise ValueError(f"a_bits={v!r}: must be an int in 1..8 or None (float activation)")
-        if self.w_granularity not in GRANULARITIES:
-            raise ValueError(
-                f"w_granularity={self.w_granularity!r}: accepted values are "
-                f"{', '.join(GRANULARITIES)}"
-            )
-        for name in ("w_symmetry", "a_symmetry"):
-            if getattr(self, name) not in SYMMETRIES:
-                raise ValueError(f"{name}={getattr(self, name)!r}: accepted values are sym, asym")
+        check_form_fields(self.w_granularity, self.w_symmetry, self.a_symmetry)
 
     def to_dict(self) -> dict:
         return asdict(self)
