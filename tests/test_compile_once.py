@@ -52,9 +52,22 @@ def oracle(x, s, z, qmin, qmax, k, comp, axis, dy, g):
 
 
 BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp), "inline"]
+# the plain-op forward with the kernel's backward op (per-tensor forms; others ignore it)
+KERNEL_BACKWARD = [pytest.param("inline-cpp-backward", marks=requires_cpp), "inline-torch-backward"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _run_form(backend, x, s, z, form, g, axis):
+    if backend == "inline":  # the plain-torch form compiled graphs trace
+        return eqkernels.fake_quant_form_inline(x, s, z, form, g, axis=axis)
+    if backend.startswith("inline-"):
+        name = backend.split("-")[1]
+        return eqkernels.fake_quant_form_inline(
+            x, s, z, form, g, axis=axis, kernel_backward=True, backend=name
+        )
+    return eqkernels.fake_quant_form(x, s, z, form, g, axis=axis, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + KERNEL_BACKWARD)
 @pytest.mark.parametrize(
     "kind, axis",
     [("asym", 0), ("sym_per_tensor_broadcast", 0), ("layered", 0), ("asym", None)],
@@ -81,10 +94,7 @@ def test_fake_quant_form_matches_oracle(backend, kind, axis):
     form = torch.tensor(row, dtype=torch.float64)
     g = torch.tensor(0.37, dtype=torch.float64)
     xs, ss, zs = (t.clone().requires_grad_() for t in (x, s, z))
-    if backend == "inline":  # the plain-torch form compiled graphs trace
-        y = eqkernels.fake_quant_form_inline(xs, ss, zs, form, g, axis=axis)
-    else:
-        y = eqkernels.fake_quant_form(xs, ss, zs, form, g, axis=axis, backend=backend)
+    y = _run_form(backend, xs, ss, zs, form, g, axis)
     dy = torch.randn_like(x)
     y.backward(dy)
     ref_y, ref_dx, ref_ds, ref_dz = oracle(x, s, z, qmin, qmax, k, comp, axis, dy, 0.37)
@@ -94,6 +104,37 @@ def test_fake_quant_form_matches_oracle(backend, kind, axis):
     torch.testing.assert_close(ss.grad.double(), ref_ds, rtol=1e-5, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(zs.grad.double(), ref_dz, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert torch.isnan(ss.grad).any()  # the NaN is not hidden
+
+
+@pytest.mark.parametrize("backend", BACKENDS + KERNEL_BACKWARD)
+@pytest.mark.parametrize("kind", ["asym", "layered"])
+def test_per_tensor_form_of_a_channels_last_activation(backend, kind):
+    """An NCHW activation stored channels-last (what convolutions hand on): the per-tensor
+    kernels run over it in memory order; values, gradients and the layout match the oracle."""
+    x = (torch.randn(3, 5, 4, 6) * 2).contiguous(memory_format=torch.channels_last)
+    x[0, 1, 2, 3] = 50.0
+    x[2, 4, 0, 1] = float("-inf")
+    x[1, 0, 3, 5] = float("nan")
+    s, z = torch.tensor([0.21]), torch.tensor([3.4])
+    if kind == "asym":
+        row, qmin, qmax, k, comp = eqkernels.form_row(0, 15), 0, 15, 0, 0.0
+    else:
+        z = torch.zeros(1)
+        row = eqkernels.layered_form_row(3, 6)
+        qmin, qmax, k, comp = -32, 31, 3, (1 - 2.0**-3) / 2
+    form = torch.tensor(row, dtype=torch.float64)
+    xs, ss, zs = (t.clone().requires_grad_() for t in (x, s, z))
+    y = _run_form(backend, xs, ss, zs, form, torch.tensor(0.25, dtype=torch.float64), None)
+    dy = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    y.backward(dy)
+    ref_y, ref_dx, ref_ds, ref_dz = oracle(x, s, z, qmin, qmax, k, comp, None, dy, 0.25)
+    exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(y, ref_y.float(), **exact)
+    torch.testing.assert_close(xs.grad, ref_dx.float(), **exact)
+    assert y.stride() == x.stride() and xs.grad.stride() == x.stride()
+    torch.testing.assert_close(ss.grad.double(), ref_ds, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(zs.grad.double(), ref_dz, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isnan(ss.grad).all() and torch.isnan(zs.grad).all()  # the NaN is not hidden
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:2])

@@ -12,7 +12,9 @@ depends on it from tensors:
   [C, K // group_size] instead and runs the group form of the op: the per-element map of a
   broadcast scale is that form's own, so the tensor, channel and group forms share one graph;
 - the form row (range, layering step, compensation: `eqkernels.form_row`) from `form_table`,
-  run by `eqkernels.fake_quant_form_inline` (or the kernel op, KERNEL_IN_GRAPHS);
+  run by `eqkernels.fake_quant_form_inline` (or the kernel op, KERNEL_IN_GRAPHS); an activation
+  (per-tensor) quantizer runs its backward through the kernel's backward op
+  (kernel_backward=True), which lets inductor fuse the batch norm / ReLU backward around it;
 - the LSQ gradient scale 1/sqrt(n * max(qmax, 1)), with n the elements sharing one scale.
 
 Per-bit batch norm (`SwitchableBatchNorm2d`) likewise selects its width by `bn_index`
@@ -89,7 +91,15 @@ def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
             backend=quantizer.backend,
         )
     return eqkernels.fake_quant_form_inline(
-        x, scale, zero_point, form, grad_factor, axis=axis, group_size=group_size
+        x,
+        scale,
+        zero_point,
+        form,
+        grad_factor,
+        axis=axis,
+        group_size=group_size,
+        kernel_backward=True,
+        backend=quantizer.backend,
     )
 
 
