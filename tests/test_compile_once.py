@@ -138,13 +138,23 @@ def test_per_tensor_form_of_a_channels_last_activation(backend, kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:2])
-def test_fake_quant_form_opcheck(backend):
-    x = torch.randn(4, 3, 5, requires_grad=True)
-    s = (torch.rand(4) * 0.2 + 0.05).requires_grad_()
-    z = torch.full((4,), 2.0, requires_grad=True)
+@pytest.mark.parametrize("axis", [0, 1, -1], ids=["axis0", "axis1", "per-tensor"])
+def test_fake_quant_form_opcheck(backend, axis):
+    """The ops take any layout (flexible_layout); their outputs have empty_like(x)'s strides,
+    as the fake implementations say, also for a channels-last x."""
+    x = torch.randn(4, 3, 5, 2).contiguous(memory_format=torch.channels_last)
+    c = 1 if axis == -1 else x.shape[axis]
+    s = (torch.rand(c) * 0.2 + 0.05).requires_grad_()
+    z = torch.full((c,), 2.0, requires_grad=True)
     form = torch.tensor(eqkernels.form_row(-8, 7), dtype=torch.float64)
-    args = (x, s, z, form, torch.tensor(0.5, dtype=torch.float64), 0, backend)
+    g = torch.tensor(0.5, dtype=torch.float64)
+    args = (x.requires_grad_(), s, z, form, g, axis, backend)
     torch.library.opcheck(torch.ops.eqk.fake_quant_form.default, args)
+    dy = torch.randn(x.shape)  # NCHW-contiguous while x is channels-last
+    args = (dy, x.detach(), s.detach(), z.detach(), form, g, axis, backend)
+    torch.library.opcheck(torch.ops.eqk.fake_quant_form_backward.default, args)
+    dx = torch.ops.eqk.fake_quant_form_backward(*args)[0]
+    assert dx.stride() == x.stride()
 
 
 def test_fake_quant_form_rejects_bad_form_shape():

@@ -78,14 +78,27 @@ def _backward_torch(grad, x, s, zero_point, qmin, qmax, inv_step, step, comp, ax
     return dx.to(x.dtype), ds.to(s.dtype), dz.to(s.dtype)
 
 
+def _layout_of(x: Tensor, y: Tensor) -> Tensor:
+    """y with the strides of `torch.empty_like(x)`, what the fake implementations return: the ops
+    take any input layout (flexible_layout), so a compiled graph keeps channels-last activations
+    channels-last instead of converting them for the op."""
+    if y.stride() == x.stride():
+        return y
+    out = torch.empty_like(x, dtype=y.dtype)
+    out.copy_(y)
+    return out
+
+
 def _run_forward(backend, x, scale, zero_point, form, axis):
     _checks.body_checks(scale, zero_point)
     qmin, qmax, inv_step, step, comp = _unpack(form)
     name = _checks.resolve(backend, x.device, "fake_quant")
     if name == "torch":
-        return _forward_torch(x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis)
+        y = _forward_torch(x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis)
+        return _layout_of(x, y)
     s, inv_s, zr = _kernels.kernel_params(x, scale, zero_point, axis)
-    return _kernels.kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
+    y = _kernels.kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
+    return _layout_of(x, y)
 
 
 def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis):
@@ -93,19 +106,20 @@ def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis):
     g = float(grad_factor)
     name = _checks.resolve(backend, x.device, "fake_quant")
     if name == "torch":
-        return _backward_torch(
+        dx, ds, dz = _backward_torch(
             grad, x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis, g
         )
+        return _layout_of(x, dx), ds, dz
     s, inv_s, zr = _kernels.kernel_params(x, scale, zero_point, axis)
     dx, sum_t, sum_z = _kernels.kernel_backward(
         name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
     )
     ds = (g * sum_t).reshape(scale.shape).to(scale.dtype)
     dz = (g * sum_z).reshape(scale.shape).to(scale.dtype)
-    return dx, ds, dz
+    return _layout_of(x, dx), ds, dz
 
 
-@torch.library.custom_op("eqk::fake_quant_form", mutates_args=())
+@torch.library.custom_op("eqk::fake_quant_form", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _fake_quant_form_op(
     x: Tensor,
     scale: Tensor,
@@ -123,7 +137,9 @@ def _(x, scale, zero_point, form, grad_factor, axis, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("eqk::fake_quant_form_backward", mutates_args=())
+@torch.library.custom_op(
+    "eqk::fake_quant_form_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+)
 def _fake_quant_form_backward_op(
     grad: Tensor,
     x: Tensor,
