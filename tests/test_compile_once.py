@@ -213,15 +213,19 @@ def _step(model, x, configs, net):
     ids=["forms", "nested-per-bit-bn"],
 )
 @pytest.mark.parametrize(
-    "kernel_in_graphs",
-    [False, pytest.param(True, marks=pytest.mark.slow)],
-    ids=["inline", "kernel-op"],
+    "mode",
+    [
+        "inline-kernel-backward",
+        pytest.param("inline", marks=pytest.mark.slow),
+        pytest.param("kernel-op", marks=pytest.mark.slow),
+    ],
 )
-def test_random_per_layer_configs_compile_one_graph(
-    space, per_bit_bn, kernel_in_graphs, monkeypatch
-):
+def test_random_per_layer_configs_compile_one_graph(space, per_bit_bn, mode, monkeypatch):
+    """mode: plain-op forward with the activations' backward by the kernel op (the default),
+    all plain ops (EQK_COMPILE_INLINE_BACKWARD=1), or the kernel ops (EQK_COMPILE_KERNEL=1)."""
     torch._dynamo.reset()
-    monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", kernel_in_graphs)
+    monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", mode == "kernel-op")
+    monkeypatch.setattr(form_data, "INLINE_BACKWARD", mode == "inline")
     net = _net(space, per_bit_bn).train()
     counter = GraphCounter()
     compiled = torch.compile(net, backend=counter.backend)
@@ -291,3 +295,45 @@ def test_per_bit_batchnorm_running_stats_follow_the_active_width():
             if "running" in name or "num_batches" in name:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert counter.forward_graphs == 1
+
+
+@pytest.mark.slow
+@requires_cpp
+def test_inductor_kernel_backward_matches_plain_op_backward(monkeypatch):
+    """Inductor (not the counting backend), activations channels-last: the activation
+    quantizers' backward by the kernel op, fused with the batch norm and ReLU around it, against
+    the same graph with that backward as plain ops (checked against the oracle above). Against
+    eager mode a comparison would not hold: inductor reorders the batch-norm sums, and a
+    rounding difference at a grid midpoint moves an activation by a whole step."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 3),
+    )
+    space = ElasticSpace(w_bits=(2, 4, 8), a_bits=(2, 4, 8), a_symmetries=("sym", "asym"))
+    net = eqnet.convert(model, space, keep_first_last="elastic")
+    eqnet.calibrate(net, [(torch.randn(8, 3, 6, 6), None)], batches=1, method="lsq")
+    net.train()
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(5)
+    cfgs = [SubnetConfig.random(space, net, generator=gen) for _ in range(3)]
+    results = {}
+    for inline in (False, True):
+        torch._dynamo.reset()
+        monkeypatch.setattr(form_data, "INLINE_BACKWARD", inline)
+        compiled = torch.compile(copy.deepcopy(net))
+        results[inline] = [_step(compiled, x, [cfgs[0]], compiled._orig_mod)]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        results[inline] += [_step(compiled, x, [c], compiled._orig_mod) for c in cfgs[1:]]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
+    for (got, got_grads), (want, want_grads) in zip(results[False], results[True]):
+        assert torch.equal(got[0], want[0])
+        assert got_grads.keys() == want_grads.keys() and len(got_grads) > 0
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6)

@@ -40,6 +40,10 @@ import eqkernels
 # inductor fuses with the neighbouring batch norm and ReLU); EQK_COMPILE_KERNEL=1 calls the
 # C++/Triton kernel through the opaque `eqk::fake_quant_form` op instead.
 KERNEL_IN_GRAPHS = os.environ.get("EQK_COMPILE_KERNEL", "0") == "1"
+# An activation quantizer's backward runs the kernel's backward op (see
+# `fake_quant_form_inline`'s kernel_backward); EQK_COMPILE_INLINE_BACKWARD=1 traces it as plain
+# torch ops instead (slower: inductor stores extra full-size buffers around it).
+INLINE_BACKWARD = os.environ.get("EQK_COMPILE_INLINE_BACKWARD", "0") == "1"
 
 
 def form_table(quantizer) -> torch.Tensor:
@@ -98,7 +102,7 @@ def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
         grad_factor,
         axis=axis,
         group_size=group_size,
-        kernel_backward=True,
+        kernel_backward=not INLINE_BACKWARD,
         backend=quantizer.backend,
     )
 
