@@ -16,6 +16,8 @@ kernel ops for the forward as well.
 The fake-quant backend is whatever `auto` resolves to (the C++ kernel when eqkernels._C has
 it, else the pure-torch reference); the table says which. Run with nothing else on the
 machine: `EQK_EXT_DIR=<private build>/eqkernels .venv/bin/python -m bench.bench_train_step`.
+After changing the fake-quant ops, add TORCHINDUCTOR_FORCE_DISABLE_CACHES=1: inductor's graph
+cache keys on the graph, not on a custom op's tags or body, and would serve the old kernels.
 """
 
 from __future__ import annotations
