@@ -163,7 +163,7 @@ def codes_case(case, bits, variant):
 @pytest.mark.parametrize("case", CODES_CASES, ids=lambda c: "M{}N{}K{}g{}".format(*c))
 def test_bf16_code_kernels_match_float64_oracle(case, bits, variant):
     level_or_skip(4)
-    M, N, K, gs = case
+    K, gs = case[2:]
     x, q, planes, s, cz = codes_case(case, bits, variant)
     xb = x.to(torch.bfloat16)
     y = kernel()(xb, planes, bits, K, s, cz, gs, 4)
@@ -176,7 +176,7 @@ def test_bf16_code_kernels_keep_nan_rows(M):
     x, _q, planes, s, cz = make_case(M, 37, 640, 4, 32, compensated=True, zero_point=True)
     x[1, 77] = float("nan")
     y = kernel()(x.to(torch.bfloat16), planes, 4, 640, s, cz, 32, -1)
-    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0] + list(range(2, M))]).any()
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, *range(2, M)]]).any()
 
 
 def test_planes_beyond_bits_are_not_read():
