@@ -51,15 +51,14 @@ EQK_TARGET_CODES __attribute__((always_inline)) inline void flush(__m512 (*part)
   }
 }
 
-// Activation rows m0 .. m0 + MR - 1 against weight row n: tot_buf[16 m + lane] = the 16-lane
-// fp32 sums of sum_g s sum_{k in g} q x. Per (m, n): NACC partials of exact code products
+// Activation rows m0 .. m0 + MR - 1 against weight row n: out[m, n] = y[m, n]. Per (m, n): NACC partials of exact code products
 // (vdpbf16ps) and a running sum; per group (wide: whole 128-column blocks) or per block
 // (narrow: per-lane scales cs, one per 32 columns, lanes 4c..4c+3 = chunk c) the partials are
 // scaled into the sum. NACC > 1 where flushes are rare: independent chains hide the vdpbf16ps
 // latency when few rows share a decoded block.
 template <int BITS, int MR, bool NARROW, int NACC>
 EQK_TARGET_CODES void tile_t(const CodesCall& c, const NibbleDecode& d, int64_t n, int64_t m0,
-                             const float* cs, float* tot_buf) {
+                             const float* cs, float* out, int64_t ldo) {
   const Weights& w = *c.w;
   const float* srow = w.scale + n * w.G;
   const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -98,26 +97,16 @@ EQK_TARGET_CODES void tile_t(const CodesCall& c, const NibbleDecode& d, int64_t 
       }
     }
   }
-  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(tot_buf + 16 * m, tot[m]);
-}
-
-// out[m, n] = the lanes of tot plus the (c - z) correction sum_g s cz xsum[m, g].
-EQK_TARGET_CODES void finish_row(const CodesCall& c, int64_t n, const float* tot_buf, float* out,
-                                 int64_t ldo) {
-  const Weights& w = *c.w;
-  const float* srow = w.scale + n * w.G;
+  // The (c - z) term, sum_g s cz xsum[m, g], into the same lanes before the one reduction.
   const float* crow = w.cz + n * w.G;
-  for (int64_t m = 0; m < c.M; ++m) {
-    __m512 acc = _mm512_loadu_ps(tot_buf + 16 * m);
-    const float* xs = c.xsum + m * w.G;
-    for (int64_t j = 0; j < w.G; j += 16) {
-      const __mmask16 k = w.G - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (w.G - j)) - 1);
-      const __m512 scz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, srow + j),
-                                       _mm512_maskz_loadu_ps(k, crow + j));
-      acc = _mm512_fmadd_ps(scz, _mm512_maskz_loadu_ps(k, xs + j), acc);
-    }
-    out[m * ldo + n] = eqk::avx512::reduce_add_ps(acc);
+  for (int64_t j = 0; j < w.G; j += 16) {
+    const __mmask16 k = w.G - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (w.G - j)) - 1);
+    const __m512 scz =
+        _mm512_mul_ps(_mm512_maskz_loadu_ps(k, srow + j), _mm512_maskz_loadu_ps(k, crow + j));
+    for (int m = 0; m < MR; ++m)
+      tot[m] = _mm512_fmadd_ps(scz, _mm512_maskz_loadu_ps(k, c.xsum + (m0 + m) * w.G + j), tot[m]);
   }
+  for (int m = 0; m < MR; ++m) out[(m0 + m) * ldo + n] = eqk::avx512::reduce_add_ps(tot[m]);
 }
 
 // A row's planes, scales and cz two rows ahead: each row is a few short streams, too short
@@ -138,7 +127,6 @@ EQK_TARGET_CODES void rows_t(const CodesCall& c, int64_t n0, int64_t n1, float* 
   const Weights& w = *c.w;
   NibbleDecode d;
   make_nibble_decode(BITS, d);
-  std::vector<float> tot(static_cast<size_t>(c.M * 16));
   // Narrow groups other than 32 columns: the row's scales expanded to one per 32 columns.
   std::vector<float> cs_buf(NARROW && w.gs != 32 ? c.kpad / 32 : 0);
   // One flush per group of 256 or more columns (or per row): several partials per row.
@@ -151,21 +139,19 @@ EQK_TARGET_CODES void rows_t(const CodesCall& c, int64_t n0, int64_t n1, float* 
         cs_buf[ch] = w.scale[n * w.G + std::min<int64_t>(ch * 32 / w.gs, w.G - 1)];
       cs = cs_buf.data();
     }
-    float* tb = tot.data();
     int64_t m = 0;
-    for (; m + 7 <= c.M; m += 7) tile_t<BITS, 7, NARROW, 1>(c, d, n, m, cs, tb + 16 * m);
+    for (; m + 7 <= c.M; m += 7) tile_t<BITS, 7, NARROW, 1>(c, d, n, m, cs, out, ldo);
     switch (c.M - m) {
 #define EQK_CASE(R, A)                                                           \
   case R:                                                                       \
-    if (rare) tile_t<BITS, R, NARROW, A>(c, d, n, m, cs, tb + 16 * m);           \
-    else tile_t<BITS, R, NARROW, 1>(c, d, n, m, cs, tb + 16 * m);                \
+    if (rare) tile_t<BITS, R, NARROW, A>(c, d, n, m, cs, out, ldo);         \
+    else tile_t<BITS, R, NARROW, 1>(c, d, n, m, cs, out, ldo);         \
     break;
       EQK_CASE(6, 2) EQK_CASE(5, 2) EQK_CASE(4, 2) EQK_CASE(3, 2)
       EQK_CASE(2, 4) EQK_CASE(1, 4)
 #undef EQK_CASE
       default: break;
     }
-    finish_row(c, n, tb, out, ldo);
   }
 }
 
