@@ -16,7 +16,8 @@ path through `prepare_linear`. `--ggml BUILD` adds ggml's q4_0 and q4_K GEMV (M=
 K=14336, from its `test-backend-ops perf`, which runs hardware_concurrency() threads) as rows
 beside our M=1, K=14336 shape (bench/ggml_perf.py).
 
-Usage: `python -m bench.bench_lowbit_gemm [--quick] [--float] [--m 1 16] [--ggml BUILD]`
+Usage: `python -m bench.bench_lowbit_gemm [--quick] [--float] [--m 1 16] [--ggml BUILD]
+[--sample-seconds S]`
 (EQK_BENCH_THREADS sets threads; run with nothing else on the machine; EQK_EXT_DIR selects a
 private build of eqkernels._C).
 """
@@ -105,12 +106,16 @@ def bench_conv(table, B, C=64, H=32):
             lambda pb=pb, bits=bits, kw=kw: E.lowbit_conv2d(x, pb, scale, bits, 8, **kw, **ACT), pb.numel() * 4)  # fmt: skip
 
 
+SAMPLE_SECONDS = 0.0  # --sample-seconds: time each row at least this long
+
+
 def timed_wall_cpu(fn, heavy):
     """Median wall time, minimum wall time and median process CPU time (all threads, OpenMP
     spin-waits included) of fn(), in seconds. On a shared, oversubscribed machine the median
     wall time of a millisecond call is mostly other processes' time slices; the minimum is the
     closest to an idle machine."""
     warmup, repeat, min_time = (1, 5, 0.05) if heavy else (2, 10, 0.2)
+    min_time = max(min_time, SAMPLE_SECONDS)
     for _ in range(warmup):
         fn()
     walls, cpus = [], []
@@ -120,7 +125,7 @@ def timed_wall_cpu(fn, heavy):
         fn()
         cpus.append(time.process_time() - c0)
         walls.append(time.perf_counter() - w0)
-        if len(walls) >= 10 * repeat:
+        if len(walls) >= 10 * repeat and time.perf_counter() - start >= SAMPLE_SECONDS:
             break
     return statistics.median(walls), min(walls), statistics.median(cpus)
 
@@ -225,7 +230,16 @@ def main(argv=None):
         help="a ggml build dir holding bin/test-backend-ops: add its q4_0 and q4_K MUL_MAT perf "
         "rows (M=1, N=4096, K=14336) beside ours (ggml is never a dependency)",
     )
+    parser.add_argument(
+        "--sample-seconds",
+        type=float,
+        default=0.0,
+        help="time every row for at least this long (on a shared machine more calls make an "
+        "undisturbed minimum likelier)",
+    )
     args = parser.parse_args(argv)
+    global SAMPLE_SECONDS
+    SAMPLE_SECONDS = args.sample_seconds
     if args.float:
         return main_float(args)
     threads = threads_from_env()
