@@ -105,6 +105,10 @@ void rows_codes_bf16(const Weights& w, const uint16_t* xp, const float* xsum, in
 // nb), for the panel_outer_bf16_avx512bf16 microkernel; k0, kc multiples of kCodesBlock.
 void decode_outer_codes(const Weights& w, int64_t n0, int64_t nb, int64_t k0, int64_t kc,
                         uint32_t* panel);
+// sT[g * kOuterNb + r] = s[n0 + r, g0 + g] and sczT = s cz there for g < ng (zero for r >= nb
+// or g >= ng_real), the scales of an outer panel's rows and groups.
+void outer_code_scales(const Weights& w, int64_t n0, int64_t nb, int64_t g0, int64_t ng,
+                       int64_t ng_real, float* sT, float* sczT);
 // The (c - z) term of an outer panel: out[m * ldo + r] += sum_{g < ngroups} xsum[m * ldxs + g]
 // * sczT[g * kOuterNb + r] for r < nb, m < M (sczT = s cz of the panel's rows and groups).
 void add_outer_correction(const float* xsum, int64_t ldxs, int64_t M, const float* sczT,

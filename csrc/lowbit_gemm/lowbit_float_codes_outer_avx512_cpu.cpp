@@ -128,7 +128,38 @@ EQK_TARGET_CODES void add_outer_correction_t(const float* xsum, int64_t ldxs, in
   }
 }
 
+// sT[gi * kOuterNb + r] = s[n0 + r, g0 + gi] and sczT = s cz there, for r < kOuterNb and
+// gi < ng (zero for r >= nb or gi >= ng_real): 16 x 16 transposes of the row-major scales.
+EQK_TARGET_CODES void outer_scales_t(const Weights& w, int64_t n0, int64_t nb, int64_t g0,
+                                     int64_t ng, int64_t ng_real, float* sT, float* sczT) {
+  for (int64_t r0 = 0; r0 < kOuterNb; r0 += 16)
+    for (int64_t j0 = 0; j0 < ng; j0 += 16) {
+      const int64_t cols = std::max<int64_t>(0, std::min<int64_t>(16, ng_real - j0));
+      const __mmask16 k = static_cast<__mmask16>((1u << cols) - 1);
+      __m512i sv[16], cv[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const bool real = r0 + i < nb;
+        const int64_t at = (n0 + r0 + i) * w.G + g0 + j0;
+        sv[i] = real ? _mm512_castps_si512(_mm512_maskz_loadu_ps(k, w.scale + at)) : _mm512_setzero_si512();
+        cv[i] = real ? _mm512_castps_si512(_mm512_maskz_loadu_ps(k, w.cz + at)) : _mm512_setzero_si512();
+      }
+      transpose16(sv);
+      transpose16(cv);
+      for (int64_t j = 0; j < std::min<int64_t>(16, ng - j0); ++j) {
+        const __m512 s = _mm512_castsi512_ps(sv[j]);
+        _mm512_storeu_ps(sT + (j0 + j) * kOuterNb + r0, s);
+        _mm512_storeu_ps(sczT + (j0 + j) * kOuterNb + r0,
+                         _mm512_mul_ps(s, _mm512_castsi512_ps(cv[j])));
+      }
+    }
+}
+
 }  // namespace
+
+void outer_code_scales(const Weights& w, int64_t n0, int64_t nb, int64_t g0, int64_t ng,
+                       int64_t ng_real, float* sT, float* sczT) {
+  outer_scales_t(w, n0, nb, g0, ng, ng_real, sT, sczT);
+}
 
 void add_outer_correction(const float* xsum, int64_t ldxs, int64_t M, const float* sczT,
                           int64_t ngroups, int64_t nb, float* out, int64_t ldo) {

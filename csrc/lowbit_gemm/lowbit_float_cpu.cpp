@@ -249,13 +249,7 @@ void run_outer_codes(const Weights& w, const at::Tensor& x, int64_t kp, float* o
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n0 = b * nr, nb = std::min(nr, w.N - n0);
         lf::decode_outer_codes(w, n0, nb, k0, kc, panel.data());
-        for (int64_t gi = 0; gi < ng; ++gi)
-          for (int64_t r = 0; r < nr; ++r) {
-            const bool real = r < nb && gi < ng_real;
-            const int64_t at = (n0 + r) * w.G + g0 + gi;
-            sT[gi * nr + r] = real ? w.scale[at] : 0.0f;
-            sczT[gi * nr + r] = real ? w.scale[at] * w.cz[at] : 0.0f;
-          }
+        lf::outer_code_scales(w, n0, nb, g0, ng, ng_real, sT.data(), sczT.data());
         lf::panel_outer_bf16_avx512bf16(xpp + k0, kpad, M, panel.data(), kc, sT.data(), gs_kc,
                                         nb, out + n0, w.N);
         if (w.G > 1 || k0 == 0)  // per channel: one group over every chunk, added once
