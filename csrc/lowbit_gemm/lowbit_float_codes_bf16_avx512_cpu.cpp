@@ -70,6 +70,17 @@ EQK_TARGET_CODES void tile_t(const CodesCall& c, const NibbleDecode& d, int64_t 
   const uint16_t* x0 = c.x + m0 * c.kpad;
   int64_t g = 0;
   for (int64_t ks = 0; ks < c.kpad; ks += kSuper) {
+    // The row two ahead, a line per plane, scale and cz row per 512 columns: a row is a few
+    // short streams that the hardware prefetchers do not pick up, and a burst of prefetches
+    // at the row's start would overflow the miss buffers.
+    if (m0 == 0 && n + 2 < w.N) {
+      for (int j = 0; j < BITS; ++j)
+        __builtin_prefetch(reinterpret_cast<const char*>(w.row(j, n + 2)) + ks / 8);
+      if (ks / 8 < 4 * w.G) {
+        __builtin_prefetch(reinterpret_cast<const char*>(w.scale + (n + 2) * w.G) + ks / 8);
+        __builtin_prefetch(reinterpret_cast<const char*>(w.cz + (n + 2) * w.G) + ks / 8);
+      }
+    }
     __m512i z[4];
     load_planes<BITS>(w, n, ks, z);
     const int64_t nblk = std::min<int64_t>(4, (c.kpad - ks) / kBlock);
@@ -109,18 +120,6 @@ EQK_TARGET_CODES void tile_t(const CodesCall& c, const NibbleDecode& d, int64_t 
   for (int m = 0; m < MR; ++m) out[(m0 + m) * ldo + n] = eqk::avx512::reduce_add_ps(tot[m]);
 }
 
-// A row's planes, scales and cz two rows ahead: each row is a few short streams, too short
-// for the hardware prefetchers to ramp up.
-inline void prefetch_row(const Weights& w, int64_t n, int bits) {
-  for (int j = 0; j < bits; ++j)
-    for (int64_t b = 0; b < 4 * w.W; b += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(w.row(j, n)) + b);
-  for (int64_t b = 0; b < 4 * w.G; b += 64) {
-    __builtin_prefetch(reinterpret_cast<const char*>(w.scale + n * w.G) + b);
-    __builtin_prefetch(reinterpret_cast<const char*>(w.cz + n * w.G) + b);
-  }
-}
-
 template <int BITS, bool NARROW>
 EQK_TARGET_CODES void rows_t(const CodesCall& c, int64_t n0, int64_t n1, float* out,
                              int64_t ldo) {
@@ -132,7 +131,6 @@ EQK_TARGET_CODES void rows_t(const CodesCall& c, int64_t n0, int64_t n1, float* 
   // One flush per group of 256 or more columns (or per row): several partials per row.
   const bool rare = !NARROW && (w.G == 1 || w.gs >= 2 * kBlock);
   for (int64_t n = n0; n < n1; ++n) {
-    if (n + 2 < w.N) prefetch_row(w, n + 2, BITS);
     const float* cs = w.scale + n * w.G;
     if (NARROW && w.gs != 32) {
       for (int64_t ch = 0; ch < c.kpad / 32; ++ch)

@@ -61,8 +61,8 @@ EQK_TARGET_CODES __attribute__((always_inline)) inline void transpose16(__m512i*
 }
 
 // 16 rows from n0 (rn of them real, the rest zero) x kc columns from k0 into panel lanes r0..
-// r0 + 15; nib: kc / 128 * 16 vectors of scratch (64 bytes each). Rows are decoded one at a time (each plane a
-// contiguous stream, the row two ahead prefetched), then each block is transposed and looked up.
+// r0 + 15; nib: kc / 128 * 16 vectors of scratch (64 bytes each). Rows are decoded one at a
+// time (each plane a contiguous stream), then each block is transposed and looked up.
 template <int BITS>
 EQK_TARGET_CODES void decode16_t(const Weights& w, const NibbleDecode& d, int64_t n0, int64_t rn,
                                  int64_t k0, int64_t kc, uint32_t* nib, uint32_t* panel) {
@@ -73,11 +73,15 @@ EQK_TARGET_CODES void decode16_t(const Weights& w, const NibbleDecode& d, int64_
       continue;
     }
     const int64_t n = n0 + r;
-    if (n + 2 < w.N)
-      for (int j = 0; j < BITS; ++j)
-        for (int64_t kk = k0; kk < k0 + kc; kk += 512)
-          __builtin_prefetch(reinterpret_cast<const char*>(w.row(j, n + 2)) + kk / 8);
     for (int64_t ks = 0; ks < kc; ks += kSuper) {
+      if (n + 2 < w.N)  // a line per plane per 512 columns, spread over the row's work
+        for (int j = 0; j < BITS; ++j)
+          __builtin_prefetch(reinterpret_cast<const char*>(w.row(j, n + 2)) + (k0 + ks) / 8);
+      // this row's scales and cz of the chunk (for outer_code_scales after the decode); 512
+      // columns hold at most 16 groups, one line
+      const int64_t g = w.group(k0 + ks);
+      __builtin_prefetch(w.scale + n * w.G + g);
+      __builtin_prefetch(w.cz + n * w.G + g);
       __m512i z[4];
       load_planes<BITS>(w, n, k0 + ks, z);
       const int64_t tn = std::min<int64_t>(4, (kc - ks) / kBlock);
