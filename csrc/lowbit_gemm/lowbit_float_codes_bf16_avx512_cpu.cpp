@@ -17,7 +17,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdint>
 #include <vector>
 
@@ -51,11 +50,11 @@ EQK_TARGET_CODES __attribute__((always_inline)) inline void flush(__m512 (*part)
   }
 }
 
-// Activation rows m0 .. m0 + MR - 1 against weight row n: out[m, n] = y[m, n]. Per (m, n): NACC partials of exact code products
-// (vdpbf16ps) and a running sum; per group (wide: whole 128-column blocks) or per block
-// (narrow: per-lane scales cs, one per 32 columns, lanes 4c..4c+3 = chunk c) the partials are
-// scaled into the sum. NACC > 1 where flushes are rare: independent chains hide the vdpbf16ps
-// latency when few rows share a decoded block.
+// Activation rows m0 .. m0 + MR - 1 against weight row n: out[m, n] = y[m, n]. Per (m, n):
+// NACC partials of exact code products (vdpbf16ps) and a running sum; per group (wide: whole
+// 128-column blocks) or per block (narrow: per-lane scales cs, one per 32 columns, lanes
+// 4c..4c+3 = chunk c) the partials are scaled into the sum. NACC > 1 where flushes are rare:
+// independent chains hide the vdpbf16ps latency when few rows share a decoded block.
 template <int BITS, int MR, bool NARROW, int NACC>
 EQK_TARGET_CODES void tile_t(const CodesCall& c, const NibbleDecode& d, int64_t n, int64_t m0,
                              const float* cs, float* out, int64_t ldo) {
@@ -100,7 +99,8 @@ EQK_TARGET_CODES void tile_t(const CodesCall& c, const NibbleDecode& d, int64_t 
       if constexpr (NARROW) {
         // chunks past the row (K % 128 != 0) read no scale: their codes and x are zero
         const int64_t left = w.W - kb / 32;
-        const __m512 s4 = _mm512_maskz_loadu_ps(left >= 4 ? 0xF : (1u << left) - 1, cs + kb / 32);
+        const __mmask16 lanes = left >= 4 ? 0xF : static_cast<__mmask16>((1u << left) - 1);
+        const __m512 s4 = _mm512_maskz_loadu_ps(lanes, cs + kb / 32);
         flush<MR, NACC>(part, tot, _mm512_mask_permutexvar_ps(s4, 0xFFFF, quads, s4));
       } else if (kb + kBlock >= c.kpad || (w.G > 1 && kb + kBlock >= (g + 1) * w.gs)) {
         flush<MR, NACC>(part, tot, _mm512_set1_ps(srow[g]));
@@ -114,8 +114,10 @@ EQK_TARGET_CODES void tile_t(const CodesCall& c, const NibbleDecode& d, int64_t 
     const __mmask16 k = w.G - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (w.G - j)) - 1);
     const __m512 scz =
         _mm512_mul_ps(_mm512_maskz_loadu_ps(k, srow + j), _mm512_maskz_loadu_ps(k, crow + j));
-    for (int m = 0; m < MR; ++m)
-      tot[m] = _mm512_fmadd_ps(scz, _mm512_maskz_loadu_ps(k, c.xsum + (m0 + m) * w.G + j), tot[m]);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xs = _mm512_maskz_loadu_ps(k, c.xsum + (m0 + m) * w.G + j);
+      tot[m] = _mm512_fmadd_ps(scz, xs, tot[m]);
+    }
   }
   for (int m = 0; m < MR; ++m) out[(m0 + m) * ldo + n] = eqk::avx512::reduce_add_ps(tot[m]);
 }
@@ -140,10 +142,10 @@ EQK_TARGET_CODES void rows_t(const CodesCall& c, int64_t n0, int64_t n1, float* 
     int64_t m = 0;
     for (; m + 7 <= c.M; m += 7) tile_t<BITS, 7, NARROW, 1>(c, d, n, m, cs, out, ldo);
     switch (c.M - m) {
-#define EQK_CASE(R, A)                                                           \
-  case R:                                                                       \
-    if (rare) tile_t<BITS, R, NARROW, A>(c, d, n, m, cs, out, ldo);         \
-    else tile_t<BITS, R, NARROW, 1>(c, d, n, m, cs, out, ldo);         \
+#define EQK_CASE(R, A)                                         \
+  case R:                                                     \
+    if (rare) tile_t<BITS, R, NARROW, A>(c, d, n, m, cs, out, ldo); \
+    else tile_t<BITS, R, NARROW, 1>(c, d, n, m, cs, out, ldo);     \
     break;
       EQK_CASE(6, 2) EQK_CASE(5, 2) EQK_CASE(4, 2) EQK_CASE(3, 2)
       EQK_CASE(2, 4) EQK_CASE(1, 4)
@@ -184,9 +186,10 @@ EQK_TARGET_CODES void permute_x_t(const uint16_t* x, int64_t M, int64_t K, const
                             : left <= 0 ? __mmask32(0)
                                         : static_cast<__mmask32>((uint64_t(1) << left) - 1);
         in[v] = _mm512_maskz_loadu_epi16(k, xr + kb + 32 * v);
-        if (outer)
-          _mm512_storeu_si512(o + kb + 32 * v,
-                              _mm512_mask_permutexvar_epi16(in[v], ~__mmask32(0), idx_outer, in[v]));
+        if (outer) {
+          const __m512i xv = _mm512_mask_permutexvar_epi16(in[v], ~__mmask32(0), idx_outer, in[v]);
+          _mm512_storeu_si512(o + kb + 32 * v, xv);
+        }
       }
       __m512 chunk = _mm512_setzero_ps();
       for (int s = 0; s < 4; ++s) {

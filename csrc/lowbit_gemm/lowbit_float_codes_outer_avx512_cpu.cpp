@@ -69,7 +69,8 @@ EQK_TARGET_CODES void decode16_t(const Weights& w, const NibbleDecode& d, int64_
   const int64_t nblk = kc / kBlock;
   for (int64_t r = 0; r < 16; ++r) {
     if (r >= rn) {
-      for (int64_t b = 0; b < nblk; ++b) _mm512_storeu_si512(nib + (b * 16 + r) * 16, _mm512_setzero_si512());
+      for (int64_t b = 0; b < nblk; ++b)
+        _mm512_storeu_si512(nib + (b * 16 + r) * 16, _mm512_setzero_si512());
       continue;
     }
     const int64_t n = n0 + r;
@@ -118,7 +119,8 @@ EQK_TARGET_CODES void add_outer_correction_t(const float* xsum, int64_t ldxs, in
                                              const float* sczT, int64_t ngroups, int64_t nb,
                                              float* out, int64_t ldo) {
   const __mmask16 m0 = nb >= 16 ? kAll : static_cast<__mmask16>((1u << nb) - 1);
-  const __mmask16 m1 = nb >= 32 ? kAll : nb <= 16 ? 0 : static_cast<__mmask16>((1u << (nb - 16)) - 1);
+  const __mmask16 m1 =
+      nb >= 32 ? kAll : nb <= 16 ? 0 : static_cast<__mmask16>((1u << (nb - 16)) - 1);
   for (int64_t m = 0; m < M; ++m) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (int64_t g = 0; g < ngroups; ++g) {
@@ -144,8 +146,9 @@ EQK_TARGET_CODES void outer_scales_t(const Weights& w, int64_t n0, int64_t nb, i
       for (int64_t i = 0; i < 16; ++i) {
         const bool real = r0 + i < nb;
         const int64_t at = (n0 + r0 + i) * w.G + g0 + j0;
-        sv[i] = real ? _mm512_castps_si512(_mm512_maskz_loadu_ps(k, w.scale + at)) : _mm512_setzero_si512();
-        cv[i] = real ? _mm512_castps_si512(_mm512_maskz_loadu_ps(k, w.cz + at)) : _mm512_setzero_si512();
+        const __mmask16 kr = real ? k : 0;  // rows past N: zero, nothing read
+        sv[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(kr, w.scale + (real ? at : 0)));
+        cv[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(kr, w.cz + (real ? at : 0)));
       }
       transpose16(sv);
       transpose16(cv);
