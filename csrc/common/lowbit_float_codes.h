@@ -7,8 +7,8 @@
 // transposes them (as in lowbit_cpu_gfni.h), leaving the raw b-bit patterns of 128 columns as
 // nibbles. Nibble s of every 16-bit lane (shifted down by 4s) indexes a 32-entry vpermw table
 // of bf16 codes (the 16 entries twice, so bit 4 does not matter): 4 vectors of 32 bf16 codes
-// in 2 + 3 + 4 vector ops (W4). The table holds only the integer code (exact in bf16), so it
-// is the same for every group, row and call.
+// in 4 + 3 + 4 vector ops at W4 (2 + 3 + 4 at W1-W2). The table holds only the integer code
+// (exact in bf16), so it is the same for every group, row and call.
 //
 // The nibble order is not the column order: code vector s, bf16 lane i holds block column
 // code_column(s, i); the kernels permute the activations to match, once per call. The two

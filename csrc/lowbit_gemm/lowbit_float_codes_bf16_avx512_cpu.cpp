@@ -7,7 +7,7 @@
 // the table holds only the integer code q (exact in bf16), so it is the same for every group
 // and row of the call (a table carrying cz had to be rebuilt per group); the per-group (c - z)
 // terms are a small [M, N] correction from the activations' per-group sums. The products q x
-// are exact in fp32, as in the panel path. Per 128 columns of a row, W4: 9 vector ops of
+// are exact in fp32, as in the panel path. Per 128 columns of a row, W4: 11 vector ops of
 // decode, then 4 vdpbf16ps and one scaling FMA per activation row (the fp32 path converted bf16
 // activations and ran 8 FMAs per row instead).
 //
