@@ -221,10 +221,37 @@ EQK_TARGET_AVX512 void implicit_gemm(const uint8_t* const* P, int64_t rows, cons
   }
 }
 
+// Per padded pixel in [i0, i1), the sum of its C code bytes (C % 8 == 0): psadbw sums of the
+// 8-byte runs, C / 8 runs per pixel (a pixel's own copy_and_sum call cost as much as the GEMM
+// of a 16-channel layer).
+EQK_TARGET_AVX512 void pixel_sums(const uint8_t* u, int64_t i0, int64_t i1, int64_t C,
+                                  int32_t* S) {
+  const int64_t q = C / 8, n = (i1 - i0) * C;
+  const uint8_t* p = u + i0 * C;
+  alignas(64) int64_t t[8];
+  int64_t run = 0, pix = i0;
+  int32_t acc = 0;
+  for (int64_t off = 0; off < n; off += 64) {
+    const int64_t left = n - off;
+    const __mmask64 m = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    const __m512i v = _mm512_maskz_loadu_epi8(m, p + off);
+    _mm512_store_si512(t, _mm512_sad_epu8(v, _mm512_setzero_si512()));
+    const int64_t cnt = std::min<int64_t>(8, left / 8);
+    for (int64_t j = 0; j < cnt; ++j) {
+      acc += static_cast<int32_t>(t[j]);
+      if (++run == q) S[pix++] = acc, acc = 0, run = 0;
+    }
+  }
+}
+
 // Per padded pixel and group, the sum of the group's cin_g code bytes (for the implicit path's
 // code sums: a receptive field's sum is the sum of its taps' pixel sums).
 void group_sums(const uint8_t* u, int64_t pixels, int64_t C, int64_t groups, int32_t* S) {
   const int64_t cin_g = C / groups;
+  if (groups == 1 && C % 8 == 0) {  // only the implicit (AVX-512 VNNI) path calls this
+    at::parallel_for(0, pixels, 4096, [&](int64_t i0, int64_t i1) { pixel_sums(u, i0, i1, C, S); });
+    return;
+  }
   at::parallel_for(0, pixels, 1024, [&](int64_t i0, int64_t i1) {
     uint8_t scratch[64];
     for (int64_t i = i0; i < i1; ++i)
@@ -236,43 +263,6 @@ void group_sums(const uint8_t* u, int64_t pixels, int64_t C, int64_t groups, int
         }
         S[i * groups + g] = s;
       }
-  });
-}
-
-// Codes of x [B, C, H, W] as channels-last padded bytes [B, Hp, Wp, C] (border: the code of
-// real zero, minus sub). A channels-last x is quantized in whole rows of W*C values.
-void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int64_t Wp,
-                std::vector<uint8_t>& u) {
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto& q = p.q;
-  // Without padding every byte is written below: no fill pass.
-  if (p.ph == 0 && p.pw == 0)
-    u.resize(B * Hp * Wp * C);
-  else
-    u.assign(B * Hp * Wp * C, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
-  const float* xp = x.data_ptr<float>();
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / (W * C)), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / H, h = i % H;
-        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * C;
-        eqk::lowbit::quantize_codes(level, xp + i * W * C, W * C, q.inv, q.z, q.lo, q.hi, q.off,
-                                    dst);
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t i0, int64_t i1) {
-    std::vector<uint8_t> row(W);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / C, ch = i % C;
-      for (int64_t h = 0; h < H; ++h) {
-        eqk::lowbit::quantize_codes(level, xp + (i * H + h) * W, W, q.inv, q.z, q.lo, q.hi,
-                                    q.off, row.data());
-        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * C + ch;
-        for (int64_t w = 0; w < W; ++w) dst[w * C] = row[w];
-      }
-    }
   });
 }
 
@@ -336,46 +326,52 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
 
 at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* residual,
                      Activation act, int64_t isa, BufferPool* pool) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat,
+  // A uint8 input is the code buffer of a qconv_codes step made for this conv (checked when
+  // the steps were added): [B, Hp, Wp, C] in this conv's padding, read as is.
+  const bool in_codes = x_in.scalar_type() == at::kByte;
+  TORCH_CHECK(x_in.dim() == 4 && (in_codes || x_in.scalar_type() == at::kFloat),
               "qconv: x must be a float32 [B, C, H, W] tensor");
   TORCH_CHECK(p.z_in_range, "qconv: the activation zero point lies outside its range");
   BufferPool none;
   BufferPool& outs = pool != nullptr ? *pool : none;
-  const at::Tensor x = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) ? x_in
-                                                                          : x_in.contiguous();
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const at::Tensor x = in_codes || x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
+                           ? x_in
+                           : x_in.contiguous();
+  const int64_t B = x.size(0), C = in_codes ? x.size(3) : x.size(1);
+  const int64_t Hp = in_codes ? x.size(1) : x.size(2) + 2 * p.ph;
+  const int64_t Wp = in_codes ? x.size(2) : x.size(3) + 2 * p.pw;
   const int64_t groups = p.groups, N = p.N, cin_g = C / groups, n_g = N / groups;
   TORCH_CHECK(C % groups == 0, "qconv: input channels ", C, " not divisible by groups");
+  TORCH_CHECK(!in_codes || x.is_contiguous(), "qconv: the code buffer must be contiguous");
+  const int level = eqk::lowbit::kernel_level(isa);
+  // Reused across calls and layers on this thread: a fresh buffer per call page-faulted.
+  static thread_local std::vector<uint8_t> u;
+  if (!in_codes) codes_nhwc(level, x, p, Hp, Wp, u);
+  const uint8_t* codes = in_codes ? x.data_ptr<uint8_t>() : u.data();  // workers must not
+                                                                         // name the thread_local
   if (p.depthwise) {
     TORCH_CHECK(C == groups && N == groups, "qconv: depthwise weights need ", groups,
                 " input channels, got ", C);
-    const int level = eqk::lowbit::kernel_level(isa);
-    static thread_local std::vector<uint8_t> dw_codes;
-    const int64_t Hp = x.size(2) + 2 * p.ph, Wp = x.size(3) + 2 * p.pw;
-    codes_nhwc(level, x, p, Hp, Wp, dw_codes);
-    return run_depthwise(p, x, dw_codes, Hp, Wp, residual, act, level, outs);
+    return run_depthwise(p, B, codes, Hp, Wp, residual, act, level, outs);
   }
   const int64_t K = cin_g * p.kh * p.kw, K4 = (K + 3) / 4, Kp = 4 * K4;
   const int64_t Npad = 16 * ((n_g + 15) / 16);
   TORCH_CHECK(p.packed.numel() == groups * K4 * Npad * 4, "qconv: the input's ", C,
               " channels do not match the packed weights");
-  const int64_t Hp = H + 2 * p.ph, Wp = W + 2 * p.pw;
   const int64_t OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
   const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
   TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
   const int64_t L = OH * OW;
-  auto y = outs.channels_last(B, N, OH, OW, x.options());
+  const bool out_codes = p.out.on;
+  const at::Tensor y = out_codes ? code_buffer(p, B, OH, OW, outs)
+                                 : outs.channels_last(B, N, OH, OW, at::TensorOptions());
   at::Tensor r;
   if (residual != nullptr) {
-    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
+    TORCH_CHECK(!out_codes && residual->sizes() == y.sizes() &&
+                    residual->scalar_type() == at::kFloat,
                 "qconv: the residual must be float32 of the output's shape");
     r = residual->contiguous(at::MemoryFormat::ChannelsLast);
   }
-  const int level = eqk::lowbit::kernel_level(isa);
-  // Reused across calls and layers on this thread: a fresh buffer per call page-faulted.
-  static thread_local std::vector<uint8_t> u;
-  codes_nhwc(level, x, p, Hp, Wp, u);
-  const uint8_t* codes = u.data();  // worker threads must not name the thread_local
   const bool implicit = level >= 2 && cin_g % 4 == 0;
   static thread_local std::vector<int32_t> sums;
   if (implicit && !p.cw_zero) {
@@ -385,8 +381,12 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   const int32_t* S = sums.data();
   const EpilogueFn epi =
       pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind, !p.cw_zero);
+  // Code output: each tile's fp32 epilogue goes to a task-local scratch and from there, row by
+  // row, into the consumer's padded layout.
+  const int64_t OWp = OW + 2 * p.out.pw, OHp = OH + 2 * p.out.ph;
+  uint8_t* cp = out_codes ? y.data_ptr<uint8_t>() : nullptr;
   const int8_t* wp = p.packed.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
+  float* yp = out_codes ? nullptr : y.data_ptr<float>();
   const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
   const int64_t sub = p.q.off;
   const int64_t blocks = (L + kRows - 1) / kRows;
@@ -404,6 +404,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     std::vector<uint8_t> A(kRows * Kp, 0);
     std::vector<int32_t> Cbuf(kRows * Npad);
     std::vector<double> xz(kRows);
+    std::vector<float> F(out_codes ? kRows * Npad : 0);
     std::vector<int64_t> taps(p.kh * p.kw);
     for (int64_t a = 0; a < p.kh; ++a)
       for (int64_t bb = 0; bb < p.kw; ++bb)
@@ -447,8 +448,22 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
         }
         const int64_t c0 = 16 * tile0, cnt = std::min(16 * tile1, n_g) - c0;  // this task's
         const int64_t n0 = gi * n_g + c0, off = (b * L + l0) * N + n0;
-        epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(),
-            rp == nullptr ? nullptr : rp + off, yp + off, N, act.lo, act.hi);
+        if (!out_codes) {
+          epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(),
+              rp == nullptr ? nullptr : rp + off, yp + off, N, act.lo, act.hi);
+          continue;
+        }
+        epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(), nullptr, F.data(), cnt,
+            act.lo, act.hi);
+        // With all channels in the tile, the positions of one output row are one byte run.
+        int64_t oy = l0 / OW, ox = l0 % OW;
+        for (int64_t rr = 0; rr < rows;) {
+          const int64_t run = cnt == N ? std::min(rows - rr, OW - ox) : 1;
+          uint8_t* dst = cp + ((b * OHp + oy + p.out.ph) * OWp + ox + p.out.pw) * N + n0;
+          store_codes(level, p, F.data() + rr * cnt, run * cnt, dst);
+          rr += run, ox += run;
+          if (ox == OW) ox = 0, ++oy;
+        }
       }
     }
   });

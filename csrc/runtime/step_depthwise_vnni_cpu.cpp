@@ -29,7 +29,7 @@ struct VnniArgs {
   const QConv* p;
   const uint8_t* u;  // codes - off, [B, Hp, Wp, C]
   const float* res;  // [B, OH, OW, C] or null
-  float* y;          // [B, OH, OW, C]
+  float* y;          // [B, OH, OW, C], or null: rows go to the caller's row buffer
   int64_t C, Cpad, Hp, Wp, OH, OW;
   Activation act;
 };
@@ -72,10 +72,11 @@ EQK_TARGET_AVX512 inline __m256 epilogue8(__m256i acc, __m256i xs, const QConv& 
   return eqk::avx512::cvtpd_ps(t);
 }
 
-// Output row (b, oy) from the R rows of its kh taps (kCw: with the code sums, see cw_zero).
+// Output row (b, oy) into yrow [OW, C] from the R rows of its kh taps (kCw: with the code
+// sums, see cw_zero).
 template <bool kCw>
 EQK_TARGET_AVX512 void compute_row(const VnniArgs& a, int64_t b, int64_t oy,
-                                   const uint32_t* const* R) {
+                                   const uint32_t* const* R, float* yrow) {
   const QConv& p = *a.p;
   const int64_t K = p.kh * p.kw;
   const __m512i ones = _mm512_set1_epi32(0x01010101);
@@ -110,7 +111,7 @@ EQK_TARGET_AVX512 void compute_row(const VnniArgs& a, int64_t b, int64_t oy,
       // zero's sign may differ, which no later step distinguishes).
       if (a.act.kind == 1) v = eqk::avx512::max_ps(v, zero);
       if (a.act.kind == 2) v = eqk::avx512::min_ps(eqk::avx512::max_ps(v, lo), hi);
-      _mm512_mask_storeu_ps(a.y + o, m, v);
+      _mm512_mask_storeu_ps(yrow + ox * a.C + c0, m, v);
     }
   }
 }
@@ -141,8 +142,9 @@ void prepare_depthwise_vnni(QConv& p) {
   if (!p.bias.empty()) p.bias.resize(Cpad, 0.0);
 }
 
-void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, float* y, int64_t B,
-                        int64_t Hp, int64_t Wp, int64_t OH, int64_t OW, Activation act) {
+void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, float* y,
+                        uint8_t* codes, int64_t B, int64_t Hp, int64_t Wp, int64_t OH,
+                        int64_t OW, Activation act) {
   const int64_t C = p.N, Cpad = 16 * ((C + 15) / 16);
   const VnniArgs a{&p, u, res, y, C, Cpad, Hp, Wp, OH, OW, act};
   // Rows of a task stay in one image; the R rows of the last `span` input rows are cached
@@ -153,6 +155,8 @@ void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, floa
   at::parallel_for(0, B * OH, grain, [&](int64_t i0, int64_t i1) {
     std::vector<uint32_t> cache(span * OW * Cpad);
     std::vector<int64_t> key(span, -1);
+    std::vector<float> scratch(codes != nullptr ? OW * C : 0);
+    const int64_t OHp = OH + 2 * p.out.ph, OWp = OW + 2 * p.out.pw;
     const uint32_t* R[8];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / OH, oy = i % OH;
@@ -162,10 +166,13 @@ void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, floa
         if (key[slot] != k) build_row(a, b, iy, r), key[slot] = k;
         R[ta] = r;
       }
+      float* yrow = codes != nullptr ? scratch.data() : y + i * OW * C;
       if (p.cw_zero)
-        compute_row<false>(a, b, oy, R);
+        compute_row<false>(a, b, oy, R, yrow);
       else
-        compute_row<true>(a, b, oy, R);
+        compute_row<true>(a, b, oy, R, yrow);
+      if (codes != nullptr)  // the row's OW * C values are one run of the padded code layout
+        store_codes(2, p, yrow, OW * C, codes + ((b * OHp + oy + p.out.ph) * OWp + p.out.pw) * C);
     }
   });
 }
