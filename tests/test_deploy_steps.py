@@ -472,3 +472,41 @@ def test_hostile_code_buffer_steps_are_refused(resnet20):
     x = torch.randn(1, 16, 5, 5)
     want = p2(torch.relu(p1(x)))
     assert torch.equal(p(x), want)
+
+
+class _Stems(nn.Module):
+    """Two stems on 3 input channels (3x3 and 7x7 stride 2, as CIFAR and ImageNet nets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.wide = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        a = F.adaptive_avg_pool2d(F.relu(self.stem(x)), 1)
+        b = F.adaptive_avg_pool2d(F.relu(self.wide(x)), 1)
+        return self.fc((a + b).flatten(1))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_three_channel_stems_equal_modules_at_every_isa(tmp_path, isa):
+    """8-bit stems on 3 channels (with AVX-512 VNNI their channels are padded to 4 with zero
+    weights for the implicit GEMM; below, im2col) equal the modules bit for bit, on NCHW and
+    channels-last input of odd sizes."""
+    from eqkernels.backend import force_cpu_isa
+
+    space = ElasticSpace(w_bits=(8,), a_bits=(8,), nested=True)
+    torch.manual_seed(0)
+    sn = eqnet.convert(_Stems(), space, keep_first_last="elastic")
+    eqnet.calibrate(sn, [(torch.randn(4, 3, 16, 16), torch.zeros(4))], batches=1, method="lsq")
+    path = tmp_path / "stems.eqk"
+    export(sn.eval(), path)
+    x = torch.randn(2, 3, 19, 13, generator=torch.Generator().manual_seed(2))
+    modules = load(path, bits=8, model=_Stems(), runtime="modules")
+    with force_cpu_isa(isa):
+        steps = load(path, bits=8, model=_Stems(), runtime="steps")
+        assert steps.step_program() is not None
+    with torch.no_grad():
+        for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(steps(xi), modules(xi))

@@ -19,19 +19,22 @@
 
 namespace eqk::steps {
 
-// Codes of x [B, C, H, W] as channels-last padded bytes [B, Hp, Wp, C] (border: the code of
-// real zero, minus sub). A channels-last x is quantized in whole rows of W*C values.
-void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int64_t Wp,
-                std::vector<uint8_t>& u) {
+// Codes of x [B, C, H, W] as channels-last padded bytes [B, Hp, Wp, Cs] (Cs >= C; border and
+// channels past C: the code of real zero, minus sub). A channels-last x is quantized in whole
+// rows of W*C values.
+void codes_nhwc(int level, const at::Tensor& x_in, const QConv& p, int64_t Hp, int64_t Wp,
+                int64_t Cs, std::vector<uint8_t>& u) {
+  const bool rows = Cs == x_in.size(1) && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = rows ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto& q = p.q;
   // Without padding every byte is written below: no fill pass.
-  if (p.ph == 0 && p.pw == 0)
-    u.resize(B * Hp * Wp * C);
+  if (p.ph == 0 && p.pw == 0 && Cs == C)
+    u.resize(B * Hp * Wp * Cs);
   else
-    u.assign(B * Hp * Wp * C, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
+    u.assign(B * Hp * Wp * Cs, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
   const float* xp = x.data_ptr<float>();
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+  if (rows) {
     at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / (W * C)), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H, h = i % H;
@@ -49,11 +52,39 @@ void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int6
       for (int64_t h = 0; h < H; ++h) {
         eqk::lowbit::quantize_codes(level, xp + (i * H + h) * W, W, q.inv, q.z, q.lo, q.hi,
                                     q.off, row.data());
-        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * C + ch;
-        for (int64_t w = 0; w < W; ++w) dst[w * C] = row[w];
+        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * Cs + ch;
+        for (int64_t w = 0; w < W; ++w) dst[w * Cs] = row[w];
       }
     }
   });
+}
+
+// The channel count a k4n16 weight tensor of K4 column groups was packed for, when the taps
+// T >= 4 fix it (ceil(c T / 4) == K4 holds for at most one c then); 0 otherwise.
+int64_t channels_of(int64_t K4, int64_t T) {
+  if (T < 4) return 0;
+  for (int64_t c = 1; c * T <= 4 * K4; ++c)
+    if ((c * T + 3) / 4 == K4) return c;
+  return 0;
+}
+
+void prepare_padded_channels(QConv& p) {
+  const int64_t T = p.kh * p.kw, K4 = p.packed.size(1), Npad = p.packed.size(2);
+  const int64_t cin = channels_of(K4, T), cpad = 4 * ((cin + 3) / 4), K4p = T * cpad / 4;
+  if (cin == 0 || cin % 4 == 0 || 4 * K4p * 255 * (int64_t(1) << (p.bits - 1)) >= (int64_t(1) << 31))
+    return;
+  at::Tensor w = at::zeros({1, K4p, Npad, 4}, at::kChar);
+  const int8_t* src = p.packed.data_ptr<int8_t>();
+  int8_t* dst = w.data_ptr<int8_t>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < cin; ++c) {
+      const int64_t k = t * cin + c, kp = t * cpad + c;  // (kh, kw, c) column order
+      for (int64_t n = 0; n < Npad; ++n)
+        dst[(kp / 4 * Npad + n) * 4 + kp % 4] = src[(k / 4 * Npad + n) * 4 + k % 4];
+    }
+  p.packed_pad = w;
+  p.cin_real = cin;
+  p.cin_pad = cpad;
 }
 
 at::Tensor code_buffer(const QConv& p, int64_t B, int64_t OH, int64_t OW, BufferPool& outs) {

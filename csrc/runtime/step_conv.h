@@ -58,6 +58,11 @@ struct QConv {
   std::vector<int8_t> dw_w4;         // depthwise, VNNI: [kh][Npad16][4] kernel rows (kw <= 4)
   std::vector<int32_t> dw_corr;      // depthwise, VNNI: off * (weight code sum) [Npad16]
   CodeTarget out;                    // qconv_codes: the next conv's codes instead of fp32
+  // k4n16 with cin_real % 4 != 0 input channels (a stem's 3) and no code sums (cw_zero): the
+  // weights again with the channels padded to cin_pad by zero weights, so that the implicit
+  // VNNI GEMM runs on codes padded alike (exact: a zero weight adds 0 to every sum).
+  at::Tensor packed_pad;
+  int64_t cin_real = 0, cin_pad = 0;
 };
 
 // The VNNI depthwise kernel (step_depthwise_vnni_cpu.cpp): its weights and padded epilogue
@@ -79,10 +84,13 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
                                   const std::vector<int64_t>& ints, double scale_factor, double c);
 
 // step_codes_cpu.cpp: the codes of x [B, C, H, W] (fp32) as p's padded channels-last bytes u
-// [B, Hp, Wp, C]; an output code buffer of p.out's layout with its border filled; one row of n
+// [B, Hp, Wp, Cs] (Cs >= C: channels padded with the code of zero); an output code buffer of p.out's layout with its border filled; one row of n
 // fp32 values stored as p.out's codes (the consumer's quantize_codes, so the same bytes).
 void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int64_t Wp,
-                std::vector<uint8_t>& u);
+                int64_t Cs, std::vector<uint8_t>& u);
+// k4n16 weights of channels padded to a multiple of 4 (packed_pad; make_qconv calls it for
+// convs without code sums).
+void prepare_padded_channels(QConv& p);
 at::Tensor code_buffer(const QConv& p, int64_t B, int64_t OH, int64_t OW, BufferPool& outs);
 void store_codes(int level, const QConv& p, const float* v, int64_t n, uint8_t* dst);
 
