@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -85,6 +86,41 @@ void prepare_padded_channels(QConv& p) {
   p.packed_pad = w;
   p.cin_real = cin;
   p.cin_pad = cpad;
+}
+
+void prepare_int_epilogue(QConv& p, int64_t K) {
+  const int64_t N = p.N;
+  const double cw0 = p.cw[0];
+  for (int64_t n = 0; n < N; ++n)
+    if (p.cw[n] != cw0) return;
+  int64_t mult = 1;
+  while (mult <= 1024 && std::nearbyint(cw0 * mult) != cw0 * mult) mult *= 2;
+  if (mult > 1024 || std::abs(cw0 * mult) > 65536.0) return;
+  const double xmul = cw0 * mult, dmult = static_cast<double>(mult);
+  // |acc| <= K 255 2^(bits-1); |xs| <= K (255 + 128); |x| <= |xs| + K |z|.
+  const double x_max = static_cast<double>(K) * (383.0 + std::abs(p.z));
+  double bound = dmult * static_cast<double>(K) * 255.0 * static_cast<double>(1 << (p.bits - 1)) +
+                 std::abs(xmul) * x_max;
+  double extra = 0.0;
+  std::vector<double> terms(N);
+  for (int64_t n = 0; n < N; ++n) {
+    // depthwise: mult acc + xmul xs - mult zw - xmul K z; k4n16: mult acc + mult czw + xmul x
+    terms[n] = p.depthwise ? -dmult * p.zw[n] - xmul * static_cast<double>(K) * p.z
+                           : dmult * p.czw[n];
+    extra = std::max(extra, std::abs(terms[n]));
+    const double s = p.sc[n] / dmult;
+    if (s != 0.0 && std::fpclassify(s) != FP_NORMAL) return;  // scaling by 1/mult not exact
+  }
+  if (!(bound + extra + std::abs(xmul) * 383.0 * static_cast<double>(K) < 2147483647.0)) return;
+  p.mult = static_cast<int32_t>(mult);
+  p.xmul = static_cast<int32_t>(xmul);
+  (p.depthwise ? p.dw_int : p.czw_int).resize(N);
+  p.sc_int.resize(N);
+  for (int64_t n = 0; n < N; ++n) {
+    (p.depthwise ? p.dw_int : p.czw_int)[n] = static_cast<int32_t>(terms[n]);
+    p.sc_int[n] = p.sc[n] / dmult;
+  }
+  p.int_epi = true;
 }
 
 at::Tensor code_buffer(const QConv& p, int64_t B, int64_t OH, int64_t OW, BufferPool& outs) {

@@ -57,6 +57,15 @@ struct QConv {
   std::vector<int32_t> dw_weights;   // depthwise: weight codes [kh*kw][N]
   std::vector<int8_t> dw_w4;         // depthwise, VNNI: [kh][Npad16][4] kernel rows (kw <= 4)
   std::vector<int32_t> dw_corr;      // depthwise, VNNI: off * (weight code sum) [Npad16]
+  // The epilogue in integers (prepare_int_epilogue, when exact): with cw = xmul / mult the same
+  // for every channel (mult a power of two) and every sum below 2^31 in magnitude,
+  // mult ((acc + czw) + x cw) is the int32 mult acc + czw_int[n] + xmul x (depthwise:
+  // mult acc + xmul xs + dw_int[n]), and times sc_int = sc / mult (exact, a power of two) it
+  // rounds to the same double as the float64 expression times sc.
+  bool int_epi = false;
+  int32_t mult = 1, xmul = 0;
+  std::vector<int32_t> czw_int, dw_int;
+  std::vector<double> sc_int;
   CodeTarget out;                    // qconv_codes: the next conv's codes instead of fp32
   // k4n16 with cin_real % 4 != 0 input channels (a stem's 3) and no code sums (cw_zero): the
   // weights again with the channels padded to cin_pad by zero weights, so that the implicit
@@ -91,6 +100,8 @@ void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int6
 // k4n16 weights of channels padded to a multiple of 4 (packed_pad; make_qconv calls it for
 // convs without code sums).
 void prepare_padded_channels(QConv& p);
+// The integer epilogue's terms (QConv::int_epi), for K columns; make_qconv calls it.
+void prepare_int_epilogue(QConv& p, int64_t K);
 at::Tensor code_buffer(const QConv& p, int64_t B, int64_t OH, int64_t OW, BufferPool& outs);
 void store_codes(int level, const QConv& p, const float* v, int64_t n, uint8_t* dst);
 

@@ -32,8 +32,9 @@ constexpr int64_t kRows = 64;  // output positions per task, as the per-layer ke
 
 // One block's epilogue, rows x cnt channels: the per-layer kernel's double expression
 // ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then the
-// activation (kAct: 0 none, 1 ReLU, 2 clamp to [lo, hi]).
-template <bool kBias, bool kRes, int kAct, bool kCw>
+// activation (kAct: 0 none, 1 ReLU, 2 clamp to [lo, hi]). kMode 0: no code sums (cw_zero),
+// 1: with them, 2: the same double from integers (QConv::int_epi).
+template <bool kBias, bool kRes, int kAct, int kMode>
 __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64_t ldc,
                                                          int64_t rows, int64_t cnt,
                                                          const QConv& p, int64_t n0,
@@ -42,18 +43,28 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
                                                          float hi) {
   const double* czw = p.czw.data() + n0;
   const double* cw = p.cw.data() + n0;
-  const double* sc = p.sc.data() + n0;
+  const double* sc = (kMode == 2 ? p.sc_int.data() : p.sc.data()) + n0;
+  const int32_t* ci = kMode == 2 ? p.czw_int.data() + n0 : nullptr;
+  const int32_t m = p.mult;
   const double* bias = kBias ? p.bias.data() + n0 : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* c = C + r * ldc;
     float* o = out + r * ldo;
     const float* rr = kRes ? res + r * ldo : nullptr;
-    const double x = kCw ? xz[r] : 0.0;
+    const double x = kMode == 1 ? xz[r] : 0.0;
+    // x = xs - K z is an integer (z is rounded); xmul x is exact in int32 (bounded when
+    // int_epi was chosen).
+    const int32_t xi = kMode == 2 && p.xmul != 0 ? static_cast<int32_t>(xz[r]) * p.xmul : 0;
     for (int64_t n = 0; n < cnt; ++n) {
       // czw = corr - zw: both integers below 2^53, so acc + corr - zw and acc + czw are
       // the same exact integer (one double add fewer per output).
-      double t = kCw ? ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n]
-                     : (static_cast<double>(c[n]) + czw[n]) * sc[n];
+      double t;
+      if (kMode == 2)
+        t = static_cast<double>(c[n] * m + (ci[n] + xi)) * sc[n];
+      else if (kMode == 1)
+        t = ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n];
+      else
+        t = (static_cast<double>(c[n]) + czw[n]) * sc[n];
       if (kBias) t = t + bias[n];
       float v = static_cast<float>(t);
       if (kRes) v = v + rr[n];
@@ -67,52 +78,53 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
 using EpilogueFn = void (*)(const int32_t*, int64_t, int64_t, int64_t, const QConv&, int64_t,
                             const double*, const float*, float*, int64_t, float, float);
 
-template <bool kBias, bool kRes, int kAct, bool kCw>
+template <bool kBias, bool kRes, int kAct, int kMode>
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void epilogue_avx512(
     const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p, int64_t n0,
     const double* xz, const float* res, float* out, int64_t ldo, float lo, float hi) {
-  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
+  epilogue_body<kBias, kRes, kAct, kMode>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, int kAct, bool kCw>
+template <bool kBias, bool kRes, int kAct, int kMode>
 EQK_TARGET_AVX2 void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt,
                                    const QConv& p, int64_t n0, const double* xz,
                                    const float* res, float* out, int64_t ldo, float lo,
                                    float hi) {
-  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
+  epilogue_body<kBias, kRes, kAct, kMode>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, int kAct, bool kCw>
+template <bool kBias, bool kRes, int kAct, int kMode>
 void epilogue_portable(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p,
                        int64_t n0, const double* xz, const float* res, float* out, int64_t ldo,
                        float lo, float hi) {
-  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
+  epilogue_body<kBias, kRes, kAct, kMode>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, int kAct, bool kCw>
+template <bool kBias, bool kRes, int kAct, int kMode>
 EpilogueFn pick_level(int level) {
-  if (level >= 2) return &epilogue_avx512<kBias, kRes, kAct, kCw>;
-  if (level == 1) return &epilogue_avx2<kBias, kRes, kAct, kCw>;
-  return &epilogue_portable<kBias, kRes, kAct, kCw>;
+  if (level >= 2) return &epilogue_avx512<kBias, kRes, kAct, kMode>;
+  if (level == 1) return &epilogue_avx2<kBias, kRes, kAct, kMode>;
+  return &epilogue_portable<kBias, kRes, kAct, kMode>;
 }
 
-template <bool kBias, bool kRes, bool kCw>
+template <bool kBias, bool kRes, int kMode>
 EpilogueFn pick_act(int level, int act) {
-  if (act == 1) return pick_level<kBias, kRes, 1, kCw>(level);
-  if (act == 2) return pick_level<kBias, kRes, 2, kCw>(level);
-  return pick_level<kBias, kRes, 0, kCw>(level);
+  if (act == 1) return pick_level<kBias, kRes, 1, kMode>(level);
+  if (act == 2) return pick_level<kBias, kRes, 2, kMode>(level);
+  return pick_level<kBias, kRes, 0, kMode>(level);
 }
 
-template <bool kCw>
+template <int kMode>
 EpilogueFn pick_bias_res(int level, bool bias, bool res, int act) {
   if (bias)
-    return res ? pick_act<true, true, kCw>(level, act) : pick_act<true, false, kCw>(level, act);
-  return res ? pick_act<false, true, kCw>(level, act) : pick_act<false, false, kCw>(level, act);
+    return res ? pick_act<true, true, kMode>(level, act) : pick_act<true, false, kMode>(level, act);
+  return res ? pick_act<false, true, kMode>(level, act) : pick_act<false, false, kMode>(level, act);
 }
 
-EpilogueFn pick_epilogue(int level, bool bias, bool res, int act, bool cw) {
-  return cw ? pick_bias_res<true>(level, bias, res, act)
-            : pick_bias_res<false>(level, bias, res, act);
+EpilogueFn pick_epilogue(int level, bool bias, bool res, int act, int mode) {
+  if (mode == 2) return pick_bias_res<2>(level, bias, res, act);
+  return mode == 1 ? pick_bias_res<1>(level, bias, res, act)
+                   : pick_bias_res<0>(level, bias, res, act);
 }
 
 }  // namespace
@@ -169,8 +181,9 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
     bound = std::max(bound, b);
   }
   p->finite_output = std::isfinite(bound) && bound < 1.3e36;  // 2^120
-  if (p->depthwise) prepare_depthwise_vnni(*p);
   if (!p->depthwise && p->groups == 1 && p->cw_zero) prepare_padded_channels(*p);
+  prepare_int_epilogue(*p, std::max(K, p->cin_pad * p->kh * p->kw));
+  if (p->depthwise) prepare_depthwise_vnni(*p);
   return p;
 }
 
@@ -234,7 +247,8 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   }
   const int32_t* S = sums.data();
   const EpilogueFn epi =
-      pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind, !p.cw_zero);
+      pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind,
+                    p.int_epi ? 2 : p.cw_zero ? 0 : 1);
   // Code output: each tile's fp32 epilogue goes to a task-local scratch and from there, row by
   // row, into the consumer's padded layout.
   const int64_t OWp = OW + 2 * p.out.pw, OHp = OH + 2 * p.out.ph;
