@@ -510,3 +510,32 @@ def test_three_channel_stems_equal_modules_at_every_isa(tmp_path, isa):
     with torch.no_grad():
         for xi in (x, x.contiguous(memory_format=torch.channels_last)):
             assert torch.equal(steps(xi), modules(xi))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_conv_epilogue_paths_equal_the_prepared_call(isa):
+    """The executor's conv epilogue runs in integers when one compensation term serves every
+    channel (layered 4-of-8-bit weights: mult = 32, xmul = 15) and in float64 when per-channel
+    weight zero points make the terms differ; both equal the per-layer prepared call bit for
+    bit, for k4n16 and depthwise convs, with and without code output."""
+    from eqkernels.backend import force_cpu_isa
+
+    g = torch.Generator().manual_seed(3)
+    act = eqkernels.ActQuant(torch.tensor([0.05]), torch.tensor([3.0]), 0, 15)
+    x = torch.randn(2, 16, 7, 9, generator=g)
+    for groups, kernel in ((1, 3), (16, 3)):
+        K = 16 // groups * kernel * kernel
+        q = torch.randint(-128, 128, (16, K), generator=g)
+        planes = eqkernels.pack_bitplanes(q, 8)
+        scale = torch.rand(16, generator=g) * 0.01 + 0.001
+        for wzp in (None, torch.randint(-3, 4, (16,), generator=g).float()):
+            p = eqkernels.prepare_conv2d(
+                planes, scale, 4, 8, in_channels=16, kernel_size=kernel, padding=1,
+                groups=groups, weight_zero_point=wzp, act=act, backend="cpp",
+            )  # fmt: skip
+            with force_cpu_isa(isa):
+                prog = eqkernels.StepProgram()
+                h = prog.conv(p, prog.input, relu=True, codes_for=p)
+                prog.finish(prog.conv(p, h))
+                want = p(torch.relu(p(x)))
+            assert torch.equal(prog(x), want)
