@@ -33,7 +33,7 @@ constexpr int64_t kRows = 64;  // output positions per task, as the per-layer ke
 // One block's epilogue, rows x cnt channels: the per-layer kernel's double expression
 // ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then the
 // activation (kAct: 0 none, 1 ReLU, 2 clamp to [lo, hi]). kMode 0: no code sums (cw_zero),
-// 1: with them, 2: the same double from integers (QConv::int_epi).
+// 1: with them, 2: the same double from integers (QConv::int_epi), 3: that without code sums.
 template <bool kBias, bool kRes, int kAct, int kMode>
 __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64_t ldc,
                                                          int64_t rows, int64_t cnt,
@@ -43,8 +43,8 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
                                                          float hi) {
   const double* czw = p.czw.data() + n0;
   const double* cw = p.cw.data() + n0;
-  const double* sc = (kMode == 2 ? p.sc_int.data() : p.sc.data()) + n0;
-  const int32_t* ci = kMode == 2 ? p.czw_int.data() + n0 : nullptr;
+  const double* sc = (kMode >= 2 ? p.sc_int.data() : p.sc.data()) + n0;
+  const int32_t* ci = kMode >= 2 ? p.czw_int.data() + n0 : nullptr;
   const int32_t m = p.mult;
   const double* bias = kBias ? p.bias.data() + n0 : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
@@ -59,7 +59,9 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
       // czw = corr - zw: both integers below 2^53, so acc + corr - zw and acc + czw are
       // the same exact integer (one double add fewer per output).
       double t;
-      if (kMode == 2)
+      if (kMode == 3)  // cw == 0: mult == 1, no code sums
+        t = static_cast<double>(c[n] + ci[n]) * sc[n];
+      else if (kMode == 2)
         t = static_cast<double>(c[n] * m + (ci[n] + xi)) * sc[n];
       else if (kMode == 1)
         t = ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n];
@@ -122,6 +124,7 @@ EpilogueFn pick_bias_res(int level, bool bias, bool res, int act) {
 }
 
 EpilogueFn pick_epilogue(int level, bool bias, bool res, int act, int mode) {
+  if (mode == 3) return pick_bias_res<3>(level, bias, res, act);
   if (mode == 2) return pick_bias_res<2>(level, bias, res, act);
   return mode == 1 ? pick_bias_res<1>(level, bias, res, act)
                    : pick_bias_res<0>(level, bias, res, act);
@@ -248,7 +251,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   const int32_t* S = sums.data();
   const EpilogueFn epi =
       pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind,
-                    p.int_epi ? 2 : p.cw_zero ? 0 : 1);
+                    p.int_epi ? (p.xmul == 0 ? 3 : 2) : p.cw_zero ? 0 : 1);
   // Code output: each tile's fp32 epilogue goes to a task-local scratch and from there, row by
   // row, into the consumer's padded layout.
   const int64_t OWp = OW + 2 * p.out.pw, OHp = OH + 2 * p.out.ph;
@@ -280,6 +283,14 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     const int64_t ntaps = p.kh * p.kw;
     std::vector<int64_t> tap_sums(ntaps);  // offsets of the taps in the group sums
     for (int64_t k = 0; k < ntaps; ++k) tap_sums[k] = taps[k] / Cs * groups;
+    // One group with undilated rows: a kernel row's kw taps are kw * Cs contiguous bytes, and
+    // the k4n16 columns (kh, kw, cin) run over them in the same order, so the implicit GEMM
+    // takes one tap of kw * Cs / 4 column groups per kernel row (fewer tap iterations).
+    const bool row_taps = groups == 1 && p.dw == 1;
+    std::vector<int64_t> gemm_taps(row_taps ? p.kh : ntaps);
+    for (int64_t k = 0; k < static_cast<int64_t>(gemm_taps.size()); ++k)
+      gemm_taps[k] = row_taps ? taps[k * p.kw] : taps[k];
+    const int64_t gemm_k4 = row_taps ? p.kw * cin_g / 4 : cin_g / 4;
     std::vector<const uint8_t*> P(kRows);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t t = task / split, part = task % split;
@@ -307,7 +318,8 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
             xz[rr] = static_cast<double>(xs) - static_cast<double>(K) * p.z;
             if (++ox == OW) ox = 0, ++oy;
           }
-          implicit_gemm(P.data(), rows, taps.data(), ntaps, cin_g / 4, wp + gi * K4 * Npad * 4,
+          implicit_gemm(P.data(), rows, gemm_taps.data(), static_cast<int64_t>(gemm_taps.size()),
+                        gemm_k4, wp + gi * K4 * Npad * 4,
                         Npad, tile0, tile1, Cbuf.data(), Npad);
         } else {
           im2col(g, l0, rows, gi, A.data(), xz.data());

@@ -115,7 +115,8 @@ EQK_TARGET_AVX512 void compute_row(const VnniArgs& a, int64_t b, int64_t oy,
       using eqk::avx512::extract_hi256, eqk::avx512::extract_lo256;
       __m256 f0, f1;
       if (kMode >= 2) {  // |vi| < 2^31 (bounded when int_epi was chosen)
-        __m512i vi = _mm512_add_epi32(_mm512_mullo_epi32(acc, vmult), dw_int);
+        // kMode 3: cw == 0, so mult == 1
+        __m512i vi = _mm512_add_epi32(kMode == 3 ? acc : _mm512_mullo_epi32(acc, vmult), dw_int);
         if (kMode == 2) vi = _mm512_add_epi32(vi, _mm512_mullo_epi32(xs, vxmul));
         f0 = epilogue8_int(extract_lo256(vi), p, c0);
         f1 = epilogue8_int(extract_hi256(vi), p, c0 + 8);
