@@ -34,10 +34,34 @@ struct VnniArgs {
   Activation act;
 };
 
+// 16 code bytes of one pixel's channels [c0, c0 + 16) (mask m) widened to int32 lanes.
+EQK_TARGET_AVX512 inline __m512i pixel_lanes(const uint8_t* src, __mmask16 m) {
+  return _mm512_maskz_cvtepu8_epi32(eqk::avx512::kAll16, _mm_maskz_loadu_epi8(m, src));
+}
+
 // R row of input row iy of image b: OW * Cpad int32 lanes of kw tap bytes.
 EQK_TARGET_AVX512 void build_row(const VnniArgs& a, int64_t b, int64_t iy, uint32_t* R) {
   const QConv& p = *a.p;
   const uint8_t* row = a.u + (b * a.Hp + iy) * a.Wp * a.C;
+  if (p.kw == 3 && p.sw == 1 && p.dw == 1) {
+    // 3x3 at stride 1: R[ox] = u[ox] | u[ox + 1] << 8 | u[ox + 2] << 16, each pixel widened
+    // once and slid along (the same lanes as below, with a third of the loads).
+    for (int64_t c0 = 0; c0 < a.Cpad; c0 += 16) {
+      const int64_t left = a.C - c0;
+      const __mmask16 m = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+      __m512i p0 = pixel_lanes(row + c0, m), p1 = pixel_lanes(row + a.C + c0, m);
+      for (int64_t ox = 0; ox < a.OW; ++ox) {
+        const __m512i p2 = pixel_lanes(row + (ox + 2) * a.C + c0, m);
+        using eqk::avx512::kAll16;
+        const __m512i r = _mm512_ternarylogic_epi32(p0, _mm512_maskz_slli_epi32(kAll16, p1, 8),
+                                                    _mm512_maskz_slli_epi32(kAll16, p2, 16),
+                                                    0xFE);  // a | b | c
+        _mm512_storeu_si512(R + ox * a.Cpad + c0, r);
+        p0 = p1, p1 = p2;
+      }
+    }
+    return;
+  }
   for (int64_t ox = 0; ox < a.OW; ++ox) {
     const uint8_t* src = row + ox * p.sw * a.C;
     uint32_t* dst = R + ox * a.Cpad;
