@@ -90,6 +90,8 @@ void panel_outer_bf16_avx512bf16(const uint16_t* x, int64_t ldx, int64_t mb,
 // bf16 activations, b <= 4, AVX512_BF16 + VBMI + GFNI (common/lowbit_float_codes.h): the
 // integer codes decoded to bf16 with one constant table and multiplied with vdpbf16ps,
 //   y[m, n] = sum_g s[n, g] sum_{k in g} q x[m, k] + sum_g s[n, g] cz[n, g] xsum[m, g].
+// An infinite activation meets code 0 as inf * 0 = NaN where the weight (0 + cz) s is nonzero
+// (lowbit_linear sends non-finite inputs to the dequantized torch path, docs/numerics.md).
 // permute_x_codes: xp [M, kpad] the activations x [M, K] in the decoder's column order (inner:
 // the register kernel's, outer: the outer panels' pair order), zero past K (kpad a multiple of
 // kCodesBlock), and xsum [M, G] their fp32 per-group sums.
