@@ -16,7 +16,8 @@ path through `prepare_linear`. `--ggml BUILD` adds ggml's q4_0 and q4_K GEMV (M=
 K=14336, from its `test-backend-ops perf`, which runs hardware_concurrency() threads) as rows
 beside our M=1, K=14336 shape (bench/ggml_perf.py).
 
-Usage: `python -m bench.bench_lowbit_gemm [--quick] [--float] [--m 1 16] [--ggml BUILD]`
+Usage: `python -m bench.bench_lowbit_gemm [--quick] [--float] [--m 1 16] [--ggml BUILD]
+[--sample-seconds S] [--paired]`
 (EQK_BENCH_THREADS sets threads; run with nothing else on the machine; EQK_EXT_DIR selects a
 private build of eqkernels._C).
 """
@@ -105,12 +106,16 @@ def bench_conv(table, B, C=64, H=32):
             lambda pb=pb, bits=bits, kw=kw: E.lowbit_conv2d(x, pb, scale, bits, 8, **kw, **ACT), pb.numel() * 4)  # fmt: skip
 
 
+SAMPLE_SECONDS = 0.0  # --sample-seconds: time each row at least this long
+
+
 def timed_wall_cpu(fn, heavy):
     """Median wall time, minimum wall time and median process CPU time (all threads, OpenMP
     spin-waits included) of fn(), in seconds. On a shared, oversubscribed machine the median
     wall time of a millisecond call is mostly other processes' time slices; the minimum is the
     closest to an idle machine."""
     warmup, repeat, min_time = (1, 5, 0.05) if heavy else (2, 10, 0.2)
+    min_time = max(min_time, SAMPLE_SECONDS)
     for _ in range(warmup):
         fn()
     walls, cpus = [], []
@@ -120,9 +125,29 @@ def timed_wall_cpu(fn, heavy):
         fn()
         cpus.append(time.process_time() - c0)
         walls.append(time.perf_counter() - w0)
-        if len(walls) >= 10 * repeat:
+        if len(walls) >= 10 * repeat and time.perf_counter() - start >= SAMPLE_SECONDS:
             break
     return statistics.median(walls), min(walls), statistics.median(cpus)
+
+
+PAIRED = False  # --paired: x_torch_paired, minima of alternated calls
+
+
+def paired_ratio(base_fn, fn):
+    """min(base_fn) / min(fn) over calls alternated for max(1 s, --sample-seconds): on a shared
+    machine both minima then come from the same window of load."""
+    base_fn()
+    fn()
+    base, ours = [], []
+    start = time.perf_counter()
+    while len(ours) < 10 or time.perf_counter() - start < max(1.0, SAMPLE_SECONDS):
+        t0 = time.perf_counter()
+        base_fn()
+        t1 = time.perf_counter()
+        fn()
+        ours.append(time.perf_counter() - t1)
+        base.append(t1 - t0)
+    return min(base) / min(ours)
 
 
 FLOAT_MS = (1, 4, 16, 64, 256)
@@ -142,15 +167,22 @@ def bench_float_kernel(table, M, N, K, quick):
     heavy = M * N * K > 2**32
     row = dict(shape=shape, M=M, N=N, K=K)
 
+    w32 = q8.float() * 0.01
+    wbf = w32.to(torch.bfloat16)
+    torch_fn = {"fp32": lambda: x @ w32.T, "bf16": lambda: xbf @ wbf.T}
+
     def add(provider, bits, act, fn, wbytes):
         t, t_min, cpu = timed_wall_cpu(fn, heavy)
+        extra = {}
+        if PAIRED:
+            extra["x_torch_paired"] = (
+                1.0 if fn is torch_fn[act] else paired_ratio(torch_fn[act], fn)
+            )
         table.add(**row, provider=provider, bits=bits, act=act, time_ms=t * 1e3,
-                  min_ms=t_min * 1e3, cpu_ms=cpu * 1e3, weight_MB=wbytes / 1e6)  # fmt: skip
+                  min_ms=t_min * 1e3, cpu_ms=cpu * 1e3, weight_MB=wbytes / 1e6, **extra)  # fmt: skip
 
-    w32 = q8.float() * 0.01
-    add("torch fp32", 32, "fp32", lambda: x @ w32.T, 4 * N * K)
-    wbf = w32.to(torch.bfloat16)
-    add("torch bf16", 16, "bf16", lambda: xbf @ wbf.T, 2 * N * K)
+    add("torch fp32", 32, "fp32", torch_fn["fp32"], 4 * N * K)
+    add("torch bf16", 16, "bf16", torch_fn["bf16"], 2 * N * K)
     granularities = (
         ((128, "g128"), (K, "channel")) if quick else ((32, "g32"), (128, "g128"), (K, "channel"))
     )
@@ -204,6 +236,8 @@ def main_float(args):
     table.ratio_to("x_torch", "time_ms", is_torch, ["shape", "act"])
     table.ratio_to("x_torch_min", "min_ms", is_torch, ["shape", "act"])
     table.ratio_to("x_torch_cpu", "cpu_ms", is_torch, ["shape", "act"])
+    if PAIRED:
+        table.columns.append("x_torch_paired")
     table.finish()
 
 
@@ -225,7 +259,21 @@ def main(argv=None):
         help="a ggml build dir holding bin/test-backend-ops: add its q4_0 and q4_K MUL_MAT perf "
         "rows (M=1, N=4096, K=14336) beside ours (ggml is never a dependency)",
     )
+    parser.add_argument(
+        "--sample-seconds",
+        type=float,
+        default=0.0,
+        help="time every row for at least this long (on a shared machine more calls make an "
+        "undisturbed minimum likelier)",
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="--float rows: also x_torch_paired, torch's minimum over ours from alternated calls",
+    )
     args = parser.parse_args(argv)
+    global SAMPLE_SECONDS, PAIRED
+    SAMPLE_SECONDS, PAIRED = args.sample_seconds, args.paired
     if args.float:
         return main_float(args)
     threads = threads_from_env()

@@ -270,6 +270,8 @@ def test_every_isa_level_equals_modules(resnet20, isa):
             steps = load(path, bits=4, runtime="steps")
             got = steps(x)
     assert torch.equal(got, want)
+    # each block's conv1 stores conv2's codes (its ReLU output has no other reader)
+    assert [k for k, _ in steps.step_program().profile(x)].count("qconv_codes") == 9
 
 
 class _Depthwise(nn.Module):
@@ -373,7 +375,9 @@ def test_clamp_fused_and_depthwise_equal_modules_at_every_isa(tmp_path, isa):
             for x in xs:
                 assert torch.equal(steps(x), modules(x))
         kinds = [k for k, _ in steps.step_program().profile(xs[0])]
-        assert "clamp" not in kinds and kinds.count("qconv") == 4, kinds
+        # dw -> ReLU6-free Hardtanh -> pw: the depthwise conv stores pw's codes (its only reader)
+        assert "clamp" not in kinds and kinds.count("qconv") == 3, kinds
+        assert kinds.count("qconv_codes") == 1, kinds
         # A batch run in chunks of samples (here one by one) gives the same bits, and a NaN
         # in one sample still sends the whole batch to the per-layer path.
         steps.step_program().set_chunk_bytes(1)
@@ -395,3 +399,143 @@ def test_profile_times_every_step():
     assert all(s >= 0.0 for _, s in prof)
     with pytest.raises(ValueError, match="nbytes"):
         p.set_chunk_bytes(0)
+
+
+# --------------------------------------------------------------------------- code buffers
+
+
+def _prepared_convs(path, bits=4):
+    from eqnet.deploy.runtime import IntConv2d
+
+    net = load(path, bits=bits, runtime="modules").model
+    return {n: m.prepared() for n, m in net.named_modules() if isinstance(m, IntConv2d)}
+
+
+def test_code_buffers_give_the_consumers_own_codes(resnet20):
+    """A qconv_codes step stores the next conv's codes (its quantizer, padding 1 with the code
+    of real zero at the border): the consumer's output equals the per-layer prepared calls
+    (fp32 between them, the consumer quantizing for itself) bit for bit, at every ISA level,
+    with and without the compensation term's code sums (W4 layered, W8 plain)."""
+    from eqkernels.backend import force_cpu_isa
+
+    _, path = resnet20
+    x = torch.randn(2, 16, 9, 7, generator=torch.Generator().manual_seed(4))
+    for bits in (4, 8):
+        convs = _prepared_convs(path, bits)
+        p1, p2 = convs["layer1.0.conv1"], convs["layer1.0.conv2"]
+        assert (p1.bits < p1.top_bits) == (bits == 4)  # the layered form: compensation c > 0
+        want = p2(torch.relu(p1(x)))
+        for isa in ("portable", "avx2", "avx512"):
+            with force_cpu_isa(isa):
+                fused = eqkernels.StepProgram()
+                c = fused.conv(p1, fused.input, relu=True, codes_for=p2)
+                fused.finish(fused.conv(p2, c))
+            assert [k for k, _ in fused.profile(x)] == ["qconv_codes", "qconv"]
+            assert torch.equal(fused(x), want)
+
+
+def test_hostile_code_buffer_steps_are_refused(resnet20):
+    _, path = resnet20
+    convs = _prepared_convs(path)
+    p1, p2, other = convs["layer1.0.conv1"], convs["layer1.0.conv2"], convs["layer1.1.conv1"]
+    p = eqkernels.StepProgram()
+    c = p.conv(p1, p.input, relu=True, codes_for=p2)
+    with pytest.raises(ValueError, match="holds codes"):
+        p.relu(c)  # a float step
+    with pytest.raises(ValueError, match="holds codes"):
+        p.conv(other, c)  # another activation quantizer
+    with pytest.raises(ValueError, match="holds codes"):
+        p.conv(p2, p.input, residual=c)  # as a residual
+    with pytest.raises(ValueError, match="holds activation codes"):
+        p.finish(c)
+    with pytest.raises(ValueError, match="excludes a residual"):
+        p.conv(p1, p.input, residual=p.input, codes_for=p2)
+    with pytest.raises(ValueError, match="codes_for"):
+        p.conv(p1, p.input, codes_for="conv2")
+    step = list(p._steps[0])
+    tensors, ints = list(step[3]), list(step[4])
+    bad_pad = [*ints[:16], -1, 0]
+    with pytest.raises(ValueError, match="output padding"):
+        p.step("qconv_codes", [0], tensors, bad_pad, step[5])
+    with pytest.raises(ValueError, match="output act_quant_min/max"):
+        p.step("qconv_codes", [0], tensors, [*ints[:14], 0, 300, 1, 1], step[5])
+    with pytest.raises(ValueError, match="takes 1 input"):
+        p.step("qconv_codes", [0, 0], tensors, ints, step[5])
+    with pytest.raises(ValueError, match="takes 9 tensors"):
+        p.step("qconv_codes", [0], tensors[:7], ints, step[5])
+    huge = [*tensors]
+    huge[2] = torch.full_like(tensors[2], 3e38)  # weight scale: the fp32 output may be inf
+    with pytest.raises(ValueError, match="finite by construction"):
+        p.step("qconv_codes", [0], huge, ints, step[5])
+    # a refused step leaves the program as it was: the next buffer is still free
+    p.finish(p.conv(p2, c))
+    x = torch.randn(1, 16, 5, 5)
+    want = p2(torch.relu(p1(x)))
+    assert torch.equal(p(x), want)
+
+
+class _Stems(nn.Module):
+    """Two stems on 3 input channels (3x3 and 7x7 stride 2, as CIFAR and ImageNet nets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.wide = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        a = F.adaptive_avg_pool2d(F.relu(self.stem(x)), 1)
+        b = F.adaptive_avg_pool2d(F.relu(self.wide(x)), 1)
+        return self.fc((a + b).flatten(1))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_three_channel_stems_equal_modules_at_every_isa(tmp_path, isa):
+    """8-bit stems on 3 channels (with AVX-512 VNNI their channels are padded to 4 with zero
+    weights for the implicit GEMM; below, im2col) equal the modules bit for bit, on NCHW and
+    channels-last input of odd sizes."""
+    from eqkernels.backend import force_cpu_isa
+
+    space = ElasticSpace(w_bits=(8,), a_bits=(8,), nested=True)
+    torch.manual_seed(0)
+    sn = eqnet.convert(_Stems(), space, keep_first_last="elastic")
+    eqnet.calibrate(sn, [(torch.randn(4, 3, 16, 16), torch.zeros(4))], batches=1, method="lsq")
+    path = tmp_path / "stems.eqk"
+    export(sn.eval(), path)
+    x = torch.randn(2, 3, 19, 13, generator=torch.Generator().manual_seed(2))
+    modules = load(path, bits=8, model=_Stems(), runtime="modules")
+    with force_cpu_isa(isa):
+        steps = load(path, bits=8, model=_Stems(), runtime="steps")
+        assert steps.step_program() is not None
+    with torch.no_grad():
+        for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(steps(xi), modules(xi))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_conv_epilogue_paths_equal_the_prepared_call(isa):
+    """The executor's conv epilogue runs in integers when one compensation term serves every
+    channel (layered 4-of-8-bit weights: mult = 32, xmul = 15) and in float64 when per-channel
+    weight zero points make the terms differ; both equal the per-layer prepared call bit for
+    bit, for k4n16 and depthwise convs, with and without code output."""
+    from eqkernels.backend import force_cpu_isa
+
+    g = torch.Generator().manual_seed(3)
+    act = eqkernels.ActQuant(torch.tensor([0.05]), torch.tensor([3.0]), 0, 15)
+    x = torch.randn(2, 16, 7, 9, generator=g)
+    for groups, kernel in ((1, 3), (16, 3)):
+        K = 16 // groups * kernel * kernel
+        q = torch.randint(-128, 128, (16, K), generator=g)
+        planes = eqkernels.pack_bitplanes(q, 8)
+        scale = torch.rand(16, generator=g) * 0.01 + 0.001
+        for wzp in (None, torch.randint(-3, 4, (16,), generator=g).float()):
+            p = eqkernels.prepare_conv2d(
+                planes, scale, 4, 8, in_channels=16, kernel_size=kernel, padding=1,
+                groups=groups, weight_zero_point=wzp, act=act, backend="cpp",
+            )  # fmt: skip
+            with force_cpu_isa(isa):
+                prog = eqkernels.StepProgram()
+                h = prog.conv(p, prog.input, relu=True, codes_for=p)
+                prog.finish(prog.conv(p, h))
+                want = p(torch.relu(p(x)))
+            assert torch.equal(prog(x), want)

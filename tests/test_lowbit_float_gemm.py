@@ -130,6 +130,55 @@ def test_outer_panels_match_float64_oracle(level, dtype, bits, case):
     assert torch.all(err <= fp32_bound(x, q, s, cz, gs)), err.max()
 
 
+# bf16 activations at level 4 with b <= 4 run on the weight codes (a constant bf16 table, the
+# (c - z) term from per-group activation sums): in registers up to 7 rows, on outer panels from
+# 8 to 63 rows. Every group layout: 32 / 64 / 96 columns (per-lane scales, 96 also straddling
+# 128-column blocks), 128 / 256 (whole blocks), per-channel with K % 32 != 0 and K % 128 != 0,
+# several 4096-column outer panels; partial 32-row panels; every register tile height (1-7).
+CODES_CASES = [  # M, N, K, group_size
+    (1, 19, 1248, 32),  # K % 128 == 96: a partial last block
+    (2, 7, 1536, 64),
+    (3, 9, 1248, 96),
+    (4, 33, 1536, 128),
+    (5, 6, 1536, 256),
+    (6, 5, 4100, 4100),
+    (7, 18, 97, 97),
+    (8, 40, 1248, 32),
+    (13, 33, 4608, 64),  # two outer panels of columns
+    (21, 7, 1152, 96),
+    (30, 35, 4100, 4100),
+    (63, 9, 512, 128),
+]
+
+
+@functools.cache
+def codes_case(case, bits, variant):
+    M, N, K, gs = case
+    zero_point, compensated = variant == "zero_point", variant != "uncompensated"
+    return make_case(M, N, K, bits, gs, compensated, zero_point, seed=4)
+
+
+@pytest.mark.parametrize("variant", ["compensated", "zero_point", "uncompensated"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", CODES_CASES, ids=lambda c: "M{}N{}K{}g{}".format(*c))
+def test_bf16_code_kernels_match_float64_oracle(case, bits, variant):
+    level_or_skip(4)
+    K, gs = case[2:]
+    x, q, planes, s, cz = codes_case(case, bits, variant)
+    xb = x.to(torch.bfloat16)
+    y = kernel()(xb, planes, bits, K, s, cz, gs, 4)
+    err = (y.to(torch.float64) - oracle(xb, q, s, cz, gs)).abs()
+    assert torch.all(err <= fp32_bound(xb, q, s, cz, gs)), err.max()
+
+
+@pytest.mark.parametrize("M", [3, 12])  # registers, outer panels
+def test_bf16_code_kernels_keep_nan_rows(M):
+    x, _q, planes, s, cz = make_case(M, 37, 640, 4, 32, compensated=True, zero_point=True)
+    x[1, 77] = float("nan")
+    y = kernel()(x.to(torch.bfloat16), planes, 4, 640, s, cz, 32, -1)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, *range(2, M)]]).any()
+
+
 def test_planes_beyond_bits_are_not_read():
     """A b-bit call reads only the first b planes (a file prefix): garbage after them changes
     nothing."""
@@ -140,7 +189,7 @@ def test_planes_beyond_bits_are_not_read():
                        f(x, torch.cat([planes, extra]), 3, 128, s, cz, 32, -1))  # fmt: skip
 
 
-@pytest.mark.parametrize("M", [9, 20])  # dot-product and outer-product panels
+@pytest.mark.parametrize("M", [3, 9, 20])  # registers, dot-product / outer-product panels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_results_do_not_depend_on_thread_count(M, dtype):
     x, _q, planes, s, cz = make_case(M, 300, 640, 4, 64, compensated=True, zero_point=False)

@@ -87,4 +87,33 @@ void panel_outer_bf16_avx512bf16(const uint16_t* x, int64_t ldx, int64_t mb,
                                  const uint32_t* panel, int64_t kc, const float* sT,
                                  int64_t gs_kc, int64_t nb, float* out, int64_t ldo);
 
+// bf16 activations, b <= 4, AVX512_BF16 + VBMI + GFNI (common/lowbit_float_codes.h): the
+// integer codes decoded to bf16 with one constant table and multiplied with vdpbf16ps,
+//   y[m, n] = sum_g s[n, g] sum_{k in g} q x[m, k] + sum_g s[n, g] cz[n, g] xsum[m, g].
+// An infinite activation meets code 0 as inf * 0 = NaN where the weight (0 + cz) s is nonzero
+// (lowbit_linear sends non-finite inputs to the dequantized torch path, docs/numerics.md).
+// permute_x_codes: xp [M, kpad] the activations x [M, K] in the decoder's column order (inner:
+// the register kernel's, outer: the outer panels' pair order), zero past K (kpad a multiple of
+// kCodesBlock), and xsum [M, G] their fp32 per-group sums.
+constexpr int64_t kCodesBlock = 128;
+void permute_x_codes(const uint16_t* x, int64_t M, int64_t K, const Weights& w, int64_t kpad,
+                     bool outer, uint16_t* xp, float* xsum);
+// Register kernel (lowbit_float_codes_bf16_avx512_cpu.cpp), inner order: out[m * ldo + n] =
+// y[m, n] for n in [n0, n1), all M rows.
+void rows_codes_bf16(const Weights& w, const uint16_t* xp, const float* xsum, int64_t M,
+                     int64_t kpad, int64_t n0, int64_t n1, float* out, int64_t ldo);
+// Outer panels of codes (lowbit_float_codes_outer_avx512_cpu.cpp): panel[(i / 2) * kOuterNb
+// + r] = the bf16 code pair of row n0 + r at outer-order columns k0 + i, i + 1 (zero for r >=
+// nb), for the panel_outer_bf16_avx512bf16 microkernel; k0, kc multiples of kCodesBlock.
+void decode_outer_codes(const Weights& w, int64_t n0, int64_t nb, int64_t k0, int64_t kc,
+                        uint32_t* panel);
+// sT[g * kOuterNb + r] = s[n0 + r, g0 + g] and sczT = s cz there for g < ng (zero for r >= nb
+// or g >= ng_real), the scales of an outer panel's rows and groups.
+void outer_code_scales(const Weights& w, int64_t n0, int64_t nb, int64_t g0, int64_t ng,
+                       int64_t ng_real, float* sT, float* sczT);
+// The (c - z) term of an outer panel: out[m * ldo + r] += sum_{g < ngroups} xsum[m * ldxs + g]
+// * sczT[g * kOuterNb + r] for r < nb, m < M (sczT = s cz of the panel's rows and groups).
+void add_outer_correction(const float* xsum, int64_t ldxs, int64_t M, const float* sczT,
+                          int64_t ngroups, int64_t nb, float* out, int64_t ldo);
+
 }  // namespace eqk::lowbit_float

@@ -2,8 +2,11 @@
 // threads and ISA dispatch (kernels: lowbit_float_{portable,avx2,avx512}_cpu.cpp, interface and
 // arithmetic: common/lowbit_float_cpu.h).
 //
-// Up to kRegsMaxM activation rows and 4 bits (with VBMI + GFNI): each weight row is decoded in
-// registers and multiplied at once (gemv_regs_avx512); bf16 activations take this path as fp32.
+// bf16 activations, up to 4 bits, with AVX512_BF16 + VBMI + GFNI: the weights' integer codes
+// decoded to bf16 and multiplied with vdpbf16ps, the (c - z) term added from the activations'
+// group sums (run_codes in registers up to kCodesMaxM rows, run_outer_codes on outer panels
+// below kCodesOuterEndM). Up to kRegsMaxM rows of fp32 activations and 4 bits (with VBMI +
+// GFNI): each weight row is decoded in registers and multiplied at once (gemv_regs_avx512).
 // From kOuterMinM rows with AVX-512: outer-product panels (run_outer), the weights decoded once.
 // Otherwise dot-product panels, per thread (threads split the output rows): for each block of kKc
 // columns, for each block of kMc activation rows (their kKc-column slice stays in L2), for each
@@ -17,6 +20,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <numeric>
 #include <vector>
 
 #include "common/bitplane_math.h"
@@ -38,6 +42,13 @@ constexpr int64_t kRegsMaxM = 4;  // up to this many rows: decode in registers, 
 constexpr int64_t kOuterMinM = 16;
 constexpr int64_t kOuterKcF32 = 2048;   // columns per outer panel, fp32 (256 KB panel)
 constexpr int64_t kOuterKcBf16 = 4096;  // bf16 (256 KB panel): longer plane streams per row
+// bf16 activations, b <= 4, level 4: the integer codes decoded to bf16 (one constant table),
+// in registers up to kCodesMaxM rows (run_codes), on outer panels below kCodesOuterEndM
+// (run_outer_codes; from there the (c - z) term's per-group FMAs cost more than the cheaper
+// decode saves, measured at 256 rows with 32-column groups).
+constexpr int64_t kCodesMaxM = 7;
+constexpr int64_t kCodesOuterEndM = 64;
+constexpr int64_t kCodesNb = 16;  // weight rows per task (their fp32 partials stay in L1)
 
 bool cpu_has_avx512bf16() {
 #if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
@@ -190,6 +201,64 @@ void run_outer(const Weights& w, const void* x, int64_t M, int64_t kp, int64_t k
   });
 }
 
+// bf16 codes in registers (lowbit_float_codes_bf16_avx512_cpu.cpp): the activations permuted
+// to the decoder's column order once per call, then threads split the weight rows.
+void run_codes(const Weights& w, const at::Tensor& x, int64_t kp, float* out) {  // x: [M, K]
+  const int64_t M = x.size(0);
+  const int64_t kpad = (kp + lf::kCodesBlock - 1) / lf::kCodesBlock * lf::kCodesBlock;
+  auto xp = at::empty({M, kpad}, x.options());
+  auto xsum = at::empty({M, w.G}, x.options().dtype(at::kFloat));
+  const uint16_t* xpp = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
+  lf::permute_x_codes(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M,
+                      x.size(1), w, kpad, false, const_cast<uint16_t*>(xpp),
+                      xsum.data_ptr<float>());
+  const float* xs = xsum.data_ptr<float>();
+  const int64_t nblocks = (w.N + kCodesNb - 1) / kCodesNb;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      lf::rows_codes_bf16(w, xpp, xs, M, kpad, b * kCodesNb,
+                          std::min(w.N, (b + 1) * kCodesNb), out, w.N);
+  });
+}
+
+// bf16 codes on outer panels (lowbit_float_codes_outer_avx512_cpu.cpp): as run_outer, with the
+// panels decoded from the codes (the transpose on nibbles) and the (c - z) term added per panel
+// from the activations' group sums. Columns padded to whole groups and 128-column blocks.
+void run_outer_codes(const Weights& w, const at::Tensor& x, int64_t kp, float* out) {
+  const int64_t M = x.size(0);
+  const int64_t unit = w.G == 1 ? lf::kCodesBlock : std::lcm(w.gs, lf::kCodesBlock);
+  const int64_t kpad = (kp + unit - 1) / unit * unit;
+  auto xp = at::empty({M, kpad}, x.options());
+  auto xsum = at::empty({M, w.G}, x.options().dtype(at::kFloat));
+  const uint16_t* xpp = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
+  lf::permute_x_codes(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M,
+                      x.size(1), w, kpad, true, const_cast<uint16_t*>(xpp),
+                      xsum.data_ptr<float>());
+  const float* xs = xsum.data_ptr<float>();
+  constexpr int64_t nr = lf::kOuterNb;
+  const int64_t kc_step = std::max(unit, kOuterKcBf16 / unit * unit);
+  const int64_t nblocks = (w.N + nr - 1) / nr;
+  const int64_t groups_max = w.G == 1 ? 1 : kc_step / w.gs;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> panel(nr * kc_step / 2);
+    std::vector<float> sT(nr * groups_max), sczT(nr * groups_max);
+    for (int64_t k0 = 0; k0 < kpad; k0 += kc_step) {
+      const int64_t kc = std::min(kc_step, kpad - k0);
+      const int64_t gs_kc = w.G == 1 ? kc : w.gs, g0 = w.G == 1 ? 0 : k0 / w.gs;
+      const int64_t ng = kc / gs_kc, ng_real = std::max<int64_t>(0, std::min(ng, w.G - g0));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * nr, nb = std::min(nr, w.N - n0);
+        lf::decode_outer_codes(w, n0, nb, k0, kc, panel.data());
+        lf::outer_code_scales(w, n0, nb, g0, ng, ng_real, sT.data(), sczT.data());
+        lf::panel_outer_bf16_avx512bf16(xpp + k0, kpad, M, panel.data(), kc, sT.data(), gs_kc,
+                                        nb, out + n0, w.N);
+        if (w.G > 1 || k0 == 0)  // per channel: one group over every chunk, added once
+          lf::add_outer_correction(xs + g0, w.G, M, sczT.data(), ng_real, nb, out + n0, w.N);
+      }
+    }
+  });
+}
+
 // Columns per panel near `target`, whole groups (a group's scale covers whole 32-column blocks).
 int64_t panel_cols(const Weights& w, int64_t kp, int64_t target) {
   return w.G == 1 ? std::min(kp, target) : w.gs * std::max<int64_t>(1, target / w.gs);
@@ -209,6 +278,14 @@ at::Tensor lowbit_linear_float_cpu(const at::Tensor& x_in, const at::Tensor& pla
   const int64_t kc_step = panel_cols(w, kp, kKc);
   auto out = at::zeros({M, w.N}, x_in.options().dtype(at::kFloat));
   if (M == 0) return out;
+  if (x_in.scalar_type() == at::kBFloat16 && level >= 4 && w.bits <= 4 && M <= kCodesMaxM) {
+    run_codes(w, x_in.contiguous(), kp, out.data_ptr<float>());
+    return out;
+  }
+  if (x_in.scalar_type() == at::kBFloat16 && level >= 4 && w.bits <= 4 && M < kCodesOuterEndM) {
+    run_outer_codes(w, x_in.contiguous(), kp, out.data_ptr<float>());
+    return out;
+  }
   if (x_in.scalar_type() == at::kBFloat16 && level >= 4 && !(M <= kRegsMaxM && w.bits <= 4)) {
     const at::Tensor xp = padded(x_in, kp);
     if (M >= kOuterMinM) {

@@ -22,6 +22,7 @@
 #include "common/lowbit_cpu_packed.h"
 #include "common/lowbit_fused_cpu.h"
 #include "runtime/step_conv.h"
+#include "runtime/step_conv_sums.h"
 
 namespace eqk::steps {
 
@@ -31,8 +32,9 @@ constexpr int64_t kRows = 64;  // output positions per task, as the per-layer ke
 
 // One block's epilogue, rows x cnt channels: the per-layer kernel's double expression
 // ((acc + corr - zw) + xz * cw) * sc (+ bias), rounded to fp32, then + residual, then the
-// activation (kAct: 0 none, 1 ReLU, 2 clamp to [lo, hi]).
-template <bool kBias, bool kRes, int kAct, bool kCw>
+// activation (kAct: 0 none, 1 ReLU, 2 clamp to [lo, hi]). kMode 0: no code sums (cw_zero),
+// 1: with them, 2: the same double from integers (QConv::int_epi), 3: that without code sums.
+template <bool kBias, bool kRes, int kAct, int kMode>
 __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64_t ldc,
                                                          int64_t rows, int64_t cnt,
                                                          const QConv& p, int64_t n0,
@@ -41,18 +43,30 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
                                                          float hi) {
   const double* czw = p.czw.data() + n0;
   const double* cw = p.cw.data() + n0;
-  const double* sc = p.sc.data() + n0;
+  const double* sc = (kMode >= 2 ? p.sc_int.data() : p.sc.data()) + n0;
+  const int32_t* ci = kMode >= 2 ? p.czw_int.data() + n0 : nullptr;
+  const int32_t m = p.mult;
   const double* bias = kBias ? p.bias.data() + n0 : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* c = C + r * ldc;
     float* o = out + r * ldo;
     const float* rr = kRes ? res + r * ldo : nullptr;
-    const double x = kCw ? xz[r] : 0.0;
+    const double x = kMode == 1 ? xz[r] : 0.0;
+    // x = xs - K z is an integer (z is rounded); xmul x is exact in int32 (bounded when
+    // int_epi was chosen).
+    const int32_t xi = kMode == 2 && p.xmul != 0 ? static_cast<int32_t>(xz[r]) * p.xmul : 0;
     for (int64_t n = 0; n < cnt; ++n) {
       // czw = corr - zw: both integers below 2^53, so acc + corr - zw and acc + czw are
       // the same exact integer (one double add fewer per output).
-      double t = kCw ? ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n]
-                     : (static_cast<double>(c[n]) + czw[n]) * sc[n];
+      double t;
+      if (kMode == 3)  // cw == 0: mult == 1, no code sums
+        t = static_cast<double>(c[n] + ci[n]) * sc[n];
+      else if (kMode == 2)
+        t = static_cast<double>(c[n] * m + (ci[n] + xi)) * sc[n];
+      else if (kMode == 1)
+        t = ((static_cast<double>(c[n]) + czw[n]) + x * cw[n]) * sc[n];
+      else
+        t = (static_cast<double>(c[n]) + czw[n]) * sc[n];
       if (kBias) t = t + bias[n];
       float v = static_cast<float>(t);
       if (kRes) v = v + rr[n];
@@ -66,214 +80,54 @@ __attribute__((always_inline)) inline void epilogue_body(const int32_t* C, int64
 using EpilogueFn = void (*)(const int32_t*, int64_t, int64_t, int64_t, const QConv&, int64_t,
                             const double*, const float*, float*, int64_t, float, float);
 
-template <bool kBias, bool kRes, int kAct, bool kCw>
+template <bool kBias, bool kRes, int kAct, int kMode>
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void epilogue_avx512(
     const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p, int64_t n0,
     const double* xz, const float* res, float* out, int64_t ldo, float lo, float hi) {
-  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
+  epilogue_body<kBias, kRes, kAct, kMode>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, int kAct, bool kCw>
+template <bool kBias, bool kRes, int kAct, int kMode>
 EQK_TARGET_AVX2 void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt,
                                    const QConv& p, int64_t n0, const double* xz,
                                    const float* res, float* out, int64_t ldo, float lo,
                                    float hi) {
-  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
+  epilogue_body<kBias, kRes, kAct, kMode>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, int kAct, bool kCw>
+template <bool kBias, bool kRes, int kAct, int kMode>
 void epilogue_portable(const int32_t* C, int64_t ldc, int64_t rows, int64_t cnt, const QConv& p,
                        int64_t n0, const double* xz, const float* res, float* out, int64_t ldo,
                        float lo, float hi) {
-  epilogue_body<kBias, kRes, kAct, kCw>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
+  epilogue_body<kBias, kRes, kAct, kMode>(C, ldc, rows, cnt, p, n0, xz, res, out, ldo, lo, hi);
 }
 
-template <bool kBias, bool kRes, int kAct, bool kCw>
+template <bool kBias, bool kRes, int kAct, int kMode>
 EpilogueFn pick_level(int level) {
-  if (level >= 2) return &epilogue_avx512<kBias, kRes, kAct, kCw>;
-  if (level == 1) return &epilogue_avx2<kBias, kRes, kAct, kCw>;
-  return &epilogue_portable<kBias, kRes, kAct, kCw>;
+  if (level >= 2) return &epilogue_avx512<kBias, kRes, kAct, kMode>;
+  if (level == 1) return &epilogue_avx2<kBias, kRes, kAct, kMode>;
+  return &epilogue_portable<kBias, kRes, kAct, kMode>;
 }
 
-template <bool kBias, bool kRes, bool kCw>
+template <bool kBias, bool kRes, int kMode>
 EpilogueFn pick_act(int level, int act) {
-  if (act == 1) return pick_level<kBias, kRes, 1, kCw>(level);
-  if (act == 2) return pick_level<kBias, kRes, 2, kCw>(level);
-  return pick_level<kBias, kRes, 0, kCw>(level);
+  if (act == 1) return pick_level<kBias, kRes, 1, kMode>(level);
+  if (act == 2) return pick_level<kBias, kRes, 2, kMode>(level);
+  return pick_level<kBias, kRes, 0, kMode>(level);
 }
 
-template <bool kCw>
+template <int kMode>
 EpilogueFn pick_bias_res(int level, bool bias, bool res, int act) {
   if (bias)
-    return res ? pick_act<true, true, kCw>(level, act) : pick_act<true, false, kCw>(level, act);
-  return res ? pick_act<false, true, kCw>(level, act) : pick_act<false, false, kCw>(level, act);
+    return res ? pick_act<true, true, kMode>(level, act) : pick_act<true, false, kMode>(level, act);
+  return res ? pick_act<false, true, kMode>(level, act) : pick_act<false, false, kMode>(level, act);
 }
 
-EpilogueFn pick_epilogue(int level, bool bias, bool res, int act, bool cw) {
-  return cw ? pick_bias_res<true>(level, bias, res, act)
-            : pick_bias_res<false>(level, bias, res, act);
-}
-
-// im2col of `rows` output positions from channels-last codes (columns in (kh, kw, cin_g) order,
-// the k4n16 weights' order) and each row's code sum term xz = (sum u + K sub) - K z, as the
-// per-layer kernel computes it.
-struct Im2col {
-  const uint8_t* ub;  // codes of this image, [Hp, Wp, C]
-  int64_t C, Wp, OW, cin_g, K, Kp, sub, sh, sw;
-  const int64_t* taps;
-  int64_t ntaps;
-  double z;
-};
-
-// Copies n bytes and returns their sum: 16-byte moves summed with psadbw (SSE2, the x86-64
-// baseline) and a byte loop for the rest. (A byte loop over a run length known only at run
-// time compiled to slow code, a memcpy call per run cost more than the GEMM.)
-inline int32_t copy_and_sum(uint8_t* dst, const uint8_t* src, int64_t n) {
-  int64_t i = 0;
-  int32_t sum = 0;
-#if defined(__SSE2__)
-  __m128i acc = _mm_setzero_si128();
-  for (; i + 16 <= n; i += 16) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), v);
-    acc = _mm_add_epi64(acc, _mm_sad_epu8(v, _mm_setzero_si128()));
-  }
-  sum = static_cast<int32_t>(_mm_cvtsi128_si64(acc) +
-                             _mm_cvtsi128_si64(_mm_unpackhi_epi64(acc, acc)));
-#endif
-  for (; i < n; ++i) {
-    dst[i] = src[i];
-    sum += src[i];
-  }
-  return sum;
-}
-
-void im2col(const Im2col& g, int64_t l0, int64_t rows, int64_t gi, uint8_t* A, double* xz) {
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    const int64_t l = l0 + rr, oy = l / g.OW, ox = l % g.OW;
-    uint8_t* dst = A + rr * g.Kp;
-    const uint8_t* src = g.ub + (oy * g.sh * g.Wp + ox * g.sw) * g.C + gi * g.cin_g;
-    int32_t sum = 0;  // K * 255 < 2^31 (checked when the step was added)
-    for (int64_t k = 0; k < g.ntaps; ++k)
-      sum += copy_and_sum(dst + k * g.cin_g, src + g.taps[k], g.cin_g);
-    const int64_t xs = sum + g.K * g.sub;  // sum of the codes
-    xz[rr] = static_cast<double>(xs) - static_cast<double>(g.K) * g.z;
-  }
-}
-
-// Implicit GEMM (AVX-512 VNNI, cin_g % 4 == 0): the k4n16 GEMM of the per-layer kernel with
-// each row's activation bytes read in place from the channels-last codes, tap by tap (row r,
-// tap t: P[r] + taps[t]), instead of from an im2col copy. Same integer sums (exact in int32).
-template <int MR, int NTB>
-EQK_TARGET_AVX512 inline void implicit_tile(const uint8_t* const* P, const int64_t* taps,
-                                            int64_t ntaps, int64_t K4t, const int8_t* Wp,
-                                            int64_t Npad, int32_t* C, int64_t ldc) {
-  __m512i acc[MR][NTB];
-  for (int r = 0; r < MR; ++r)
-    for (int t = 0; t < NTB; ++t) acc[r][t] = _mm512_setzero_si512();
-  for (int64_t tap = 0; tap < ntaps; ++tap) {
-    const int8_t* wt = Wp + tap * K4t * Npad * 4;
-    const int64_t off = taps[tap];
-    for (int64_t kk = 0; kk < K4t; ++kk) {
-      const int8_t* w = wt + kk * Npad * 4;
-      __m512i wv[NTB];
-      for (int t = 0; t < NTB; ++t) wv[t] = _mm512_loadu_si512(w + 64 * t);
-      for (int r = 0; r < MR; ++r) {
-        int32_t a4;
-        std::memcpy(&a4, P[r] + off + 4 * kk, 4);
-        const __m512i av = _mm512_set1_epi32(a4);
-        for (int t = 0; t < NTB; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], av, wv[t]);
-      }
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int t = 0; t < NTB; ++t) _mm512_storeu_si512(C + r * ldc + 16 * t, acc[r][t]);
-}
-
-template <int MR>
-EQK_TARGET_AVX512 inline void implicit_rows(const uint8_t* const* P, const int64_t* taps,
-                                            int64_t ntaps, int64_t K4t, const int8_t* Wp,
-                                            int64_t Npad, int64_t t0, int ntb, int32_t* C,
-                                            int64_t ldc) {
-  const int8_t* w = Wp + 64 * t0;
-  int32_t* c = C + 16 * t0;
-  switch (ntb) {
-    case 1: implicit_tile<MR, 1>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
-    case 2: implicit_tile<MR, 2>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
-    case 3: implicit_tile<MR, 3>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
-    default: implicit_tile<MR, 4>(P, taps, ntaps, K4t, w, Npad, c, ldc); return;
-  }
-}
-
-// Output channel tiles [tile0, tile1) of 16 channels.
-EQK_TARGET_AVX512 void implicit_gemm(const uint8_t* const* P, int64_t rows, const int64_t* taps,
-                                     int64_t ntaps, int64_t K4t, const int8_t* Wp, int64_t Npad,
-                                     int64_t tile0, int64_t tile1, int32_t* C, int64_t ldc) {
-  for (int64_t t0 = tile0; t0 < tile1; t0 += 4) {
-    const int ntb = static_cast<int>(tile1 - t0 < 4 ? tile1 - t0 : 4);
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4)
-      implicit_rows<4>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
-    const int64_t left = rows - r;
-    if (left == 3) implicit_rows<3>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
-    if (left == 2) implicit_rows<2>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
-    if (left == 1) implicit_rows<1>(P + r, taps, ntaps, K4t, Wp, Npad, t0, ntb, C + r * ldc, ldc);
-  }
-}
-
-// Per padded pixel and group, the sum of the group's cin_g code bytes (for the implicit path's
-// code sums: a receptive field's sum is the sum of its taps' pixel sums).
-void group_sums(const uint8_t* u, int64_t pixels, int64_t C, int64_t groups, int32_t* S) {
-  const int64_t cin_g = C / groups;
-  at::parallel_for(0, pixels, 1024, [&](int64_t i0, int64_t i1) {
-    uint8_t scratch[64];
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t g = 0; g < groups; ++g) {
-        int32_t s = 0;
-        for (int64_t c0 = 0; c0 < cin_g; c0 += 64) {
-          const int64_t n = std::min<int64_t>(64, cin_g - c0);
-          s += copy_and_sum(scratch, u + i * C + g * cin_g + c0, n);
-        }
-        S[i * groups + g] = s;
-      }
-  });
-}
-
-// Codes of x [B, C, H, W] as channels-last padded bytes [B, Hp, Wp, C] (border: the code of
-// real zero, minus sub). A channels-last x is quantized in whole rows of W*C values.
-void codes_nhwc(int level, const at::Tensor& x, const QConv& p, int64_t Hp, int64_t Wp,
-                std::vector<uint8_t>& u) {
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto& q = p.q;
-  // Without padding every byte is written below: no fill pass.
-  if (p.ph == 0 && p.pw == 0)
-    u.resize(B * Hp * Wp * C);
-  else
-    u.assign(B * Hp * Wp * C, static_cast<uint8_t>(static_cast<int>(q.z) - q.off));
-  const float* xp = x.data_ptr<float>();
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / (W * C)), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / H, h = i % H;
-        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * C;
-        eqk::lowbit::quantize_codes(level, xp + i * W * C, W * C, q.inv, q.z, q.lo, q.hi, q.off,
-                                    dst);
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t i0, int64_t i1) {
-    std::vector<uint8_t> row(W);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / C, ch = i % C;
-      for (int64_t h = 0; h < H; ++h) {
-        eqk::lowbit::quantize_codes(level, xp + (i * H + h) * W, W, q.inv, q.z, q.lo, q.hi,
-                                    q.off, row.data());
-        uint8_t* dst = u.data() + ((b * Hp + h + p.ph) * Wp + p.pw) * C + ch;
-        for (int64_t w = 0; w < W; ++w) dst[w * C] = row[w];
-      }
-    }
-  });
+EpilogueFn pick_epilogue(int level, bool bias, bool res, int act, int mode) {
+  if (mode == 3) return pick_bias_res<3>(level, bias, res, act);
+  if (mode == 2) return pick_bias_res<2>(level, bias, res, act);
+  return mode == 1 ? pick_bias_res<1>(level, bias, res, act)
+                   : pick_bias_res<0>(level, bias, res, act);
 }
 
 }  // namespace
@@ -330,63 +184,80 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
     bound = std::max(bound, b);
   }
   p->finite_output = std::isfinite(bound) && bound < 1.3e36;  // 2^120
+  if (!p->depthwise && p->groups == 1 && p->cw_zero) prepare_padded_channels(*p);
+  prepare_int_epilogue(*p, std::max(K, p->cin_pad * p->kh * p->kw));
   if (p->depthwise) prepare_depthwise_vnni(*p);
   return p;
 }
 
 at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* residual,
                      Activation act, int64_t isa, BufferPool* pool) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat,
+  // A uint8 input is the code buffer of a qconv_codes step made for this conv (checked when
+  // the steps were added): [B, Hp, Wp, C] in this conv's padding, read as is.
+  const bool in_codes = x_in.scalar_type() == at::kByte;
+  TORCH_CHECK(x_in.dim() == 4 && (in_codes || x_in.scalar_type() == at::kFloat),
               "qconv: x must be a float32 [B, C, H, W] tensor");
   TORCH_CHECK(p.z_in_range, "qconv: the activation zero point lies outside its range");
   BufferPool none;
   BufferPool& outs = pool != nullptr ? *pool : none;
-  const at::Tensor x = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) ? x_in
-                                                                          : x_in.contiguous();
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t groups = p.groups, N = p.N, cin_g = C / groups, n_g = N / groups;
-  TORCH_CHECK(C % groups == 0, "qconv: input channels ", C, " not divisible by groups");
+  const at::Tensor x = in_codes || x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
+                           ? x_in
+                           : x_in.contiguous();
+  const int64_t B = x.size(0), C = in_codes ? x.size(3) : x.size(1);
+  const int64_t Hp = in_codes ? x.size(1) : x.size(2) + 2 * p.ph;
+  const int64_t Wp = in_codes ? x.size(2) : x.size(3) + 2 * p.pw;
+  TORCH_CHECK(C % p.groups == 0, "qconv: input channels ", C, " not divisible by groups");
+  const int level = eqk::lowbit::kernel_level(isa);
+  // A stem's few channels padded to a multiple of 4 (zero weights): the implicit GEMM runs.
+  const bool pad_ch = level >= 2 && !in_codes && p.cin_pad > 0 && C == p.cin_real;
+  const int64_t Cs = pad_ch ? p.cin_pad : C;  // channels of the code layout
+  const at::Tensor& packed = pad_ch ? p.packed_pad : p.packed;
+  const int64_t groups = p.groups, N = p.N, cin_g = Cs / groups, n_g = N / groups;
+  TORCH_CHECK(!in_codes || x.is_contiguous(), "qconv: the code buffer must be contiguous");
+  // Reused across calls and layers on this thread: a fresh buffer per call page-faulted.
+  static thread_local std::vector<uint8_t> u;
+  if (!in_codes) codes_nhwc(level, x, p, Hp, Wp, Cs, u);
+  const uint8_t* codes = in_codes ? x.data_ptr<uint8_t>() : u.data();  // workers must not
+                                                                         // name the thread_local
   if (p.depthwise) {
     TORCH_CHECK(C == groups && N == groups, "qconv: depthwise weights need ", groups,
                 " input channels, got ", C);
-    const int level = eqk::lowbit::kernel_level(isa);
-    static thread_local std::vector<uint8_t> dw_codes;
-    const int64_t Hp = x.size(2) + 2 * p.ph, Wp = x.size(3) + 2 * p.pw;
-    codes_nhwc(level, x, p, Hp, Wp, dw_codes);
-    return run_depthwise(p, x, dw_codes, Hp, Wp, residual, act, level, outs);
+    return run_depthwise(p, B, codes, Hp, Wp, residual, act, level, outs);
   }
   const int64_t K = cin_g * p.kh * p.kw, K4 = (K + 3) / 4, Kp = 4 * K4;
   const int64_t Npad = 16 * ((n_g + 15) / 16);
-  TORCH_CHECK(p.packed.numel() == groups * K4 * Npad * 4, "qconv: the input's ", C,
+  TORCH_CHECK(packed.numel() == groups * K4 * Npad * 4, "qconv: the input's ", C,
               " channels do not match the packed weights");
-  const int64_t Hp = H + 2 * p.ph, Wp = W + 2 * p.pw;
   const int64_t OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
   const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
   TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
   const int64_t L = OH * OW;
-  auto y = outs.channels_last(B, N, OH, OW, x.options());
+  const bool out_codes = p.out.on;
+  const at::Tensor y = out_codes ? code_buffer(p, B, OH, OW, outs)
+                                 : outs.channels_last(B, N, OH, OW, at::TensorOptions());
   at::Tensor r;
   if (residual != nullptr) {
-    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
+    TORCH_CHECK(!out_codes && residual->sizes() == y.sizes() &&
+                    residual->scalar_type() == at::kFloat,
                 "qconv: the residual must be float32 of the output's shape");
     r = residual->contiguous(at::MemoryFormat::ChannelsLast);
   }
-  const int level = eqk::lowbit::kernel_level(isa);
-  // Reused across calls and layers on this thread: a fresh buffer per call page-faulted.
-  static thread_local std::vector<uint8_t> u;
-  codes_nhwc(level, x, p, Hp, Wp, u);
-  const uint8_t* codes = u.data();  // worker threads must not name the thread_local
   const bool implicit = level >= 2 && cin_g % 4 == 0;
   static thread_local std::vector<int32_t> sums;
   if (implicit && !p.cw_zero) {
     sums.resize(B * Hp * Wp * groups);
-    group_sums(codes, B * Hp * Wp, C, groups, sums.data());
+    group_sums(codes, B * Hp * Wp, Cs, groups, sums.data());
   }
   const int32_t* S = sums.data();
   const EpilogueFn epi =
-      pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind, !p.cw_zero);
-  const int8_t* wp = p.packed.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
+      pick_epilogue(level, !p.bias.empty(), residual != nullptr, act.kind,
+                    p.int_epi ? (p.xmul == 0 ? 3 : 2) : p.cw_zero ? 0 : 1);
+  // Code output: each tile's fp32 epilogue goes to a task-local scratch and from there, row by
+  // row, into the consumer's padded layout.
+  const int64_t OWp = OW + 2 * p.out.pw, OHp = OH + 2 * p.out.ph;
+  uint8_t* cp = out_codes ? y.data_ptr<uint8_t>() : nullptr;
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  float* yp = out_codes ? nullptr : y.data_ptr<float>();
   const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
   const int64_t sub = p.q.off;
   const int64_t blocks = (L + kRows - 1) / kRows;
@@ -404,13 +275,22 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
     std::vector<uint8_t> A(kRows * Kp, 0);
     std::vector<int32_t> Cbuf(kRows * Npad);
     std::vector<double> xz(kRows);
+    std::vector<float> F(out_codes ? kRows * Npad : 0);
     std::vector<int64_t> taps(p.kh * p.kw);
     for (int64_t a = 0; a < p.kh; ++a)
       for (int64_t bb = 0; bb < p.kw; ++bb)
-        taps[a * p.kw + bb] = (a * p.dh * Wp + bb * p.dw) * C;
+        taps[a * p.kw + bb] = (a * p.dh * Wp + bb * p.dw) * Cs;
     const int64_t ntaps = p.kh * p.kw;
     std::vector<int64_t> tap_sums(ntaps);  // offsets of the taps in the group sums
-    for (int64_t k = 0; k < ntaps; ++k) tap_sums[k] = taps[k] / C * groups;
+    for (int64_t k = 0; k < ntaps; ++k) tap_sums[k] = taps[k] / Cs * groups;
+    // One group with undilated rows: a kernel row's kw taps are kw * Cs contiguous bytes, and
+    // the k4n16 columns (kh, kw, cin) run over them in the same order, so the implicit GEMM
+    // takes one tap of kw * Cs / 4 column groups per kernel row (fewer tap iterations).
+    const bool row_taps = groups == 1 && p.dw == 1;
+    std::vector<int64_t> gemm_taps(row_taps ? p.kh : ntaps);
+    for (int64_t k = 0; k < static_cast<int64_t>(gemm_taps.size()); ++k)
+      gemm_taps[k] = row_taps ? taps[k * p.kw] : taps[k];
+    const int64_t gemm_k4 = row_taps ? p.kw * cin_g / 4 : cin_g / 4;
     std::vector<const uint8_t*> P(kRows);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t t = task / split, part = task % split;
@@ -418,7 +298,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
       if (tile0 >= tile1) continue;
       const int64_t b = t / blocks, l0 = (t % blocks) * kRows;
       const int64_t rows = std::min(kRows, L - l0);
-      const Im2col g{codes + b * Hp * Wp * C, C, Wp, OW, cin_g, K, Kp, sub, p.sh, p.sw,
+      const Im2col g{codes + b * Hp * Wp * Cs, Cs, Wp, OW, cin_g, K, Kp, sub, p.sh, p.sw,
                      taps.data(), ntaps, p.z};
       for (int64_t gi = 0; gi < groups; ++gi) {
         if (implicit) {
@@ -426,7 +306,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
           int64_t oy = l0 / OW, ox = l0 % OW;
           for (int64_t rr = 0; rr < rows; ++rr) {
             const int64_t pix = oy * p.sh * Wp + ox * p.sw;
-            P[rr] = g.ub + pix * C + gi * cin_g;
+            P[rr] = g.ub + pix * Cs + gi * cin_g;
             if (p.cw_zero) {  // the code sums are not needed
               if (++ox == OW) ox = 0, ++oy;
               continue;
@@ -438,7 +318,8 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
             xz[rr] = static_cast<double>(xs) - static_cast<double>(K) * p.z;
             if (++ox == OW) ox = 0, ++oy;
           }
-          implicit_gemm(P.data(), rows, taps.data(), ntaps, cin_g / 4, wp + gi * K4 * Npad * 4,
+          implicit_gemm(P.data(), rows, gemm_taps.data(), static_cast<int64_t>(gemm_taps.size()),
+                        gemm_k4, wp + gi * K4 * Npad * 4,
                         Npad, tile0, tile1, Cbuf.data(), Npad);
         } else {
           im2col(g, l0, rows, gi, A.data(), xz.data());
@@ -447,8 +328,22 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
         }
         const int64_t c0 = 16 * tile0, cnt = std::min(16 * tile1, n_g) - c0;  // this task's
         const int64_t n0 = gi * n_g + c0, off = (b * L + l0) * N + n0;
-        epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(),
-            rp == nullptr ? nullptr : rp + off, yp + off, N, act.lo, act.hi);
+        if (!out_codes) {
+          epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(),
+              rp == nullptr ? nullptr : rp + off, yp + off, N, act.lo, act.hi);
+          continue;
+        }
+        epi(Cbuf.data() + c0, Npad, rows, cnt, p, n0, xz.data(), nullptr, F.data(), cnt,
+            act.lo, act.hi);
+        // With all channels in the tile, the positions of one output row are one byte run.
+        int64_t oy = l0 / OW, ox = l0 % OW;
+        for (int64_t rr = 0; rr < rows;) {
+          const int64_t run = cnt == N ? std::min(rows - rr, OW - ox) : 1;
+          uint8_t* dst = cp + ((b * OHp + oy + p.out.ph) * OWp + ox + p.out.pw) * N + n0;
+          store_codes(level, p, F.data() + rr * cnt, run * cnt, dst);
+          rr += run, ox += run;
+          if (ox == OW) ox = 0, ++oy;
+        }
       }
     }
   });

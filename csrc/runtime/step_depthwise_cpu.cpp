@@ -23,14 +23,15 @@ struct DwArgs {
   const QConv* p;
   const uint8_t* u;  // codes - off, [B, Hp, Wp, C]
   const float* res;  // [B, OH, OW, C] or null
-  float* y;          // [B, OH, OW, C]
+  float* y;          // [B, OH, OW, C], or null: rows go to the caller's row buffer
   int64_t C, Hp, Wp, OH, OW;
   Activation act;
 };
 
-// One output row (b, oy): int32 sums over the taps per channel, then the epilogue.
+// One output row (b, oy) into yrow [OW, C]: int32 sums over the taps per channel, then the
+// epilogue.
 __attribute__((always_inline)) inline void dw_row_body(const DwArgs& a, int64_t b, int64_t oy,
-                                                       int32_t* acc, int32_t* xs) {
+                                                       int32_t* acc, int32_t* xs, float* yrow) {
   const QConv& p = *a.p;
   const int64_t C = a.C, ntaps = p.kh * p.kw, K = ntaps;
   const int32_t off = p.q.off;
@@ -59,51 +60,65 @@ __attribute__((always_inline)) inline void dw_row_body(const DwArgs& a, int64_t 
       if (a.res != nullptr) v = v + a.res[o + n];
       if (a.act.kind == 1) v = v < 0.0f ? 0.0f : v;
       if (a.act.kind == 2) v = std::min(std::max(v, a.act.lo), a.act.hi);
-      a.y[o + n] = v;
+      yrow[ox * C + n] = v;
     }
   }
 }
 
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) void dw_row_avx512(
-    const DwArgs& a, int64_t b, int64_t oy, int32_t* acc, int32_t* xs) {
-  dw_row_body(a, b, oy, acc, xs);
+    const DwArgs& a, int64_t b, int64_t oy, int32_t* acc, int32_t* xs, float* yrow) {
+  dw_row_body(a, b, oy, acc, xs, yrow);
 }
 EQK_TARGET_AVX2 void dw_row_avx2(const DwArgs& a, int64_t b, int64_t oy, int32_t* acc,
-                                 int32_t* xs) {
-  dw_row_body(a, b, oy, acc, xs);
+                                 int32_t* xs, float* yrow) {
+  dw_row_body(a, b, oy, acc, xs, yrow);
 }
-void dw_row_portable(const DwArgs& a, int64_t b, int64_t oy, int32_t* acc, int32_t* xs) {
-  dw_row_body(a, b, oy, acc, xs);
+void dw_row_portable(const DwArgs& a, int64_t b, int64_t oy, int32_t* acc, int32_t* xs,
+                     float* yrow) {
+  dw_row_body(a, b, oy, acc, xs, yrow);
 }
 
 }  // namespace
 
-at::Tensor run_depthwise(const QConv& p, const at::Tensor& x, const std::vector<uint8_t>& u,
-                         int64_t Hp, int64_t Wp, const at::Tensor* residual, Activation act,
-                         int level, BufferPool& outs) {
-  const int64_t B = x.size(0), C = x.size(1);
+at::Tensor run_depthwise(const QConv& p, int64_t B, const uint8_t* u, int64_t Hp, int64_t Wp,
+                         const at::Tensor* residual, Activation act, int level, BufferPool& outs) {
+  const int64_t C = p.N;
   const int64_t OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
   const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
   TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
-  auto y = outs.channels_last(B, C, OH, OW, x.options());
+  const bool out_codes = p.out.on;
+  at::Tensor y = out_codes ? code_buffer(p, B, OH, OW, outs)
+                           : outs.channels_last(B, C, OH, OW, at::TensorOptions());
   at::Tensor r;
   if (residual != nullptr) {
-    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
+    TORCH_CHECK(!out_codes && residual->sizes() == y.sizes() &&
+                    residual->scalar_type() == at::kFloat,
                 "qconv: the residual must be float32 of the output's shape");
     r = residual->contiguous(at::MemoryFormat::ChannelsLast);
   }
   const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
+  float* yp = out_codes ? nullptr : y.data_ptr<float>();
+  uint8_t* cp = out_codes ? y.data_ptr<uint8_t>() : nullptr;
   if (level >= 2 && depthwise_vnni_fits(p)) {
-    run_depthwise_vnni(p, u.data(), rp, y.data_ptr<float>(), B, Hp, Wp, OH, OW, act);
+    run_depthwise_vnni(p, u, rp, yp, cp, B, Hp, Wp, OH, OW, act);
     return y;
   }
-  const DwArgs a{&p, u.data(), rp, y.data_ptr<float>(), C, Hp, Wp, OH, OW, act};
+  const DwArgs a{&p, u, rp, yp, C, Hp, Wp, OH, OW, act};
   auto row = level >= 2 ? &dw_row_avx512 : level == 1 ? &dw_row_avx2 : &dw_row_portable;
   const int64_t grain =
       std::max<int64_t>(1, eqk::fused::kMinTaskMacs / std::max<int64_t>(1, OW * C * p.kh * p.kw));
+  const int64_t OHp = OH + 2 * p.out.ph, OWp = OW + 2 * p.out.pw;
   at::parallel_for(0, B * OH, grain, [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> acc(C), xs(C);
-    for (int64_t i = i0; i < i1; ++i) row(a, i / OH, i % OH, acc.data(), xs.data());
+    std::vector<float> scratch(out_codes ? OW * C : 0);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / OH, oy = i % OH;
+      float* yrow = out_codes ? scratch.data() : yp + i * OW * C;
+      row(a, b, oy, acc.data(), xs.data(), yrow);
+      if (out_codes)  // the row's OW * C values are one run of the padded code layout
+        store_codes(level, p, yrow, OW * C,
+                    cp + ((b * OHp + oy + p.out.ph) * OWp + p.out.pw) * C);
+    }
   });
   return y;
 }

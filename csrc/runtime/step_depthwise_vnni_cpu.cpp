@@ -29,15 +29,39 @@ struct VnniArgs {
   const QConv* p;
   const uint8_t* u;  // codes - off, [B, Hp, Wp, C]
   const float* res;  // [B, OH, OW, C] or null
-  float* y;          // [B, OH, OW, C]
+  float* y;          // [B, OH, OW, C], or null: rows go to the caller's row buffer
   int64_t C, Cpad, Hp, Wp, OH, OW;
   Activation act;
 };
+
+// 16 code bytes of one pixel's channels [c0, c0 + 16) (mask m) widened to int32 lanes.
+EQK_TARGET_AVX512 inline __m512i pixel_lanes(const uint8_t* src, __mmask16 m) {
+  return _mm512_maskz_cvtepu8_epi32(eqk::avx512::kAll16, _mm_maskz_loadu_epi8(m, src));
+}
 
 // R row of input row iy of image b: OW * Cpad int32 lanes of kw tap bytes.
 EQK_TARGET_AVX512 void build_row(const VnniArgs& a, int64_t b, int64_t iy, uint32_t* R) {
   const QConv& p = *a.p;
   const uint8_t* row = a.u + (b * a.Hp + iy) * a.Wp * a.C;
+  if (p.kw == 3 && p.sw == 1 && p.dw == 1) {
+    // 3x3 at stride 1: R[ox] = u[ox] | u[ox + 1] << 8 | u[ox + 2] << 16, each pixel widened
+    // once and slid along (the same lanes as below, with a third of the loads).
+    for (int64_t c0 = 0; c0 < a.Cpad; c0 += 16) {
+      const int64_t left = a.C - c0;
+      const __mmask16 m = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+      __m512i p0 = pixel_lanes(row + c0, m), p1 = pixel_lanes(row + a.C + c0, m);
+      for (int64_t ox = 0; ox < a.OW; ++ox) {
+        const __m512i p2 = pixel_lanes(row + (ox + 2) * a.C + c0, m);
+        using eqk::avx512::kAll16;
+        const __m512i r = _mm512_ternarylogic_epi32(p0, _mm512_maskz_slli_epi32(kAll16, p1, 8),
+                                                    _mm512_maskz_slli_epi32(kAll16, p2, 16),
+                                                    0xFE);  // a | b | c
+        _mm512_storeu_si512(R + ox * a.Cpad + c0, r);
+        p0 = p1, p1 = p2;
+      }
+    }
+    return;
+  }
   for (int64_t ox = 0; ox < a.OW; ++ox) {
     const uint8_t* src = row + ox * p.sw * a.C;
     uint32_t* dst = R + ox * a.Cpad;
@@ -72,13 +96,25 @@ EQK_TARGET_AVX512 inline __m256 epilogue8(__m256i acc, __m256i xs, const QConv& 
   return eqk::avx512::cvtpd_ps(t);
 }
 
-// Output row (b, oy) from the R rows of its kh taps (kCw: with the code sums, see cw_zero).
-template <bool kCw>
+// Eight lanes of the integer epilogue (QConv::int_epi): vi = mult acc + xmul xs + dw_int, the
+// same double as epilogue8's times mult, times sc_int = sc / mult.
+EQK_TARGET_AVX512 inline __m256 epilogue8_int(__m256i vi, const QConv& p, int64_t c) {
+  using eqk::avx512::kAll8;
+  __m512d t = _mm512_mul_pd(_mm512_maskz_cvtepi32_pd(kAll8, vi),
+                            _mm512_loadu_pd(p.sc_int.data() + c));
+  if (!p.bias.empty()) t = _mm512_add_pd(t, _mm512_loadu_pd(p.bias.data() + c));
+  return eqk::avx512::cvtpd_ps(t);
+}
+
+// Output row (b, oy) into yrow [OW, C] from the R rows of its kh taps. kMode 0: no code sums
+// (cw_zero), 1: with them, 2: the integer epilogue with them, 3: without (xmul == 0).
+template <int kMode>
 EQK_TARGET_AVX512 void compute_row(const VnniArgs& a, int64_t b, int64_t oy,
-                                   const uint32_t* const* R) {
+                                   const uint32_t* const* R, float* yrow) {
   const QConv& p = *a.p;
   const int64_t K = p.kh * p.kw;
   const __m512i ones = _mm512_set1_epi32(0x01010101);
+  const __m512i vmult = _mm512_set1_epi32(p.mult), vxmul = _mm512_set1_epi32(p.xmul);
   const __m512d kz = _mm512_set1_pd(static_cast<double>(K) * p.z);
   const __m512i k_off = _mm512_set1_epi32(static_cast<int32_t>(K * p.q.off));
   const __m512 lo = _mm512_set1_ps(a.act.lo), hi = _mm512_set1_ps(a.act.hi);
@@ -91,16 +127,27 @@ EQK_TARGET_AVX512 void compute_row(const VnniArgs& a, int64_t b, int64_t oy,
     for (int64_t ta = 0; ta < p.kh; ++ta)
       w[ta] = _mm512_loadu_si512(p.dw_w4.data() + (ta * a.Cpad + c0) * 4);
     const __m512i corr = _mm512_loadu_si512(p.dw_corr.data() + c0);
+    const __m512i dw_int =
+        kMode >= 2 ? _mm512_loadu_si512(p.dw_int.data() + c0) : _mm512_setzero_si512();
     for (int64_t ox = 0; ox < a.OW; ++ox) {
       __m512i acc = corr, xs = k_off;
       for (int64_t ta = 0; ta < p.kh; ++ta) {
         const __m512i v = _mm512_loadu_si512(R[ta] + ox * a.Cpad + c0);
         acc = _mm512_dpbusd_epi32(acc, v, w[ta]);
-        if (kCw) xs = _mm512_dpbusd_epi32(xs, v, ones);
+        if (kMode == 1 || kMode == 2) xs = _mm512_dpbusd_epi32(xs, v, ones);
       }
       using eqk::avx512::extract_hi256, eqk::avx512::extract_lo256;
-      const __m256 f0 = epilogue8<kCw>(extract_lo256(acc), extract_lo256(xs), p, c0, kz);
-      const __m256 f1 = epilogue8<kCw>(extract_hi256(acc), extract_hi256(xs), p, c0 + 8, kz);
+      __m256 f0, f1;
+      if (kMode >= 2) {  // |vi| < 2^31 (bounded when int_epi was chosen)
+        // kMode 3: cw == 0, so mult == 1
+        __m512i vi = _mm512_add_epi32(kMode == 3 ? acc : _mm512_mullo_epi32(acc, vmult), dw_int);
+        if (kMode == 2) vi = _mm512_add_epi32(vi, _mm512_mullo_epi32(xs, vxmul));
+        f0 = epilogue8_int(extract_lo256(vi), p, c0);
+        f1 = epilogue8_int(extract_hi256(vi), p, c0 + 8);
+      } else {
+        f0 = epilogue8<kMode == 1>(extract_lo256(acc), extract_lo256(xs), p, c0, kz);
+        f1 = epilogue8<kMode == 1>(extract_hi256(acc), extract_hi256(xs), p, c0 + 8, kz);
+      }
       const __m512 zero_ps = _mm512_setzero_ps();
       __m512 v = _mm512_mask_insertf32x8(zero_ps, eqk::avx512::kAll16, zero_ps, f0, 0);
       v = _mm512_mask_insertf32x8(v, eqk::avx512::kAll16, v, f1, 1);
@@ -110,7 +157,7 @@ EQK_TARGET_AVX512 void compute_row(const VnniArgs& a, int64_t b, int64_t oy,
       // zero's sign may differ, which no later step distinguishes).
       if (a.act.kind == 1) v = eqk::avx512::max_ps(v, zero);
       if (a.act.kind == 2) v = eqk::avx512::min_ps(eqk::avx512::max_ps(v, lo), hi);
-      _mm512_mask_storeu_ps(a.y + o, m, v);
+      _mm512_mask_storeu_ps(yrow + ox * a.C + c0, m, v);
     }
   }
 }
@@ -138,11 +185,13 @@ void prepare_depthwise_vnni(QConv& p) {
     p.dw_corr[c] = static_cast<int32_t>(p.q.off) * wsum;
   }
   for (auto* v : {&p.zw, &p.cw, &p.sc}) v->resize(Cpad, 0.0);
+  if (p.int_epi) p.dw_int.resize(Cpad, 0), p.sc_int.resize(Cpad, 0.0);
   if (!p.bias.empty()) p.bias.resize(Cpad, 0.0);
 }
 
-void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, float* y, int64_t B,
-                        int64_t Hp, int64_t Wp, int64_t OH, int64_t OW, Activation act) {
+void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, float* y,
+                        uint8_t* codes, int64_t B, int64_t Hp, int64_t Wp, int64_t OH,
+                        int64_t OW, Activation act) {
   const int64_t C = p.N, Cpad = 16 * ((C + 15) / 16);
   const VnniArgs a{&p, u, res, y, C, Cpad, Hp, Wp, OH, OW, act};
   // Rows of a task stay in one image; the R rows of the last `span` input rows are cached
@@ -153,6 +202,8 @@ void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, floa
   at::parallel_for(0, B * OH, grain, [&](int64_t i0, int64_t i1) {
     std::vector<uint32_t> cache(span * OW * Cpad);
     std::vector<int64_t> key(span, -1);
+    std::vector<float> scratch(codes != nullptr ? OW * C : 0);
+    const int64_t OHp = OH + 2 * p.out.ph, OWp = OW + 2 * p.out.pw;
     const uint32_t* R[8];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / OH, oy = i % OH;
@@ -162,10 +213,13 @@ void run_depthwise_vnni(const QConv& p, const uint8_t* u, const float* res, floa
         if (key[slot] != k) build_row(a, b, iy, r), key[slot] = k;
         R[ta] = r;
       }
-      if (p.cw_zero)
-        compute_row<false>(a, b, oy, R);
+      float* yrow = codes != nullptr ? scratch.data() : y + i * OW * C;
+      if (p.int_epi)
+        (p.xmul != 0 ? compute_row<2> : compute_row<3>)(a, b, oy, R, yrow);
       else
-        compute_row<true>(a, b, oy, R);
+        (p.cw_zero ? compute_row<0> : compute_row<1>)(a, b, oy, R, yrow);
+      if (codes != nullptr)  // the row's OW * C values are one run of the padded code layout
+        store_codes(2, p, yrow, OW * C, codes + ((b * OHp + oy + p.out.ph) * OWp + p.out.pw) * C);
     }
   });
 }

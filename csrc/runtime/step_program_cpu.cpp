@@ -28,58 +28,15 @@
 #include "common/lowbit_fused_entry.h"
 #include "common/registry.h"
 #include "runtime/step_conv.h"
+#include "runtime/step_kinds.h"
 
 namespace {
 
-// Step kinds (exposed to Python as _C.STEP_KINDS, name -> value).
-enum class Kind : int64_t {
-  qconv = 0,
-  qlinear = 1,
-  conv = 2,
-  linear = 3,
-  affine = 4,
-  relu = 5,
-  clamp = 6,
-  add = 7,
-  add_relu = 8,
-  max_pool2d = 9,
-  avg_pool2d = 10,
-  adaptive_avg_pool2d = 11,
-  flatten = 12,
-  slice = 13,
-  pad = 14,
-};
-constexpr int64_t kNumKinds = 15;
-
-const char* const kKindNames[kNumKinds] = {
-    "qconv",      "qlinear",    "conv",       "linear",   "affine",
-    "relu",       "clamp",      "add",        "add_relu", "max_pool2d",
-    "avg_pool2d", "adaptive_avg_pool2d", "flatten", "slice", "pad"};
-
-// What each kind takes: inputs, tensors (required ones first; the rest may be None), ints,
-// floats. -1: any count (checked by the kind itself). qconv reads its input and optionally a
-// residual added before its optional activation (ints: the conv's 13, then the activation:
-// 0 none, 1 ReLU, 2 clamp to [lo, hi]; floats: scale factor, compensation, lo, hi).
-struct Arity {
-  int inputs, tensors, required_tensors, ints, floats;
-};
-constexpr Arity kArity[kNumKinds] = {
-    {-1, 7, 4, 14, 4},  // qconv: packed, wsum, scale, act_scale | zw, bias, act_zp; + act
-    {1, 8, 4, 3, 2},    // qlinear: planes, wsum, scale, act_scale | kernel weights, zw, bias, act_zp
-    {1, 2, 1, 7, 0},    // conv: weight | bias; stride, padding, dilation pairs, groups
-    {1, 2, 1, 0, 0},    // linear: weight | bias
-    {1, 2, 2, 0, 0},    // affine: mul, add (per channel of dim 1)
-    {1, 0, 0, 0, 0},    // relu
-    {1, 0, 0, 0, 2},    // clamp: lo, hi
-    {2, 0, 0, 0, 0},    // add
-    {2, 0, 0, 0, 0},    // add_relu
-    {1, 0, 0, 9, 0},    // max_pool2d: kernel, stride, padding, dilation pairs, ceil_mode
-    {1, 0, 0, 8, 0},    // avg_pool2d: kernel, stride, padding pairs, ceil_mode, count_include_pad
-    {1, 0, 0, 2, 0},    // adaptive_avg_pool2d: output size pair
-    {1, 0, 0, 2, 0},    // flatten: start_dim, end_dim
-    {1, 0, 0, 4, 0},    // slice: dim, start, end, step
-    {1, 0, 0, -1, 1},   // pad: pairs of (before, after) from the last dim; value
-};
+using eqk::steps::Kind;
+using eqk::steps::kArity;
+using eqk::steps::kKindNames;
+using eqk::steps::kNumKinds;
+using eqk::steps::Arity;
 
 struct Step {
   Kind kind;
@@ -90,31 +47,6 @@ struct Step {
   std::vector<double> floats;
   std::shared_ptr<eqk::steps::QConv> qconv;  // k4n16 convs: prepared once (step_conv_cpu.cpp)
 };
-
-// Whether n floats (as bits) are all finite (exponent bits not all ones); compiled per ISA so
-// that the loop vectorizes (it runs before every quantized step).
-__attribute__((always_inline)) inline bool finite_body(const uint32_t* p, int64_t n) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad |= ((p[i] & 0x7f800000u) == 0x7f800000u);
-  return bad == 0;
-}
-__attribute__((target("avx512f,avx512bw"))) bool finite_avx512(const uint32_t* p, int64_t n) {
-  return finite_body(p, n);
-}
-__attribute__((target("avx2"))) bool finite_avx2(const uint32_t* p, int64_t n) {
-  return finite_body(p, n);
-}
-bool finite_portable(const uint32_t* p, int64_t n) { return finite_body(p, n); }
-
-bool all_finite(const at::Tensor& t, int64_t isa) {
-  const bool dense = t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (t.scalar_type() != at::kFloat || !dense) return at::isfinite(t).all().item<bool>();
-  const uint32_t* p = reinterpret_cast<const uint32_t*>(t.data_ptr<float>());
-  const int level = eqk::lowbit::kernel_level(isa);
-  if (level >= 2) return finite_avx512(p, t.numel());
-  if (level == 1) return finite_avx2(p, t.numel());
-  return finite_portable(p, t.numel());
-}
 
 const at::Tensor& need(const std::optional<at::Tensor>& t) { return *t; }
 
@@ -127,6 +59,7 @@ class StepProgram {
     written_[0] = true;  // the input
     last_use_.assign(num_buffers, -1);
     finite_.assign(num_buffers, false);
+    code_target_.assign(num_buffers, nullptr);
   }
 
   void add(int64_t kind, const std::vector<int64_t>& inputs, int64_t output,
@@ -161,25 +94,50 @@ class StepProgram {
                   " is not written by an earlier step (buffers 0..", nb - 1, ", 0 the input)");
     TORCH_CHECK(output >= 1 && output < nb && !written_[output], name, ": output buffer ", output,
                 " must be in 1..", nb - 1, " and written by no other step");
-    check_params(static_cast<Kind>(kind), name, tensors, ints, floats);
+    eqk::steps::check_step_params(static_cast<Kind>(kind), name, tensors, ints, floats);
+    const Kind k = static_cast<Kind>(kind);
+    const bool quantized = k == Kind::qconv || k == Kind::qconv_codes;
+    // k4n16 convs, and depthwise convs of one output channel per group (channel multipliers
+    // run the per-layer kernel). Prepared before any state changes, so a refused step leaves
+    // the program as it was.
+    std::shared_ptr<eqk::steps::QConv> qconv;
+    if (quantized && (tensors[0]->dim() == 4 || ints[1] == ints[10]))
+      qconv = eqk::steps::make_qconv(*tensors[0], *tensors[1], *tensors[2], *tensors[3],
+                                     tensors[4], tensors[5], tensors[6], ints, floats[0],
+                                     floats[1]);
+    if (k == Kind::qconv_codes) {
+      // Codes are finite by construction only when the fp32 values they quantize are.
+      TORCH_CHECK(qconv && qconv->finite_output, name,
+                  ": needs a prepared conv whose fp32 output is finite by construction");
+      qconv->out.on = true;
+      qconv->out.q = eqk::fused::act_quant(*tensors[7], tensors[8], ints[14], ints[15]);
+      qconv->out.ph = ints[16];
+      qconv->out.pw = ints[17];
+      TORCH_CHECK(qconv->out.q.z >= qconv->out.q.lo && qconv->out.q.z <= qconv->out.q.hi, name,
+                  ": the output activation zero point lies outside its range");
+    }
+    for (size_t j = 0; j < inputs.size(); ++j) {
+      const auto& target = code_target_[inputs[j]];
+      if (target == nullptr) continue;
+      // A code buffer is read only as the input of the conv it was quantized for.
+      TORCH_CHECK(j == 0 && qconv && eqk::steps::same_codes(target->out.q, qconv->q) &&
+                      target->out.ph == qconv->ph && target->out.pw == qconv->pw,
+                  name, ": input buffer ", inputs[j],
+                  " holds codes, which only a quantized conv with the same activation "
+                  "quantizer and padding reads");
+    }
     for (int64_t b : inputs) last_use_[b] = static_cast<int64_t>(steps_.size());
     written_[output] = true;
-    Step step{static_cast<Kind>(kind), inputs, output, tensors, ints, floats, nullptr};
-    // k4n16 convs, and depthwise convs of one output channel per group (channel multipliers
-    // run the per-layer kernel).
-    if (step.kind == Kind::qconv && (tensors[0]->dim() == 4 || ints[1] == ints[10]))
-      step.qconv = eqk::steps::make_qconv(*tensors[0], *tensors[1], *tensors[2], *tensors[3],
-                                          tensors[4], tensors[5], tensors[6], ints, floats[0],
-                                          floats[1]);
+    Step step{k, inputs, output, tensors, ints, floats, qconv};
+    if (k == Kind::qconv_codes) code_target_[output] = qconv;
     // A buffer that is finite whatever the input: a prepared conv without residual whose
     // epilogue is bounded in fp32 (its integer sums are), and ReLU / clamp of one. The next
     // quantized step skips its finiteness pass over such an input.
     const bool from_finite = finite_[inputs[0]];
     if (step.qconv && step.qconv->finite_output && inputs.size() == 1) finite_[output] = true;
-    if ((step.kind == Kind::relu || step.kind == Kind::clamp) && from_finite) finite_[output] = true;
+    if ((k == Kind::relu || k == Kind::clamp) && from_finite) finite_[output] = true;
     // Steps that mix the samples of a batch, or whose fp32 result may depend on the batch size
     // (ATen's float conv / linear pick algorithms by shape), keep the batch whole.
-    const Kind k = step.kind;
     if (k == Kind::conv || k == Kind::linear || k == Kind::pad ||
         (k == Kind::flatten && ints[0] < 1) || (k == Kind::slice && ints[0] < 1))
       per_sample_ = false;
@@ -190,6 +148,8 @@ class StepProgram {
     TORCH_CHECK(output_ < 0, "StepProgram: finish() was called already");
     TORCH_CHECK(output >= 0 && output < static_cast<int64_t>(written_.size()) && written_[output],
                 "StepProgram: the output buffer ", output, " is not written by any step");
+    TORCH_CHECK(code_target_[output] == nullptr, "StepProgram: the output buffer ", output,
+                " holds activation codes (a qconv_codes step's), not a float result");
     output_ = output;
     last_use_[output] = static_cast<int64_t>(steps_.size());  // kept to the end
   }
@@ -278,116 +238,11 @@ class StepProgram {
   std::vector<int64_t> last_use_;
   int64_t output_ = -1;
   std::vector<bool> finite_;  // buffers finite by construction (see add())
+  // Code buffers: the qconv_codes step that writes each (null: a float buffer).
+  std::vector<std::shared_ptr<const eqk::steps::QConv>> code_target_;
   bool per_sample_ = true;
   std::atomic<int64_t> sample_bytes_{0};               // largest intermediate per sample
   std::atomic<int64_t> chunk_bytes_{int64_t(4) << 20};  // about an L2 + L3 share per core
-
-  static void check_params(Kind k, const char* name,
-                           const std::vector<std::optional<at::Tensor>>& t,
-                           const std::vector<int64_t>& ints, const std::vector<double>& f) {
-    auto is_float = [](const std::optional<at::Tensor>& v) {
-      return !v.has_value() || v->scalar_type() == at::kFloat;
-    };
-    switch (k) {
-      case Kind::qconv: {
-        const at::Tensor& packed = *t[0];
-        const int64_t bits = ints[0], N = ints[1], groups = ints[10], qmin = ints[11];
-        const int64_t qmax = ints[12];
-        TORCH_CHECK(bits >= 1 && bits <= 8 && N >= 1 && groups >= 1 && N % groups == 0, name,
-                    ": bits must be in 1..8, out channels >= 1 and divisible by groups");
-        TORCH_CHECK(ints[13] >= 0 && ints[13] <= 2, name,
-                    ": activation must be 0 (none), 1 (ReLU) or 2 (clamp)");
-        TORCH_CHECK(ints[13] != 2 || f[2] <= f[3], name, ": clamp lo must be <= hi");
-        for (int i = 2; i < 10; ++i)
-          TORCH_CHECK(ints[i] >= (i >= 6 && i < 8 ? 0 : 1), name,
-                      ": kernel, stride, dilation must be >= 1 and padding >= 0");
-        TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous(), name,
-                    ": packed weights must be contiguous int8");
-        if (packed.dim() == 4) {  // k4n16: exact int32 sums of K unsigned bytes
-          const int64_t n_g = N / groups, npad = 16 * ((n_g + 15) / 16);
-          TORCH_CHECK(packed.size(0) == groups && packed.size(2) == npad && packed.size(3) == 4,
-                      name, ": packed weights must be int8 [groups, K4, Npad, 4]");
-          TORCH_CHECK(4 * packed.size(1) * 255 * (int64_t(1) << (bits - 1)) < (int64_t(1) << 31),
-                      name, ": K too long for exact int32 accumulation at ", bits, " bits");
-        } else {
-          TORCH_CHECK(packed.dim() == 2 && packed.size(0) == N && packed.size(1) == ints[2] * ints[3],
-                      name, ": depthwise packed weights must be int8 [N, kh*kw]");
-        }
-        check_epilogue(name, t[1], t[2], t[4], t[5], t[3], t[6], N, qmin, qmax);
-        break;
-      }
-      case Kind::qlinear: {
-        const at::Tensor& planes = *t[0];
-        const int64_t bits = ints[0];
-        TORCH_CHECK(planes.scalar_type() == at::kInt && planes.dim() == 3 &&
-                        planes.is_contiguous() && bits >= 1 && bits <= 8 && planes.size(0) >= bits,
-                    name, ": planes must be contiguous int32 [>= bits, N, W], bits in 1..8");
-        const int64_t amax = std::max(std::abs(ints[1]), std::abs(ints[2]));
-        TORCH_CHECK(32 * planes.size(2) * amax * (int64_t(1) << (bits - 1)) < (int64_t(1) << 31),
-                    name, ": K too long for exact int32 accumulation at ", bits, " bits");
-        check_epilogue(name, t[1], t[2], t[5], t[6], t[3], t[7], planes.size(1), ints[1],
-                       ints[2]);
-        break;
-      }
-      case Kind::conv:
-        TORCH_CHECK(t[0]->dim() == 4 && is_float(t[0]) && is_float(t[1]), name,
-                    ": weight must be float32 [Cout, Cin/groups, kh, kw], bias float32");
-        TORCH_CHECK(ints[0] >= 1 && ints[1] >= 1 && ints[2] >= 0 && ints[3] >= 0 &&
-                        ints[4] >= 1 && ints[5] >= 1 && ints[6] >= 1,
-                    name, ": stride, dilation, groups >= 1 and padding >= 0");
-        break;
-      case Kind::linear:
-        TORCH_CHECK(t[0]->dim() == 2 && is_float(t[0]) && is_float(t[1]), name,
-                    ": weight must be float32 [N, K], bias float32");
-        break;
-      case Kind::affine:
-        TORCH_CHECK(is_float(t[0]) && is_float(t[1]) && t[0]->dim() == 1 &&
-                        t[1]->sizes() == t[0]->sizes(),
-                    name, ": mul and add must be float32 [C]");
-        break;
-      case Kind::clamp:
-        TORCH_CHECK(f[0] <= f[1], name, ": lo must be <= hi");
-        break;
-      case Kind::max_pool2d:
-      case Kind::avg_pool2d:
-        for (int i = 0; i < 6; ++i)
-          TORCH_CHECK(ints[i] >= (i < 4 ? 1 : 0), name,
-                      ": kernel and stride must be >= 1, padding >= 0");
-        TORCH_CHECK(k == Kind::avg_pool2d || (ints[6] >= 1 && ints[7] >= 1), name,
-                    ": dilation must be >= 1");
-        break;
-      case Kind::adaptive_avg_pool2d:
-        TORCH_CHECK(ints[0] >= 1 && ints[1] >= 1, name, ": output size must be >= 1");
-        break;
-      case Kind::slice:
-        TORCH_CHECK(ints[3] >= 1, name, ": step must be >= 1");
-        break;
-      case Kind::pad:
-        TORCH_CHECK(!ints.empty() && ints.size() % 2 == 0 && ints.size() <= 8, name,
-                    ": pads must be 2, 4, 6 or 8 ints");
-        break;
-      default:
-        break;
-    }
-  }
-
-  static void check_epilogue(const char* name, const std::optional<at::Tensor>& wsum,
-                             const std::optional<at::Tensor>& scale,
-                             const std::optional<at::Tensor>& zw,
-                             const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& act_scale,
-                             const std::optional<at::Tensor>& act_zp, int64_t N, int64_t qmin,
-                             int64_t qmax) {
-    TORCH_CHECK(wsum->scalar_type() == at::kLong && wsum->numel() == N && wsum->is_contiguous(),
-                name, ": wsum must be contiguous int64 [N]");
-    TORCH_CHECK(scale->numel() == 1 || scale->numel() == N, name, ": scale must hold 1 or N values");
-    TORCH_CHECK(!zw.has_value() || zw->numel() == N, name, ": weight zero point must hold N values");
-    TORCH_CHECK(!bias.has_value() || bias->numel() == N, name, ": bias must hold N values");
-    TORCH_CHECK(act_scale->numel() == 1 && (!act_zp.has_value() || act_zp->numel() == 1), name,
-                ": act scale and zero point must hold one value");
-    TORCH_CHECK(qmin >= -128 && qmax <= 255 && qmin < qmax && (qmin >= 0 || qmax <= 127), name,
-                ": act_quant_min/max must fit uint8 or int8");
-  }
 
   bool in_place_ok(const Step& s, const std::vector<at::Tensor>& buf, int64_t i) const {
     const int64_t b = s.inputs[0];
@@ -402,8 +257,9 @@ class StepProgram {
     const auto& t = s.tensors;
     const auto& n = s.ints;
     switch (s.kind) {
-      case Kind::qconv: {
-        if (!finite_[s.inputs[0]] && !all_finite(x, isa)) return std::nullopt;
+      case Kind::qconv:
+      case Kind::qconv_codes: {
+        if (!finite_[s.inputs[0]] && !eqk::steps::all_finite(x, isa)) return std::nullopt;
         const at::Tensor* res = s.inputs.size() > 1 ? &buf[s.inputs[1]] : nullptr;
         const eqk::steps::Activation act{static_cast<int>(n[13]), static_cast<float>(s.floats[2]),
                                          static_cast<float>(s.floats[3])};
@@ -419,7 +275,7 @@ class StepProgram {
         return y;
       }
       case Kind::qlinear: {
-        if (!all_finite(x, isa)) return std::nullopt;
+        if (!eqk::steps::all_finite(x, isa)) return std::nullopt;
         TORCH_CHECK(x.dim() >= 1, "qlinear: input must have at least one dimension");
         const at::Tensor x2 = x.reshape({-1, x.size(-1)});
         at::Tensor y = eqk::fused::linear_int_fused(

@@ -18,6 +18,10 @@ buffer ids, tensor counts, dtypes and shapes are checked), so a hostile list rai
 `step(kind, inputs, ...)` is the generic form the typed methods call (`StepProgram.kinds()`
 lists the kinds, `eqkernels._C.STEP_KINDS`). A list of ops is not a model: the caller decides what it computes.
 
+A conv step may store the next conv's activation codes instead of fp32 (`conv(codes_for=)`,
+one byte per value, quantized in its epilogue exactly as the consumer would and laid out in the
+consumer's padded channels-last form, so the consumer skips its quantize pass).
+
 Results equal the per-layer calls bit for bit: the quantized steps run the same C++ kernels
 as the prepared calls (`PreparedConv2d` / `PreparedLinear` on the cpp backend), the float
 steps the same ATen functions as `torch.nn.functional`.
@@ -32,6 +36,7 @@ from ..backend import cpu_isa_cap
 from ._lowbit_gemm_fused import FUSED_CONV, FUSED_LINEAR, conv_weights, int32_exact, linear_weights
 from ._lowbit_gemm_register import run_eagerly
 from ._lowbit_gemm_weights import compensation
+from .lowbit_gemm import PreparedConv2d
 
 __all__ = ["StepProgram"]
 
@@ -84,6 +89,21 @@ class StepProgram:
         self._impl = self._probe = None
         self.output: int | None = None
         self._isa = cpu_isa_cap()  # the kernel weights chosen below depend on it
+
+    @staticmethod
+    def reads_codes(prepared) -> bool:
+        """Whether a conv step of `prepared` can read another step's codes (`conv(codes_for=)`):
+        it runs as a quantized step on the executor's own kernels (k4n16 weights, or depthwise
+        with one output channel per group; channel multipliers run the per-layer op on fp32)."""
+        if not isinstance(prepared, PreparedConv2d) or prepared.group_size:
+            return False
+        if _quantized_why_not(prepared, FUSED_CONV) is not None:
+            return False
+        in_channels, (kh, kw), _, _, _, groups = prepared.geometry
+        cin_g = in_channels // groups
+        if cin_g > 1 and not int32_exact(cin_g * kh * kw, 255, prepared.bits):
+            return False
+        return cin_g > 1 or prepared.out_channels == groups
 
     @staticmethod
     def kinds() -> list[str]:
@@ -178,14 +198,26 @@ class StepProgram:
         residual: int | None = None,
         relu: bool = False,
         clamp: tuple[float, float] | None = None,
+        codes_for=None,
     ) -> int:
         """A `PreparedConv2d` (cpp backend, integer activations) as one step, optionally
         followed by `+ residual` (a buffer of the output's shape) and then ReLU (`relu=True`) or
         a clamp to `clamp=(lo, hi)` (ReLU6, Hardtanh) in its epilogue (the same fp32 operations
         as separate steps); raises NotImplementedError naming why when the fused kernel does
-        not run it."""
+        not run it.
+
+        `codes_for=consumer` (a `PreparedConv2d` that can read codes, see `reads_codes`; no
+        residual): the step writes the consumer's activation codes (its quantizer, in its
+        padded channels-last layout) instead of fp32, the same bytes the consumer would
+        compute from the fp32 output; only convs with that quantizer and padding may read the
+        buffer. Raises ValueError when the output is not finite by construction (then codes
+        could hide a NaN)."""
         if relu and clamp is not None:
             raise ValueError("conv step: relu and clamp exclude each other; pass one")
+        if codes_for is not None and residual is not None:
+            raise ValueError("conv step: codes_for excludes a residual (the add is in fp32)")
+        if codes_for is not None and not self.reads_codes(codes_for):
+            raise ValueError("codes_for: expected a PreparedConv2d that reads codes (reads_codes)")
         lo, hi = (0.0, 0.0) if clamp is None else (float(clamp[0]), float(clamp[1]))
         act = 2 if clamp is not None else int(relu)
         why = _quantized_why_not(prepared, FUSED_CONV)
@@ -206,7 +238,12 @@ class StepProgram:
         tensors = (packed, wsum, p.scale, a_s, p.weight_zero_point, p.bias, a_z)
         inputs = [src] if residual is None else [src, residual]
         floats = (float(2 ** (p.top_bits - p.bits)), c, lo, hi)
-        return self.step("qconv", inputs, tensors, ints, floats)
+        if codes_for is None:
+            return self.step("qconv", inputs, tensors, ints, floats)
+        o = codes_for
+        o_s, o_z = _act_tensors(o.act)
+        ints = (*ints, o.act.quant_min, o.act.quant_max, *o.geometry[3])
+        return self.step("qconv_codes", inputs, (*tensors, o_s, o_z), ints, floats)
 
     def linear(self, prepared, src: int) -> int:
         """A `PreparedLinear` (cpp backend, integer activations) as one step (the input's last

@@ -5,7 +5,9 @@
 (`IntConv2d` / `IntLinear`) and torch.nn's modules as leaves, and turns each node into steps:
 an integer layer becomes one fused quantized step (its prepared call's weights, activation
 quantization and epilogue; a BN that could not be merged into its scale becomes an `affine`
-step), and the float glue becomes the executor's float steps (ReLU / ReLU6 / Hardtanh,
+step; when its value, after a fused ReLU / clamp, is read only by integer convs with one
+activation quantizer and padding, the step stores their input codes instead of fp32), and the
+float glue becomes the executor's float steps (ReLU / ReLU6 / Hardtanh,
 residual adds with a following ReLU fused into one step, max / average / adaptive average
 pooling, flatten, slicing with steps, constant padding, float conv / linear; Identity and
 eval-mode Dropout are aliases). That covers the CIFAR ResNets, torchvision's ResNets and
@@ -17,6 +19,7 @@ path (loader.py records the reason).
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -126,10 +129,40 @@ class _Builder:
         clamp = None if user is None or relu else self.clamp_bounds(user)
         if relu or clamp is not None:
             fused.append(user)
-        out = self.prog.conv(m.prepared(), src, residual=residual, relu=relu, clamp=clamp)
+        consumer = (
+            None if residual is not None else self.code_consumer(fused[-1] if fused else node)
+        )
+        conv = functools.partial(self.prog.conv, m.prepared(), src, relu=relu, clamp=clamp)
+        try:
+            out = conv(residual=residual, codes_for=consumer)
+        except ValueError:  # no codes: an output not finite by construction
+            out = conv(residual=residual)
         for n in (*chain[1:], *fused):
             self.buf[n] = out
         return out
+
+    def code_consumer(self, node: fx.Node):
+        """The prepared conv whose activation codes `node`'s value can be stored as (the
+        requantizing epilogue), or None: every reader of the value (through aliases) is an
+        integer conv step that reads codes, all with the same activation quantizer and
+        padding."""
+        readers, todo = [], list(node.users)
+        while todo:
+            u = todo.pop()
+            m = self.modules.get(u.target) if u.op == "call_module" else None
+            if isinstance(m, _ALIAS_MODULES) and not m.training:
+                todo.extend(u.users)
+                continue
+            if not isinstance(m, IntConv2d) or m.out_mul is not None or m.training:
+                return None
+            if u.kwargs or len(u.args) != 1:
+                return None
+            readers.append(m.prepared())
+        if not readers or not all(self.prog.reads_codes(r) for r in readers):
+            return None
+        first = readers[0]
+        key = _code_key(first)
+        return first if all(_code_key(r) == key for r in readers[1:]) else None
 
     def ensure(self, node, depth: int) -> bool:
         """Whether `node` has a buffer, computing it now (ahead of graph order) when everything
@@ -263,6 +296,14 @@ class _Builder:
             return None
         (user,) = node.users
         return user if self.is_relu(user) else None
+
+
+def _code_key(prepared) -> tuple:
+    """What fixes a conv's input codes: its activation quantizer and padding."""
+    a = prepared.act
+    z = None if a.zero_point is None else float(a.zero_point.reshape(()))
+    scale = float(a.scale.reshape(()).to(torch.float32))
+    return scale, z, a.quant_min, a.quant_max, tuple(prepared.geometry[3])
 
 
 def _sizes(v) -> tuple | None:
