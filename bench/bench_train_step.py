@@ -6,13 +6,18 @@ Compiled rows (`torch.compile`, backend EQK_BENCH_COMPILE, default inductor; "no
 them): the float model, and the supernet with a new random subnet every step (per-layer widths
 and forms: EQ-Net's sampling), next to the same random sampling in eager mode. The table
 counts the graphs dynamo compiled after warm-up (target 0) and compares the compiled supernet
-step with the compiled float step (target <= 1.2x). These three rows are timed in rotation.
-In compiled graphs the quantizers run plain torch ops that inductor fuses;
-EQK_COMPILE_KERNEL=1 makes them call the fake-quant kernel through its op instead.
+step with the compiled float step (target <= 1.2x). In compiled graphs the quantizers' forward
+runs plain torch ops that inductor fuses with the batch norm and ReLU before them; the
+activation quantizers' backward runs the fake-quant kernel through its backward op. A fourth
+row traces that backward as plain ops too (EQK_COMPILE_INLINE_BACKWARD=1, the earlier form).
+These four rows are timed in rotation. EQK_COMPILE_KERNEL=1 makes the quantizers call the
+kernel ops for the forward as well.
 
 The fake-quant backend is whatever `auto` resolves to (the C++ kernel when eqkernels._C has
 it, else the pure-torch reference); the table says which. Run with nothing else on the
 machine: `EQK_EXT_DIR=<private build>/eqkernels .venv/bin/python -m bench.bench_train_step`.
+After changing the fake-quant ops, add TORCHINDUCTOR_FORCE_DISABLE_CACHES=1: inductor's graph
+cache keys on the graph, not on a custom op's tags or body, and would serve the old kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 import eqnet
 import torch
 from eqnet import models
+from eqnet.nn import form_data
 from eqnet.space import ElasticSpace, SubnetConfig
 
 from bench.deploy_vs_ort import rotation_medians
@@ -33,6 +39,7 @@ from eqkernels.ops import fake_quant as fq_ops
 BATCH = int(os.environ.get("EQK_BENCH_BATCH", 128))
 COMPILE_BACKEND = os.environ.get("EQK_BENCH_COMPILE", "inductor")
 RANDOM_CONFIGS = 64  # drawn before timing; each step activates the next one
+INLINE_ROW = "compiled, plain-op act. backward"
 
 
 def sgd_step(model, opt, x, y):
@@ -57,14 +64,29 @@ def random_config_step(run, net, opt, x, y, configs):
     return step
 
 
+def with_inline_backward(step):
+    """`step` with the activation quantizers' backward traced as plain ops (the form before
+    the kernel backward op; dynamo guards on the flag, so this is a graph of its own)."""
+
+    def run():
+        form_data.INLINE_BACKWARD = True
+        try:
+            step()
+        finally:
+            form_data.INLINE_BACKWARD = False
+
+    return run
+
+
 def unique_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def compiled_rows(table, float_model, net, space, x, y, threads):
-    """Compiled float, eager and compiled supernet with a new random subnet every step.
+    """Compiled float, eager and compiled supernet with a new random subnet every step (the
+    compiled one twice: activation backward by the kernel op, and as plain ops).
 
-    The three steps are compiled (warmed up) first, then timed in rotation, one step of each
+    The four steps are compiled (warmed up) first, then timed in rotation, one step of each
     per round, so that load from other processes hits every row alike."""
     gen = torch.Generator().manual_seed(0)
     configs = [SubnetConfig.random(space, net, generator=gen) for _ in range(RANDOM_CONFIGS)]
@@ -73,6 +95,7 @@ def compiled_rows(table, float_model, net, space, x, y, threads):
         ("resnet20 float", float_model, None, "compiled"),
         ("resnet20 supernet", net, configs, "eager"),
         ("resnet20 supernet", net, configs, "compiled"),
+        ("resnet20 supernet", net, configs, INLINE_ROW),
     ]
     steps, compile_s = [], []
     torch._dynamo.reset()
@@ -83,6 +106,8 @@ def compiled_rows(table, float_model, net, space, x, y, threads):
             step = sgd_step(run, opt, x, y)
         else:
             step = random_config_step(run, net, opt, x, y, cfgs)
+        if mode == INLINE_ROW:
+            step = with_inline_backward(step)
         t0 = time.perf_counter()
         step()  # warm-up: the compile
         compile_s.append(time.perf_counter() - t0)
@@ -95,12 +120,12 @@ def compiled_rows(table, float_model, net, space, x, y, threads):
             model=label,
             subnet="random per step" if cfgs is not None else "-",
             backend="-" if cfgs is None else fq_ops.resolve_backend(None, x.device, "fake_quant"),
-            mode=mode if mode == "eager" else f"compiled ({COMPILE_BACKEND})",
+            mode=mode if mode == "eager" else f"{mode} ({COMPILE_BACKEND})",
             threads=threads,
             batch=BATCH,
             step_ms=t * 1e3,
-            compile_s=c if mode == "compiled" else 0.0,
-            graphs_after_warmup=after if mode == "compiled" else 0,
+            compile_s=c if mode != "eager" else 0.0,
+            graphs_after_warmup=after if mode != "eager" else 0,
         )
 
 

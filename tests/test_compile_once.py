@@ -52,9 +52,22 @@ def oracle(x, s, z, qmin, qmax, k, comp, axis, dy, g):
 
 
 BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp), "inline"]
+# the plain-op forward with the kernel's backward op (per-tensor forms; others ignore it)
+KERNEL_BACKWARD = [pytest.param("inline-cpp-backward", marks=requires_cpp), "inline-torch-backward"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _run_form(backend, x, s, z, form, g, axis):
+    if backend == "inline":  # the plain-torch form compiled graphs trace
+        return eqkernels.fake_quant_form_inline(x, s, z, form, g, axis=axis)
+    if backend.startswith("inline-"):
+        name = backend.split("-")[1]
+        return eqkernels.fake_quant_form_inline(
+            x, s, z, form, g, axis=axis, kernel_backward=True, backend=name
+        )
+    return eqkernels.fake_quant_form(x, s, z, form, g, axis=axis, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + KERNEL_BACKWARD)
 @pytest.mark.parametrize(
     "kind, axis",
     [("asym", 0), ("sym_per_tensor_broadcast", 0), ("layered", 0), ("asym", None)],
@@ -81,10 +94,7 @@ def test_fake_quant_form_matches_oracle(backend, kind, axis):
     form = torch.tensor(row, dtype=torch.float64)
     g = torch.tensor(0.37, dtype=torch.float64)
     xs, ss, zs = (t.clone().requires_grad_() for t in (x, s, z))
-    if backend == "inline":  # the plain-torch form compiled graphs trace
-        y = eqkernels.fake_quant_form_inline(xs, ss, zs, form, g, axis=axis)
-    else:
-        y = eqkernels.fake_quant_form(xs, ss, zs, form, g, axis=axis, backend=backend)
+    y = _run_form(backend, xs, ss, zs, form, g, axis)
     dy = torch.randn_like(x)
     y.backward(dy)
     ref_y, ref_dx, ref_ds, ref_dz = oracle(x, s, z, qmin, qmax, k, comp, axis, dy, 0.37)
@@ -96,14 +106,55 @@ def test_fake_quant_form_matches_oracle(backend, kind, axis):
     assert torch.isnan(ss.grad).any()  # the NaN is not hidden
 
 
+@pytest.mark.parametrize("backend", BACKENDS + KERNEL_BACKWARD)
+@pytest.mark.parametrize("kind", ["asym", "layered"])
+def test_per_tensor_form_of_a_channels_last_activation(backend, kind):
+    """An NCHW activation stored channels-last (what convolutions hand on): the per-tensor
+    kernels run over it in memory order; values, gradients and the layout match the oracle."""
+    x = (torch.randn(3, 5, 4, 6) * 2).contiguous(memory_format=torch.channels_last)
+    x[0, 1, 2, 3] = 50.0
+    x[2, 4, 0, 1] = float("-inf")
+    x[1, 0, 3, 5] = float("nan")
+    s, z = torch.tensor([0.21]), torch.tensor([3.4])
+    if kind == "asym":
+        row, qmin, qmax, k, comp = eqkernels.form_row(0, 15), 0, 15, 0, 0.0
+    else:
+        z = torch.zeros(1)
+        row = eqkernels.layered_form_row(3, 6)
+        qmin, qmax, k, comp = -32, 31, 3, (1 - 2.0**-3) / 2
+    form = torch.tensor(row, dtype=torch.float64)
+    xs, ss, zs = (t.clone().requires_grad_() for t in (x, s, z))
+    y = _run_form(backend, xs, ss, zs, form, torch.tensor(0.25, dtype=torch.float64), None)
+    dy = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    y.backward(dy)
+    ref_y, ref_dx, ref_ds, ref_dz = oracle(x, s, z, qmin, qmax, k, comp, None, dy, 0.25)
+    exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(y, ref_y.float(), **exact)
+    torch.testing.assert_close(xs.grad, ref_dx.float(), **exact)
+    assert y.stride() == x.stride() and xs.grad.stride() == x.stride()
+    torch.testing.assert_close(ss.grad.double(), ref_ds, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(zs.grad.double(), ref_dz, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isnan(ss.grad).all() and torch.isnan(zs.grad).all()  # the NaN is not hidden
+
+
 @pytest.mark.parametrize("backend", BACKENDS[:2])
-def test_fake_quant_form_opcheck(backend):
-    x = torch.randn(4, 3, 5, requires_grad=True)
-    s = (torch.rand(4) * 0.2 + 0.05).requires_grad_()
-    z = torch.full((4,), 2.0, requires_grad=True)
+@pytest.mark.parametrize("axis", [0, 1, -1], ids=["axis0", "axis1", "per-tensor"])
+def test_fake_quant_form_opcheck(backend, axis):
+    """The ops take any layout (flexible_layout); their outputs have empty_like(x)'s strides,
+    as the fake implementations say, also for a channels-last x."""
+    x = torch.randn(4, 3, 5, 2).contiguous(memory_format=torch.channels_last)
+    c = 1 if axis == -1 else x.shape[axis]
+    s = (torch.rand(c) * 0.2 + 0.05).requires_grad_()
+    z = torch.full((c,), 2.0, requires_grad=True)
     form = torch.tensor(eqkernels.form_row(-8, 7), dtype=torch.float64)
-    args = (x, s, z, form, torch.tensor(0.5, dtype=torch.float64), 0, backend)
+    g = torch.tensor(0.5, dtype=torch.float64)
+    args = (x.requires_grad_(), s, z, form, g, axis, backend)
     torch.library.opcheck(torch.ops.eqk.fake_quant_form.default, args)
+    dy = torch.randn(x.shape)  # NCHW-contiguous while x is channels-last
+    args = (dy, x.detach(), s.detach(), z.detach(), form, g, axis, backend)
+    torch.library.opcheck(torch.ops.eqk.fake_quant_form_backward.default, args)
+    dx = torch.ops.eqk.fake_quant_form_backward(*args)[0]
+    assert dx.stride() == x.stride()
 
 
 def test_fake_quant_form_rejects_bad_form_shape():
@@ -162,15 +213,19 @@ def _step(model, x, configs, net):
     ids=["forms", "nested-per-bit-bn"],
 )
 @pytest.mark.parametrize(
-    "kernel_in_graphs",
-    [False, pytest.param(True, marks=pytest.mark.slow)],
-    ids=["inline", "kernel-op"],
+    "mode",
+    [
+        "inline-kernel-backward",
+        pytest.param("inline", marks=pytest.mark.slow),
+        pytest.param("kernel-op", marks=pytest.mark.slow),
+    ],
 )
-def test_random_per_layer_configs_compile_one_graph(
-    space, per_bit_bn, kernel_in_graphs, monkeypatch
-):
+def test_random_per_layer_configs_compile_one_graph(space, per_bit_bn, mode, monkeypatch):
+    """mode: plain-op forward with the activations' backward by the kernel op (the default),
+    all plain ops (EQK_COMPILE_INLINE_BACKWARD=1), or the kernel ops (EQK_COMPILE_KERNEL=1)."""
     torch._dynamo.reset()
-    monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", kernel_in_graphs)
+    monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", mode == "kernel-op")
+    monkeypatch.setattr(form_data, "INLINE_BACKWARD", mode == "inline")
     net = _net(space, per_bit_bn).train()
     counter = GraphCounter()
     compiled = torch.compile(net, backend=counter.backend)
@@ -240,3 +295,45 @@ def test_per_bit_batchnorm_running_stats_follow_the_active_width():
             if "running" in name or "num_batches" in name:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert counter.forward_graphs == 1
+
+
+@pytest.mark.slow
+@requires_cpp
+def test_inductor_kernel_backward_matches_plain_op_backward(monkeypatch):
+    """Inductor (not the counting backend), activations channels-last: the activation
+    quantizers' backward by the kernel op, fused with the batch norm and ReLU around it, against
+    the same graph with that backward as plain ops (checked against the oracle above). Against
+    eager mode a comparison would not hold: inductor reorders the batch-norm sums, and a
+    rounding difference at a grid midpoint moves an activation by a whole step."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 3),
+    )
+    space = ElasticSpace(w_bits=(2, 4, 8), a_bits=(2, 4, 8), a_symmetries=("sym", "asym"))
+    net = eqnet.convert(model, space, keep_first_last="elastic")
+    eqnet.calibrate(net, [(torch.randn(8, 3, 6, 6), None)], batches=1, method="lsq")
+    net.train()
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(5)
+    cfgs = [SubnetConfig.random(space, net, generator=gen) for _ in range(3)]
+    results = {}
+    for inline in (False, True):
+        torch._dynamo.reset()
+        monkeypatch.setattr(form_data, "INLINE_BACKWARD", inline)
+        compiled = torch.compile(copy.deepcopy(net))
+        results[inline] = [_step(compiled, x, [cfgs[0]], compiled._orig_mod)]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        results[inline] += [_step(compiled, x, [c], compiled._orig_mod) for c in cfgs[1:]]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
+    for (got, got_grads), (want, want_grads) in zip(results[False], results[True]):
+        assert torch.equal(got[0], want[0])
+        assert got_grads.keys() == want_grads.keys() and len(got_grads) > 0
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6)

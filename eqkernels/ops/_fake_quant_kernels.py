@@ -27,6 +27,16 @@ def _view3(x: Tensor, axis: int) -> Tensor:
     return x.reshape(outer, x.shape[axis], -1)
 
 
+def _memory_order(x: Tensor) -> list[int] | None:
+    """The permutation that makes a dense, non-contiguous x contiguous (a channels-last
+    activation: NHWC order), or None. A per-tensor form maps every element alike, so the kernels
+    can run over memory in that order instead of copying x into NCHW order first."""
+    if x.is_contiguous() or x.dim() < 2:
+        return None
+    perm = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    return perm if x.permute(perm).is_contiguous() else None
+
+
 def kernel_params(x: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int):
     """fp32 [C] scale, its IEEE reciprocal (kernels only multiply) and the rounded zero point."""
     channels = 1 if axis == PER_TENSOR else x.shape[axis]
@@ -40,6 +50,11 @@ def kernel_params(x: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int
 
 
 def kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis):
+    perm = _memory_order(x) if axis == PER_TENSOR else None
+    if perm is not None:
+        xp = x.permute(perm)
+        yp = kernel_forward(name, xp, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
+        return yp.permute(_inverse(perm))
     x3 = _view3(x, axis).contiguous()
     if name == "cpp":
         y3 = _ext.kernel("fake_quant_fwd_cpu")(
@@ -54,6 +69,13 @@ def kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
 
 def kernel_backward(name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis):
     """(dx, sum over each group of dy * t, sum of dy * dz_e), the sums fp32 [C]."""
+    perm = _memory_order(x) if axis == PER_TENSOR else None
+    if perm is not None:  # dy in x's memory order: no copy when it has x's layout
+        dyp, xp = grad.permute(perm), x.permute(perm)
+        dxp, sum_t, sum_z = kernel_backward(
+            name, dyp, xp, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
+        )
+        return dxp.permute(_inverse(perm)), sum_t, sum_z
     x3 = _view3(x, axis).contiguous()
     dy3 = _view3(grad.to(x.dtype), axis).contiguous()
     if name == "cpp":
@@ -65,6 +87,10 @@ def kernel_backward(name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, com
 
         dx3, sum_t, sum_z = tfq.backward(dy3, x3, s, inv_s, zr, qmin, qmax, inv_step, step, comp)
     return dx3.reshape(x.shape), sum_t, sum_z
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    return [perm.index(d) for d in range(len(perm))]
 
 
 def run_forward(backend, x, scale, zero_point, quant_min, quant_max, axis):

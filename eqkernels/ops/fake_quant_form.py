@@ -78,14 +78,27 @@ def _backward_torch(grad, x, s, zero_point, qmin, qmax, inv_step, step, comp, ax
     return dx.to(x.dtype), ds.to(s.dtype), dz.to(s.dtype)
 
 
+def _layout_of(x: Tensor, y: Tensor) -> Tensor:
+    """y with the strides of `torch.empty_like(x)`, what the fake implementations return: the ops
+    take any input layout (flexible_layout), so a compiled graph keeps channels-last activations
+    channels-last instead of converting them for the op."""
+    if y.stride() == x.stride():
+        return y
+    out = torch.empty_like(x, dtype=y.dtype)
+    out.copy_(y)
+    return out
+
+
 def _run_forward(backend, x, scale, zero_point, form, axis):
     _checks.body_checks(scale, zero_point)
     qmin, qmax, inv_step, step, comp = _unpack(form)
     name = _checks.resolve(backend, x.device, "fake_quant")
     if name == "torch":
-        return _forward_torch(x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis)
+        y = _forward_torch(x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis)
+        return _layout_of(x, y)
     s, inv_s, zr = _kernels.kernel_params(x, scale, zero_point, axis)
-    return _kernels.kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
+    y = _kernels.kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis)
+    return _layout_of(x, y)
 
 
 def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis):
@@ -93,19 +106,20 @@ def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis):
     g = float(grad_factor)
     name = _checks.resolve(backend, x.device, "fake_quant")
     if name == "torch":
-        return _backward_torch(
+        dx, ds, dz = _backward_torch(
             grad, x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis, g
         )
+        return _layout_of(x, dx), ds, dz
     s, inv_s, zr = _kernels.kernel_params(x, scale, zero_point, axis)
     dx, sum_t, sum_z = _kernels.kernel_backward(
         name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
     )
     ds = (g * sum_t).reshape(scale.shape).to(scale.dtype)
     dz = (g * sum_z).reshape(scale.shape).to(scale.dtype)
-    return dx, ds, dz
+    return _layout_of(x, dx), ds, dz
 
 
-@torch.library.custom_op("eqk::fake_quant_form", mutates_args=())
+@torch.library.custom_op("eqk::fake_quant_form", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _fake_quant_form_op(
     x: Tensor,
     scale: Tensor,
@@ -123,7 +137,9 @@ def _(x, scale, zero_point, form, grad_factor, axis, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("eqk::fake_quant_form_backward", mutates_args=())
+@torch.library.custom_op(
+    "eqk::fake_quant_form_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+)
 def _fake_quant_form_backward_op(
     grad: Tensor,
     x: Tensor,
@@ -205,6 +221,14 @@ def fake_quant_form(
 # --------------------------------------------------------------------------------------------
 # The same map in plain torch ops: traced into a compiled graph, where inductor fuses it with
 # the neighbouring element-wise work instead of calling an opaque kernel.
+#
+# The backward of a per-tensor form (an activation) may run the fake-quant kernel through the
+# backward op instead (kernel_backward=True): one pass computes dx and both step-size sums. Traced
+# as plain ops, the LSQ terms make inductor store extra full-size buffers next to the batch
+# norm / ReLU backward that precedes them (each term reads more buffers than inductor inlines
+# into several consumers), and the partitioner saves an intermediate of the map rather than the
+# input x. The op takes x, so x (the ReLU output) is what the forward saves, and the ReLU and
+# batch-norm backward then fuse into their usual two passes over the op's dx.
 
 
 def _inline_map(x, scale, zero_point, form, axis):
@@ -220,15 +244,21 @@ def _inline_map(x, scale, zero_point, form, axis):
 
 class _InlineForm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, form, grad_factor, axis):
+    def forward(ctx, x, scale, zero_point, form, grad_factor, axis, kernel_backward):
         ctx.save_for_backward(x, scale, zero_point, form, grad_factor)
         ctx.axis = axis
+        ctx.kernel_backward = kernel_backward
         s, _, _, a, _, _ = _inline_map(x, scale, zero_point, form, axis)
         return (a * s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, scale, zero_point, form, grad_factor = ctx.saved_tensors
+        if ctx.kernel_backward is not None:
+            dx, ds, dz = torch.ops.eqk.fake_quant_form_backward(
+                grad, x, scale, zero_point, form, grad_factor, ctx.axis, ctx.kernel_backward
+            )
+            return dx, ds, dz, None, None, None, None
         s, v, u, a, qmin, qmax = _inline_map(x, scale, zero_point, form, ctx.axis)
         nan = torch.isnan(v)
         inside = (u >= qmin) & (u <= qmax)
@@ -239,7 +269,7 @@ class _InlineForm(torch.autograd.Function):
         g = grad_factor.float()
         ds = (g * _ref.reduce_to(dy * t, scale, ctx.axis)).to(scale.dtype)
         dz = (g * _ref.reduce_to(dz_e, scale, ctx.axis)).to(scale.dtype)
-        return dx.to(x.dtype), ds, dz, None, None, None
+        return dx.to(x.dtype), ds, dz, None, None, None, None
 
 
 def fake_quant_form_inline(
@@ -251,12 +281,21 @@ def fake_quant_form_inline(
     *,
     axis: int | None = None,
     group_size: int | None = None,
+    kernel_backward: bool = False,
+    backend: str | None = "auto",
 ) -> Tensor:
     """`fake_quant_form` as plain torch ops (no custom op, no kernel): for compiled graphs,
-    where inductor fuses it. Same forward; gradients equal up to summation order."""
+    where inductor fuses it. Same forward; gradients equal up to summation order.
+
+    kernel_backward=True: a per-tensor form (axis None) runs its backward through the
+    `eqk::fake_quant_form_backward` op with `backend` (see the note above); forms with an axis
+    keep the plain-op backward."""
     if group_size is not None:
         xg, sg, zg = _checks.group_view(x, scale, zero_point, axis, group_size)
         y = fake_quant_form_inline(xg, sg, zg, form, grad_factor, axis=0)
         return y.reshape(x.shape)
     ax = _check(x, scale, zero_point, form, grad_factor, axis)
-    return _InlineForm.apply(x, scale, zero_point, form, grad_factor.reshape(()), ax)
+    name = None
+    if kernel_backward and ax == _ref.PER_TENSOR:
+        name = _checks.backend_arg(backend, x, "fake_quant")
+    return _InlineForm.apply(x, scale, zero_point, form, grad_factor.reshape(()), ax, name)

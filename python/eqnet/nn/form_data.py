@@ -12,7 +12,9 @@ depends on it from tensors:
   [C, K // group_size] instead and runs the group form of the op: the per-element map of a
   broadcast scale is that form's own, so the tensor, channel and group forms share one graph;
 - the form row (range, layering step, compensation: `eqkernels.form_row`) from `form_table`,
-  run by `eqkernels.fake_quant_form_inline` (or the kernel op, KERNEL_IN_GRAPHS);
+  run by `eqkernels.fake_quant_form_inline` (or the kernel op, KERNEL_IN_GRAPHS); an activation
+  (per-tensor) quantizer runs its backward through the kernel's backward op
+  (kernel_backward=True), which lets inductor fuse the batch norm / ReLU backward around it;
 - the LSQ gradient scale 1/sqrt(n * max(qmax, 1)), with n the elements sharing one scale.
 
 Per-bit batch norm (`SwitchableBatchNorm2d`) likewise selects its width by `bn_index`
@@ -38,6 +40,10 @@ import eqkernels
 # inductor fuses with the neighbouring batch norm and ReLU); EQK_COMPILE_KERNEL=1 calls the
 # C++/Triton kernel through the opaque `eqk::fake_quant_form` op instead.
 KERNEL_IN_GRAPHS = os.environ.get("EQK_COMPILE_KERNEL", "0") == "1"
+# An activation quantizer's backward runs the kernel's backward op (see
+# `fake_quant_form_inline`'s kernel_backward); EQK_COMPILE_INLINE_BACKWARD=1 traces it as plain
+# torch ops instead (slower: inductor stores extra full-size buffers around it).
+INLINE_BACKWARD = os.environ.get("EQK_COMPILE_INLINE_BACKWARD", "0") == "1"
 
 
 def form_table(quantizer) -> torch.Tensor:
@@ -89,7 +95,15 @@ def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
             backend=quantizer.backend,
         )
     return eqkernels.fake_quant_form_inline(
-        x, scale, zero_point, form, grad_factor, axis=axis, group_size=group_size
+        x,
+        scale,
+        zero_point,
+        form,
+        grad_factor,
+        axis=axis,
+        group_size=group_size,
+        kernel_backward=not INLINE_BACKWARD,
+        backend=quantizer.backend,
     )
 
 
