@@ -19,6 +19,7 @@
 #include "common/avx512_defined.h"
 #include "common/lowbit_float_codes.h"
 #include "common/lowbit_float_cpu.h"
+#include "common/transpose16_avx512.h"
 
 namespace eqk::lowbit_float {
 namespace {
@@ -27,38 +28,7 @@ using namespace codes;
 namespace av = eqk::avx512;
 constexpr __mmask16 kAll = 0xFFFF;
 
-template <int kImm>
-EQK_TARGET_CODES __attribute__((always_inline)) inline __m512i shuffle_lanes(__m512i a,
-                                                                             __m512i b) {
-  return _mm512_mask_shuffle_i32x4(a, kAll, a, b, kImm);
-}
-
-// r[d] <- the 32-bit elements d of r[0..15] (in place).
-EQK_TARGET_CODES __attribute__((always_inline)) inline void transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int j = 0; j < 8; ++j) {
-    t[2 * j] = av::unpacklo_epi32(r[2 * j], r[2 * j + 1]);
-    t[2 * j + 1] = av::unpackhi_epi32(r[2 * j], r[2 * j + 1]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[4 * j] = av::unpacklo_epi64(t[4 * j], t[4 * j + 2]);
-    r[4 * j + 1] = av::unpackhi_epi64(t[4 * j], t[4 * j + 2]);
-    r[4 * j + 2] = av::unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
-    r[4 * j + 3] = av::unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
-  }
-  // r[4j + c], 128-bit lane L: rows 4j..4j+3 of element 4L + c
-  for (int c = 0; c < 4; ++c) {
-    const __m512i s0 = shuffle_lanes<0x44>(r[c], r[4 + c]);
-    const __m512i s1 = shuffle_lanes<0xEE>(r[c], r[4 + c]);
-    const __m512i s2 = shuffle_lanes<0x44>(r[8 + c], r[12 + c]);
-    const __m512i s3 = shuffle_lanes<0xEE>(r[8 + c], r[12 + c]);
-    t[c] = shuffle_lanes<0x88>(s0, s2);
-    t[4 + c] = shuffle_lanes<0xDD>(s0, s2);
-    t[8 + c] = shuffle_lanes<0x88>(s1, s3);
-    t[12 + c] = shuffle_lanes<0xDD>(s1, s3);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
+using av::transpose16;
 
 // 16 rows from n0 (rn of them real, the rest zero) x kc columns from k0 into panel lanes r0..
 // r0 + 15; nib: kc / 128 * 16 vectors of scratch (64 bytes each). Rows are decoded one at a

@@ -16,6 +16,7 @@
 
 #include "common/avx512_defined.h"
 #include "common/lowbit_float_cpu.h"
+#include "common/transpose16_avx512.h"
 
 #define EQK_TARGET_F512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define EQK_TARGET_BF16 \
@@ -25,39 +26,13 @@ namespace eqk::lowbit_float {
 namespace {
 
 namespace av = eqk::avx512;
-constexpr __mmask16 kAll = 0xFFFF;
 
-template <int kImm>
-EQK_TARGET_F512 __attribute__((always_inline)) inline __m512i shuffle_lanes(__m512i a, __m512i b) {
-  return _mm512_mask_shuffle_i32x4(a, kAll, a, b, kImm);
-}
-
-// dst[c * ldd + r] = src[r * lds + c] for r, c < 16 (32-bit elements): unpacks of 32 and 64
-// bits transpose the 4 x 4 blocks inside each 128-bit lane, lane shuffles the 4 x 4 lanes.
+// dst[c * ldd + r] = src[r * lds + c] for r, c < 16 (32-bit elements).
 EQK_TARGET_F512 void transpose16(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
-  __m512i r[16], t[16];
+  __m512i r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * lds);
-  for (int j = 0; j < 8; ++j) {
-    t[2 * j] = av::unpacklo_epi32(r[2 * j], r[2 * j + 1]);
-    t[2 * j + 1] = av::unpackhi_epi32(r[2 * j], r[2 * j + 1]);
-  }
-  // r[4j + c], lane L: rows 4j..4j+3 of column 4L + c
-  for (int j = 0; j < 4; ++j) {
-    r[4 * j] = av::unpacklo_epi64(t[4 * j], t[4 * j + 2]);
-    r[4 * j + 1] = av::unpackhi_epi64(t[4 * j], t[4 * j + 2]);
-    r[4 * j + 2] = av::unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
-    r[4 * j + 3] = av::unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i s0 = shuffle_lanes<0x44>(r[c], r[4 + c]);
-    const __m512i s1 = shuffle_lanes<0xEE>(r[c], r[4 + c]);
-    const __m512i s2 = shuffle_lanes<0x44>(r[8 + c], r[12 + c]);
-    const __m512i s3 = shuffle_lanes<0xEE>(r[8 + c], r[12 + c]);
-    _mm512_storeu_si512(dst + c * ldd, shuffle_lanes<0x88>(s0, s2));
-    _mm512_storeu_si512(dst + (4 + c) * ldd, shuffle_lanes<0xDD>(s0, s2));
-    _mm512_storeu_si512(dst + (8 + c) * ldd, shuffle_lanes<0x88>(s1, s3));
-    _mm512_storeu_si512(dst + (12 + c) * ldd, shuffle_lanes<0xDD>(s1, s3));
-  }
+  av::transpose16(r);
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * ldd, r[i]);
 }
 
 EQK_TARGET_F512 __attribute__((always_inline)) inline void add_out(float* o, __mmask16 mask,
