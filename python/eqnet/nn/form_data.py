@@ -83,27 +83,11 @@ def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
     # float64 like the eager path's Python float, so both give the same fp32 product.
     grad_factor = 1.0 / torch.sqrt(share * form[1].clamp_min(1.0))
     axis = quantizer.axis if quantizer.role == "weight" else None
+    options = dict(axis=axis, group_size=group_size, backend=quantizer.backend)
     if KERNEL_IN_GRAPHS:
-        return eqkernels.fake_quant_form(
-            x,
-            scale,
-            zero_point,
-            form,
-            grad_factor,
-            axis=axis,
-            group_size=group_size,
-            backend=quantizer.backend,
-        )
+        return eqkernels.fake_quant_form(x, scale, zero_point, form, grad_factor, **options)
     return eqkernels.fake_quant_form_inline(
-        x,
-        scale,
-        zero_point,
-        form,
-        grad_factor,
-        axis=axis,
-        group_size=group_size,
-        kernel_backward=not INLINE_BACKWARD,
-        backend=quantizer.backend,
+        x, scale, zero_point, form, grad_factor, kernel_backward=not INLINE_BACKWARD, **options
     )
 
 
