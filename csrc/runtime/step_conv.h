@@ -105,6 +105,16 @@ void prepare_int_epilogue(QConv& p, int64_t K);
 at::Tensor code_buffer(const QConv& p, int64_t B, int64_t OH, int64_t OW, BufferPool& outs);
 void store_codes(int level, const QConv& p, const float* v, int64_t n, uint8_t* dst);
 
+// What every integer conv kernel starts from: the output size of an input padded to Hp x Wp,
+// the output (fp32 channels-last [B, N, OH, OW] from `outs`, or p.out's code buffer) and the
+// residual operand, checked against it and made channels-last (undefined when there is none).
+struct ConvOutput {
+  int64_t OH = 0, OW = 0;
+  at::Tensor y, residual;
+};
+ConvOutput conv_output(const QConv& p, int64_t B, int64_t Hp, int64_t Wp,
+                       const at::Tensor* residual, BufferPool& outs);
+
 // The depthwise conv of codes u (channels-last [B, Hp, Wp, C]): fp32 channels-last output from
 // `outs`, or p.out's code buffer.
 at::Tensor run_depthwise(const QConv& p, int64_t B, const uint8_t* u, int64_t Hp, int64_t Wp,

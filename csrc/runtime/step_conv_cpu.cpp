@@ -190,6 +190,23 @@ std::shared_ptr<QConv> make_qconv(const at::Tensor& packed, const at::Tensor& ws
   return p;
 }
 
+ConvOutput conv_output(const QConv& p, int64_t B, int64_t Hp, int64_t Wp,
+                       const at::Tensor* residual, BufferPool& outs) {
+  ConvOutput o;
+  o.OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
+  o.OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
+  TORCH_CHECK(o.OH >= 1 && o.OW >= 1, "qconv: input smaller than the dilated kernel");
+  o.y = p.out.on ? code_buffer(p, B, o.OH, o.OW, outs)
+                 : outs.channels_last(B, p.N, o.OH, o.OW, at::TensorOptions());
+  if (residual != nullptr) {
+    TORCH_CHECK(!p.out.on && residual->sizes() == o.y.sizes() &&
+                    residual->scalar_type() == at::kFloat,
+                "qconv: the residual must be float32 of the output's shape");
+    o.residual = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  return o;
+}
+
 at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* residual,
                      Activation act, int64_t isa, BufferPool* pool) {
   // A uint8 input is the code buffer of a qconv_codes step made for this conv (checked when
@@ -228,20 +245,10 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   const int64_t Npad = 16 * ((n_g + 15) / 16);
   TORCH_CHECK(packed.numel() == groups * K4 * Npad * 4, "qconv: the input's ", C,
               " channels do not match the packed weights");
-  const int64_t OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
-  const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
-  TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
-  const int64_t L = OH * OW;
+  const ConvOutput out = conv_output(p, B, Hp, Wp, residual, outs);
+  const int64_t OH = out.OH, OW = out.OW, L = OH * OW;
   const bool out_codes = p.out.on;
-  const at::Tensor y = out_codes ? code_buffer(p, B, OH, OW, outs)
-                                 : outs.channels_last(B, N, OH, OW, at::TensorOptions());
-  at::Tensor r;
-  if (residual != nullptr) {
-    TORCH_CHECK(!out_codes && residual->sizes() == y.sizes() &&
-                    residual->scalar_type() == at::kFloat,
-                "qconv: the residual must be float32 of the output's shape");
-    r = residual->contiguous(at::MemoryFormat::ChannelsLast);
-  }
+  const at::Tensor& y = out.y;
   const bool implicit = level >= 2 && cin_g % 4 == 0;
   static thread_local std::vector<int32_t> sums;
   if (implicit && !p.cw_zero) {
@@ -258,7 +265,7 @@ at::Tensor run_qconv(const QConv& p, const at::Tensor& x_in, const at::Tensor* r
   uint8_t* cp = out_codes ? y.data_ptr<uint8_t>() : nullptr;
   const int8_t* wp = packed.data_ptr<int8_t>();
   float* yp = out_codes ? nullptr : y.data_ptr<float>();
-  const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
+  const float* rp = residual != nullptr ? out.residual.data_ptr<float>() : nullptr;
   const int64_t sub = p.q.off;
   const int64_t blocks = (L + kRows - 1) / kRows;
   int64_t grain = std::max<int64_t>(1, eqk::fused::kMinTaskMacs / (kRows * N * K));

@@ -83,20 +83,11 @@ void dw_row_portable(const DwArgs& a, int64_t b, int64_t oy, int32_t* acc, int32
 at::Tensor run_depthwise(const QConv& p, int64_t B, const uint8_t* u, int64_t Hp, int64_t Wp,
                          const at::Tensor* residual, Activation act, int level, BufferPool& outs) {
   const int64_t C = p.N;
-  const int64_t OH = (Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1;
-  const int64_t OW = (Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
-  TORCH_CHECK(OH >= 1 && OW >= 1, "qconv: input smaller than the dilated kernel");
+  const ConvOutput out = conv_output(p, B, Hp, Wp, residual, outs);
+  const int64_t OH = out.OH, OW = out.OW;
   const bool out_codes = p.out.on;
-  at::Tensor y = out_codes ? code_buffer(p, B, OH, OW, outs)
-                           : outs.channels_last(B, C, OH, OW, at::TensorOptions());
-  at::Tensor r;
-  if (residual != nullptr) {
-    TORCH_CHECK(!out_codes && residual->sizes() == y.sizes() &&
-                    residual->scalar_type() == at::kFloat,
-                "qconv: the residual must be float32 of the output's shape");
-    r = residual->contiguous(at::MemoryFormat::ChannelsLast);
-  }
-  const float* rp = residual != nullptr ? r.data_ptr<float>() : nullptr;
+  const at::Tensor& y = out.y;
+  const float* rp = residual != nullptr ? out.residual.data_ptr<float>() : nullptr;
   float* yp = out_codes ? nullptr : y.data_ptr<float>();
   uint8_t* cp = out_codes ? y.data_ptr<uint8_t>() : nullptr;
   if (level >= 2 && depthwise_vnni_fits(p)) {
