@@ -94,3 +94,27 @@ def need_kernel(name: str) -> None:
         if os.environ.get("EQK_REQUIRE_EXT") == "1":
             pytest.fail(f"EQK_REQUIRE_EXT=1 but eqkernels._C has no kernel {name!r}")
         pytest.skip(f"eqkernels._C has no kernel {name!r}")
+
+
+# The backends of the low-bit op tests: the torch reference, the C++ kernels capped at each
+# ISA level, and cuda.
+LOWBIT_ISAS = ("portable", "avx2", "avx512", "avx512gfni")
+LOWBIT_BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in LOWBIT_ISAS] + ["cuda"]
+
+
+def lowbit_backend(backend: str, cpu_kernel: str, cuda_kernels=("lowbit_gemm_int_cuda",)):
+    """(the op's backend name, a context-manager factory) for one of LOWBIT_BACKENDS, after
+    `need_kernel` of what that backend runs (`cpu_kernel`, or `cuda_kernels`)."""
+    import contextlib
+
+    from eqkernels.backend import force_cpu_isa
+
+    if backend == "torch":
+        return "torch", contextlib.nullcontext
+    if backend == "cuda":
+        for name in cuda_kernels:
+            need_kernel(name)
+        return "cuda", contextlib.nullcontext
+    need_kernel(cpu_kernel)
+    isa = backend.split("-", 1)[1]
+    return "cpp", lambda: force_cpu_isa(isa)

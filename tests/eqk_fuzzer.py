@@ -86,6 +86,20 @@ def reseal(header: dict, data: bytearray) -> None:
     header["identity"] = hashlib.sha256(":".join(digests).encode("ascii")).hexdigest()
 
 
+def craft(path, out, edit_header=None, edit_data=None):
+    """Write to `out` the file at `path` after `edit_header(header)` and `edit_data(header, data)`,
+    resealed (CRCs, digests, identity) so that only the reader's validation can reject it."""
+    header, data = split(path.read_bytes())
+    data = bytearray(data)
+    if edit_header:
+        edit_header(header)
+    if edit_data:
+        edit_data(header, data)
+    reseal(header, data)
+    out.write_bytes(repack(header, bytes(data)))
+    return out
+
+
 def _paths(value, prefix=()):
     yield prefix
     if isinstance(value, dict):

@@ -32,3 +32,16 @@ def nested_weights(q, n, b, scale, zw, g, compensate):
         w = w - (z.repeat_interleave(g, dim=1) if z.dim() == 2 else z.reshape(-1, 1))
     s = (2.0**k * scale.to(torch.float64)).reshape(q.shape[0], -1)
     return w * (s.repeat_interleave(g, dim=1) if s.shape[1] > 1 else s)
+
+
+def random_group_weights(gen, N, K, n, g, zero_point=None):
+    """Random n-bit codes q[N, K], per-group scales [N, K/g] and weight zero points (None,
+    "group": [N, K/g] or "channel": [N]) drawn from `gen` in that order."""
+    q = torch.randint(-(1 << (n - 1)), 1 << (n - 1), (N, K), generator=gen)
+    scale = torch.rand(N, K // g, generator=gen) * 0.05 + 0.01
+    zw = None
+    if zero_point == "group":
+        zw = torch.randint(-3, 4, (N, K // g), generator=gen).to(torch.float32)
+    elif zero_point == "channel":
+        zw = torch.randint(-3, 4, (N,), generator=gen).to(torch.float32)
+    return q, scale, zw

@@ -10,7 +10,7 @@ import struct
 import eqnet
 import pytest
 import torch
-from eqk_fuzzer import repack, reseal, split
+from eqk_fuzzer import craft, repack, reseal, split
 from eqnet import models
 from eqnet.deploy import export, load
 from eqnet.space import ElasticSpace
@@ -47,16 +47,7 @@ def files(tmp_path_factory):
 
 
 def _craft(path, tmp_path, edit_header=None, edit_data=None, name="crafted.eqk"):
-    header, data = split(path.read_bytes())
-    data = bytearray(data)
-    if edit_header:
-        edit_header(header)
-    if edit_data:
-        edit_data(header, data)
-    reseal(header, data)
-    out = tmp_path / name
-    out.write_bytes(repack(header, bytes(data)))
-    return out
+    return craft(path, tmp_path / name, edit_header, edit_data)
 
 
 def _set_value(name: str, value: float, index: int = 0):

@@ -11,7 +11,7 @@ import eqnet
 import numpy as np
 import pytest
 import torch
-from eqk_fuzzer import repack, reseal, split
+from eqk_fuzzer import craft
 from eqnet.deploy import export, load
 from eqnet.space import ElasticSpace, SubnetConfig
 from torch import nn
@@ -179,16 +179,7 @@ def asym_file(tmp_path_factory):
 
 
 def _craft(path, tmp_path, edit_header=None, edit_data=None):
-    header, data = split(path.read_bytes())
-    data = bytearray(data)
-    if edit_header:
-        edit_header(header)
-    if edit_data:
-        edit_data(header, data)
-    reseal(header, data)
-    out = tmp_path / "crafted.eqk"
-    out.write_bytes(repack(header, bytes(data)))
-    return out
+    return craft(path, tmp_path / "crafted.eqk", edit_header, edit_data)
 
 
 PLANES = f"w/{MID}/w4-group-asym/planes"

@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from plane_oracle import pack_planes
+from plane_oracle import pack_planes, random_group_weights
 
 from eqkernels import _ext
 
@@ -267,13 +267,7 @@ def test_public_lowbit_linear_float_path_matches_float64_oracle(dtype, zero_poin
 
 def group_case(seed, N=10, K=256, n=4, b=3, g=64, zero_point=None):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(-(2 ** (n - 1)), 2 ** (n - 1), (N, K), generator=gen)
-    scale = torch.rand(N, K // g, generator=gen) * 0.05 + 0.01
-    zw = None
-    if zero_point == "group":
-        zw = torch.randint(-3, 4, (N, K // g), generator=gen).to(torch.float32)
-    elif zero_point == "channel":
-        zw = torch.randint(-3, 4, (N,), generator=gen).to(torch.float32)
+    q, scale, zw = random_group_weights(gen, N, K, n, g, zero_point)
     return q, pack_planes(q, n), scale, zw
 
 

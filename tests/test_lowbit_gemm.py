@@ -5,32 +5,24 @@ round half to even, + round(z), clamp), and integer convolution pads with real z
 The backend tests also take the `device` fixture: the torch and cuda backends run on CUDA
 tensors when a GPU is there (marked `gpu`), checked against the same oracles on the CPU."""
 
-import contextlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import call_on, need_kernel, on
+from conftest import LOWBIT_BACKENDS, LOWBIT_ISAS, call_on, lowbit_backend, need_kernel, on
 from plane_oracle import pack_planes as pack
 
 import eqkernels as E
 from eqkernels import _ext
 from eqkernels.backend import force_cpu_isa
 
-ISAS = ("portable", "avx2", "avx512", "avx512gfni")
-BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS] + ["cuda"]
+ISAS = LOWBIT_ISAS
+BACKENDS = LOWBIT_BACKENDS
 
 
 def run_on(backend):
-    if backend == "torch":
-        return "torch", contextlib.nullcontext
-    if backend == "cuda":
-        need_kernel("lowbit_gemm_int_cuda")
-        return "cuda", contextlib.nullcontext
-    need_kernel("lowbit_gemm_int_cpu")
-    isa = backend.split("-", 1)[1]
-    return "cpp", lambda: force_cpu_isa(isa)
+    return lowbit_backend(backend, "lowbit_gemm_int_cpu")
 
 
 def weight64(q, n, b, scale, compensate, zw=None):

@@ -5,31 +5,24 @@ written from the equation: the weight of group `j` (columns j*g .. (j+1)*g - 1) 
 clamp), and `y = sum_k x_k w_k + bias` summed in float64. The op sums each group's integers
 exactly and meets the groups in float64, so it agrees up to its final cast to fp32."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import call_on, need_kernel
-from plane_oracle import nested_weights
+from conftest import LOWBIT_BACKENDS, LOWBIT_ISAS, call_on, lowbit_backend, need_kernel
+from plane_oracle import nested_weights, random_group_weights
 from plane_oracle import pack_planes as pack
 
 import eqkernels as E
 from eqkernels.backend import force_cpu_isa
 
-ISAS = ("portable", "avx2", "avx512", "avx512gfni")
-BACKENDS = ["torch"] + [f"cpp-{isa}" for isa in ISAS] + ["cuda"]
+ISAS = LOWBIT_ISAS
+BACKENDS = LOWBIT_BACKENDS
 
 
 def run_on(backend):
-    if backend == "torch":
-        return "torch", contextlib.nullcontext
-    if backend == "cuda":
-        need_kernel("lowbit_gemm_int_cuda")  # what the cuda backend's resolution requires
-        need_kernel("unpack_bitplanes_cuda")
-        return "cuda", contextlib.nullcontext
-    need_kernel("lowbit_linear_group_int_cpu")
-    return "cpp", lambda: force_cpu_isa(backend.split("-", 1)[1])
+    return lowbit_backend(
+        backend, "lowbit_linear_group_int_cpu", ("lowbit_gemm_int_cuda", "unpack_bitplanes_cuda")
+    )
 
 
 def oracle(x, q, n, b, scale, zw, g, compensate, s_a, z_a, qmin, qmax, bias):
@@ -47,13 +40,7 @@ def oracle(x, q, n, b, scale, zw, g, compensate, s_a, z_a, qmin, qmax, bias):
 
 def case(seed, N, K, n, g, zero_point):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(-(1 << (n - 1)), 1 << (n - 1), (N, K), generator=gen)
-    scale = torch.rand(N, K // g, generator=gen) * 0.05 + 0.01
-    zw = None
-    if zero_point == "group":
-        zw = torch.randint(-3, 4, (N, K // g), generator=gen).to(torch.float32)
-    elif zero_point == "channel":
-        zw = torch.randint(-3, 4, (N,), generator=gen).to(torch.float32)
+    q, scale, zw = random_group_weights(gen, N, K, n, g, zero_point)
     x = torch.randn(5, K, generator=gen) * 3
     return q, scale, zw, x
 
