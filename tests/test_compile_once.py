@@ -277,6 +277,32 @@ def test_state_dict_keys_unchanged_by_the_form_buffers():
         assert torch.equal(q_old.form_table, q_new.form_table)
 
 
+def _expected_row(bits, signed, nested, top_bits):
+    """A form row from the element map's definition, in float64."""
+    if nested:  # the top range; keep the top `bits` of `top_bits`: step 2^k, c_k the mean
+        k = top_bits - bits
+        top = 2 ** (top_bits - 1)
+        return [-top, top - 1, 2.0**-k, 2.0**k, (1 - 2.0**-k) / 2]
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    return [lo, hi, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("layered", [False, True])
+def test_form_table_is_float32_and_exact(layered):
+    """The compiled element loops read the form row in float32 (no per-iteration conversion):
+    every field must still be exactly the float64 value of its definition."""
+    widths = tuple(range(2, 9))
+    net = _net(ElasticSpace(w_bits=widths, a_bits=widths, nested=layered))
+    checked = 0
+    for q in net.quantizers().values():
+        assert q.form_table.dtype == torch.float32
+        for row, (bits, _gran, _sym) in zip(q.form_table, q.forms()):
+            want = _expected_row(bits, q.signed, q.nested, getattr(q, "top_bits", None))
+            assert row.double().tolist() == want
+            checked += 1
+    assert checked > 20
+
+
 def test_per_bit_batchnorm_running_stats_follow_the_active_width():
     """One compiled training step updates exactly the active width's BN statistics, as eager."""
     torch._dynamo.reset()

@@ -47,14 +47,18 @@ INLINE_BACKWARD = os.environ.get("EQK_COMPILE_INLINE_BACKWARD", "0") == "1"
 
 
 def form_table(quantizer) -> torch.Tensor:
-    """float64 [forms, 5]: the `fake_quant_form` row of each of `quantizer.forms()`."""
+    """float32 [forms, 5]: the `fake_quant_form` row of each of `quantizer.forms()`.
+
+    float32 holds every field exactly (integer ranges, powers of two, c_k = (1 - 2^-k) / 2),
+    and it is the precision the map runs in: a float64 row would make the compiled element
+    loops convert each field on every iteration."""
     rows = []
     for bits, _gran, _sym in quantizer.forms():
         if quantizer.nested:
             rows.append(eqkernels.layered_form_row(bits, quantizer.top_bits))
         else:
             rows.append(eqkernels.form_row(*eqkernels.qrange(bits, quantizer.signed)))
-    return torch.tensor(rows, dtype=torch.float64)
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
