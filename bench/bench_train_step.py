@@ -18,6 +18,10 @@ it, else the pure-torch reference); the table says which. Run with nothing else 
 machine: `EQK_EXT_DIR=<private build>/eqkernels .venv/bin/python -m bench.bench_train_step`.
 After changing the fake-quant ops, add TORCHINDUCTOR_FORCE_DISABLE_CACHES=1: inductor's graph
 cache keys on the graph, not on a custom op's tags or body, and would serve the old kernels.
+The allocator's state moves both compiled rows: glibc returns large freed blocks to the system
+and the steps fault them in again, more so after in-process compiles; for stable ratios run
+with MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824
+MALLOC_TOP_PAD_=268435456 (docs/benchmarks.md has rows with and without).
 """
 
 from __future__ import annotations
