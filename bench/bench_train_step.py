@@ -8,8 +8,9 @@ and forms: EQ-Net's sampling), next to the same random sampling in eager mode. T
 counts the graphs dynamo compiled after warm-up (target 0) and compares the compiled supernet
 step with the compiled float step (target <= 1.2x). In compiled graphs the quantizers' forward
 runs plain torch ops that inductor fuses with the batch norm and ReLU before them; the
-activation quantizers' backward runs the fake-quant kernel through its backward op. A fourth
-row traces that backward as plain ops too (EQK_COMPILE_INLINE_BACKWARD=1, the earlier form).
+activation quantizers' backward takes its step-size sums from the fake-quant kernel and dx from
+plain ops fused into the batch-norm backward. A fourth row traces the sums as plain ops too
+(EQK_COMPILE_INLINE_BACKWARD=1, the earlier form).
 These four rows are timed in rotation. EQK_COMPILE_KERNEL=1 makes the quantizers call the
 kernel ops for the forward as well.
 
@@ -70,7 +71,7 @@ def random_config_step(run, net, opt, x, y, configs):
 
 def with_inline_backward(step):
     """`step` with the activation quantizers' backward traced as plain ops (the form before
-    the kernel backward op; dynamo guards on the flag, so this is a graph of its own)."""
+    the kernel's step-size sums; dynamo guards on the flag, so this is a graph of its own)."""
 
     def run():
         form_data.INLINE_BACKWARD = True

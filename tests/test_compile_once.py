@@ -52,7 +52,7 @@ def oracle(x, s, z, qmin, qmax, k, comp, axis, dy, g):
 
 
 BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp), "inline"]
-# the plain-op forward with the kernel's backward op (per-tensor forms; others ignore it)
+# the plain-op forward with the kernel's step-size sums (per-tensor forms; others ignore it)
 KERNEL_BACKWARD = [pytest.param("inline-cpp-backward", marks=requires_cpp), "inline-torch-backward"]
 
 
@@ -153,8 +153,12 @@ def test_fake_quant_form_opcheck(backend, axis):
     dy = torch.randn(x.shape)  # NCHW-contiguous while x is channels-last
     args = (dy, x.detach(), s.detach(), z.detach(), form, g, axis, backend)
     torch.library.opcheck(torch.ops.eqk.fake_quant_form_backward.default, args)
-    dx = torch.ops.eqk.fake_quant_form_backward(*args)[0]
+    dx, ds, dz = torch.ops.eqk.fake_quant_form_backward(*args)
     assert dx.stride() == x.stride()
+    # The sums-only op: the same sums, bit for bit (the kernel skips only the dx store).
+    torch.library.opcheck(torch.ops.eqk.fake_quant_form_step_sums.default, args)
+    sums = torch.ops.eqk.fake_quant_form_step_sums(*args)
+    torch.testing.assert_close(sums, (ds, dz), rtol=0, atol=0)
 
 
 def test_fake_quant_form_rejects_bad_form_shape():
@@ -327,7 +331,7 @@ def test_per_bit_batchnorm_running_stats_follow_the_active_width():
 @requires_cpp
 def test_inductor_kernel_backward_matches_plain_op_backward(monkeypatch):
     """Inductor (not the counting backend), activations channels-last: the activation
-    quantizers' backward by the kernel op, fused with the batch norm and ReLU around it, against
+    quantizers' step-size sums by the kernel, dx fused into the batch-norm backward, against
     the same graph with that backward as plain ops (checked against the oracle above). Against
     eager mode a comparison would not hold: inductor reorders the batch-norm sums, and a
     rounding difference at a grid midpoint moves an activation by a whole step."""

@@ -555,7 +555,7 @@ def test_cpp_every_isa_matches_oracle_and_portable(isa, dtype):
     s, inv_s, zr = scale, 1.0 / scale, torch.round(zp)
     y = fwd(x, s, inv_s, zr, 0, 255, 1.0, 1.0, 0.0, isa)
     assert_same(y, oracle_fake_quant(x, scale, zp, 0, 255, 1))
-    dx, sum_t, sum_z = bwd(dy, x, s, inv_s, zr, 0, 255, 1.0, 1.0, 0.0, isa)
+    dx, sum_t, sum_z = bwd(dy, x, s, inv_s, zr, 0, 255, 1.0, 1.0, 0.0, isa, True)
     _, dx_o, ds_o, dz_o, n, (te, ze, _) = oracle_fake_quant(x, scale, zp, 0, 255, 1, dy, 1.0)
     assert_same(dx, dx_o.to(dtype))
     assert_sum_close(sum_t, ds_o, te, 1.0, 1, n)
@@ -564,9 +564,14 @@ def test_cpp_every_isa_matches_oracle_and_portable(isa, dtype):
     y_l = fwd(x, s, inv_s, torch.zeros(3), -128, 127, 2.0**-5, 2.0**5, (1 - 2.0**-5) / 2, isa)
     assert_same(y_l, oracle_layered(x, scale, 3, 8, 1))
     # Every ISA reproduces the portable path bit for bit, gradient sums included.
-    ref = bwd(dy, x, s, inv_s, zr, 0, 255, 1.0, 1.0, 0.0, 0)
+    ref = bwd(dy, x, s, inv_s, zr, 0, 255, 1.0, 1.0, 0.0, 0, True)
     for got, want in zip((dx, sum_t, sum_z), ref):
         assert_same(got, want)
+    # The sums-only mode (a compiled graph computes dx itself): no dx, the same sums.
+    no_dx, sum_t2, sum_z2 = bwd(dy, x, s, inv_s, zr, 0, 255, 1.0, 1.0, 0.0, isa, False)
+    assert no_dx is None
+    assert_same(sum_t2, sum_t)
+    assert_same(sum_z2, sum_z)
 
 
 @requires_cpp
@@ -574,7 +579,7 @@ def test_cpp_sums_do_not_depend_on_thread_count():
     _, bwd, _ = _cpp_kernels()
     x, scale, _ = make_case((1, 1, 40 * 8192 + 5), None, -8, 7, asym=False)
     dy = torch.randn(x.shape)
-    args = (dy, x, scale, 1.0 / scale, torch.zeros(1), -8, 7, 1.0, 1.0, 0.0, -1)
+    args = (dy, x, scale, 1.0 / scale, torch.zeros(1), -8, 7, 1.0, 1.0, 0.0, -1, True)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -38,19 +38,24 @@ void fwd_block_portable(const float* x, float* y, int64_t n, const FqParams& p) 
   for (int64_t i = 0; i < n; ++i) y[i] = eqk::fq_forward(x[i], p);
 }
 
+// kDx false: the step-size sums only, dx not written (a compiled graph computes dx itself,
+// fused into the batch-norm backward that reads it).
+template <bool kDx>
 void bwd_tail(const float* dy, const float* x, float* dx, int64_t begin, int64_t n,
               const FqParams& p, float* lt, float* lo) {
   for (int64_t i = begin; i < n; ++i) {
-    float st, so;
-    eqk::fq_backward(dy[i], x[i], p, dx[i], st, so);
+    float d, st, so;
+    eqk::fq_backward(dy[i], x[i], p, d, st, so);
+    if constexpr (kDx) dx[i] = d;
     lt[i % kLanes] += st;
     lo[i % kLanes] += so;
   }
 }
 
+template <bool kDx>
 void bwd_block_portable(const float* dy, const float* x, float* dx, int64_t n,
                         const FqParams& p, float* lt, float* lo) {
-  bwd_tail(dy, x, dx, 0, n, p, lt, lo);
+  bwd_tail<kDx>(dy, x, dx, 0, n, p, lt, lo);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -97,6 +102,7 @@ EQK_AVX2 void fwd_block_avx2(const float* x, float* y, int64_t n, const FqParams
   for (; i < n; ++i) y[i] = eqk::fq_forward(x[i], sp);
 }
 
+template <bool kDx>
 EQK_AVX2 void bwd_block_avx2(const float* dy, const float* x, float* dx, int64_t n,
                              const FqParams& sp, float* lt, float* lo) {
   const Avx2Params p = avx2_params(sp);
@@ -113,7 +119,8 @@ EQK_AVX2 void bwd_block_avx2(const float* dy, const float* x, float* dx, int64_t
       __m256 g = _mm256_loadu_ps(dy + j);
       __m256 in = _mm256_and_ps(_mm256_cmp_ps(u, p.qmin, _CMP_GE_OQ),
                                 _mm256_cmp_ps(u, p.qmax, _CMP_LE_OQ));
-      _mm256_storeu_ps(dx + j, _mm256_blendv_ps(_mm256_blendv_ps(zero, g, in), nanv, nan));
+      if constexpr (kDx)
+        _mm256_storeu_ps(dx + j, _mm256_blendv_ps(_mm256_blendv_ps(zero, g, in), nanv, nan));
       __m256 t = _mm256_blendv_ps(a, _mm256_sub_ps(a, v), in);
       __m256 st = _mm256_blendv_ps(_mm256_mul_ps(g, t), nanv, nan);
       __m256 so = _mm256_blendv_ps(_mm256_blendv_ps(g, zero, in), nanv, nan);
@@ -125,7 +132,7 @@ EQK_AVX2 void bwd_block_avx2(const float* dy, const float* x, float* dx, int64_t
   _mm256_storeu_ps(lt + 8, at[1]);
   _mm256_storeu_ps(lo, ao[0]);
   _mm256_storeu_ps(lo + 8, ao[1]);
-  bwd_tail(dy, x, dx, i, n, sp, lt, lo);
+  bwd_tail<kDx>(dy, x, dx, i, n, sp, lt, lo);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -169,6 +176,7 @@ EQK_AVX512 void fwd_block_avx512(const float* x, float* y, int64_t n, const FqPa
   for (; i < n; ++i) y[i] = eqk::fq_forward(x[i], sp);
 }
 
+template <bool kDx>
 EQK_AVX512 void bwd_block_avx512(const float* dy, const float* x, float* dx, int64_t n,
                                  const FqParams& sp, float* lt, float* lo) {
   const Avx512Params p = avx512_params(sp);
@@ -183,14 +191,15 @@ EQK_AVX512 void bwd_block_avx512(const float* dy, const float* x, float* dx, int
     __m512 g = _mm512_loadu_ps(dy + i);
     __mmask16 in = _mm512_cmp_ps_mask(u, p.qmin, _CMP_GE_OQ) &
                    _mm512_cmp_ps_mask(u, p.qmax, _CMP_LE_OQ);
-    _mm512_storeu_ps(dx + i, _mm512_mask_blend_ps(nan, _mm512_maskz_mov_ps(in, g), nanv));
+    if constexpr (kDx)
+      _mm512_storeu_ps(dx + i, _mm512_mask_blend_ps(nan, _mm512_maskz_mov_ps(in, g), nanv));
     __m512 t = _mm512_mask_sub_ps(a, in, a, v);
     at = _mm512_add_ps(at, _mm512_mask_blend_ps(nan, _mm512_mul_ps(g, t), nanv));
     ao = _mm512_add_ps(ao, _mm512_mask_blend_ps(nan, _mm512_maskz_mov_ps(~in, g), nanv));
   }
   _mm512_storeu_ps(lt, at);
   _mm512_storeu_ps(lo, ao);
-  bwd_tail(dy, x, dx, i, n, sp, lt, lo);
+  bwd_tail<kDx>(dy, x, dx, i, n, sp, lt, lo);
 }
 #endif  // __x86_64__
 
@@ -219,12 +228,13 @@ FwdBlock fwd_block_for(int isa) {
   return fwd_block_portable;
 }
 
+template <bool kDx>
 BwdBlock bwd_block_for(int isa) {
 #if defined(__x86_64__)
-  if (isa == 2) return bwd_block_avx512;
-  if (isa == 1) return bwd_block_avx2;
+  if (isa == 2) return bwd_block_avx512<kDx>;
+  if (isa == 1) return bwd_block_avx2<kDx>;
 #endif
-  return bwd_block_portable;
+  return bwd_block_portable<kDx>;
 }
 
 struct Layout {
@@ -319,7 +329,7 @@ void backward_impl(const at::Tensor& dy3, const at::Tensor& x3, at::Tensor& dx3,
                    float* part_o) {
   const T* x = x3.data_ptr<T>();
   const T* dy = dy3.data_ptr<T>();
-  T* dx = dx3.data_ptr<T>();
+  T* dx = dx3.defined() ? dx3.data_ptr<T>() : nullptr;
   at::parallel_for(0, l.items, grain_items(l), [&](int64_t begin, int64_t end) {
     std::vector<float> xb, gb, db;
     if constexpr (!std::is_same_v<T, float>) {
@@ -335,12 +345,12 @@ void backward_impl(const at::Tensor& dy3, const at::Tensor& x3, at::Tensor& dx3,
       const FqParams& p = params[row % l.channels];
       float lt[kLanes] = {0}, lo[kLanes] = {0};
       if constexpr (std::is_same_v<T, float>) {
-        block(dy + off, x + off, dx + off, n, p, lt, lo);
+        block(dy + off, x + off, dx ? dx + off : nullptr, n, p, lt, lo);
       } else {
         to_float(x + off, xb.data(), n);
         to_float(dy + off, gb.data(), n);
         block(gb.data(), xb.data(), db.data(), n, p, lt, lo);
-        from_float(db.data(), dx + off, n);
+        if (dx) from_float(db.data(), dx + off, n);
       }
       float st = 0.0f, so = 0.0f;
       for (int j = 0; j < kLanes; ++j) {
@@ -375,15 +385,16 @@ at::Tensor fake_quant_fwd_cpu(const at::Tensor& x3, const at::Tensor& s, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_cpu(
     const at::Tensor& dy3, const at::Tensor& x3, const at::Tensor& s, const at::Tensor& inv_s,
     const at::Tensor& zr, int64_t qmin, int64_t qmax, double inv_step, double step, double comp,
-    int64_t isa) {
+    int64_t isa, bool with_dx) {
   check_x3(x3, "x");
   check_x3(dy3, "grad");
   TORCH_CHECK(dy3.sizes() == x3.sizes() && dy3.scalar_type() == x3.scalar_type(),
               "fake_quant: grad must match x in shape and dtype");
   const Layout l = layout_of(x3);
   const auto params = channel_params(s, inv_s, zr, l.channels, qmin, qmax, inv_step, step, comp);
-  const BwdBlock block = bwd_block_for(resolve_isa(isa));
-  at::Tensor dx3 = at::empty_like(x3);
+  const int level = resolve_isa(isa);
+  const BwdBlock block = with_dx ? bwd_block_for<true>(level) : bwd_block_for<false>(level);
+  at::Tensor dx3 = with_dx ? at::empty_like(x3) : at::Tensor();
   std::vector<float> part_t(l.items), part_o(l.items);
   switch (x3.scalar_type()) {
     case at::kFloat:
@@ -423,8 +434,8 @@ EQK_REGISTER(fake_quant_cpu) {
   m.def("fake_quant_fwd_cpu", &fake_quant_fwd_cpu,
         "fake-quant forward (x3, s, inv_s, zr, qmin, qmax, inv_step, step, comp, isa)");
   m.def("fake_quant_bwd_cpu", &fake_quant_bwd_cpu,
-        "fake-quant backward (dy3, x3, s, inv_s, zr, qmin, qmax, inv_step, step, comp, isa) "
-        "-> (dx3, sum_t, sum_z)");
+        "fake-quant backward (dy3, x3, s, inv_s, zr, qmin, qmax, inv_step, step, comp, isa, "
+        "with_dx) -> (dx3, sum_t, sum_z); with_dx=False leaves dx3 None (the sums only)");
   m.def("fake_quant_cpu_isa", [] { return static_cast<int>(eqk::isa_level()); },
         "ISA level the fake-quant kernels use by default: 0 portable, 1 avx2, 2 avx512");
 }

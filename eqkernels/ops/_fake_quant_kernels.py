@@ -67,26 +67,30 @@ def kernel_forward(name, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
     return y3.reshape(x.shape)
 
 
-def kernel_backward(name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis):
-    """(dx, sum over each group of dy * t, sum of dy * dz_e), the sums fp32 [C]."""
+def kernel_backward(
+    name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis, with_dx=True
+):
+    """(dx, sum over each group of dy * t, sum of dy * dz_e), the sums fp32 [C].
+    with_dx=False: dx is None; the C++ kernel then only reads (the Triton kernel computes dx
+    anyway and it is dropped)."""
     perm = _memory_order(x) if axis == PER_TENSOR else None
     if perm is not None:  # dy in x's memory order: no copy when it has x's layout
         dyp, xp = grad.permute(perm), x.permute(perm)
         dxp, sum_t, sum_z = kernel_backward(
-            name, dyp, xp, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
+            name, dyp, xp, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis, with_dx
         )
-        return dxp.permute(_inverse(perm)), sum_t, sum_z
+        return (dxp.permute(_inverse(perm)) if with_dx else None), sum_t, sum_z
     x3 = _view3(x, axis).contiguous()
     dy3 = _view3(grad.to(x.dtype), axis).contiguous()
     if name == "cpp":
         dx3, sum_t, sum_z = _ext.kernel("fake_quant_bwd_cpu")(
-            dy3, x3, s, inv_s, zr, qmin, qmax, inv_step, step, comp, -1
+            dy3, x3, s, inv_s, zr, qmin, qmax, inv_step, step, comp, -1, with_dx
         )
     else:
         from ..triton import fake_quant as tfq
 
         dx3, sum_t, sum_z = tfq.backward(dy3, x3, s, inv_s, zr, qmin, qmax, inv_step, step, comp)
-    return dx3.reshape(x.shape), sum_t, sum_z
+    return (dx3.reshape(x.shape) if with_dx else None), sum_t, sum_z
 
 
 def _inverse(perm: list[int]) -> list[int]:

@@ -101,7 +101,7 @@ def _run_forward(backend, x, scale, zero_point, form, axis):
     return _layout_of(x, y)
 
 
-def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis):
+def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis, with_dx=True):
     qmin, qmax, inv_step, step, comp = _unpack(form)
     g = float(grad_factor)
     name = _checks.resolve(backend, x.device, "fake_quant")
@@ -109,14 +109,14 @@ def _run_backward(backend, grad, x, scale, zero_point, form, grad_factor, axis):
         dx, ds, dz = _backward_torch(
             grad, x, scale, zero_point, qmin, qmax, inv_step, step, comp, axis, g
         )
-        return _layout_of(x, dx), ds, dz
+        return (_layout_of(x, dx) if with_dx else None), ds, dz
     s, inv_s, zr = _kernels.kernel_params(x, scale, zero_point, axis)
     dx, sum_t, sum_z = _kernels.kernel_backward(
-        name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis
+        name, grad, x, s, inv_s, zr, qmin, qmax, inv_step, step, comp, axis, with_dx
     )
     ds = (g * sum_t).reshape(scale.shape).to(scale.dtype)
     dz = (g * sum_z).reshape(scale.shape).to(scale.dtype)
-    return _layout_of(x, dx), ds, dz
+    return (_layout_of(x, dx) if with_dx else None), ds, dz
 
 
 @torch.library.custom_op("eqk::fake_quant_form", mutates_args=(), tags=(torch.Tag.flexible_layout,))
@@ -156,6 +156,31 @@ def _fake_quant_form_backward_op(
 @_fake_quant_form_backward_op.register_fake
 def _(grad, x, scale, zero_point, form, grad_factor, axis, backend):
     return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+
+
+@torch.library.custom_op(
+    "eqk::fake_quant_form_step_sums", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+)
+def _fake_quant_form_step_sums_op(
+    grad: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    form: Tensor,
+    grad_factor: Tensor,
+    axis: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """The (scale, zero point) gradients of the backward op, without dx: the kernel only reads."""
+    _, ds, dz = _run_backward(
+        backend, grad, x, scale, zero_point, form, grad_factor, axis, with_dx=False
+    )
+    return ds, dz
+
+
+@_fake_quant_form_step_sums_op.register_fake
+def _(grad, x, scale, zero_point, form, grad_factor, axis, backend):
+    return torch.empty_like(scale), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
@@ -222,13 +247,16 @@ def fake_quant_form(
 # The same map in plain torch ops: traced into a compiled graph, where inductor fuses it with
 # the neighbouring element-wise work instead of calling an opaque kernel.
 #
-# The backward of a per-tensor form (an activation) may run the fake-quant kernel through the
-# backward op instead (kernel_backward=True): one pass computes dx and both step-size sums. Traced
-# as plain ops, the LSQ terms make inductor store extra full-size buffers next to the batch
-# norm / ReLU backward that precedes them (each term reads more buffers than inductor inlines
-# into several consumers), and the partitioner saves an intermediate of the map rather than the
-# input x. The op takes x, so x (the ReLU output) is what the forward saves, and the ReLU and
-# batch-norm backward then fuse into their usual two passes over the op's dx.
+# The backward of a per-tensor form (an activation) may use the fake-quant kernel
+# (kernel_backward=True). On the CPU the `eqk::fake_quant_form_step_sums` op returns the two
+# step-size sums only (the kernel reads x and dy and writes nothing large), and dx stays plain
+# ops that read three buffers (dy, x and one row [s, z, qmin, qmax]), so inductor inlines it
+# into the ReLU / batch-norm backward that consumes it instead of storing it. On other devices
+# the `eqk::fake_quant_form_backward` op returns dx as well. Traced as plain ops, the LSQ sums
+# made inductor store extra full-size buffers next to the batch-norm backward (each term reads
+# more buffers than it inlines into several consumers), and the partitioner saved an
+# intermediate of the map rather than the input x. The ops take x, so x (the ReLU output) is
+# what the forward saves.
 
 
 def _inline_map(x, scale, zero_point, form, axis):
@@ -242,10 +270,33 @@ def _inline_map(x, scale, zero_point, form, axis):
     return s, v, u, a, qmin, qmax
 
 
+def _range_row(scale, zero_point, form):
+    """[s, round(z), qmin, qmax] of a per-tensor form in one fp32 buffer."""
+    z = torch.round(zero_point.reshape(1).float())
+    return torch.cat([scale.reshape(1).float(), z, form[:2].float()])
+
+
+def _dx_from_row(grad, x, row):
+    # Slices of the one saved row, not separate scalars: the expression reads three buffers
+    # (dy, x, row), few enough for inductor to inline it into each of its consumers.
+    s, z, qmin, qmax = (row[i : i + 1] for i in range(4))
+    v = x.float() * torch.reciprocal(s)
+    u = torch.round(v) + z
+    inside = (u >= qmin) & (u <= qmax)
+    dy = grad.float()
+    dx = _ref.nan_where(torch.isnan(v), torch.where(inside, dy, torch.zeros_like(dy)))
+    return dx.to(x.dtype)
+
+
 class _InlineForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, form, grad_factor, axis, kernel_backward):
-        ctx.save_for_backward(x, scale, zero_point, form, grad_factor)
+        saved = [x, scale, zero_point, form, grad_factor]
+        # kernel_backward: None (plain ops), or the backend of the step-size sums
+        ctx.sums_only = kernel_backward is not None and x.device.type == "cpu"
+        if ctx.sums_only:
+            saved.append(_range_row(scale, zero_point, form))
+        ctx.save_for_backward(*saved)
         ctx.axis = axis
         ctx.kernel_backward = kernel_backward
         s, _, _, a, _, _ = _inline_map(x, scale, zero_point, form, axis)
@@ -253,11 +304,14 @@ class _InlineForm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero_point, form, grad_factor = ctx.saved_tensors
+        x, scale, zero_point, form, grad_factor = ctx.saved_tensors[:5]
+        args = (grad, x, scale, zero_point, form, grad_factor, ctx.axis, ctx.kernel_backward)
+        if ctx.sums_only:
+            ds, dz = torch.ops.eqk.fake_quant_form_step_sums(*args)
+            dx = _dx_from_row(grad, x, ctx.saved_tensors[5])
+            return dx, ds, dz, None, None, None, None
         if ctx.kernel_backward is not None:
-            dx, ds, dz = torch.ops.eqk.fake_quant_form_backward(
-                grad, x, scale, zero_point, form, grad_factor, ctx.axis, ctx.kernel_backward
-            )
+            dx, ds, dz = torch.ops.eqk.fake_quant_form_backward(*args)
             return dx, ds, dz, None, None, None, None
         s, v, u, a, qmin, qmax = _inline_map(x, scale, zero_point, form, ctx.axis)
         nan = torch.isnan(v)
@@ -287,9 +341,10 @@ def fake_quant_form_inline(
     """`fake_quant_form` as plain torch ops (no custom op, no kernel): for compiled graphs,
     where inductor fuses it. Same forward; gradients equal up to summation order.
 
-    kernel_backward=True: a per-tensor form (axis None) runs its backward through the
-    `eqk::fake_quant_form_backward` op with `backend` (see the note above); forms with an axis
-    keep the plain-op backward."""
+    kernel_backward=True: a per-tensor form (axis None) takes its step-size gradients from the
+    fake-quant kernel with `backend` (`eqk::fake_quant_form_step_sums` on the CPU, dx then as
+    plain ops; `eqk::fake_quant_form_backward` elsewhere; see the note above); forms with an
+    axis keep the plain-op backward."""
     if group_size is not None:
         xg, sg, zg = _checks.group_view(x, scale, zero_point, axis, group_size)
         y = fake_quant_form_inline(xg, sg, zg, form, grad_factor, axis=0)

@@ -13,8 +13,8 @@ depends on it from tensors:
   broadcast scale is that form's own, so the tensor, channel and group forms share one graph;
 - the form row (range, layering step, compensation: `eqkernels.form_row`) from `form_table`,
   run by `eqkernels.fake_quant_form_inline` (or the kernel op, KERNEL_IN_GRAPHS); an activation
-  (per-tensor) quantizer runs its backward through the kernel's backward op
-  (kernel_backward=True), which lets inductor fuse the batch norm / ReLU backward around it;
+  (per-tensor) quantizer takes its step-size gradients from the kernel (kernel_backward=True)
+  and its dx from plain ops that inductor folds into the batch norm / ReLU backward;
 - the LSQ gradient scale 1/sqrt(n * max(qmax, 1)), with n the elements sharing one scale.
 
 Per-bit batch norm (`SwitchableBatchNorm2d`) likewise selects its width by `bn_index`
@@ -40,9 +40,9 @@ import eqkernels
 # inductor fuses with the neighbouring batch norm and ReLU); EQK_COMPILE_KERNEL=1 calls the
 # C++/Triton kernel through the opaque `eqk::fake_quant_form` op instead.
 KERNEL_IN_GRAPHS = os.environ.get("EQK_COMPILE_KERNEL", "0") == "1"
-# An activation quantizer's backward runs the kernel's backward op (see
-# `fake_quant_form_inline`'s kernel_backward); EQK_COMPILE_INLINE_BACKWARD=1 traces it as plain
-# torch ops instead (slower: inductor stores extra full-size buffers around it).
+# An activation quantizer's backward takes its step-size sums from the kernel (see
+# `fake_quant_form_inline`'s kernel_backward); EQK_COMPILE_INLINE_BACKWARD=1 traces them as
+# plain torch ops instead (slower: inductor stores extra full-size buffers around them).
 INLINE_BACKWARD = os.environ.get("EQK_COMPILE_INLINE_BACKWARD", "0") == "1"
 
 
