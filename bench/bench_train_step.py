@@ -27,6 +27,7 @@ MALLOC_TOP_PAD_=268435456 (docs/benchmarks.md has rows with and without).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -92,15 +93,18 @@ def compiled_rows(table, float_model, net, space, x, y, threads):
     compiled one twice: activation backward by the kernel op, and as plain ops).
 
     The four steps are compiled (warmed up) first, then timed in rotation, one step of each
-    per round, so that load from other processes hits every row alike."""
+    per round, so that load from other processes hits every row alike. Each supernet row has a
+    copy of its own, as a training run would: on one shared module the compiled row would also
+    check the guards of the other row's cached graph on every call (dynamo keeps them on the
+    module's code)."""
     gen = torch.Generator().manual_seed(0)
     configs = [SubnetConfig.random(space, net, generator=gen) for _ in range(RANDOM_CONFIGS)]
     net.train()
     rows = [
         ("resnet20 float", float_model, None, "compiled"),
-        ("resnet20 supernet", net, configs, "eager"),
+        ("resnet20 supernet", copy.deepcopy(net), configs, "eager"),
         ("resnet20 supernet", net, configs, "compiled"),
-        ("resnet20 supernet", net, configs, INLINE_ROW),
+        ("resnet20 supernet", copy.deepcopy(net), configs, INLINE_ROW),
     ]
     steps, compile_s = [], []
     torch._dynamo.reset()
@@ -110,7 +114,7 @@ def compiled_rows(table, float_model, net, space, x, y, threads):
         if cfgs is None:
             step = sgd_step(run, opt, x, y)
         else:
-            step = random_config_step(run, net, opt, x, y, cfgs)
+            step = random_config_step(run, model, opt, x, y, cfgs)
         if mode == INLINE_ROW:
             step = with_inline_backward(step)
         t0 = time.perf_counter()
