@@ -158,19 +158,19 @@ def _(grad, x, scale, zero_point, form, grad_factor, axis, backend):
     return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
 
 
-@torch.library.custom_op(
-    "eqk::fake_quant_form_step_sums", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+_BACKWARD_ARGS = (
+    "Tensor grad, Tensor x, Tensor scale, Tensor zero_point, Tensor form, Tensor grad_factor, "
+    "int axis, str backend"
 )
-def _fake_quant_form_step_sums_op(
-    grad: Tensor,
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    form: Tensor,
-    grad_factor: Tensor,
-    axis: int,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+
+
+@torch.library.custom_op(
+    "eqk::fake_quant_form_step_sums",
+    mutates_args=(),
+    schema=f"({_BACKWARD_ARGS}) -> (Tensor, Tensor)",
+    tags=(torch.Tag.flexible_layout,),
+)
+def _fake_quant_form_step_sums_op(grad, x, scale, zero_point, form, grad_factor, axis, backend):
     """The (scale, zero point) gradients of the backward op, without dx: the kernel only reads."""
     _, ds, dz = _run_backward(
         backend, grad, x, scale, zero_point, form, grad_factor, axis, with_dx=False
