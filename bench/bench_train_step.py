@@ -46,6 +46,8 @@ BATCH = int(os.environ.get("EQK_BENCH_BATCH", 128))
 COMPILE_BACKEND = os.environ.get("EQK_BENCH_COMPILE", "inductor")
 RANDOM_CONFIGS = 64  # drawn before timing; each step activates the next one
 INLINE_ROW = "compiled, plain-op act. backward"
+# glibc's knobs that keep freed memory in the process (see the module docstring)
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def sgd_step(model, opt, x, y):
@@ -195,6 +197,8 @@ def main() -> None:
         f"\ncalibrate(resnet20, every form: {forms} (scale, zero point) sets, method=mse, "
         f"2 batches of 64): {calib_s:.2f} s = {calib_s / (base / 1e3):.1f} float SGD steps"
     )
+    tuned = [k for k in ALLOCATOR_SETTINGS if k in os.environ]
+    print(f"\nglibc allocator settings from the environment: {', '.join(tuned) or 'none'}")
     print(
         f"\nextension: {'loaded' if _ext.available() else 'not built'}; targets: eager "
         "supernet x_float <= 1.5; compiled random-subnet supernet x_compiled_float <= 1.2 "
