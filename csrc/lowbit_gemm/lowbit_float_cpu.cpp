@@ -201,18 +201,35 @@ void run_outer(const Weights& w, const void* x, int64_t M, int64_t kp, int64_t k
   });
 }
 
+// The bf16 activations [M, K] in the code kernels' column order, zero-padded to kpad columns
+// (`outer`: the outer-panel order), and their per-group sums for the (c - z) term.
+struct CodesInput {
+  at::Tensor xp, xsum;
+  const uint16_t* codes() const {
+    return reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
+  }
+  const float* sums() const { return xsum.data_ptr<float>(); }
+};
+
+CodesInput permute_codes_input(const Weights& w, const at::Tensor& x, int64_t kpad, bool outer) {
+  const int64_t M = x.size(0);
+  CodesInput in{at::empty({M, kpad}, x.options()),
+                at::empty({M, w.G}, x.options().dtype(at::kFloat))};
+  lf::permute_x_codes(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M,
+                      x.size(1), w, kpad, outer,
+                      reinterpret_cast<uint16_t*>(in.xp.data_ptr<at::BFloat16>()),
+                      in.xsum.data_ptr<float>());
+  return in;
+}
+
 // bf16 codes in registers (lowbit_float_codes_bf16_avx512_cpu.cpp): the activations permuted
 // to the decoder's column order once per call, then threads split the weight rows.
 void run_codes(const Weights& w, const at::Tensor& x, int64_t kp, float* out) {  // x: [M, K]
   const int64_t M = x.size(0);
   const int64_t kpad = (kp + lf::kCodesBlock - 1) / lf::kCodesBlock * lf::kCodesBlock;
-  auto xp = at::empty({M, kpad}, x.options());
-  auto xsum = at::empty({M, w.G}, x.options().dtype(at::kFloat));
-  const uint16_t* xpp = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
-  lf::permute_x_codes(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M,
-                      x.size(1), w, kpad, false, const_cast<uint16_t*>(xpp),
-                      xsum.data_ptr<float>());
-  const float* xs = xsum.data_ptr<float>();
+  const CodesInput in = permute_codes_input(w, x, kpad, false);
+  const uint16_t* xpp = in.codes();
+  const float* xs = in.sums();
   const int64_t nblocks = (w.N + kCodesNb - 1) / kCodesNb;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
@@ -228,13 +245,9 @@ void run_outer_codes(const Weights& w, const at::Tensor& x, int64_t kp, float* o
   const int64_t M = x.size(0);
   const int64_t unit = w.G == 1 ? lf::kCodesBlock : std::lcm(w.gs, lf::kCodesBlock);
   const int64_t kpad = (kp + unit - 1) / unit * unit;
-  auto xp = at::empty({M, kpad}, x.options());
-  auto xsum = at::empty({M, w.G}, x.options().dtype(at::kFloat));
-  const uint16_t* xpp = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
-  lf::permute_x_codes(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M,
-                      x.size(1), w, kpad, true, const_cast<uint16_t*>(xpp),
-                      xsum.data_ptr<float>());
-  const float* xs = xsum.data_ptr<float>();
+  const CodesInput in = permute_codes_input(w, x, kpad, true);
+  const uint16_t* xpp = in.codes();
+  const float* xs = in.sums();
   constexpr int64_t nr = lf::kOuterNb;
   const int64_t kc_step = std::max(unit, kOuterKcBf16 / unit * unit);
   const int64_t nblocks = (w.N + nr - 1) / nr;
