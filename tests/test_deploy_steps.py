@@ -39,6 +39,17 @@ def _supernet(name, space, shape, seed=0, per_bit_bn=False, keep="8bit"):
     return sn.eval()
 
 
+def _exported_toy(model_cls, bits, input_shape, path):
+    """A nested elastic supernet of `model_cls()` (seed 0, every layer elastic) at widths `bits`
+    for weights and activations, LSQ-calibrated on one batch of 4 random inputs, exported."""
+    space = ElasticSpace(w_bits=bits, a_bits=bits, nested=True)
+    torch.manual_seed(0)
+    sn = eqnet.convert(model_cls(), space, keep_first_last="elastic")
+    eqnet.calibrate(sn, [(torch.randn(4, *input_shape), torch.zeros(4))], batches=1, method="lsq")
+    export(sn.eval(), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def resnet20(tmp_path_factory):
     space = ElasticSpace(w_bits=(2, 4, 8), a_bits=(2, 4, 8), nested=True)
@@ -295,12 +306,7 @@ class _Depthwise(nn.Module):
 def test_depthwise_steps_equal_modules_at_every_isa(tmp_path, isa):
     from eqkernels.backend import force_cpu_isa
 
-    space = ElasticSpace(w_bits=(4, 8), a_bits=(4, 8), nested=True)
-    torch.manual_seed(0)
-    sn = eqnet.convert(_Depthwise(), space, keep_first_last="elastic")
-    eqnet.calibrate(sn, [(torch.randn(4, 3, 9, 9), torch.zeros(4))], batches=1, method="lsq")
-    path = tmp_path / "dw.eqk"
-    export(sn.eval(), path)
+    path = _exported_toy(_Depthwise, (4, 8), (3, 9, 9), tmp_path / "dw.eqk")
     x = torch.randn(3, 3, 9, 9, generator=torch.Generator().manual_seed(1))
     for bits in (4, 8):
         with torch.no_grad():
@@ -356,12 +362,7 @@ def test_clamp_fused_and_depthwise_equal_modules_at_every_isa(tmp_path, isa):
     and third run on storage pooled by the first) and with the batch split into samples."""
     from eqkernels.backend import force_cpu_isa
 
-    space = ElasticSpace(w_bits=(4, 8), a_bits=(4, 8), nested=True)
-    torch.manual_seed(0)
-    sn = eqnet.convert(_Mobile(), space, keep_first_last="elastic")
-    eqnet.calibrate(sn, [(torch.randn(4, 3, 16, 16), torch.zeros(4))], batches=1, method="lsq")
-    path = tmp_path / "mobile.eqk"
-    export(sn.eval(), path)
+    path = _exported_toy(_Mobile, (4, 8), (3, 16, 16), tmp_path / "mobile.eqk")
     gen = torch.Generator().manual_seed(5)
     xs = [torch.randn(4, 3, 64, 64, generator=gen) for _ in range(2)] + [
         torch.randn(1, 3, 17, 15, generator=gen)
@@ -496,12 +497,7 @@ def test_three_channel_stems_equal_modules_at_every_isa(tmp_path, isa):
     channels-last input of odd sizes."""
     from eqkernels.backend import force_cpu_isa
 
-    space = ElasticSpace(w_bits=(8,), a_bits=(8,), nested=True)
-    torch.manual_seed(0)
-    sn = eqnet.convert(_Stems(), space, keep_first_last="elastic")
-    eqnet.calibrate(sn, [(torch.randn(4, 3, 16, 16), torch.zeros(4))], batches=1, method="lsq")
-    path = tmp_path / "stems.eqk"
-    export(sn.eval(), path)
+    path = _exported_toy(_Stems, (8,), (3, 16, 16), tmp_path / "stems.eqk")
     x = torch.randn(2, 3, 19, 13, generator=torch.Generator().manual_seed(2))
     modules = load(path, bits=8, model=_Stems(), runtime="modules")
     with force_cpu_isa(isa):
