@@ -180,6 +180,9 @@ FULL = ElasticSpace(
     a_symmetries=("sym", "asym"),
 )
 NESTED = ElasticSpace(w_bits=(2, 3, 4), a_bits=(2, 3, 4), nested=True)
+# Widths only: every quantizer's forms share one granularity and symmetry, so the compiled
+# graph reads the active form's parameters (`active_tensors`) instead of stacking all forms.
+WIDTHS = ElasticSpace(w_bits=(2, 4, 8), a_bits=(2, 8), a_symmetries=("asym",))
 
 
 def _net(space, per_bit_bn=False):
@@ -213,8 +216,8 @@ def _step(model, x, configs, net):
 
 @pytest.mark.parametrize(
     "space, per_bit_bn",
-    [(FULL, False), pytest.param(NESTED, True, marks=pytest.mark.slow)],
-    ids=["forms", "nested-per-bit-bn"],
+    [(FULL, False), (WIDTHS, False), pytest.param(NESTED, True, marks=pytest.mark.slow)],
+    ids=["forms", "widths", "nested-per-bit-bn"],
 )
 @pytest.mark.parametrize(
     "mode",
@@ -231,6 +234,10 @@ def test_random_per_layer_configs_compile_one_graph(space, per_bit_bn, mode, mon
     monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", mode == "kernel-op")
     monkeypatch.setattr(form_data, "INLINE_BACKWARD", mode == "inline")
     net = _net(space, per_bit_bn).train()
+    bound = [q.binds_active_form for q in net.quantizers().values()]
+    # FULL mixes granularities and symmetries in every quantizer: all stacked; the other two
+    # spaces bind every quantizer's active form.
+    assert not any(bound) if space is FULL else all(bound)
     counter = GraphCounter()
     compiled = torch.compile(net, backend=counter.backend)
     gen = torch.Generator().manual_seed(3)
@@ -257,6 +264,47 @@ def test_random_per_layer_configs_compile_one_graph(space, per_bit_bn, mode, mon
             net.set_config(SubnetConfig.random(space, net, generator=gen))
             assert torch.equal(compiled(x), net(x))
     assert counter.forward_graphs == 2  # train and eval differ (batch norm)
+
+
+@pytest.mark.parametrize("replace", ["load_state_dict-assign", "overwrite-on-conversion"])
+def test_compiled_graph_follows_replaced_parameters(replace):
+    """The compiled graph reads the active form's parameters and the active width's batch norm
+    through bound tensors: after the parameters are replaced by new objects, it must read and
+    train the new ones, with no config switch in between."""
+    torch._dynamo.reset()
+    net = _net(WIDTHS, per_bit_bn=True).train()
+    net.set_config(SubnetConfig.uniform(WIDTHS, net, 4, 8))
+    counter = GraphCounter()
+    compiled = torch.compile(net, backend=counter.backend)
+    x = torch.randn(5, 1, 8, 8)
+    compiled(x)
+    if replace == "load_state_dict-assign":
+        state = {k: v * 1.5 if ".scale_" in k else v.clone() for k, v in net.state_dict().items()}
+        net.load_state_dict(state, assign=True)
+    else:
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            old = list(net.parameters())  # held, so that no id is reused
+            net.float()  # new Parameter objects over the same storage
+            assert not {id(p) for p in old} & {id(p) for p in net.parameters()}
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    net.eval()  # running statistics are left alone, so both passes see the same ones
+    got = compiled(x)
+    want = net(x)
+    assert torch.equal(got, want)
+    got.square().sum().backward()
+    for q in net.quantizers().values():
+        scale, zero_point = q.raw_parameters(*q.active_form)
+        assert q.active_tensors[0] is scale and scale.grad is not None
+        assert q.active_tensors[1] is zero_point
+    bns = list(net.switchable_bns().values())
+    assert bns
+    for bn in bns:
+        assert bn.active_tensors[0] is bn.active_bn.weight and bn.active_bn.weight.grad is not None
+        assert bn.active_tensors[2] is bn.active_bn.running_mean
+    assert counter.forward_graphs == 2  # train, then eval
 
 
 def test_state_dict_keys_unchanged_by_the_form_buffers():

@@ -27,11 +27,8 @@ class SwitchableBatchNorm2d(nn.Module):
         self.num_features = num_features
         self.bns = nn.ModuleDict({str(b): nn.BatchNorm2d(num_features, **bn_kwargs) for b in bits})
         self._active_bits = bits[-1]
-        # The active width as data too, for compiled graphs (form_data.switchable_batchnorm).
-        self.register_buffer(
-            "bn_index", torch.tensor(len(bits) - 1, dtype=torch.long), persistent=False
-        )
-        form_data.install_grad_gate(self, form_data.batchnorm_width_is_active)
+        self._bind_active_width()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._bind_active_width())
 
     @property
     def active_bits(self) -> int:
@@ -42,8 +39,27 @@ class SwitchableBatchNorm2d(nn.Module):
         if bits not in self.bits:
             raise ValueError(f"active_bits={bits}: accepted values are {list(self.bits)}")
         self._active_bits = bits
-        self.bn_index.fill_(self.bits.index(bits))
-        form_data.install_grad_gate(self, form_data.batchnorm_width_is_active)  # deep copies
+        self._bind_active_width()
+
+    def _bind_active_width(self) -> None:
+        """`active_tensors` = the active width's (weight, bias, running_mean, running_var,
+        num_batches_tracked), what a compiled graph reads (form_data.switchable_batchnorm):
+        the other widths are not graph inputs, so they get no gradient and keep their
+        statistics, as in eager mode. Bound again by each width switch, `_apply` (`.to()` ...)
+        and `load_state_dict`."""
+        bn = self.bns[str(self._active_bits)]
+        self.active_tensors = (
+            bn.weight,
+            bn.bias,
+            bn.running_mean,
+            bn.running_var,
+            bn.num_batches_tracked,
+        )
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._bind_active_width()
+        return out
 
     @property
     def active_bn(self) -> nn.BatchNorm2d:

@@ -6,9 +6,13 @@ after its recompile limit). Instead the form is an integer buffer (`form_index`)
 `ElasticQuantizer.select` fills in place, and the compiled forward gathers everything that
 depends on it from tensors:
 
-- the scale of every form, broadcast to [C] (a per-tensor scale repeated per channel), stacked
-  and indexed by `form_index`; the zero points likewise (a symmetric form has a zero offset).
-  A quantizer that holds the per-group form broadcasts every form to its group shape
+- the parameters: when every form of the quantizer has one granularity and symmetry (an
+  elastic-width quantizer, `binds_active_form`), all of them have one shape and the graph
+  reads the active form's own, which `select` binds to `active_tensors`; a tensor attribute
+  is a graph input, and dynamo guards on its shape, not on which parameter it is. Otherwise
+  the scale of every form is broadcast to [C] (a per-tensor scale repeated per channel),
+  stacked and indexed by `form_index`; the zero points likewise (a symmetric form has a zero
+  offset). A quantizer that holds the per-group form broadcasts every form to its group shape
   [C, K // group_size] instead and runs the group form of the op: the per-element map of a
   broadcast scale is that form's own, so the tensor, channel and group forms share one graph;
 - the form row (range, layering step, compensation: `eqkernels.form_row`) from `form_table`,
@@ -17,13 +21,15 @@ depends on it from tensors:
   and its dx from plain ops that inductor folds into the batch norm / ReLU backward;
 - the LSQ gradient scale 1/sqrt(n * max(qmax, 1)), with n the elements sharing one scale.
 
-Per-bit batch norm (`SwitchableBatchNorm2d`) likewise selects its width by `bn_index`
+Per-bit batch norm (`SwitchableBatchNorm2d`) binds the active width's tensors the same way
 (`switchable_batchnorm`).
 
-Every form's parameters are inputs of the compiled graph, so autograd hands the inactive ones
-a zero gradient where eager mode gives none (and an optimizer with momentum or weight decay
-would move them). `install_grad_gate` restores eager's rule: a parameter of a form that is not
-active gets its gradient dropped again when it had none before the backward.
+With bound tensors the inactive forms are not graph inputs, so they get no gradient, as in
+eager mode. Stacked, every form's parameters are inputs of the compiled graph, and autograd
+hands the inactive ones a zero gradient where eager mode gives none (an optimizer with
+momentum or weight decay would move them). `install_grad_gate` restores eager's rule there: a
+parameter of a form that is not active gets its gradient dropped again when it had none
+before the backward.
 """
 
 from __future__ import annotations
@@ -67,23 +73,28 @@ def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
     group_size = getattr(quantizer, "group_size", None)
     # [C] per channel, [C, G] when the quantizer holds the group form (every form broadcast)
     shape = (channels,) if group_size is None else quantizer.scale_shape("group")
-    scales, zero_points, shares = [], [], []
-    for bits, gran, sym in quantizer.forms():
-        scale, zp = quantizer.raw_parameters(bits, gran, sym)
-        scales.append(_broadcast(positive(scale), shape))
-        zero_points.append(_broadcast(zp, shape) if zp is not None else scale.new_zeros(shape))
-        if quantizer.role == "activation":
-            # LSQ's activation gradient scale counts the features of one sample.
-            shares.append(x[0].numel() if x.dim() > 1 else x.numel())
-        elif gran == "group":
-            shares.append(group_size)
-        else:
-            shares.append(x.numel() // channels if gran == "channel" else x.numel())
     index = quantizer.form_index.reshape(1)
-    scale = torch.stack(scales).index_select(0, index).reshape(shape)
-    zero_point = torch.stack(zero_points).index_select(0, index).reshape(shape)
+    if quantizer.binds_active_form:
+        # Every form has this one granularity and symmetry: the active form's own parameters.
+        raw_scale, zp = quantizer.active_tensors
+        scale = _broadcast(positive(raw_scale), shape)
+        zero_point = _broadcast(zp, shape) if zp is not None else raw_scale.new_zeros(shape)
+        gran = quantizer._form_list[0][1]
+        share = torch.tensor([_share(quantizer, x, gran)], dtype=torch.float64, device=x.device)
+    else:
+        scales, zero_points, shares = [], [], []
+        for bits, gran, sym in quantizer.forms():
+            raw_scale, zp = quantizer.raw_parameters(bits, gran, sym)
+            scales.append(_broadcast(positive(raw_scale), shape))
+            zero_points.append(
+                _broadcast(zp, shape) if zp is not None else raw_scale.new_zeros(shape)
+            )
+            shares.append(_share(quantizer, x, gran))
+        scale = torch.stack(scales).index_select(0, index).reshape(shape)
+        zero_point = torch.stack(zero_points).index_select(0, index).reshape(shape)
+        share = torch.tensor(shares, dtype=torch.float64, device=x.device)
+        share = share.index_select(0, index)
     form = quantizer.form_table.index_select(0, index).reshape(-1)
-    share = torch.tensor(shares, dtype=torch.float64, device=x.device).index_select(0, index)
     # float64 like the eager path's Python float, so both give the same fp32 product.
     grad_factor = 1.0 / torch.sqrt(share * form[1].clamp_min(1.0))
     axis = quantizer.axis if quantizer.role == "weight" else None
@@ -93,6 +104,16 @@ def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
     return eqkernels.fake_quant_form_inline(
         x, scale, zero_point, form, grad_factor, kernel_backward=not INLINE_BACKWARD, **options
     )
+
+
+def _share(quantizer, x: torch.Tensor, granularity: str) -> int:
+    """n of LSQ's gradient scale 1/sqrt(n * qmax): the elements that share one scale."""
+    if quantizer.role == "activation":
+        # LSQ's activation gradient scale counts the features of one sample.
+        return x[0].numel() if x.dim() > 1 else x.numel()
+    if granularity == "group":
+        return quantizer.group_size
+    return x.numel() // quantizer.channels if granularity == "channel" else x.numel()
 
 
 def _broadcast(param: torch.Tensor, shape) -> torch.Tensor:
@@ -147,27 +168,14 @@ def quantizer_form_is_active(quantizer, name: str) -> bool:
     return quantizer.active_index in quantizer.form_owners.get(name, ())
 
 
-def batchnorm_width_is_active(bn, name: str) -> bool:
-    return name.split(".")[1] == str(bn.active_bits)  # "bns.<bits>.weight"
-
-
 def switchable_batchnorm(bn, x: torch.Tensor) -> torch.Tensor:
-    """SwitchableBatchNorm2d's forward with the width selected by `bn.bn_index` (a tensor):
-    affine parameters and running statistics of every width stacked and indexed; in training,
-    the running statistics of the active width updated in place (others written unchanged)."""
-    bns = list(bn.bns.values())
-    first = bns[0]
-    index = bn.bn_index.reshape(1)
-
-    def pick(tensors):
-        return torch.stack(tensors).index_select(0, index).reshape(-1)
-
-    weight = pick([b.weight for b in bns]) if first.affine else None
-    bias = pick([b.bias for b in bns]) if first.affine else None
+    """SwitchableBatchNorm2d's forward on the active width's tensors (`bn.active_tensors`):
+    in training, that width's running statistics updated in place as nn.BatchNorm2d does."""
+    weight, bias, running_mean, running_var, tracked = bn.active_tensors
+    first = next(iter(bn.bns.values()))  # eps, momentum and the flags are every width's
     use_batch = bn.training or not first.track_running_stats
     if not use_batch:
-        mean, var = pick([b.running_mean for b in bns]), pick([b.running_var for b in bns])
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, first.eps)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, first.eps)
     y = F.batch_norm(x, None, None, weight, bias, True, 0.0, first.eps)
     if bn.training and first.track_running_stats:
         with torch.no_grad():
@@ -175,17 +183,11 @@ def switchable_batchnorm(bn, x: torch.Tensor) -> torch.Tensor:
             n = x.numel() // x.shape[1]
             mean = x.mean(dims)
             var = x.var(dims, correction=1 if n > 1 else 0)
-            for i, b in enumerate(bns):
-                on = bn.bn_index == i
-                tracked = b.num_batches_tracked + 1
-                if first.momentum is None:  # cumulative moving average
-                    m = (1.0 / tracked.double()).float()
-                else:
-                    m = first.momentum
-                # where(), not a zero factor: a non-finite batch leaves other widths untouched.
-                b.running_mean.copy_(torch.where(on, (1 - m) * b.running_mean + m * mean,
-                                                 b.running_mean))  # fmt: skip
-                b.running_var.copy_(torch.where(on, (1 - m) * b.running_var + m * var,
-                                                b.running_var))  # fmt: skip
-                b.num_batches_tracked.copy_(torch.where(on, tracked, b.num_batches_tracked))
+            tracked.add_(1)
+            if first.momentum is None:  # cumulative moving average
+                m = (1.0 / tracked.double()).float()
+            else:
+                m = first.momentum
+            running_mean.copy_((1 - m) * running_mean + m * mean)
+            running_var.copy_((1 - m) * running_var + m * var)
     return y

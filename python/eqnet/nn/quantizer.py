@@ -169,8 +169,16 @@ class ElasticQuantizer(nn.Module):
         self.active_index = 0
         self.register_buffer("form_index", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("form_table", form_data.form_table(self), persistent=False)
+        # When every form has the same granularity and symmetry (an elastic-width quantizer),
+        # its parameters all have one shape, and a compiled graph takes the active form's own
+        # (`active_tensors`, bound by `select`): inactive forms are not graph inputs and get no
+        # gradient, as in eager mode. Otherwise the graph stacks every form's (form_data), and
+        # a grad gate drops the zero gradients the inactive ones then receive.
+        self.binds_active_form = len({(g, s) for _, g, s in self.form_keys()}) == 1
+        self._bind_active_form()
         self.form_owners = form_data.form_owners(self)
-        form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
+        if not self.binds_active_form:
+            form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
 
     # -- forms --------------------------------------------------------------------------------
     def scale_shape(self, granularity: str) -> tuple[int, ...]:
@@ -216,8 +224,29 @@ class ElasticQuantizer(nn.Module):
         self._check_form(bits, granularity, symmetry)
         self.active_index = self._form_list.index((bits, granularity, symmetry))
         self.form_index.fill_(self.active_index)
-        # Parameters replaced since construction (load_state_dict(assign=True)) get hooks too.
-        form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
+        if self.binds_active_form:
+            self._bind_active_form()
+        else:
+            # Parameters replaced since construction (load_state_dict(assign=True)) get hooks.
+            form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
+
+    def _bind_active_form(self) -> None:
+        """`active_tensors` = the active form's (scale, zero point or None), what a compiled
+        graph reads (`binds_active_form` only). Bound again whenever a parameter may have been
+        replaced: `select`, `register_parameter` (load_state_dict(assign=True)), `_apply`
+        (`.to()`, `.float()` ...) and `load_state_dict`."""
+        if self.binds_active_form:
+            self.active_tensors = self.raw_parameters(*self._form_list[self.active_index])
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)
+        if "binds_active_form" in self.__dict__:  # a replacement after construction
+            self._bind_active_form()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._bind_active_form()
+        return out
 
     @property
     def active_form(self) -> tuple[int, str, str]:
@@ -397,3 +426,4 @@ def _check_groups(granularities, group_size, columns, axis) -> int | None:
 def _sync_signed(module, incompatible_keys):
     module._signed = bool(module.signed_range.item())
     module._refresh_form_table()
+    module._bind_active_form()
