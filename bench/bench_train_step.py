@@ -165,12 +165,17 @@ def main() -> None:
     columns = ["model", "subnet", "backend", "mode", "threads", "batch", "step_ms"]
     columns += ["compile_s", "graphs_after_warmup"]
     table = Table("train_step", columns)
-    for label, model, subnet, be in [
+    eager_rows = [
         ("resnet20 float", float_model, "-", "-"),
         ("resnet20 supernet", net, "W4 channel sym / A4 asym", backend),
-    ]:
+    ]
+    # In rotation, like the compiled rows: load and the allocator's state hit both alike.
+    eager_steps = []
+    for _label, model, _subnet, _be in eager_rows:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        t = time_fn(sgd_step(model, opt, x, y), warmup=2, repeat=8, min_time=1.0)
+        eager_steps.append(sgd_step(model, opt, x, y))
+    eager_ms = rotation_medians(eager_steps, warmup=2, rounds=8, min_time=1.0)
+    for (label, _model, subnet, be), t in zip(eager_rows, eager_ms):
         table.add(
             model=label,
             subnet=subnet,
