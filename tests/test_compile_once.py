@@ -161,6 +161,60 @@ def test_fake_quant_form_opcheck(backend, axis):
     torch.testing.assert_close(sums, (ds, dz), rtol=0, atol=0)
 
 
+def _layouts(shape, layout, dtype):
+    """(x, dy) of `shape` in the named memory layouts."""
+    x = torch.randn(shape) * 2
+    x[0, 1, 2, 3] = 60.0  # clipped
+    x[1, 0, 1, 1] = float("-inf")
+    dy = torch.randn(shape)
+    cl = torch.channels_last
+    if layout == "channels-last":
+        x, dy = x.contiguous(memory_format=cl), dy.contiguous(memory_format=cl)
+    elif layout == "x-channels-last-dy-nchw":
+        x = x.contiguous(memory_format=cl)
+    elif layout == "x-nchw-dy-channels-last":
+        dy = dy.contiguous(memory_format=cl)
+    elif layout == "strided":  # not dense: every other column of a wider tensor
+        x = torch.cat([x, x], dim=3)[..., ::2]
+        dy = torch.cat([dy, dy], dim=3)[..., ::2]
+    return x.to(dtype), dy.to(dtype)
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "contiguous",
+        "channels-last",
+        "x-channels-last-dy-nchw",
+        "x-nchw-dy-channels-last",
+        "strided",
+    ],
+)
+@pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan"])
+def test_step_sums_one_call_path(dtype, layout, nan):
+    """The step-sums op of a per-tensor form runs one C++ call on the CPU: it must give the
+    oracle's sums, and the Python kernel path's (which it replaces) bit for bit, in every
+    layout of x and dy."""
+    from eqkernels.ops import fake_quant_form as fqf
+
+    x, dy = _layouts((3, 5, 4, 6), layout, dtype)
+    if nan:
+        x[2, 4, 3, 5] = float("nan")
+    s, z = torch.tensor([0.23]), torch.tensor([2.6])
+    form = torch.tensor(eqkernels.form_row(0, 15), dtype=torch.float32)
+    g = torch.tensor(0.31, dtype=torch.float64)
+    got = torch.ops.eqk.fake_quant_form_step_sums(dy, x, s, z, form, g, -1, "cpp")
+    _, ds, dz = fqf._run_backward("cpp", dy, x, s, z, form, g, -1, with_dx=False)
+    torch.testing.assert_close(got, (ds, dz), rtol=0, atol=0, equal_nan=True)
+    assert got[0].shape == s.shape and got[0].dtype == s.dtype
+    _, _, ref_ds, ref_dz = oracle(x, s, z, 0, 15, 0, 0.0, None, dy, 0.31)
+    torch.testing.assert_close(got[0].double(), ref_ds, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got[1].double(), ref_dz, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isnan(got[0]).all() == nan  # a NaN input is not hidden
+
+
 def test_fake_quant_form_rejects_bad_form_shape():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="form has shape"):

@@ -23,6 +23,7 @@
 #include "common/cpu_features.h"
 #include "common/fake_quant_math.h"
 #include "common/registry.h"
+#include "fake_quant/fake_quant_cpu.h"
 
 namespace {
 
@@ -380,6 +381,10 @@ at::Tensor fake_quant_fwd_cpu(const at::Tensor& x3, const at::Tensor& s, const a
   return y3;
 }
 
+}  // namespace
+
+namespace eqk {
+
 // (dx, sum_t[C], sum_z[C]): dx = dy * in; sum_t = sum dy * t; sum_z = sum dy * (in ? 0 : -s),
 // the sums fp32 in the fixed block/lane order described at the top of the file.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_cpu(
@@ -428,12 +433,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_cpu(
   return {dx3, sum_t, sum_z};
 }
 
-}  // namespace
+}  // namespace eqk
 
 EQK_REGISTER(fake_quant_cpu) {
   m.def("fake_quant_fwd_cpu", &fake_quant_fwd_cpu,
         "fake-quant forward (x3, s, inv_s, zr, qmin, qmax, inv_step, step, comp, isa)");
-  m.def("fake_quant_bwd_cpu", &fake_quant_bwd_cpu,
+  m.def("fake_quant_bwd_cpu", &eqk::fake_quant_bwd_cpu,
         "fake-quant backward (dy3, x3, s, inv_s, zr, qmin, qmax, inv_step, step, comp, isa, "
         "with_dx) -> (dx3, sum_t, sum_z); with_dx=False leaves dx3 None (the sums only)");
   m.def("fake_quant_cpu_isa", [] { return static_cast<int>(eqk::isa_level()); },

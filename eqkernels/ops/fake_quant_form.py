@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _ext
 from . import _fake_quant_checks as _checks
 from . import _fake_quant_kernels as _kernels
 from . import _fake_quant_ref as _ref
@@ -171,7 +172,12 @@ _BACKWARD_ARGS = (
     tags=(torch.Tag.flexible_layout,),
 )
 def _fake_quant_form_step_sums_op(grad, x, scale, zero_point, form, grad_factor, axis, backend):
-    """The (scale, zero point) gradients of the backward op, without dx: the kernel only reads."""
+    """The (scale, zero point) gradients of the backward op, without dx: the kernel only reads.
+    A per-tensor form on the C++ kernel takes one call (`fake_quant_step_sums_cpu`: the same
+    values, without the Python path's dozen small tensor operations per call)."""
+    if axis == _ref.PER_TENSOR and _checks.resolve(backend, x.device, "fake_quant") == "cpp":
+        step_sums = _ext.kernel("fake_quant_step_sums_cpu")
+        return step_sums(grad, x, scale, zero_point, form, grad_factor, -1)
     _, ds, dz = _run_backward(
         backend, grad, x, scale, zero_point, form, grad_factor, axis, with_dx=False
     )
