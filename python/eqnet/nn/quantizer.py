@@ -166,6 +166,9 @@ class ElasticQuantizer(nn.Module):
         # the same index as a tensor for compiled graphs (form_data), so that switching forms
         # changes data, never the graph. Neither is saved: the config is not part of the state.
         self._form_list = tuple(self.forms())
+        self._form_position = {form: i for i, form in enumerate(self._form_list)}
+        # (scale, zero point or None) parameter names of each form, for `_bind_active_form`
+        self._form_parameter_names = [self._parameter_names(*form) for form in self._form_list]
         self.active_index = 0
         self.register_buffer("form_index", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("form_table", form_data.form_table(self), persistent=False)
@@ -221,9 +224,11 @@ class ElasticQuantizer(nn.Module):
     def select(self, bits: int, granularity: str = "tensor", symmetry: str = "sym") -> None:
         """Make one form the active one (what forward(x) without a form runs)."""
         granularity = self.held_granularity(granularity)
-        self._check_form(bits, granularity, symmetry)
-        self.active_index = self._form_list.index((bits, granularity, symmetry))
-        self.form_index.fill_(self.active_index)
+        index = self._form_position.get((bits, granularity, symmetry))
+        if index is None:
+            self._check_form(bits, granularity, symmetry)  # raises, naming the allowed values
+        self.active_index = index
+        self.form_index.fill_(index)
         if self.binds_active_form:
             self._bind_active_form()
         else:
@@ -236,7 +241,10 @@ class ElasticQuantizer(nn.Module):
         replaced: `select`, `register_parameter` (load_state_dict(assign=True)), `_apply`
         (`.to()`, `.float()` ...) and `load_state_dict`."""
         if self.binds_active_form:
-            self.active_tensors = self.raw_parameters(*self._form_list[self.active_index])
+            scale_name, zero_point_name = self._form_parameter_names[self.active_index]
+            params = self._parameters
+            zero_point = params[zero_point_name] if zero_point_name is not None else None
+            self.active_tensors = (params[scale_name], zero_point)
 
     def register_parameter(self, name: str, param) -> None:
         super().register_parameter(name, param)
@@ -266,12 +274,16 @@ class ElasticQuantizer(nn.Module):
 
     def raw_parameters(self, bits, granularity="tensor", symmetry="sym"):
         """(scale, zero_point or None) nn.Parameters backing one form."""
+        scale_name, zero_point_name = self._parameter_names(bits, granularity, symmetry)
+        scale = getattr(self, scale_name)
+        zp = getattr(self, zero_point_name) if zero_point_name is not None else None
+        return scale, zp
+
+    def _parameter_names(self, bits, granularity, symmetry) -> tuple[str, str | None]:
         granularity = self.held_granularity(granularity)
         self._check_form(bits, granularity, symmetry)
         name = form_name(self.role, None if self.nested else bits, granularity, symmetry)
-        scale = getattr(self, f"scale_{name}")
-        zp = getattr(self, f"zero_point_{name}") if symmetry == "asym" else None
-        return scale, zp
+        return f"scale_{name}", (f"zero_point_{name}" if symmetry == "asym" else None)
 
     def params(self, bits: int, granularity: str = "tensor", symmetry: str = "sym") -> QuantParams:
         """The exact op arguments of one form, with the effective (positive) scale."""

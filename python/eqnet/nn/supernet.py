@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..space import ElasticSpace, LayerChoice, SubnetConfig, layer_specs
+from ..space import ElasticSpace, LayerChoice, SubnetConfig, layer_specs, quantized_layers
 from .batchnorm import SwitchableBatchNorm2d
 from .quantizer import ElasticQuantizer
 
@@ -100,9 +100,7 @@ class Supernet(nn.Module):
         self.set_config(SubnetConfig((n, LayerChoice(**c)) for n, c in config.items()))
 
     def quantized_layers(self) -> OrderedDict[str, nn.Module]:
-        return OrderedDict(
-            (name, m) for name, m in self.named_modules() if getattr(m, "is_elastic_layer", False)
-        )
+        return quantized_layers(self)
 
     def switchable_bns(self) -> OrderedDict[str, SwitchableBatchNorm2d]:
         return OrderedDict(
@@ -113,8 +111,9 @@ class Supernet(nn.Module):
         """Activate one subnet. Raises ValueError naming the layer and the allowed values."""
         if not isinstance(cfg, SubnetConfig):
             raise ValueError(f"cfg must be a SubnetConfig, got {type(cfg).__name__}")
-        cfg.validate(self.space, self)
-        for name, layer in self.quantized_layers().items():
+        layers = self.quantized_layers()
+        cfg.validate(self.space, self, layers=layers)
+        for name, layer in layers.items():
             layer.set_choice(cfg[name])
 
     def config(self) -> SubnetConfig:

@@ -19,6 +19,7 @@ from .elastic import (
     fixed_layer_choices,
     group_size_error,
     layer_specs,
+    quantized_layers,
 )
 from .subnet import ENCODING_WIDTH, SubnetConfig
 
@@ -41,4 +42,5 @@ __all__ = [
     "fixed_layer_choices",
     "group_size_error",
     "layer_specs",
+    "quantized_layers",
 ]

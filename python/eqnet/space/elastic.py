@@ -200,22 +200,28 @@ class LayerChoice:
         return asdict(self)
 
 
-def layer_specs(model: torch.nn.Module) -> OrderedDict[str, LayerChoice | None]:
-    """name -> fixed choice (or None if elastic) for every quantized layer, in module order."""
-    specs: OrderedDict[str, LayerChoice | None] = OrderedDict()
-    for name, module in model.named_modules():
-        if getattr(module, "is_elastic_layer", False):
-            specs[name] = getattr(module, "fixed_choice", None)
-    if not specs:
+def quantized_layers(model: torch.nn.Module) -> OrderedDict[str, torch.nn.Module]:
+    """name -> module of every quantized layer (`is_elastic_layer`), in module order."""
+    return OrderedDict(
+        (name, m) for name, m in model.named_modules() if getattr(m, "is_elastic_layer", False)
+    )
+
+
+def layer_specs(model: torch.nn.Module, layers=None) -> OrderedDict[str, LayerChoice | None]:
+    """name -> fixed choice (or None if elastic) for every quantized layer, in module order.
+    `layers`: `quantized_layers(model)` when the caller has it (one walk of the model less)."""
+    layers = quantized_layers(model) if layers is None else layers
+    if not layers:
         raise ValueError("the model has no quantized layers: convert it with eqnet.convert first")
-    return specs
+    return OrderedDict((name, getattr(m, "fixed_choice", None)) for name, m in layers.items())
 
 
-def fixed_form_layers(model: torch.nn.Module) -> set[str]:
+def fixed_form_layers(model: torch.nn.Module, layers=None) -> set[str]:
     """Names of the fixed-width layers that also fix their form (`fixed_form` True)."""
+    layers = quantized_layers(model) if layers is None else layers
     return {
         name
-        for name, module in model.named_modules()
+        for name, module in layers.items()
         if getattr(module, "fixed_choice", None) is not None
         and getattr(module, "fixed_form", False)
     }

@@ -20,6 +20,7 @@ from .elastic import (
     check_choice,
     fixed_form_layers,
     layer_specs,
+    quantized_layers,
 )
 
 ENCODING_WIDTH = 5  # numbers per layer in SubnetConfig.encode()
@@ -132,9 +133,11 @@ class SubnetConfig:
         return cls.from_json(text)
 
     # -- validation ---------------------------------------------------------------------
-    def validate(self, space: ElasticSpace, model: torch.nn.Module) -> SubnetConfig:
-        """Check the config against the space and the model; returns self."""
-        specs = layer_specs(model)
+    def validate(self, space: ElasticSpace, model: torch.nn.Module, layers=None) -> SubnetConfig:
+        """Check the config against the space and the model; returns self. `layers`: the
+        model's `quantized_layers`, when the caller has them (one walk of the model less)."""
+        layers = quantized_layers(model) if layers is None else layers
+        specs = layer_specs(model, layers)
         unknown = [n for n in self.layers if n not in specs]
         if unknown:
             raise ValueError(
@@ -145,7 +148,7 @@ class SubnetConfig:
             raise ValueError(
                 f"config has {len(self)} layers, the model has {len(specs)}; missing {missing}"
             )
-        form_fixed = fixed_form_layers(model)
+        form_fixed = fixed_form_layers(model, layers)
         for name, fixed in specs.items():
             choice = self.layers[name]
             if fixed is not None:
