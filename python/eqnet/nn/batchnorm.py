@@ -28,7 +28,7 @@ class SwitchableBatchNorm2d(nn.Module):
         self.bns = nn.ModuleDict({str(b): nn.BatchNorm2d(num_features, **bn_kwargs) for b in bits})
         self._active_bits = bits[-1]
         self._bind_active_width()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._bind_active_width())
+        self.register_load_state_dict_post_hook(_rebind_after_load)
 
     @property
     def active_bits(self) -> int:
@@ -89,6 +89,10 @@ class SwitchableBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, bits={list(self.bits)}, active_bits={self._active_bits}"
+
+
+def _rebind_after_load(module, incompatible_keys):
+    module._bind_active_width()  # load_state_dict(assign=True) may have replaced the tensors
 
 
 def _device_of(bn):
