@@ -234,8 +234,8 @@ FULL = ElasticSpace(
     a_symmetries=("sym", "asym"),
 )
 NESTED = ElasticSpace(w_bits=(2, 3, 4), a_bits=(2, 3, 4), nested=True)
-# Widths only: every quantizer's forms share one granularity and symmetry, so the compiled
-# graph reads the active form's parameters (`active_tensors`) instead of stacking all forms.
+# Widths only: every quantizer's forms share one granularity and symmetry (one form group), so
+# the compiled graph reads the active form's parameters (`active_tensors`) and nothing else.
 WIDTHS = ElasticSpace(w_bits=(2, 4, 8), a_bits=(2, 8), a_symmetries=("asym",))
 
 
@@ -288,10 +288,10 @@ def test_random_per_layer_configs_compile_one_graph(space, per_bit_bn, mode, mon
     monkeypatch.setattr(form_data, "KERNEL_IN_GRAPHS", mode == "kernel-op")
     monkeypatch.setattr(form_data, "INLINE_BACKWARD", mode == "inline")
     net = _net(space, per_bit_bn).train()
-    bound = [q.binds_active_form for q in net.quantizers().values()]
-    # FULL mixes granularities and symmetries in every quantizer: all stacked; the other two
-    # spaces bind every quantizer's active form.
-    assert not any(bound) if space is FULL else all(bound)
+    groups = [len(q.form_groups) for q in net.quantizers().values()]
+    # FULL mixes granularities and symmetries in every quantizer: the graph picks the active
+    # form's group among 2 (activations) or 4 (weights); the other spaces have one group.
+    assert set(groups) == ({2, 4} if space is FULL else {1})
     counter = GraphCounter()
     compiled = torch.compile(net, backend=counter.backend)
     gen = torch.Generator().manual_seed(3)
@@ -321,13 +321,14 @@ def test_random_per_layer_configs_compile_one_graph(space, per_bit_bn, mode, mon
 
 
 @pytest.mark.parametrize("replace", ["load_state_dict-assign", "overwrite-on-conversion"])
-def test_compiled_graph_follows_replaced_parameters(replace):
-    """The compiled graph reads the active form's parameters and the active width's batch norm
+@pytest.mark.parametrize("space", [WIDTHS, FULL], ids=["widths", "forms"])
+def test_compiled_graph_follows_replaced_parameters(replace, space):
+    """The compiled graph reads each form group's parameters and the active width's batch norm
     through bound tensors: after the parameters are replaced by new objects, it must read and
     train the new ones, with no config switch in between."""
     torch._dynamo.reset()
-    net = _net(WIDTHS, per_bit_bn=True).train()
-    net.set_config(SubnetConfig.uniform(WIDTHS, net, 4, 8))
+    net = _net(space, per_bit_bn=True).train()
+    net.set_config(SubnetConfig.uniform(space, net, 4, 8, "channel", "sym", "asym"))
     counter = GraphCounter()
     compiled = torch.compile(net, backend=counter.backend)
     x = torch.randn(5, 1, 8, 8)
@@ -350,9 +351,15 @@ def test_compiled_graph_follows_replaced_parameters(replace):
     assert torch.equal(got, want)
     got.square().sum().backward()
     for q in net.quantizers().values():
-        scale, zero_point = q.raw_parameters(*q.active_form)
-        assert q.active_tensors[0] is scale and scale.grad is not None
-        assert q.active_tensors[1] is zero_point
+        bits, gran, sym = q.active_form
+        scale, zero_point = q.raw_parameters(bits, gran, sym)
+        bound = q.active_tensors[q.form_groups.index((q.held_granularity(gran), sym))]
+        assert bound[0] is scale and scale.grad is not None
+        assert bound[1] is zero_point
+        for (g, s), (other, _) in zip(q.form_groups, q.active_tensors):
+            assert other is q.raw_parameters(bits, g, s)[0]
+            if other is not scale:
+                assert other.grad is None  # an inactive group: its zero gradient dropped
     bns = list(net.switchable_bns().values())
     assert bns
     for bn in bns:

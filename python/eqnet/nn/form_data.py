@@ -6,15 +6,16 @@ after its recompile limit). Instead the form is an integer buffer (`form_index`)
 `ElasticQuantizer.select` fills in place, and the compiled forward gathers everything that
 depends on it from tensors:
 
-- the parameters: when every form of the quantizer has one granularity and symmetry (an
-  elastic-width quantizer, `binds_active_form`), all of them have one shape and the graph
-  reads the active form's own, which `select` binds to `active_tensors`; a tensor attribute
-  is a graph input, and dynamo guards on its shape, not on which parameter it is. Otherwise
-  the scale of every form is broadcast to [C] (a per-tensor scale repeated per channel),
-  stacked and indexed by `form_index`; the zero points likewise (a symmetric form has a zero
-  offset). A quantizer that holds the per-group form broadcasts every form to its group shape
-  [C, K // group_size] instead and runs the group form of the op: the per-element map of a
-  broadcast scale is that form's own, so the tensor, channel and group forms share one graph;
+- the parameters: the forms fall into groups of one granularity and symmetry, whose
+  parameters have one shape across widths, and `select` binds each group's parameters at the
+  active width to `active_tensors`; a tensor attribute is a graph input, and dynamo guards on
+  its shape, not on which parameter it is. With one group (an elastic-width quantizer) the
+  graph uses them directly; with several, each group's scale is broadcast to [C] (a per-tensor
+  scale repeated per channel), stacked and indexed by `group_index`; the zero points likewise
+  (a symmetric form has a zero offset). A quantizer that holds the per-group form broadcasts
+  every group to its group shape [C, K // group_size] instead and runs the group form of the
+  op: the per-element map of a broadcast scale is that form's own, so the tensor, channel and
+  group forms share one graph;
 - the form row (range, layering step, compensation: `eqkernels.form_row`) from `form_table`,
   run by `eqkernels.fake_quant_form_inline` (or the kernel op, KERNEL_IN_GRAPHS); an activation
   (per-tensor) quantizer takes its step-size gradients from the kernel (kernel_backward=True)
@@ -24,12 +25,11 @@ depends on it from tensors:
 Per-bit batch norm (`SwitchableBatchNorm2d`) binds the active width's tensors the same way
 (`switchable_batchnorm`).
 
-With bound tensors the inactive forms are not graph inputs, so they get no gradient, as in
-eager mode. Stacked, every form's parameters are inputs of the compiled graph, and autograd
-hands the inactive ones a zero gradient where eager mode gives none (an optimizer with
-momentum or weight decay would move them). `install_grad_gate` restores eager's rule there: a
-parameter of a form that is not active gets its gradient dropped again when it had none
-before the backward.
+Inactive widths are not graph inputs, so they get no gradient, as in eager mode. With several
+groups the inactive groups' bound parameters are inputs of the compiled graph, and autograd
+hands them a zero gradient where eager mode gives none (an optimizer with momentum or weight
+decay would move them). `install_grad_gate` restores eager's rule there: a parameter of a form
+that is not active gets its gradient dropped again when it had none before the backward.
 """
 
 from __future__ import annotations
@@ -73,27 +73,22 @@ def forward(quantizer, x: torch.Tensor, positive) -> torch.Tensor:
     group_size = getattr(quantizer, "group_size", None)
     # [C] per channel, [C, G] when the quantizer holds the group form (every form broadcast)
     shape = (channels,) if group_size is None else quantizer.scale_shape("group")
-    index = quantizer.form_index.reshape(1)
-    if quantizer.binds_active_form:
-        # Every form has this one granularity and symmetry: the active form's own parameters.
-        raw_scale, zp = quantizer.active_tensors
-        scale = _broadcast(positive(raw_scale), shape)
-        zero_point = _broadcast(zp, shape) if zp is not None else raw_scale.new_zeros(shape)
-        gran = quantizer._form_list[0][1]
-        share = torch.tensor([_share(quantizer, x, gran)], dtype=torch.float64, device=x.device)
+    # Per form group (one granularity and symmetry), its parameters at the active width.
+    groups = quantizer.active_tensors
+    scales = [_broadcast(positive(raw), shape) for raw, _ in groups]
+    zero_points = [
+        _broadcast(z, shape) if z is not None else raw.new_zeros(shape) for raw, z in groups
+    ]
+    shares = [_share(quantizer, x, gran) for gran, _ in quantizer.form_groups]
+    share = torch.tensor(shares, dtype=torch.float64, device=x.device)
+    if len(groups) == 1:
+        scale, zero_point = scales[0], zero_points[0]
     else:
-        scales, zero_points, shares = [], [], []
-        for bits, gran, sym in quantizer.forms():
-            raw_scale, zp = quantizer.raw_parameters(bits, gran, sym)
-            scales.append(_broadcast(positive(raw_scale), shape))
-            zero_points.append(
-                _broadcast(zp, shape) if zp is not None else raw_scale.new_zeros(shape)
-            )
-            shares.append(_share(quantizer, x, gran))
-        scale = torch.stack(scales).index_select(0, index).reshape(shape)
-        zero_point = torch.stack(zero_points).index_select(0, index).reshape(shape)
-        share = torch.tensor(shares, dtype=torch.float64, device=x.device)
-        share = share.index_select(0, index)
+        group = quantizer.group_index.reshape(1)
+        scale = torch.stack(scales).index_select(0, group).reshape(shape)
+        zero_point = torch.stack(zero_points).index_select(0, group).reshape(shape)
+        share = share.index_select(0, group)
+    index = quantizer.form_index.reshape(1)
     form = quantizer.form_table.index_select(0, index).reshape(-1)
     # float64 like the eager path's Python float, so both give the same fp32 product.
     grad_factor = 1.0 / torch.sqrt(share * form[1].clamp_min(1.0))

@@ -169,19 +169,20 @@ class ElasticQuantizer(nn.Module):
         self._form_position = {form: i for i, form in enumerate(self._form_list)}
         # (scale, zero point or None) parameter names of each form, for `_bind_active_form`
         self._form_parameter_names = [self._parameter_names(*form) for form in self._form_list]
+        # The forms fall into groups of one granularity and symmetry, whose parameters share
+        # one shape across widths. A compiled graph takes each group's parameters at the active
+        # width (`active_tensors`, bound by `select`) and picks the active form's group by
+        # `group_index`: inactive widths are no graph inputs and get no gradient, as in eager
+        # mode. With several groups the inactive groups' parameters are inputs, and a grad gate
+        # drops the zero gradients they then receive.
+        self.form_groups = tuple(dict.fromkeys((g, s) for _, g, s in self._form_list))
+        self._group_of_form = [self.form_groups.index(f[1:]) for f in self._form_list]
         self.active_index = 0
         self.register_buffer("form_index", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("group_index", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("form_table", form_data.form_table(self), persistent=False)
-        # When every form has the same granularity and symmetry (an elastic-width quantizer),
-        # its parameters all have one shape, and a compiled graph takes the active form's own
-        # (`active_tensors`, bound by `select`): inactive forms are not graph inputs and get no
-        # gradient, as in eager mode. Otherwise the graph stacks every form's (form_data), and
-        # a grad gate drops the zero gradients the inactive ones then receive.
-        self.binds_active_form = len({(g, s) for _, g, s in self.form_keys()}) == 1
-        self._bind_active_form()
         self.form_owners = form_data.form_owners(self)
-        if not self.binds_active_form:
-            form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
+        self._bind_active_form()
 
     # -- forms --------------------------------------------------------------------------------
     def scale_shape(self, granularity: str) -> tuple[int, ...]:
@@ -229,26 +230,32 @@ class ElasticQuantizer(nn.Module):
             self._check_form(bits, granularity, symmetry)  # raises, naming the allowed values
         self.active_index = index
         self.form_index.fill_(index)
-        if self.binds_active_form:
-            self._bind_active_form()
-        else:
-            # Parameters replaced since construction (load_state_dict(assign=True)) get hooks.
-            form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
+        if len(self.form_groups) > 1:
+            self.group_index.fill_(self._group_of_form[index])
+        self._bind_active_form()
 
     def _bind_active_form(self) -> None:
-        """`active_tensors` = the active form's (scale, zero point or None), what a compiled
-        graph reads (`binds_active_form` only). Bound again whenever a parameter may have been
+        """`active_tensors` = per form group, its (scale, zero point or None) at the active
+        width, what a compiled graph reads. Bound again whenever a parameter may have been
         replaced: `select`, `register_parameter` (load_state_dict(assign=True)), `_apply`
         (`.to()`, `.float()` ...) and `load_state_dict`."""
-        if self.binds_active_form:
-            scale_name, zero_point_name = self._form_parameter_names[self.active_index]
-            params = self._parameters
+        if len(self.form_groups) > 1:
+            # Parameters replaced since construction (load_state_dict(assign=True), `.to()`
+            # that makes new ones) get the gate's hooks too; hooked ones are skipped.
+            form_data.install_grad_gate(self, form_data.quantizer_form_is_active)
+        bits = self._form_list[self.active_index][0]
+        params = self._parameters
+        bound = []
+        for gran, sym in self.form_groups:
+            position = self._form_position[(bits, gran, sym)]
+            scale_name, zero_point_name = self._form_parameter_names[position]
             zero_point = params[zero_point_name] if zero_point_name is not None else None
-            self.active_tensors = (params[scale_name], zero_point)
+            bound.append((params[scale_name], zero_point))
+        self.active_tensors = tuple(bound)
 
     def register_parameter(self, name: str, param) -> None:
         super().register_parameter(name, param)
-        if "binds_active_form" in self.__dict__:  # a replacement after construction
+        if "form_groups" in self.__dict__:  # a replacement after construction
             self._bind_active_form()
 
     def _apply(self, fn, recurse=True):
