@@ -3,15 +3,17 @@ the float model vs the converted supernet with one active subnet (W4 per-channel
 A4 asymmetric; first/last layers at 8 bits). Target: supernet step <= 1.5x the float step.
 
 Compiled rows (`torch.compile`, backend EQK_BENCH_COMPILE, default inductor; "none" skips
-them): the float model, and the supernet with a new random subnet every step (per-layer widths
-and forms: EQ-Net's sampling), next to the same random sampling in eager mode. The table
+them): the float model, and the supernet with a new random subnet every step (EQ-Net's
+sampling of per-layer widths), next to the same random sampling in eager mode. The table
 counts the graphs dynamo compiled after warm-up (target 0) and compares the compiled supernet
 step with the compiled float step (target <= 1.2x). In compiled graphs the quantizers' forward
 runs plain torch ops that inductor fuses with the batch norm and ReLU before them; the
 activation quantizers' backward takes its step-size sums from the fake-quant kernel and dx from
 plain ops fused into the batch-norm backward. A fourth row traces the sums as plain ops too
-(EQK_COMPILE_INLINE_BACKWARD=1, the earlier form).
-These four rows are timed in rotation. EQK_COMPILE_KERNEL=1 makes the quantizers call the
+(EQK_COMPILE_INLINE_BACKWARD=1, the earlier form). A fifth converts the model over a space of
+forms as well (weights per-tensor or per-channel, sym or asym; activations sym or asym) and
+samples per-layer widths and forms, so its graph picks each quantizer's form group as data.
+These five rows are timed in rotation. EQK_COMPILE_KERNEL=1 makes the quantizers call the
 kernel ops for the forward as well.
 
 The fake-quant backend is whatever `auto` resolves to (the C++ kernel when eqkernels._C has
@@ -90,27 +92,35 @@ def unique_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def compiled_rows(table, float_model, net, space, x, y, threads):
+def compiled_rows(table, float_model, supernets, x, y, threads):
     """Compiled float, eager and compiled supernet with a new random subnet every step (the
-    compiled one twice: activation backward by the kernel op, and as plain ops).
+    compiled one twice: activation backward by the kernel op, and as plain ops), and the
+    compiled supernet of a space of forms. `supernets`: (net, space) of widths and of forms.
 
-    The four steps are compiled (warmed up) first, then timed in rotation, one step of each
+    The steps are compiled (warmed up) first, then timed in rotation, one step of each
     per round, so that load from other processes hits every row alike. Each supernet row has a
     copy of its own, as a training run would: on one shared module the compiled row would also
     check the guards of the other row's cached graph on every call (dynamo keeps them on the
     module's code)."""
     gen = torch.Generator().manual_seed(0)
-    configs = [SubnetConfig.random(space, net, generator=gen) for _ in range(RANDOM_CONFIGS)]
-    net.train()
+    configs = {}
+    for name, (net, space) in supernets.items():
+        net.train()
+        configs[name] = [
+            SubnetConfig.random(space, net, generator=gen) for _ in range(RANDOM_CONFIGS)
+        ]
+    net = supernets["widths"][0]
+    widths, forms = configs["widths"], configs["forms"]
     rows = [
-        ("resnet20 float", float_model, None, "compiled"),
-        ("resnet20 supernet", copy.deepcopy(net), configs, "eager"),
-        ("resnet20 supernet", net, configs, "compiled"),
-        ("resnet20 supernet", copy.deepcopy(net), configs, INLINE_ROW),
+        ("resnet20 float", float_model, None, "compiled", "-"),
+        ("resnet20 supernet", copy.deepcopy(net), widths, "eager", "random widths per step"),
+        ("resnet20 supernet", net, widths, "compiled", "random widths per step"),
+        ("resnet20 supernet", copy.deepcopy(net), widths, INLINE_ROW, "random widths per step"),
+        ("resnet20 supernet", supernets["forms"][0], forms, "compiled", "random forms per step"),
     ]
     steps, compile_s = [], []
     torch._dynamo.reset()
-    for _label, model, cfgs, mode in rows:
+    for _label, model, cfgs, mode, _subnet in rows:
         run = model if mode == "eager" else torch.compile(model, backend=COMPILE_BACKEND)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         if cfgs is None:
@@ -126,10 +136,10 @@ def compiled_rows(table, float_model, net, space, x, y, threads):
     graphs = unique_graphs()
     medians = rotation_medians(steps, warmup=2, rounds=8, min_time=1.0)
     after = unique_graphs() - graphs
-    for (label, _model, cfgs, mode), t, c in zip(rows, medians, compile_s):
+    for (label, _model, cfgs, mode, subnet), t, c in zip(rows, medians, compile_s):
         table.add(
             model=label,
-            subnet="random per step" if cfgs is not None else "-",
+            subnet=subnet,
             backend="-" if cfgs is None else fq_ops.resolve_backend(None, x.device, "fake_quant"),
             mode=mode if mode == "eager" else f"{mode} ({COMPILE_BACKEND})",
             threads=threads,
@@ -188,7 +198,18 @@ def main() -> None:
             graphs_after_warmup=0,
         )
     if COMPILE_BACKEND != "none":
-        compiled_rows(table, float_model, net, space, x, y, threads)
+        # EQ-Net's space of forms: every layer also picks its granularity and symmetries.
+        forms_space = ElasticSpace(
+            w_bits=space.w_bits,
+            a_bits=space.a_bits,
+            w_granularities=("tensor", "channel"),
+            w_symmetries=("sym", "asym"),
+            a_symmetries=("sym", "asym"),
+        )
+        forms_net = eqnet.convert(float_model, forms_space, keep_first_last="8bit")
+        eqnet.calibrate(forms_net, [(x[:64], None)], batches=1, method="lsq")
+        supernets = {"widths": (net, space), "forms": (forms_net, forms_space)}
+        compiled_rows(table, float_model, supernets, x, y, threads)
     base = table.rows[0]["step_ms"]
     compiled_float = [r for r in table.rows if r["mode"] != "eager" and r["subnet"] == "-"]
     for row in table.rows:
@@ -206,8 +227,8 @@ def main() -> None:
     print(f"\nglibc allocator settings from the environment: {', '.join(tuned) or 'none'}")
     print(
         f"\nextension: {'loaded' if _ext.available() else 'not built'}; targets: eager "
-        "supernet x_float <= 1.5; compiled random-subnet supernet x_compiled_float <= 1.2 "
-        "with graphs_after_warmup 0"
+        "supernet x_float <= 1.5; compiled random-subnet supernet (widths) x_compiled_float "
+        "<= 1.2 with graphs_after_warmup 0"
     )
 
 
