@@ -392,11 +392,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_cpu(
     const at::Tensor& zr, int64_t qmin, int64_t qmax, double inv_step, double step, double comp,
     int64_t isa, bool with_dx) {
   check_x3(x3, "x");
+  const int64_t channels = x3.size(1);
+  const auto params = channel_params(s, inv_s, zr, channels, qmin, qmax, inv_step, step, comp);
+  return fake_quant_bwd_params(dy3, x3, params, isa, with_dx);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_params(
+    const at::Tensor& dy3, const at::Tensor& x3, const std::vector<FqParams>& params, int64_t isa,
+    bool with_dx) {
+  check_x3(x3, "x");
   check_x3(dy3, "grad");
   TORCH_CHECK(dy3.sizes() == x3.sizes() && dy3.scalar_type() == x3.scalar_type(),
               "fake_quant: grad must match x in shape and dtype");
   const Layout l = layout_of(x3);
-  const auto params = channel_params(s, inv_s, zr, l.channels, qmin, qmax, inv_step, step, comp);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == l.channels,
+              "fake_quant: one parameter set per channel of x3 expected");
   const int level = resolve_isa(isa);
   const BwdBlock block = with_dx ? bwd_block_for<true>(level) : bwd_block_for<false>(level);
   at::Tensor dx3 = with_dx ? at::empty_like(x3) : at::Tensor();

@@ -1,9 +1,10 @@
 // The step-size gradients of a per-tensor form in one call: what the
 // `eqk::fake_quant_form_step_sums` op computes on the CPU (eqkernels/ops/fake_quant_form.py),
-// without the Python between the op and the kernel. A compiled supernet calls it once per activation quantizer and step, so the
-// dozen small tensor operations of the Python path (the fp32 step and its reciprocal, the rounded
-// zero point, the memory-order views, the gradient factor) cost more than the kernel on small
-// activations. Every value is the Python path's, bit for bit (tested against it).
+// without the Python between the op and the kernel. A compiled supernet calls it once per
+// activation quantizer and step, so the dozen small tensor operations of the Python path (the
+// fp32 step and its reciprocal, the rounded zero point, the memory-order views, the gradient
+// factor) cost more than the kernel on small activations. Every value is the Python path's,
+// bit for bit (tested against it).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -63,15 +64,14 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_step_sums_cpu(
   const double g = only_value<double>(grad_factor, "grad_factor");
   const at::Tensor f = form.to(at::kDouble).contiguous();
   const double* fp = f.data_ptr<double>();
-  auto opts = x.options().dtype(at::kFloat);
-  // torch.reciprocal and torch.round of the Python path: IEEE fp32 division, half to even.
-  const at::Tensor s1 = at::full({1}, s, opts);
-  const at::Tensor inv_s = at::full({1}, 1.0f / s, opts);
-  const at::Tensor zr = at::full({1}, std::nearbyint(z), opts);
+  // torch.reciprocal and torch.round of the Python path: IEEE fp32 division, half to even;
+  // the form's fields as the kernel's tensor entry converts them (int range, float steps).
+  const std::vector<eqk::FqParams> params{eqk::make_fq_params(
+      s, 1.0f / s, std::nearbyint(z), static_cast<float>(static_cast<int64_t>(fp[0])),
+      static_cast<float>(static_cast<int64_t>(fp[1])), static_cast<float>(fp[2]),
+      static_cast<float>(fp[3]), static_cast<float>(fp[4]))};
   auto [d3, x3] = flat_views(dy, x);
-  auto sums = eqk::fake_quant_bwd_cpu(d3, x3, s1, inv_s, zr, static_cast<int64_t>(fp[0]),
-                                      static_cast<int64_t>(fp[1]), fp[2], fp[3], fp[4], isa,
-                                      /*with_dx=*/false);
+  auto sums = eqk::fake_quant_bwd_params(d3, x3, params, isa, /*with_dx=*/false);
   // grad_factor * sum in fp32, as a Python float times an fp32 tensor computes it.
   const float gf = static_cast<float>(g);
   at::Tensor ds = (std::get<1>(sums) * gf).reshape(scale.sizes()).to(scale.scalar_type());
