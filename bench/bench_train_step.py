@@ -103,20 +103,19 @@ def compiled_rows(table, float_model, supernets, x, y, threads):
     check the guards of the other row's cached graph on every call (dynamo keeps them on the
     module's code)."""
     gen = torch.Generator().manual_seed(0)
-    configs = {}
-    for name, (net, space) in supernets.items():
+
+    def sample(net, space):
         net.train()
-        configs[name] = [
-            SubnetConfig.random(space, net, generator=gen) for _ in range(RANDOM_CONFIGS)
-        ]
-    net = supernets["widths"][0]
-    widths, forms = configs["widths"], configs["forms"]
+        return [SubnetConfig.random(space, net, generator=gen) for _ in range(RANDOM_CONFIGS)]
+
+    (net, space), (forms_net, forms_space) = supernets["widths"], supernets["forms"]
+    widths, forms = sample(net, space), sample(forms_net, forms_space)
     rows = [
         ("resnet20 float", float_model, None, "compiled", "-"),
         ("resnet20 supernet", copy.deepcopy(net), widths, "eager", "random widths per step"),
         ("resnet20 supernet", net, widths, "compiled", "random widths per step"),
         ("resnet20 supernet", copy.deepcopy(net), widths, INLINE_ROW, "random widths per step"),
-        ("resnet20 supernet", supernets["forms"][0], forms, "compiled", "random forms per step"),
+        ("resnet20 supernet", forms_net, forms, "compiled", "random forms per step"),
     ]
     steps, compile_s = [], []
     torch._dynamo.reset()
